@@ -1,0 +1,442 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
+    ngx_http_request_t *r, ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
+    uint64_t *wait_ms);
+static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
+    ngx_http_ratepool_workspace_t *ws);
+static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, ngx_str_t *message,
+    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+static void ngx_http_ratepool_cleanup(void *data);
+static void ngx_http_ratepool_count(ngx_http_ratepool_pool_t *pool,
+    uint64_t *counter);
+
+
+ngx_int_t
+ngx_http_ratepool_access_handler(ngx_http_request_t *r)
+{
+    u_char                         *p;
+    uint64_t                        wait_ms, soonest_ms, now_ms;
+    ngx_str_t                       msg;
+    ngx_pool_cleanup_t             *cln;
+    ngx_http_ratepool_ctx_t        *ctx;
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_loc_conf_t   *rlcf;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+    ngx_http_ratepool_workspace_t  *ws;
+    u_char                          buf[256];
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    if (rlcf->pool == NULL || r != r->main) {
+        return NGX_DECLINED;
+    }
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    if (ctx) {
+        /* admitted already, the access phase runs again after a redirect */
+        return NGX_DECLINED;
+    }
+
+    pool = rlcf->pool;
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    ngx_http_ratepool_count(pool, &pool->zone->sh->requests);
+
+    ws = ngx_http_ratepool_identify(r, rmcf);
+
+    if (ws == NULL) {
+        ngx_http_ratepool_count(pool, &pool->zone->sh->rejected_auth);
+        ngx_str_set(&msg, "invalid gateway token: send the token this "
+                          "gateway issued as x-api-key or as "
+                          "Authorization: Bearer");
+        return ngx_http_ratepool_reject(r, NGX_HTTP_UNAUTHORIZED,
+                                        "authentication_error", &msg, 0, 0);
+    }
+
+    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "workspace \"%V\" is over its budget of %ui "
+                         "requests per minute", &ws->name, ws->rpm);
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                        "rate_limit_error", &msg,
+                                        ratepool_retry_after_sec(wait_ms,
+                                                        (uint32_t) ngx_random()),
+                                        1);
+    }
+
+    ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
+    if (ctx == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ctx->request = r;
+    ctx->pool = pool;
+    ctx->workspace = ws;
+
+    /* whatever this request holds is given back however it ends */
+    cln = ngx_pool_cleanup_add(r->pool, 0);
+    if (cln == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    cln->handler = ngx_http_ratepool_cleanup;
+    cln->data = ctx;
+
+    ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
+
+    if (ngx_http_ratepool_acquire(ctx, &soonest_ms) != NULL) {
+        return NGX_DECLINED;
+    }
+
+    /* the pool has nothing now: the workspace did not use its request */
+    ngx_http_ratepool_refund_workspace(pool, ws);
+    ngx_http_ratepool_count(pool, &pool->zone->sh->rejected_pool);
+
+    if (soonest_ms == 0) {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "no key of pool \"%V\" is accepted by the "
+                         "provider any more; see the gateway's error log",
+                         &pool->upstream->host);
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                        "api_error", &msg, 0, 0);
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+    wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
+
+    p = ngx_snprintf(buf, sizeof(buf),
+                     "every key of pool \"%V\" is at its rate limit; "
+                     "the first frees up in %uL ms",
+                     &pool->upstream->host, wait_ms);
+    msg.data = buf;
+    msg.len = p - buf;
+
+    return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                    "rate_limit_error", &msg,
+                                    ratepool_retry_after_sec(wait_ms,
+                                                        (uint32_t) ngx_random()),
+                                    1);
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_token_matches(ngx_http_ratepool_main_conf_t *rmcf,
+    u_char *token, size_t len, ngx_uint_t *workspace)
+{
+    u_char                       digest[32];
+    ngx_uint_t                   i, found;
+    unsigned int                 n;
+    ngx_http_ratepool_client_t  *client;
+
+    if (len == 0) {
+        return 0;
+    }
+
+    n = sizeof(digest);
+
+    if (EVP_Digest(token, len, digest, &n, EVP_sha256(), NULL) != 1) {
+        return 0;
+    }
+
+    found = 0;
+    client = rmcf->clients.elts;
+
+    /* every entry is compared, in constant time, whatever matches */
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        if (CRYPTO_memcmp(digest, client[i].digest, 32) == 0 && !found) {
+            *workspace = client[i].workspace;
+            found = 1;
+        }
+    }
+
+    return found;
+}
+
+
+static ngx_http_ratepool_workspace_t *
+ngx_http_ratepool_identify(ngx_http_request_t *r,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    ngx_str_t                       *auth;
+    ngx_uint_t                       i, index;
+    ngx_list_part_t                 *part;
+    ngx_table_elt_t                 *h;
+    ngx_http_ratepool_workspace_t   *ws;
+
+    ws = rmcf->workspaces.elts;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == sizeof("x-api-key") - 1
+            && ngx_strncasecmp(h[i].key.data, (u_char *) "x-api-key",
+                               sizeof("x-api-key") - 1) == 0
+            && ngx_http_ratepool_token_matches(rmcf, h[i].value.data,
+                                               h[i].value.len, &index))
+        {
+            return &ws[index];
+        }
+    }
+
+    if (r->headers_in.authorization == NULL) {
+        return NULL;
+    }
+
+    auth = &r->headers_in.authorization->value;
+
+    if (auth->len > sizeof("Bearer ") - 1
+        && ngx_strncasecmp(auth->data, (u_char *) "Bearer ",
+                           sizeof("Bearer ") - 1) == 0
+        && ngx_http_ratepool_token_matches(rmcf,
+                                           auth->data + sizeof("Bearer ") - 1,
+                                           auth->len - (sizeof("Bearer ") - 1),
+                                           &index))
+    {
+        return &ws[index];
+    }
+
+    return NULL;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
+    uint64_t *wait_ms)
+{
+    int                                rc;
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    shpool = pool->zone->shpool;
+    sh = ws->sh;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    rc = ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1,
+                              ngx_http_ratepool_now_ms(), wait_ms);
+
+    if (rc == RATEPOOL_BUCKET_OK) {
+        sh->admitted++;
+
+    } else {
+        sh->rejected++;
+        pool->zone->sh->rejected_workspace++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (rc != RATEPOOL_BUCKET_OK) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "ratepool: workspace \"%V\" is over %ui rpm",
+                      &ws->name, ws->rpm);
+        return NGX_DECLINED;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
+    ngx_http_ratepool_workspace_t *ws)
+{
+    ngx_slab_pool_t  *shpool;
+
+    if (ws->rpm == 0) {
+        return;
+    }
+
+    shpool = pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ratepool_bucket_put(&ws->sh->rpm_bucket, ws->rpm, 1);
+    ws->sh->admitted--;
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_http_ratepool_count(ngx_http_ratepool_pool_t *pool, uint64_t *counter)
+{
+    ngx_shmtx_lock(&pool->zone->shpool->mutex);
+    (*counter)++;
+    ngx_shmtx_unlock(&pool->zone->shpool->mutex);
+}
+
+
+static void
+ngx_http_ratepool_cleanup(void *data)
+{
+    ngx_http_ratepool_ctx_t  *ctx = data;
+
+    ngx_http_ratepool_release(ctx, 0);
+}
+
+
+/* the gateway's own answers, in the provider's error format */
+
+static ngx_int_t
+ngx_http_ratepool_reject(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, ngx_str_t *message, ngx_uint_t retry_after_sec,
+    ngx_int_t should_retry)
+{
+    ngx_int_t  rc;
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    rc = ngx_http_ratepool_send_error(r, status, type, message,
+                                      retry_after_sec, should_retry);
+
+    ngx_http_finalize_request(r, rc);
+
+    return NGX_DONE;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_add_header(ngx_http_request_t *r, const char *name,
+    u_char *value, size_t len)
+{
+    ngx_table_elt_t  *h;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key.data = (u_char *) name;
+    h->key.len = ngx_strlen(name);
+    h->value.data = value;
+    h->value.len = len;
+
+    return NGX_OK;
+}
+
+
+ngx_int_t
+ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
+    const char *type, ngx_str_t *message, ngx_uint_t retry_after_sec,
+    ngx_int_t should_retry)
+{
+    u_char                         *p, *ra;
+    size_t                          len;
+    uintptr_t                       escape;
+    ngx_int_t                       rc;
+    ngx_buf_t                      *b;
+    ngx_chain_t                     out;
+    ngx_http_variable_value_t      *id;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    id = ngx_http_get_indexed_variable(r, rmcf->request_id_index);
+
+    if (id == NULL || id->not_found) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    escape = ngx_escape_json(NULL, message->data, message->len);
+
+    len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\",\"message\":\"\""
+                 "},\"request_id\":\"req_gw_\"}\n") - 1
+          + ngx_strlen(type) + message->len + escape + id->len;
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->last = ngx_sprintf(b->last,
+                          "{\"type\":\"error\",\"error\":{\"type\":\"%s\","
+                          "\"message\":\"", type);
+    b->last = (u_char *) ngx_escape_json(b->last, message->data,
+                                         message->len);
+    b->last = ngx_sprintf(b->last, "\"},\"request_id\":\"req_gw_%v\"}\n",
+                          id);
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = status;
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+
+    if (retry_after_sec) {
+        ra = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+        if (ra == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        p = ngx_sprintf(ra, "%ui", retry_after_sec);
+
+        if (ngx_http_ratepool_add_header(r, "retry-after", ra, p - ra)
+            != NGX_OK)
+        {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+    }
+
+    if (ngx_http_ratepool_add_header(r, "x-should-retry",
+                                     (u_char *) (should_retry ? "true"
+                                                              : "false"),
+                                     should_retry ? 4 : 5)
+        != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}

@@ -1,0 +1,374 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+static ngx_int_t ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_ratepool_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us);
+static ngx_int_t ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc,
+    void *data);
+static void ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc,
+    void *data, ngx_uint_t state);
+static ngx_int_t ngx_http_ratepool_process_header(ngx_http_request_t *r);
+static ngx_int_t ngx_http_ratepool_reinit_request(ngx_http_request_t *r);
+
+#if (NGX_HTTP_SSL)
+static ngx_int_t ngx_http_ratepool_set_session(ngx_peer_connection_t *pc,
+    void *data);
+static void ngx_http_ratepool_save_session(ngx_peer_connection_t *pc,
+    void *data);
+#endif
+
+
+/*
+ * The first key is chosen in the access phase, because the proxy module
+ * builds the request (with that key's headers) before it asks for a
+ * peer.  Every later try chooses a key here and rebuilds the request.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
+{
+    ngx_http_ratepool_ctx_t  *ctx = data;
+
+    uint64_t                  soonest_ms;
+    ngx_addr_t               *addr;
+    ngx_uint_t                index;
+    ngx_http_request_t       *r;
+    ngx_http_upstream_t      *u;
+    ngx_http_ratepool_key_t  *key;
+
+    r = ctx->request;
+    u = r->upstream;
+
+    if (ctx->tries > 0) {
+
+        if (ngx_http_ratepool_acquire(ctx, &soonest_ms) == NULL) {
+            ngx_log_error(NGX_LOG_WARN, pc->log, 0,
+                          "ratepool: no key of pool \"%V\" is left to "
+                          "retry with", &ctx->pool->upstream->host);
+            pc->tries = 0;
+            return NGX_BUSY;
+        }
+
+        /* the same body, under the new key's headers */
+        u->request_bufs = r->request_body ? r->request_body->bufs : NULL;
+
+        if (u->create_request(r) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    key = ctx->key;
+    index = key - (ngx_http_ratepool_key_t *) ctx->pool->keys->elts;
+
+    ctx->tries++;
+    ctx->tried |= (uint64_t) 1 << index;
+    ctx->answered = 0;
+    ctx->exhausted = 0;
+
+    addr = &key->addrs[(ctx->tries - 1) % key->naddrs];
+
+    pc->sockaddr = addr->sockaddr;
+    pc->socklen = addr->socklen;
+    pc->name = &addr->name;
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, pc->log, 0,
+                   "ratepool: try %ui with key \"%V\"", ctx->tries,
+                   &key->name);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
+    ngx_uint_t state)
+{
+    ngx_http_ratepool_ctx_t  *ctx = data;
+
+    ngx_http_ratepool_release(ctx, (state & NGX_PEER_FAILED) && !ctx->answered);
+
+    if (pc->tries) {
+        pc->tries--;
+    }
+}
+
+
+/*
+ * Wraps the proxy's header parser: once the status and headers are in,
+ * learn from them and decide whether nginx should try another key.
+ * nginx retries statuses listed in proxy_next_upstream while tries > 1,
+ * so the decision is expressed through u->peer.tries.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_process_header(ngx_http_request_t *r)
+{
+    ngx_int_t                 rc;
+    ngx_uint_t                status;
+    ngx_http_upstream_t      *u;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    u = r->upstream;
+
+    rc = ctx->process_header(r);
+
+    /* the proxy moves on from its status line parser to its header parser */
+    if (u->process_header != ngx_http_ratepool_process_header) {
+        ctx->process_header = u->process_header;
+        u->process_header = ngx_http_ratepool_process_header;
+    }
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    ctx->answered = 1;
+
+    ngx_http_ratepool_learn(ctx, &u->headers_in);
+
+    status = u->headers_in.status_n;
+
+    if (status != NGX_HTTP_TOO_MANY_REQUESTS
+        && status != NGX_HTTP_UNAUTHORIZED
+        && status != NGX_HTTP_FORBIDDEN)
+    {
+        return NGX_OK;
+    }
+
+    if (u->peer.tries > 1
+        && ngx_http_ratepool_available(ctx, &ctx->soonest_ms))
+    {
+        /* nginx does not retry on 401; it never reaches the client */
+        if (status == NGX_HTTP_UNAUTHORIZED) {
+            u->headers_in.status_n = NGX_HTTP_FORBIDDEN;
+        }
+
+        ngx_shmtx_lock(&ctx->pool->zone->shpool->mutex);
+        ctx->pool->zone->sh->rerouted++;
+        ngx_shmtx_unlock(&ctx->pool->zone->shpool->mutex);
+
+        return NGX_OK;
+    }
+
+    /* no other key can do better: this answer goes to the client */
+    u->peer.tries = 1;
+
+    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        ctx->exhausted = 1;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_reinit_request(ngx_http_request_t *r)
+{
+    ngx_int_t                 rc;
+    ngx_http_upstream_t      *u;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    u = r->upstream;
+
+    rc = ctx->reinit_request(r);
+
+    /* the proxy restarts from its status line parser on every try */
+    ctx->process_header = u->process_header;
+    u->process_header = ngx_http_ratepool_process_header;
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_init_peer(ngx_http_request_t *r,
+    ngx_http_upstream_srv_conf_t *us)
+{
+    ngx_http_upstream_t       *u;
+    ngx_http_ratepool_ctx_t   *ctx;
+    ngx_http_ratepool_pool_t  *pool;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    pool = ngx_http_conf_upstream_srv_conf(us, ngx_http_ratepool_module);
+
+    if (ctx == NULL || ctx->pool != pool || ctx->key == NULL) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: upstream \"%V\" is a key pool, reach it "
+                      "with \"ratepool_pass\", not \"proxy_pass\"",
+                      &us->host);
+        return NGX_ERROR;
+    }
+
+    u = r->upstream;
+
+    u->peer.data = ctx;
+    u->peer.get = ngx_http_ratepool_get_peer;
+    u->peer.free = ngx_http_ratepool_free_peer;
+    u->peer.tries = pool->keys->nelts;
+
+#if (NGX_HTTP_SSL)
+    u->peer.set_session = ngx_http_ratepool_set_session;
+    u->peer.save_session = ngx_http_ratepool_save_session;
+#endif
+
+    ctx->process_header = u->process_header;
+    u->process_header = ngx_http_ratepool_process_header;
+
+    ctx->reinit_request = u->reinit_request;
+    u->reinit_request = ngx_http_ratepool_reinit_request;
+
+    return NGX_OK;
+}
+
+
+#if (NGX_HTTP_SSL)
+
+/* one TLS session per key and worker, as round robin keeps one per peer */
+
+static ngx_int_t
+ngx_http_ratepool_set_session(ngx_peer_connection_t *pc, void *data)
+{
+    ngx_http_ratepool_ctx_t  *ctx = data;
+
+    if (ctx->key->ssl_session == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_ssl_set_session(pc->connection, ctx->key->ssl_session);
+}
+
+
+static void
+ngx_http_ratepool_save_session(ngx_peer_connection_t *pc, void *data)
+{
+    ngx_http_ratepool_ctx_t  *ctx = data;
+
+    ngx_ssl_session_t  *session;
+
+    session = ngx_ssl_get_session(pc->connection);
+
+    if (session == NULL) {
+        return;
+    }
+
+    if (ctx->key->ssl_session) {
+        ngx_ssl_free_session(ctx->key->ssl_session);
+    }
+
+    ctx->key->ssl_session = session;
+}
+
+#endif
+
+
+static ngx_int_t
+ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
+    ngx_http_upstream_srv_conf_t *us)
+{
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_zone_t       *zone;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    pool = ngx_http_conf_upstream_srv_conf(us, ngx_http_ratepool_module);
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    if (pool->keys && us->servers->nelts != pool->keys->nelts) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "upstream \"%V\" is a ratepool pool: declare its keys "
+                      "with \"ratepool_key\", not \"server\"", &us->host);
+        return NGX_ERROR;
+    }
+
+    if (pool->keys == NULL || pool->keys->nelts == 0) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "upstream \"%V\" has no keys, add "
+                      "\"ratepool_key NAME server=HOST key_file=PATH;\"",
+                      &us->host);
+        return NGX_ERROR;
+    }
+
+    zone = rmcf->shm_zone ? rmcf->shm_zone->data : NULL;
+
+    if (zone == NULL
+        || rmcf->shm_zone->shm.name.len != pool->zone_name.len
+        || ngx_strncmp(rmcf->shm_zone->shm.name.data, pool->zone_name.data,
+                       pool->zone_name.len) != 0)
+    {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "upstream \"%V\" uses ratepool zone \"%V\", which is "
+                      "not declared; add \"ratepool_zone %V:1m;\" to the "
+                      "http block", &us->host, &pool->zone_name,
+                      &pool->zone_name);
+        return NGX_ERROR;
+    }
+
+    pool->zone = zone;
+    us->peer.init = ngx_http_ratepool_init_peer;
+
+    return NGX_OK;
+}
+
+
+/* ratepool zone=NAME */
+
+char *
+ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_pool_t *pool = conf;
+
+    ngx_str_t                       *value;
+    ngx_http_ratepool_pool_t       **pp;
+    ngx_http_upstream_srv_conf_t    *uscf;
+    ngx_http_ratepool_main_conf_t   *rmcf;
+
+    if (pool->upstream) {
+        return "is duplicate";
+    }
+
+    uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    if (uscf->peer.init_upstream) {
+        return "must come first in the upstream block, before \"keepalive\" "
+               "and any other balancer";
+    }
+
+    value = cf->args->elts;
+
+    if (value[1].len <= 5 || ngx_strncmp(value[1].data, "zone=", 5) != 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"zone=NAME\" "
+                           "with the name of a ratepool_zone", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    pool->zone_name.data = value[1].data + 5;
+    pool->zone_name.len = value[1].len - 5;
+    pool->upstream = uscf;
+
+    uscf->peer.init_upstream = ngx_http_ratepool_init_upstream;
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    pp = ngx_array_push(&rmcf->pools);
+    if (pp == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pp = pool;
+
+    return NGX_CONF_OK;
+}

@@ -1,0 +1,1302 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <openssl/evp.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+#define RATEPOOL_KEYS_MAX          64
+#define RATEPOOL_SECRET_MAX        4096
+
+
+static ngx_int_t ngx_http_ratepool_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_ratepool_add_variables(ngx_conf_t *cf);
+static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf);
+static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent,
+    void *child);
+static char *ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static char *ngx_http_ratepool_status(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_http_ratepool_init(ngx_conf_t *cf);
+
+
+static ngx_command_t  ngx_http_ratepool_commands[] = {
+
+    { ngx_string("ratepool_zone"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      ngx_http_ratepool_zone,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
+      ngx_http_ratepool_upstream,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_org"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_1MORE,
+      ngx_http_ratepool_org,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_key"),
+      NGX_HTTP_UPS_CONF|NGX_CONF_2MORE,
+      ngx_http_ratepool_key,
+      NGX_HTTP_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_workspace"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_ratepool_workspace,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_client"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      ngx_http_ratepool_client,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_pass"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_http_ratepool_pass,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_status"),
+      NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
+      ngx_http_ratepool_status,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
+      NULL },
+
+      ngx_null_command
+};
+
+
+static ngx_http_module_t  ngx_http_ratepool_module_ctx = {
+    ngx_http_ratepool_add_variables,       /* preconfiguration */
+    ngx_http_ratepool_init,                /* postconfiguration */
+
+    ngx_http_ratepool_create_main_conf,    /* create main configuration */
+    ngx_http_ratepool_init_main_conf,      /* init main configuration */
+
+    ngx_http_ratepool_create_srv_conf,     /* create server configuration */
+    NULL,                                  /* merge server configuration */
+
+    ngx_http_ratepool_create_loc_conf,     /* create location configuration */
+    ngx_http_ratepool_merge_loc_conf       /* merge location configuration */
+};
+
+
+ngx_module_t  ngx_http_ratepool_module = {
+    NGX_MODULE_V1,
+    &ngx_http_ratepool_module_ctx,         /* module context */
+    ngx_http_ratepool_commands,            /* module directives */
+    NGX_HTTP_MODULE,                       /* module type */
+    NULL,                                  /* init master */
+    NULL,                                  /* init module */
+    NULL,                                  /* init process */
+    NULL,                                  /* init thread */
+    NULL,                                  /* exit thread */
+    NULL,                                  /* exit process */
+    NULL,                                  /* exit master */
+    NGX_MODULE_V1_PADDING
+};
+
+
+#define RATEPOOL_VAR_UPSTREAM_HOST     0
+#define RATEPOOL_VAR_X_API_KEY         1
+#define RATEPOOL_VAR_AUTHORIZATION     2
+#define RATEPOOL_VAR_KEY               3
+#define RATEPOOL_VAR_WORKSPACE         4
+
+
+static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
+
+    /* what the chosen key sends upstream; changes with every try */
+
+    { ngx_string("ratepool_upstream_host"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_UPSTREAM_HOST,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    { ngx_string("ratepool_upstream_x_api_key"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_X_API_KEY,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    { ngx_string("ratepool_upstream_authorization"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_AUTHORIZATION,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    /* for access logs */
+
+    { ngx_string("ratepool_key"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_KEY,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_workspace"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_WORKSPACE,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_tries"), NULL,
+      ngx_http_ratepool_tries_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+      ngx_http_null_variable
+};
+
+
+/* what ratepool_pass means: a proxy set up to re-send with another key */
+
+static const char  ngx_http_ratepool_proxy_conf[] =
+    "proxy_pass %V;"
+    "proxy_http_version 1.1;"
+    "proxy_set_header Host $ratepool_upstream_host;"
+    "proxy_set_header Connection \"\";"
+    "proxy_set_header x-api-key $ratepool_upstream_x_api_key;"
+    "proxy_set_header Authorization $ratepool_upstream_authorization;"
+    "proxy_set_header Accept-Encoding \"\";"
+    "proxy_request_buffering on;"
+    "proxy_buffering off;"
+    "proxy_next_upstream error timeout http_403 http_429 non_idempotent;"
+#if (NGX_HTTP_SSL)
+    "proxy_ssl_server_name on;"
+    "proxy_ssl_name $ratepool_upstream_host;"
+#endif
+    ;
+
+
+static ngx_int_t
+ngx_http_ratepool_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_str_t                 *s;
+    ngx_http_ratepool_ctx_t   *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    s = NULL;
+
+    if (ctx != NULL) {
+
+        switch (data) {
+
+        case RATEPOOL_VAR_WORKSPACE:
+            s = ctx->workspace ? &ctx->workspace->name : NULL;
+            break;
+
+        default:
+            if (ctx->key == NULL) {
+                break;
+            }
+
+            if (data == RATEPOOL_VAR_UPSTREAM_HOST) {
+                s = &ctx->key->host;
+
+            } else if (data == RATEPOOL_VAR_X_API_KEY) {
+                s = &ctx->key->x_api_key;
+
+            } else if (data == RATEPOOL_VAR_AUTHORIZATION) {
+                s = &ctx->key->authorization;
+
+            } else {
+                s = &ctx->key->name;
+            }
+        }
+    }
+
+    if (s == NULL || s->len == 0) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->len = s->len;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = s->data;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                   *p;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    if (ctx == NULL) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->len = ngx_sprintf(p, "%ui", ctx->tries) - p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = p;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_add_variables(ngx_conf_t *cf)
+{
+    ngx_http_variable_t  *var, *v;
+
+    for (v = ngx_http_ratepool_vars; v->name.len; v++) {
+        var = ngx_http_add_variable(cf, &v->name, v->flags);
+        if (var == NULL) {
+            return NGX_ERROR;
+        }
+
+        var->get_handler = v->get_handler;
+        var->data = v->data;
+    }
+
+    return NGX_OK;
+}
+
+
+static void *
+ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
+{
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_main_conf_t));
+    if (rmcf == NULL) {
+        return NULL;
+    }
+
+    if (ngx_array_init(&rmcf->pools, cf->pool, 2,
+                       sizeof(ngx_http_ratepool_pool_t *))
+        != NGX_OK
+        || ngx_array_init(&rmcf->workspaces, cf->pool, 4,
+                          sizeof(ngx_http_ratepool_workspace_t))
+           != NGX_OK
+        || ngx_array_init(&rmcf->clients, cf->pool, 4,
+                          sizeof(ngx_http_ratepool_client_t))
+           != NGX_OK
+        || ngx_array_init(&rmcf->passes, cf->pool, 2,
+                          sizeof(ngx_http_ratepool_loc_conf_t *))
+           != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return rmcf;
+}
+
+
+/* clients may be listed before the workspaces they name */
+
+static char *
+ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    ngx_uint_t                      i, j;
+    ngx_http_ratepool_client_t     *client;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    client = rmcf->clients.elts;
+    ws = rmcf->workspaces.elts;
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+
+        for (j = 0; j < rmcf->workspaces.nelts; j++) {
+            if (ws[j].name.len == client[i].workspace_name.len
+                && ngx_strncmp(ws[j].name.data, client[i].workspace_name.data,
+                               ws[j].name.len)
+                   == 0)
+            {
+                break;
+            }
+        }
+
+        if (j == rmcf->workspaces.nelts) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "ratepool_client names unknown workspace \"%V\", "
+                          "declare it with \"ratepool_workspace %V;\"",
+                          &client[i].workspace_name,
+                          &client[i].workspace_name);
+            return NGX_CONF_ERROR;
+        }
+
+        client[i].workspace = j;
+    }
+
+    if ((rmcf->workspaces.nelts || rmcf->pools.nelts)
+        && rmcf->shm_zone == NULL)
+    {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "ratepool needs a shared memory zone, add "
+                      "\"ratepool_zone ratepool:1m;\" to the http block");
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static void *
+ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf)
+{
+    ngx_http_ratepool_pool_t  *pool;
+
+    pool = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_pool_t));
+    if (pool == NULL) {
+        return NULL;
+    }
+
+    /*
+     * set by ngx_pcalloc():
+     *
+     *     pool->zone_name = { 0, NULL };
+     *     pool->orgs = NULL;
+     *     pool->keys = NULL;
+     *     pool->upstream = NULL;
+     */
+
+    return pool;
+}
+
+
+static void *
+ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf)
+{
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    rlcf = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_loc_conf_t));
+    if (rlcf == NULL) {
+        return NULL;
+    }
+
+    return rlcf;
+}
+
+
+static char *
+ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
+{
+    /* ratepool_pass is not inherited, as proxy_pass is not */
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_valid_name(ngx_str_t *name)
+{
+    u_char  c;
+    size_t  i;
+
+    if (name->len == 0 || name->len > RATEPOOL_NAME_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < name->len; i++) {
+        c = name->data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static char *
+ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name)
+{
+    if (ngx_http_ratepool_valid_name(name) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid name \"%V\", use up to %d letters, "
+                           "digits, \"-\", \"_\" or \".\"",
+                           name, RATEPOOL_NAME_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* "rpm=50" and the like: a positive integer limit */
+
+static ngx_int_t
+ngx_http_ratepool_parse_limit(ngx_str_t *arg, const char *name,
+    ngx_uint_t *limit)
+{
+    size_t     len;
+    ngx_int_t  n;
+
+    len = ngx_strlen(name);
+
+    if (arg->len <= len + 1 || ngx_strncmp(arg->data, name, len) != 0
+        || arg->data[len] != '=')
+    {
+        return NGX_DECLINED;
+    }
+
+    n = ngx_atoi(arg->data + len + 1, arg->len - len - 1);
+
+    if (n <= 0) {
+        return NGX_ERROR;
+    }
+
+    *limit = (ngx_uint_t) n;
+
+    return NGX_OK;
+}
+
+
+static char *
+ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    u_char                    *p;
+    ssize_t                    size;
+    ngx_str_t                 *value, name, s;
+    ngx_http_ratepool_zone_t  *zone;
+
+    if (rmcf->shm_zone) {
+        return "is duplicate, one zone holds all pools and workspaces";
+    }
+
+    value = cf->args->elts;
+
+    p = (u_char *) ngx_strchr(value[1].data, ':');
+
+    if (p == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone \"%V\", use \"name:size\", "
+                           "for example \"ratepool:1m\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    name.data = value[1].data;
+    name.len = p - value[1].data;
+
+    if (ngx_http_ratepool_check_name(cf, &name) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    s.data = p + 1;
+    s.len = value[1].data + value[1].len - s.data;
+
+    size = ngx_parse_size(&s);
+
+    if (size == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone size \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is too small, use at least %uzk",
+                           &value[1], 8 * ngx_pagesize / 1024);
+        return NGX_CONF_ERROR;
+    }
+
+    zone = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_zone_t));
+    if (zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    zone->conf = rmcf;
+
+    rmcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                           &ngx_http_ratepool_module);
+    if (rmcf->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (rmcf->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is already used", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    rmcf->shm_zone->init = ngx_http_ratepool_init_zone;
+    rmcf->shm_zone->data = zone;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_http_ratepool_org_t *
+ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
+    ngx_str_t *name, ngx_uint_t *index)
+{
+    ngx_uint_t                i;
+    ngx_http_ratepool_org_t  *org;
+
+    if (pool->orgs == NULL) {
+        pool->orgs = ngx_array_create(cf->pool, 4,
+                                      sizeof(ngx_http_ratepool_org_t));
+        if (pool->orgs == NULL) {
+            return NULL;
+        }
+    }
+
+    org = pool->orgs->elts;
+
+    for (i = 0; i < pool->orgs->nelts; i++) {
+        if (org[i].name.len == name->len
+            && ngx_strncmp(org[i].name.data, name->data, name->len) == 0)
+        {
+            *index = i;
+            return &org[i];
+        }
+    }
+
+    org = ngx_array_push(pool->orgs);
+    if (org == NULL) {
+        return NULL;
+    }
+
+    ngx_memzero(org, sizeof(ngx_http_ratepool_org_t));
+    org->name = *name;
+    *index = pool->orgs->nelts - 1;
+
+    return org;
+}
+
+
+/* ratepool_org NAME [rpm=N] [itpm=N] [otpm=N] */
+
+static char *
+ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_pool_t *pool = conf;
+
+    ngx_int_t                 rc;
+    ngx_str_t                *value;
+    ngx_uint_t                i, index;
+    ngx_http_ratepool_org_t  *org;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    org = ngx_http_ratepool_find_org(cf, pool, &value[1], &index);
+    if (org == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (org->declared) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "org \"%V\" is declared twice", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    org->declared = 1;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &org->rpm);
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &org->itpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &org->otpm);
+        }
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        if (rc == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid limit \"%V\", use a positive number "
+                               "per minute, for example \"rpm=50\"",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", "
+                           "use \"rpm=\", \"itpm=\" or \"otpm=\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
+    ngx_str_t *secret)
+{
+    u_char           *buf;
+    ssize_t           n;
+    ngx_fd_t          fd;
+    ngx_file_info_t   fi;
+
+    if (ngx_conf_full_name(cf->cycle, path, 1) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    fd = ngx_open_file(path->data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_open_file_n " \"%V\" failed", path);
+        return NGX_ERROR;
+    }
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR
+        || ngx_file_size(&fi) > RATEPOOL_SECRET_MAX)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key_file \"%V\" is not a key file of at most "
+                           "%d bytes", path, RATEPOOL_SECRET_MAX);
+        (void) ngx_close_file(fd);
+        return NGX_ERROR;
+    }
+
+    buf = ngx_pnalloc(cf->pool, RATEPOOL_SECRET_MAX);
+    if (buf == NULL) {
+        (void) ngx_close_file(fd);
+        return NGX_ERROR;
+    }
+
+    n = ngx_read_fd(fd, buf, RATEPOOL_SECRET_MAX);
+
+    (void) ngx_close_file(fd);
+
+    if (n == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_read_fd_n " \"%V\" failed", path);
+        return NGX_ERROR;
+    }
+
+    /* editors and "echo" add a trailing newline */
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'
+                     || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
+    {
+        n--;
+    }
+
+    secret->data = buf;
+    secret->len = n;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_sha256(u_char *data, size_t len, u_char digest[32])
+{
+    unsigned int  n;
+
+    n = 32;
+
+    if (EVP_Digest(data, len, digest, &n, EVP_sha256(), NULL) != 1) {
+        ngx_memzero(digest, 32);
+    }
+}
+
+
+/*
+ * ratepool_key NAME org=ORG provider=anthropic|openai server=HOST[:PORT]
+ *              key=SECRET | key_file=PATH
+ */
+
+static char *
+ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_pool_t *pool = conf;
+
+    u_char                        digest[32], *p;
+    size_t                        i;
+    ngx_str_t                    *value, secret, org_name, path;
+    ngx_url_t                     u;
+    ngx_uint_t                    n, index;
+    ngx_http_ratepool_key_t      *key, *keys;
+    ngx_http_upstream_server_t   *us;
+    ngx_http_upstream_srv_conf_t *uscf;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (pool->keys == NULL) {
+        pool->keys = ngx_array_create(cf->pool, 4,
+                                      sizeof(ngx_http_ratepool_key_t));
+        if (pool->keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    keys = pool->keys->elts;
+
+    for (n = 0; n < pool->keys->nelts; n++) {
+        if (keys[n].name.len == value[1].len
+            && ngx_strncmp(keys[n].name.data, value[1].data, value[1].len)
+               == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "key \"%V\" is declared twice", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (pool->keys->nelts == RATEPOOL_KEYS_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many keys in one pool, at most %d",
+                           RATEPOOL_KEYS_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    key = ngx_array_push(pool->keys);
+    if (key == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(key, sizeof(ngx_http_ratepool_key_t));
+    key->name = value[1];
+    key->provider = RATEPOOL_PROVIDER_ANTHROPIC;
+
+    ngx_str_null(&org_name);
+    ngx_str_null(&secret);
+
+    for (n = 2; n < cf->args->nelts; n++) {
+
+        if (ngx_strncmp(value[n].data, "org=", 4) == 0) {
+            org_name.data = value[n].data + 4;
+            org_name.len = value[n].len - 4;
+
+            if (ngx_http_ratepool_check_name(cf, &org_name) != NGX_CONF_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "provider=", 9) == 0) {
+
+            if (ngx_strcmp(value[n].data + 9, "anthropic") == 0) {
+                key->provider = RATEPOOL_PROVIDER_ANTHROPIC;
+
+            } else if (ngx_strcmp(value[n].data + 9, "openai") == 0) {
+                key->provider = RATEPOOL_PROVIDER_OPENAI;
+
+            } else {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid provider \"%V\", use "
+                                   "\"provider=anthropic\" or "
+                                   "\"provider=openai\"", &value[n]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "server=", 7) == 0) {
+            key->server.data = value[n].data + 7;
+            key->server.len = value[n].len - 7;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "key=", 4) == 0) {
+            secret.data = value[n].data + 4;
+            secret.len = value[n].len - 4;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "key_file=", 9) == 0) {
+            path.data = value[n].data + 9;
+            path.len = value[n].len - 9;
+
+            if (ngx_http_ratepool_read_secret(cf, &path, &secret) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        /* never echo what may be a secret */
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter %ui of key \"%V\", use "
+                           "\"org=\", \"provider=\", \"server=\", \"key=\" "
+                           "or \"key_file=\"", n, &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (secret.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has no secret, add \"key_file=PATH\"",
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 0; i < secret.len; i++) {
+        if (secret.data[i] <= ' ' || secret.data[i] >= 0x7f) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "the secret of key \"%V\" has a character "
+                               "that cannot be sent in a header, at "
+                               "offset %uz", &key->name, i);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (key->server.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has no server, add "
+                           "\"server=api.anthropic.com:443\"", &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+
+    u.url = key->server;
+    u.default_port = 443;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "%s in server \"%V\" of key \"%V\"",
+                           u.err ? u.err : "invalid address", &key->server,
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (u.uri.len || u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid server \"%V\" of key \"%V\", use "
+                           "\"server=HOST[:PORT]\"", &key->server,
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    key->addrs = u.addrs;
+    key->naddrs = u.naddrs;
+    key->host = (u.no_port || u.port == 443) ? u.host : key->server;
+
+    /* nginx wants a server in every upstream: each key stands for one */
+
+    uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    us = ngx_array_push(uscf->servers);
+    if (us == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(us, sizeof(ngx_http_upstream_server_t));
+    us->name = key->server;
+    us->addrs = u.addrs;
+    us->naddrs = u.naddrs;
+    us->weight = 1;
+
+    if (org_name.len == 0) {
+        org_name = key->name;   /* a key of its own org */
+    }
+
+    if (ngx_http_ratepool_find_org(cf, pool, &org_name, &index) == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    key->org = index;
+
+    if (key->provider == RATEPOOL_PROVIDER_ANTHROPIC) {
+        key->x_api_key = secret;
+
+    } else {
+        key->authorization.len = sizeof("Bearer ") - 1 + secret.len;
+        key->authorization.data = ngx_pnalloc(cf->pool,
+                                              key->authorization.len);
+        if (key->authorization.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        p = ngx_cpymem(key->authorization.data, "Bearer ",
+                       sizeof("Bearer ") - 1);
+        ngx_memcpy(p, secret.data, secret.len);
+    }
+
+    ngx_http_ratepool_sha256(secret.data, secret.len, digest);
+    ngx_hex_dump(key->fingerprint, digest, RATEPOOL_FINGERPRINT_LEN / 2);
+
+    return NGX_CONF_OK;
+}
+
+
+/* ratepool_workspace NAME [rpm=N] */
+
+static char *
+ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    ngx_int_t                       rc;
+    ngx_str_t                      *value;
+    ngx_uint_t                      i;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    ws = rmcf->workspaces.elts;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        if (ws[i].name.len == value[1].len
+            && ngx_strncmp(ws[i].name.data, value[1].data, value[1].len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "workspace \"%V\" is declared twice",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    ws = ngx_array_push(&rmcf->workspaces);
+    if (ws == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(ws, sizeof(ngx_http_ratepool_workspace_t));
+    ws->name = value[1];
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        if (rc == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid limit \"%V\", use a positive number "
+                               "of requests per minute, for example "
+                               "\"rpm=200\"", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"rpm=\"",
+                           &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* ratepool_client WORKSPACE sha256:HEX */
+
+static char *
+ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    u_char                      *hex;
+    ngx_int_t                    hi, lo;
+    ngx_str_t                   *value;
+    ngx_uint_t                   i;
+    ngx_http_ratepool_client_t  *client;
+
+    value = cf->args->elts;
+
+    if (value[2].len != 7 + 64 || ngx_strncmp(value[2].data, "sha256:", 7))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid client token hash for workspace \"%V\", "
+                           "use \"sha256:\" and the 64 hex digits of "
+                           "\"printf %%s TOKEN | sha256sum\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    client = ngx_array_push(&rmcf->clients);
+    if (client == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    client->workspace_name = value[1];
+    hex = value[2].data + 7;
+
+    for (i = 0; i < 32; i++) {
+        hi = ngx_hextoi(&hex[i * 2], 1);
+        lo = ngx_hextoi(&hex[i * 2 + 1], 1);
+
+        if (hi == NGX_ERROR || lo == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid hex digit in the client token hash "
+                               "for workspace \"%V\"", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        client->digest[i] = (u_char) (hi * 16 + lo);
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * ratepool_pass http://POOL | https://POOL
+ *
+ * Applies the proxy settings a pool needs, so that nobody has to copy
+ * them: they are parsed as if written in the location.
+ */
+
+static char *
+ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_loc_conf_t *rlcf = conf;
+
+    char                            *rv;
+    u_char                          *p;
+    size_t                           scheme;
+    ngx_buf_t                        b;
+    ngx_str_t                       *value, name, text;
+    ngx_conf_file_t                  conf_file, *saved;
+    ngx_http_core_loc_conf_t        *clcf;
+    ngx_http_ratepool_loc_conf_t   **pass;
+    ngx_http_ratepool_main_conf_t   *rmcf;
+
+    if (rlcf->url.len) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strncmp(value[1].data, "http://", 7) == 0) {
+        scheme = 7;
+
+    } else if (ngx_strncmp(value[1].data, "https://", 8) == 0) {
+        scheme = 8;
+
+    } else {
+        scheme = 0;
+    }
+
+    name.data = value[1].data + scheme;
+    name.len = value[1].len - scheme;
+
+    if (scheme == 0 || ngx_http_ratepool_valid_name(&name) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid pool \"%V\", use \"https://NAME\" or "
+                           "\"http://NAME\" where NAME is an upstream with "
+                           "the \"ratepool\" directive", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->name.len && clcf->named) {
+        return "cannot be used in a named location";
+    }
+
+    rlcf->url = value[1];
+    rlcf->file = cf->conf_file->file.name;
+    rlcf->line = cf->conf_file->line;
+
+    text.len = sizeof(ngx_http_ratepool_proxy_conf) + value[1].len;
+    text.data = ngx_pnalloc(cf->pool, text.len);
+    if (text.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_sprintf(text.data, ngx_http_ratepool_proxy_conf, &value[1]);
+    text.len = p - text.data;
+
+    ngx_memzero(&conf_file, sizeof(ngx_conf_file_t));
+    ngx_memzero(&b, sizeof(ngx_buf_t));
+
+    b.start = text.data;
+    b.pos = text.data;
+    b.last = text.data + text.len;
+    b.end = b.last;
+    b.temporary = 1;
+
+    conf_file.file.fd = NGX_INVALID_FILE;
+    conf_file.buffer = &b;
+
+    saved = cf->conf_file;
+    cf->conf_file = &conf_file;
+
+    rv = ngx_conf_parse(cf, NULL);
+
+    cf->conf_file = saved;
+
+    if (rv != NGX_CONF_OK) {
+        return "cannot apply its proxy settings: remove \"proxy_pass\", "
+               "\"proxy_buffering\", \"proxy_request_buffering\", "
+               "\"proxy_http_version\" and \"proxy_next_upstream\" "
+               "from this location, ratepool_pass sets them";
+    }
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    pass = ngx_array_push(&rmcf->passes);
+    if (pass == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pass = rlcf;
+
+    return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_http_ratepool_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate or conflicts with another content handler";
+    }
+
+    clcf->handler = ngx_http_ratepool_status_handler;
+
+    return NGX_CONF_OK;
+}
+
+
+/* pair each ratepool_pass with its pool, now that every upstream is known */
+
+static ngx_int_t
+ngx_http_ratepool_link_passes(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    size_t                           scheme;
+    ngx_str_t                        name;
+    ngx_uint_t                       i, j;
+    ngx_http_ratepool_pool_t        *pool;
+    ngx_http_ratepool_loc_conf_t   **pass;
+    ngx_http_upstream_srv_conf_t   **uscfp;
+    ngx_http_upstream_main_conf_t   *umcf;
+
+    umcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+    uscfp = umcf->upstreams.elts;
+    pass = rmcf->passes.elts;
+
+    for (i = 0; i < rmcf->passes.nelts; i++) {
+
+        scheme = pass[i]->url.data[4] == 's' ? 8 : 7;
+        name.data = pass[i]->url.data + scheme;
+        name.len = pass[i]->url.len - scheme;
+
+        pool = NULL;
+
+        for (j = 0; j < umcf->upstreams.nelts; j++) {
+            if (uscfp[j]->host.len == name.len
+                && ngx_strncasecmp(uscfp[j]->host.data, name.data, name.len)
+                   == 0
+                && uscfp[j]->srv_conf)
+            {
+                pool = ngx_http_conf_upstream_srv_conf(uscfp[j],
+                                                    ngx_http_ratepool_module);
+                break;
+            }
+        }
+
+        if (pool == NULL || pool->upstream == NULL) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "ratepool_pass \"%V\" in %V:%ui needs an upstream "
+                          "\"%V\" with the \"ratepool\" directive",
+                          &pass[i]->url, &pass[i]->file, pass[i]->line,
+                          &name);
+            return NGX_ERROR;
+        }
+
+        pass[i]->pool = pool;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_init(ngx_conf_t *cf)
+{
+    static ngx_str_t  request_id = ngx_string("request_id");
+
+    ngx_http_handler_pt            *h;
+    ngx_http_core_main_conf_t      *cmcf;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    if (ngx_http_ratepool_link_passes(cf, rmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    rmcf->request_id_index = ngx_http_get_variable_index(cf, &request_id);
+
+    if (rmcf->request_id_index == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_ACCESS_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_ratepool_access_handler;
+
+    return ngx_http_ratepool_filter_init(cf);
+}

@@ -1,0 +1,236 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_
+#define _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ratepool_bucket.h"
+#include "ratepool_pick.h"
+#include "ratepool_parse.h"
+
+
+#define RATEPOOL_NAME_MAX           64
+#define RATEPOOL_FINGERPRINT_LEN    12      /* hex digits of sha256 */
+
+#define RATEPOOL_PROVIDER_ANTHROPIC 0
+#define RATEPOOL_PROVIDER_OPENAI    1
+
+#define RATEPOOL_ENTRY_ORG          1
+#define RATEPOOL_ENTRY_KEY          2
+#define RATEPOOL_ENTRY_WORKSPACE    3
+
+
+/* shared memory: one entry per org, key and workspace, found by name */
+
+typedef struct {
+    ngx_queue_t                     queue;
+    ngx_uint_t                      kind;
+    size_t                          name_len;
+    u_char                          name[RATEPOOL_NAME_MAX];
+} ngx_http_ratepool_entry_t;
+
+
+typedef struct {
+    uint64_t                        limit;      /* per minute, 0: unknown */
+    uint64_t                        remaining;
+    time_t                          reset;      /* wall clock, 0: unknown */
+} ngx_http_ratepool_learned_t;
+
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+
+    ratepool_bucket_t               rpm_bucket;         /* requests */
+    uint64_t                        cooldown_until_ms;  /* monotonic */
+    ngx_uint_t                      backoff_level;      /* 429s without
+                                                           retry-after */
+    ngx_uint_t                      inflight;
+
+    ngx_http_ratepool_learned_t     requests;
+    ngx_http_ratepool_learned_t     input_tokens;
+    ngx_http_ratepool_learned_t     output_tokens;
+} ngx_http_ratepool_org_sh_t;
+
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+
+    u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
+    ngx_uint_t                      dead_status;        /* 0: alive */
+    ngx_uint_t                      inflight;
+    uint64_t                        last_pick_ms;
+
+    uint64_t                        sent;
+    uint64_t                        status_2xx;
+    uint64_t                        status_429;
+    uint64_t                        status_529;
+    uint64_t                        status_other;
+    uint64_t                        failed;             /* no response */
+} ngx_http_ratepool_key_sh_t;
+
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+
+    ratepool_bucket_t               rpm_bucket;
+    uint64_t                        admitted;
+    uint64_t                        rejected;
+} ngx_http_ratepool_workspace_sh_t;
+
+
+typedef struct {
+    ngx_queue_t                     entries;
+    time_t                          started;            /* wall clock */
+    uint64_t                        requests;
+    uint64_t                        rejected_auth;
+    uint64_t                        rejected_workspace;
+    uint64_t                        rejected_pool;
+    uint64_t                        rerouted;
+} ngx_http_ratepool_shctx_t;
+
+
+typedef struct {
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_shctx_t      *sh;
+    void                           *conf;   /* ngx_http_ratepool_main_conf_t */
+} ngx_http_ratepool_zone_t;
+
+
+/* configuration */
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_uint_t                      rpm;
+    ngx_uint_t                      itpm;
+    ngx_uint_t                      otpm;
+    unsigned                        declared:1;
+    ngx_http_ratepool_org_sh_t     *sh;
+} ngx_http_ratepool_org_t;
+
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_uint_t                      org;        /* index in pool->orgs */
+    ngx_uint_t                      provider;
+    ngx_str_t                       server;
+    ngx_str_t                       host;       /* Host header and SNI */
+    ngx_addr_t                     *addrs;
+    ngx_uint_t                      naddrs;
+    ngx_str_t                       x_api_key;      /* sent as x-api-key */
+    ngx_str_t                       authorization;  /* "Bearer ..." */
+    u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
+    ngx_http_ratepool_key_sh_t     *sh;
+#if (NGX_HTTP_SSL)
+    ngx_ssl_session_t              *ssl_session;    /* of this worker */
+#endif
+} ngx_http_ratepool_key_t;
+
+
+/* a pool is an upstream{} block with the "ratepool" directive */
+
+typedef struct {
+    ngx_str_t                       zone_name;
+    ngx_http_ratepool_zone_t       *zone;
+    ngx_array_t                    *orgs;       /* ngx_http_ratepool_org_t */
+    ngx_array_t                    *keys;       /* ngx_http_ratepool_key_t */
+    ngx_http_upstream_srv_conf_t   *upstream;
+} ngx_http_ratepool_pool_t;
+
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_uint_t                      rpm;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+} ngx_http_ratepool_workspace_t;
+
+
+typedef struct {
+    u_char                          digest[32];  /* sha256 of the token */
+    ngx_uint_t                      workspace;   /* index */
+    ngx_str_t                       workspace_name;
+} ngx_http_ratepool_client_t;
+
+
+typedef struct {
+    ngx_shm_zone_t                 *shm_zone;
+    ngx_array_t                     pools;       /* ngx_http_ratepool_pool_t * */
+    ngx_array_t                     workspaces;  /* ..._workspace_t */
+    ngx_array_t                     clients;     /* ..._client_t */
+    ngx_array_t                     passes;      /* ..._loc_conf_t * */
+    ngx_int_t                       request_id_index;
+} ngx_http_ratepool_main_conf_t;
+
+
+typedef struct {
+    ngx_http_upstream_srv_conf_t   *upstream;    /* from ratepool_pass */
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_str_t                       url;
+    ngx_uint_t                      line;
+    ngx_str_t                       file;
+} ngx_http_ratepool_loc_conf_t;
+
+
+/* per request */
+
+typedef struct {
+    ngx_http_request_t             *request;
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_workspace_t  *workspace;
+    ngx_http_ratepool_key_t        *key;        /* of the current try */
+    ngx_http_ratepool_key_t        *held;       /* counted in flight */
+    uint64_t                        tried;      /* bitmap of key indexes */
+    ngx_uint_t                      tries;      /* sends so far */
+    uint64_t                        soonest_ms; /* when exhausted */
+
+    ngx_int_t                     (*process_header)(ngx_http_request_t *r);
+    ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
+
+    unsigned                        answered:1;     /* this try has a status */
+    unsigned                        exhausted:1;    /* last answer is a 429
+                                                       that no key can beat */
+} ngx_http_ratepool_ctx_t;
+
+
+extern ngx_module_t  ngx_http_ratepool_module;
+
+
+/* ngx_http_ratepool_pool.c: choosing keys and learning from answers */
+ngx_http_ratepool_key_t *ngx_http_ratepool_acquire(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms);
+ngx_int_t ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *soonest_ms);
+void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t failed);
+void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_upstream_headers_in_t *h);
+uint64_t ngx_http_ratepool_now_ms(void);
+
+/* ngx_http_ratepool_access.c */
+ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
+ngx_int_t ngx_http_ratepool_send_error(ngx_http_request_t *r,
+    ngx_uint_t status, const char *type, ngx_str_t *message,
+    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+
+/* ngx_http_ratepool_balancer.c */
+char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+
+/* ngx_http_ratepool_shm.c */
+ngx_int_t ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data);
+
+/* ngx_http_ratepool_filter.c */
+ngx_int_t ngx_http_ratepool_filter_init(ngx_conf_t *cf);
+
+/* ngx_http_ratepool_status.c */
+ngx_int_t ngx_http_ratepool_status_handler(ngx_http_request_t *r);
+
+
+#endif /* _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_ */

@@ -1,0 +1,466 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+/* where a response header teaches something about the key's org */
+
+#define RATEPOOL_LEARN_LIMIT       0
+#define RATEPOOL_LEARN_REMAINING   1
+#define RATEPOOL_LEARN_RESET       2
+
+
+typedef struct {
+    ngx_str_t                       name;
+    size_t                          offset;     /* of the learned set */
+    ngx_uint_t                      field;
+} ngx_http_ratepool_learn_header_t;
+
+
+#define ratepool_learned(f)  offsetof(ngx_http_ratepool_org_sh_t, f)
+
+static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
+
+    { ngx_string("anthropic-ratelimit-requests-limit"),
+      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT },
+    { ngx_string("anthropic-ratelimit-requests-remaining"),
+      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING },
+    { ngx_string("anthropic-ratelimit-requests-reset"),
+      ratepool_learned(requests), RATEPOOL_LEARN_RESET },
+    { ngx_string("anthropic-ratelimit-input-tokens-limit"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT },
+    { ngx_string("anthropic-ratelimit-input-tokens-remaining"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_REMAINING },
+    { ngx_string("anthropic-ratelimit-input-tokens-reset"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET },
+    { ngx_string("anthropic-ratelimit-output-tokens-limit"),
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_LIMIT },
+    { ngx_string("anthropic-ratelimit-output-tokens-remaining"),
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_REMAINING },
+    { ngx_string("anthropic-ratelimit-output-tokens-reset"),
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_RESET },
+    { ngx_string("x-ratelimit-limit-requests"),
+      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT },
+    { ngx_string("x-ratelimit-remaining-requests"),
+      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING },
+
+    { ngx_null_string, 0, 0 }
+};
+
+
+/* what one response said, collected before the zone is locked */
+
+typedef struct {
+    uint64_t                        value[3][3];
+    unsigned                        seen[3][3];
+    uint64_t                        retry_after_ms;
+    unsigned                        has_retry_after:1;
+} ngx_http_ratepool_answer_t;
+
+
+static uint64_t ngx_http_ratepool_org_rpm(ngx_http_ratepool_org_t *org);
+static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms, ratepool_candidate_t *c);
+static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
+    ngx_http_upstream_headers_in_t *h, ngx_http_ratepool_answer_t *a);
+
+
+uint64_t
+ngx_http_ratepool_now_ms(void)
+{
+    /* ngx_current_msec is monotonic and shared by all workers of a host */
+    return (uint64_t) ngx_current_msec;
+}
+
+
+static uint64_t
+ngx_http_ratepool_org_rpm(ngx_http_ratepool_org_t *org)
+{
+    /* what the provider says wins over what was configured */
+    return org->sh->requests.limit ? org->sh->requests.limit : org->rpm;
+}
+
+
+/* with the zone locked: the state of every key as the chooser sees it */
+
+static void
+ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
+    ratepool_candidate_t *c)
+{
+    uint64_t                    limit, wait_ms, level;
+    ngx_uint_t                  i;
+    ngx_http_ratepool_org_t    *orgs, *org;
+    ngx_http_ratepool_key_t    *keys;
+    ngx_http_ratepool_org_sh_t *osh;
+
+    keys = ctx->pool->keys->elts;
+    orgs = ctx->pool->orgs->elts;
+
+    for (i = 0; i < ctx->pool->keys->nelts; i++) {
+        org = &orgs[keys[i].org];
+        osh = org->sh;
+        limit = ngx_http_ratepool_org_rpm(org);
+
+        c[i].usable = (keys[i].sh->dead_status == 0);
+        c[i].free_at_ms = osh->cooldown_until_ms;
+
+        wait_ms = ratepool_bucket_wait_ms(&osh->rpm_bucket, limit, 1, now_ms);
+
+        if (wait_ms && now_ms + wait_ms > c[i].free_at_ms) {
+            c[i].free_at_ms = now_ms + wait_ms;
+        }
+
+        if (limit) {
+            level = ratepool_bucket_level(&osh->rpm_bucket, limit, now_ms);
+            c[i].headroom_permille = (uint32_t) (level * 1000 / limit);
+
+        } else {
+            c[i].headroom_permille = 1000;
+        }
+
+        c[i].org_inflight = (uint32_t) osh->inflight;
+        c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
+        c[i].last_pick_ms = keys[i].sh->last_pick_ms;
+    }
+}
+
+
+/*
+ * Chooses the key for the next try and holds it: one request taken from
+ * its org's bucket, counted in flight until released.  NULL if no key
+ * this request has not tried can be used now; *soonest_ms then says when
+ * one frees up (0: none ever will, all are dead or tried).
+ */
+
+ngx_http_ratepool_key_t *
+ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
+{
+    long                        i;
+    uint64_t                    now_ms, wait_ms;
+    ngx_uint_t                  n, k;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_ratepool_org_t    *org;
+    ngx_http_ratepool_key_t    *keys, *key;
+    ratepool_candidate_t        c[64];
+
+    keys = ctx->pool->keys->elts;
+    n = ctx->pool->keys->nelts;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    ngx_http_ratepool_candidates(ctx, now_ms, c);
+
+    for (k = 0; k < n; k++) {
+        if (ctx->tried & ((uint64_t) 1 << k)) {
+            c[k].usable = 0;
+        }
+    }
+
+    i = ratepool_pick(c, n, now_ms, soonest_ms);
+
+    if (i < 0) {
+        ngx_shmtx_unlock(&shpool->mutex);
+        return NULL;
+    }
+
+    key = &keys[i];
+    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+
+    (void) ratepool_bucket_take(&org->sh->rpm_bucket,
+                                ngx_http_ratepool_org_rpm(org), 1, now_ms,
+                                &wait_ms);
+    org->sh->inflight++;
+    key->sh->inflight++;
+    key->sh->last_pick_ms = now_ms;
+    key->sh->sent++;
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ctx->key = key;
+    ctx->held = key;
+
+    return key;
+}
+
+
+/*
+ * Whether another try would find a key now.  *soonest_ms is when the
+ * first key that is not dead frees up, tried or not, for the retry-after
+ * of an answer that no key can beat.
+ */
+
+ngx_int_t
+ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *soonest_ms)
+{
+    long                   i;
+    uint64_t               now_ms, untried_soonest;
+    ngx_uint_t             n, k;
+    ngx_slab_pool_t       *shpool;
+    ratepool_candidate_t   c[64];
+
+    n = ctx->pool->keys->nelts;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ngx_http_ratepool_candidates(ctx, now_ms, c);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    i = ratepool_pick(c, n, now_ms, soonest_ms);
+
+    if (i >= 0) {
+        /* free now, but tried already by this request */
+        *soonest_ms = now_ms;
+    }
+
+    for (k = 0; k < n; k++) {
+        if (ctx->tried & ((uint64_t) 1 << k)) {
+            c[k].usable = 0;
+        }
+    }
+
+    return ratepool_pick(c, n, now_ms, &untried_soonest) >= 0;
+}
+
+
+void
+ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t failed)
+{
+    ngx_slab_pool_t          *shpool;
+    ngx_http_ratepool_key_t  *key;
+    ngx_http_ratepool_org_t  *org;
+
+    key = ctx->held;
+
+    if (key == NULL) {
+        return;
+    }
+
+    ctx->held = NULL;
+
+    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    key->sh->inflight--;
+    org->sh->inflight--;
+
+    if (failed) {
+        key->sh->failed++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+static void
+ngx_http_ratepool_read_answer(ngx_http_request_t *r,
+    ngx_http_upstream_headers_in_t *h, ngx_http_ratepool_answer_t *a)
+{
+    time_t                             t;
+    ngx_uint_t                         i, set;
+    ngx_list_part_t                   *part;
+    ngx_table_elt_t                   *header;
+    ngx_http_ratepool_learn_header_t  *lh;
+
+    ngx_memzero(a, sizeof(ngx_http_ratepool_answer_t));
+
+    part = &h->headers.part;
+    header = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            header = part->elts;
+            i = 0;
+        }
+
+        if (header[i].hash == 0) {
+            continue;
+        }
+
+        if (header[i].key.len == sizeof("retry-after") - 1
+            && ngx_strncasecmp(header[i].key.data, (u_char *) "retry-after",
+                               sizeof("retry-after") - 1) == 0)
+        {
+            if (ratepool_parse_retry_after(header[i].value.data,
+                                           header[i].value.len, ngx_time(),
+                                           &a->retry_after_ms)
+                == 0)
+            {
+                a->has_retry_after = 1;
+
+            } else {
+                ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                              "ratepool: ignored invalid retry-after \"%V\"",
+                              &header[i].value);
+            }
+
+            continue;
+        }
+
+        for (lh = ngx_http_ratepool_learn_headers; lh->name.len; lh++) {
+
+            if (lh->name.len != header[i].key.len
+                || ngx_strncasecmp(lh->name.data, header[i].key.data,
+                                   lh->name.len) != 0)
+            {
+                continue;
+            }
+
+            set = (lh->offset - ratepool_learned(requests))
+                  / sizeof(ngx_http_ratepool_learned_t);
+
+            if (lh->field == RATEPOOL_LEARN_RESET) {
+                if (ratepool_parse_rfc3339(header[i].value.data,
+                                           header[i].value.len, &t) == 0)
+                {
+                    a->value[set][lh->field] = (uint64_t) t;
+                    a->seen[set][lh->field] = 1;
+                }
+
+            } else if (ratepool_parse_uint(header[i].value.data,
+                                           header[i].value.len,
+                                           &a->value[set][lh->field])
+                       == 0)
+            {
+                a->seen[set][lh->field] = 1;
+            }
+
+            break;
+        }
+    }
+}
+
+
+/*
+ * Every answer updates what the gateway knows of the key and its org:
+ * learned limits, cooldowns after a 429, dead keys after 401 and 403.
+ */
+
+void
+ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_upstream_headers_in_t *h)
+{
+    uint64_t                      now_ms, floor_ms, limit;
+    ngx_uint_t                    status, set;
+    ngx_slab_pool_t              *shpool;
+    ngx_http_request_t           *r;
+    ngx_http_ratepool_org_t      *org;
+    ngx_http_ratepool_key_t      *key;
+    ngx_http_ratepool_org_sh_t   *osh;
+    ngx_http_ratepool_key_sh_t   *ksh;
+    ngx_http_ratepool_learned_t  *learned;
+    ngx_http_ratepool_answer_t    a;
+
+    r = ctx->request;
+    key = ctx->key;
+    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+    osh = org->sh;
+    ksh = key->sh;
+    status = h->status_n;
+
+    ngx_http_ratepool_read_answer(r, h, &a);
+
+    now_ms = ngx_http_ratepool_now_ms();
+    floor_ms = 0;
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (set = 0; set < 3; set++) {
+        learned = &osh->requests + set;
+
+        if (a.seen[set][RATEPOOL_LEARN_LIMIT]) {
+            learned->limit = a.value[set][RATEPOOL_LEARN_LIMIT];
+        }
+
+        if (a.seen[set][RATEPOOL_LEARN_REMAINING]) {
+            learned->remaining = a.value[set][RATEPOOL_LEARN_REMAINING];
+        }
+
+        if (a.seen[set][RATEPOOL_LEARN_RESET]) {
+            learned->reset = (time_t) a.value[set][RATEPOOL_LEARN_RESET];
+        }
+    }
+
+    limit = ngx_http_ratepool_org_rpm(org);
+
+    if (limit && a.seen[0][RATEPOOL_LEARN_REMAINING]) {
+        ratepool_bucket_clamp(&osh->rpm_bucket, limit,
+                              a.value[0][RATEPOOL_LEARN_REMAINING], now_ms);
+    }
+
+    if (status >= 200 && status < 300) {
+        ksh->status_2xx++;
+        osh->backoff_level = 0;
+
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        ksh->status_429++;
+
+        if (a.has_retry_after) {
+            floor_ms = a.retry_after_ms;
+
+        } else {
+            floor_ms = ratepool_backoff_ms(osh->backoff_level);
+
+            if (osh->backoff_level < 16) {
+                osh->backoff_level++;
+            }
+        }
+
+        osh->cooldown_until_ms = ratepool_cooldown_until(
+                                            osh->cooldown_until_ms, now_ms,
+                                            floor_ms, (uint32_t) ngx_random());
+
+        /* the provider has nothing left for this org until then */
+        if (limit) {
+            ratepool_bucket_clamp(&osh->rpm_bucket, limit, 0, now_ms);
+        }
+
+    } else if (status == 529) {
+        ksh->status_529++;
+
+    } else {
+        ksh->status_other++;
+
+        if (status == NGX_HTTP_UNAUTHORIZED || status == NGX_HTTP_FORBIDDEN) {
+            ksh->dead_status = status;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: key \"%V\" got 429, org \"%V\" cools down "
+                      "for at least %uL ms", &key->name, &org->name,
+                      floor_ms);
+
+    } else if (status == NGX_HTTP_UNAUTHORIZED
+               || status == NGX_HTTP_FORBIDDEN)
+    {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: key \"%V\" (sha256 %*s) was refused with "
+                      "%ui, taken out of rotation until nginx is reloaded",
+                      &key->name, (size_t) RATEPOOL_FINGERPRINT_LEN,
+                      key->fingerprint, status);
+    }
+}

@@ -1,0 +1,179 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,
+    ngx_uint_t kind, ngx_str_t *name, size_t size);
+static ngx_int_t ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone,
+    ngx_log_t *log);
+
+
+/*
+ * The zone outlives configurations: on reload the new configuration
+ * finds its orgs, keys and workspaces by name and keeps their state,
+ * while the old workers go on using the very same entries.
+ */
+
+ngx_int_t
+ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_http_ratepool_zone_t  *ozone = data;
+
+    size_t                     len;
+    ngx_int_t                  rc;
+    ngx_http_ratepool_zone_t  *zone;
+
+    zone = shm_zone->data;
+    zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+
+    if (ozone) {
+        zone->sh = ozone->sh;
+
+    } else if (shm_zone->shm.exists) {
+        zone->sh = zone->shpool->data;
+
+    } else {
+        zone->sh = ngx_slab_calloc(zone->shpool,
+                                   sizeof(ngx_http_ratepool_shctx_t));
+        if (zone->sh == NULL) {
+            return NGX_ERROR;
+        }
+
+        zone->shpool->data = zone->sh;
+
+        ngx_queue_init(&zone->sh->entries);
+        zone->sh->started = ngx_time();
+
+        len = sizeof(" in ratepool zone \"\"") + shm_zone->shm.name.len;
+
+        zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
+        if (zone->shpool->log_ctx == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_sprintf(zone->shpool->log_ctx, " in ratepool zone \"%V\"%Z",
+                    &shm_zone->shm.name);
+    }
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+    rc = ngx_http_ratepool_attach(zone, shm_zone->shm.log);
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    if (rc != NGX_OK) {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "ratepool zone \"%V\" is too small for its pools and "
+                      "workspaces, make it larger", &shm_zone->shm.name);
+    }
+
+    return rc;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
+{
+    ngx_uint_t                       i, j;
+    ngx_http_ratepool_org_t         *org;
+    ngx_http_ratepool_key_t         *key;
+    ngx_http_ratepool_pool_t       **pools;
+    ngx_http_ratepool_workspace_t   *ws;
+    ngx_http_ratepool_main_conf_t   *rmcf;
+
+    rmcf = zone->conf;
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+
+        org = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            org[j].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_ORG,
+                                            &org[j].name,
+                                            sizeof(ngx_http_ratepool_org_sh_t));
+            if (org[j].sh == NULL) {
+                return NGX_ERROR;
+            }
+        }
+
+        key = pools[i]->keys->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            key[j].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_KEY,
+                                            &key[j].name,
+                                            sizeof(ngx_http_ratepool_key_sh_t));
+            if (key[j].sh == NULL) {
+                return NGX_ERROR;
+            }
+
+            /* a reload puts a refused key back to the test */
+            if (key[j].sh->dead_status) {
+                ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                              "ratepool: key \"%V\" is back in rotation",
+                              &key[j].name);
+                key[j].sh->dead_status = 0;
+            }
+
+            ngx_memcpy(key[j].sh->fingerprint, key[j].fingerprint,
+                       RATEPOOL_FINGERPRINT_LEN);
+        }
+    }
+
+    ws = rmcf->workspaces.elts;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        ws[i].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_WORKSPACE,
+                                      &ws[i].name,
+                                      sizeof(ngx_http_ratepool_workspace_sh_t));
+        if (ws[i].sh == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/* with the zone locked: an entry by kind and name, created zeroed */
+
+static void *
+ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone, ngx_uint_t kind,
+    ngx_str_t *name, size_t size)
+{
+    ngx_queue_t                *q;
+    ngx_http_ratepool_entry_t  *e;
+
+    for (q = ngx_queue_head(&zone->sh->entries);
+         q != ngx_queue_sentinel(&zone->sh->entries);
+         q = ngx_queue_next(q))
+    {
+        e = ngx_queue_data(q, ngx_http_ratepool_entry_t, queue);
+
+        if (e->kind == kind && e->name_len == name->len
+            && ngx_memcmp(e->name, name->data, name->len) == 0)
+        {
+            return e;
+        }
+    }
+
+    e = ngx_slab_calloc_locked(zone->shpool, size);
+    if (e == NULL) {
+        return NULL;
+    }
+
+    e->kind = kind;
+    e->name_len = name->len;
+    ngx_memcpy(e->name, name->data, name->len);
+
+    ngx_queue_insert_tail(&zone->sh->entries, &e->queue);
+
+    return e;
+}

@@ -1,0 +1,290 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+/* upper bounds of one rendered item, names excluded */
+#define RATEPOOL_STATUS_HEAD     512
+#define RATEPOOL_STATUS_POOL     128
+#define RATEPOOL_STATUS_ORG      1024
+#define RATEPOOL_STATUS_KEY      768
+#define RATEPOOL_STATUS_WS       256
+
+
+static size_t ngx_http_ratepool_status_size(
+    ngx_http_ratepool_main_conf_t *rmcf);
+static u_char *ngx_http_ratepool_status_pool(u_char *p,
+    ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
+static u_char *ngx_http_ratepool_status_learned(u_char *p, const char *name,
+    ngx_http_ratepool_learned_t *learned, time_t now);
+
+
+static uint64_t
+ngx_http_ratepool_remaining_ms(uint64_t until_ms, uint64_t now_ms)
+{
+    return until_ms > now_ms ? until_ms - now_ms : 0;
+}
+
+
+/*
+ * Every worker reads the same zone, so any worker answers for all.
+ * The whole document is written under one lock, into a buffer sized
+ * beforehand from the configuration, which the zone cannot outgrow.
+ */
+
+ngx_int_t
+ngx_http_ratepool_status_handler(ngx_http_request_t *r)
+{
+    u_char                              *p;
+    size_t                               size;
+    uint64_t                             now_ms, inflight;
+    ngx_int_t                            rc;
+    ngx_buf_t                           *b;
+    ngx_uint_t                           i, j;
+    ngx_chain_t                          out;
+    ngx_http_ratepool_zone_t            *zone;
+    ngx_http_ratepool_pool_t           **pools;
+    ngx_http_ratepool_key_t             *keys;
+    ngx_http_ratepool_workspace_t       *ws;
+    ngx_http_ratepool_main_conf_t       *rmcf;
+
+    if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
+        return NGX_HTTP_NOT_ALLOWED;
+    }
+
+    rc = ngx_http_discard_request_body(r);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    if (rmcf->shm_zone == NULL) {
+        return NGX_HTTP_NOT_FOUND;
+    }
+
+    zone = rmcf->shm_zone->data;
+    pools = rmcf->pools.elts;
+    ws = rmcf->workspaces.elts;
+
+    size = ngx_http_ratepool_status_size(rmcf);
+
+    b = ngx_create_temp_buf(r->pool, size);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    p = b->last;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&zone->shpool->mutex);
+
+    inflight = 0;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            inflight += keys[j].sh->inflight;
+        }
+    }
+
+    p = ngx_sprintf(p, "{\"zone\":\"%V\",\"uptime_sec\":%T,"
+                    "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
+                    "\"rejected_auth\":%uL,\"rejected_workspace\":%uL,"
+                    "\"rejected_pool\":%uL,\"rerouted\":%uL},\"pools\":[",
+                    &rmcf->shm_zone->shm.name, ngx_time() - zone->sh->started,
+                    zone->sh->requests, inflight, zone->sh->rejected_auth,
+                    zone->sh->rejected_workspace, zone->sh->rejected_pool,
+                    zone->sh->rerouted);
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        if (i) {
+            *p++ = ',';
+        }
+
+        p = ngx_http_ratepool_status_pool(p, pools[i], now_ms);
+    }
+
+    p = ngx_cpymem(p, "],\"workspaces\":[", sizeof("],\"workspaces\":[") - 1);
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_limit\":%ui,"
+                        "\"rpm_available\":%uL,\"admitted\":%uL,"
+                        "\"rejected\":%uL}",
+                        i ? "," : "", &ws[i].name, ws[i].rpm,
+                        ws[i].rpm ? ratepool_bucket_level(&ws[i].sh->rpm_bucket,
+                                                          ws[i].rpm, now_ms)
+                                  : 0,
+                        ws[i].sh->admitted, ws[i].sh->rejected);
+    }
+
+    ngx_shmtx_unlock(&zone->shpool->mutex);
+
+    p = ngx_cpymem(p, "]}\n", 3);
+
+    b->last = p;
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = NGX_HTTP_OK;
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+
+    rc = ngx_http_send_header(r);
+
+    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
+        return rc;
+    }
+
+    out.buf = b;
+    out.next = NULL;
+
+    return ngx_http_output_filter(r, &out);
+}
+
+
+static size_t
+ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf)
+{
+    size_t                           size;
+    ngx_uint_t                       i, j;
+    ngx_http_ratepool_org_t         *orgs;
+    ngx_http_ratepool_pool_t       **pools;
+
+    size = RATEPOOL_STATUS_HEAD + rmcf->shm_zone->shm.name.len
+           + rmcf->workspaces.nelts * (RATEPOOL_STATUS_WS + RATEPOOL_NAME_MAX);
+
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        size += RATEPOOL_STATUS_POOL + pools[i]->upstream->host.len;
+
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            size += RATEPOOL_STATUS_ORG + orgs[j].name.len;
+        }
+
+        size += pools[i]->keys->nelts
+                * (RATEPOOL_STATUS_KEY + 2 * RATEPOOL_NAME_MAX);
+    }
+
+    return size;
+}
+
+
+static u_char *
+ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
+    uint64_t now_ms)
+{
+    uint64_t                     limit, cooldown_ms;
+    ngx_uint_t                   j;
+    const char                  *state;
+    ngx_http_ratepool_org_t     *orgs, *org;
+    ngx_http_ratepool_key_t     *keys;
+    ngx_http_ratepool_org_sh_t  *osh;
+    ngx_http_ratepool_key_sh_t  *ksh;
+
+    static const char  *providers[] = { "anthropic", "openai" };
+
+    orgs = pool->orgs->elts;
+    keys = pool->keys->elts;
+
+    p = ngx_sprintf(p, "{\"name\":\"%V\",\"orgs\":[", &pool->upstream->host);
+
+    for (j = 0; j < pool->orgs->nelts; j++) {
+        org = &orgs[j];
+        osh = org->sh;
+        limit = osh->requests.limit ? osh->requests.limit : org->rpm;
+
+        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_configured\":%ui,"
+                        "\"itpm_configured\":%ui,\"otpm_configured\":%ui,"
+                        "\"rpm_limit\":%uL,\"rpm_available\":%uL,"
+                        "\"cooldown_ms\":%uL,\"in_flight\":%ui,\"learned\":{",
+                        j ? "," : "", &org->name, org->rpm, org->itpm,
+                        org->otpm, limit,
+                        limit ? ratepool_bucket_level(&osh->rpm_bucket, limit,
+                                                      now_ms)
+                              : 0,
+                        ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
+                                                       now_ms),
+                        osh->inflight);
+
+        p = ngx_http_ratepool_status_learned(p, "requests", &osh->requests,
+                                             ngx_time());
+        *p++ = ',';
+        p = ngx_http_ratepool_status_learned(p, "input_tokens",
+                                             &osh->input_tokens, ngx_time());
+        *p++ = ',';
+        p = ngx_http_ratepool_status_learned(p, "output_tokens",
+                                             &osh->output_tokens, ngx_time());
+        p = ngx_cpymem(p, "}}", 2);
+    }
+
+    p = ngx_cpymem(p, "],\"keys\":[", sizeof("],\"keys\":[") - 1);
+
+    for (j = 0; j < pool->keys->nelts; j++) {
+        ksh = keys[j].sh;
+        org = &orgs[keys[j].org];
+        osh = org->sh;
+        limit = osh->requests.limit ? osh->requests.limit : org->rpm;
+        cooldown_ms = ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
+                                                     now_ms);
+
+        if (ksh->dead_status) {
+            state = "dead";
+
+        } else if (cooldown_ms) {
+            state = "cooling";
+
+        } else if (limit && ratepool_bucket_wait_ms(&osh->rpm_bucket, limit,
+                                                    1, now_ms))
+        {
+            state = "limited";
+
+        } else {
+            state = "ok";
+        }
+
+        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"org\":\"%V\","
+                        "\"provider\":\"%s\",\"fingerprint\":\"%*s\","
+                        "\"state\":\"%s\",\"dead_status\":%ui,"
+                        "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
+                        "\"sent\":%uL,\"responses\":{\"2xx\":%uL,"
+                        "\"429\":%uL,\"529\":%uL,\"other\":%uL,"
+                        "\"failed\":%uL},\"learned_requests_limit\":%uL,"
+                        "\"learned_requests_remaining\":%uL}",
+                        j ? "," : "", &keys[j].name, &org->name,
+                        providers[keys[j].provider],
+                        (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
+                        state, ksh->dead_status, cooldown_ms, ksh->inflight,
+                        ksh->sent, ksh->status_2xx, ksh->status_429,
+                        ksh->status_529, ksh->status_other, ksh->failed,
+                        osh->requests.limit, osh->requests.remaining);
+    }
+
+    return ngx_cpymem(p, "]}", 2);
+}
+
+
+static u_char *
+ngx_http_ratepool_status_learned(u_char *p, const char *name,
+    ngx_http_ratepool_learned_t *learned, time_t now)
+{
+    return ngx_sprintf(p, "\"%s\":{\"limit\":%uL,\"remaining\":%uL,"
+                       "\"reset_in_sec\":%T}", name, learned->limit,
+                       learned->remaining,
+                       learned->reset > now ? learned->reset - now : 0);
+}

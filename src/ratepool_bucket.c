@@ -1,0 +1,160 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include "ratepool_bucket.h"
+
+
+/* a full bucket refills in one minute; longer idle time adds nothing */
+#define RATEPOOL_BUCKET_PERIOD_MS  60000
+
+
+void
+ratepool_bucket_init(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
+{
+    b->level = (int64_t) (limit * RATEPOOL_MILLI);
+    b->last_ms = now_ms;
+}
+
+
+void
+ratepool_bucket_refill(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
+{
+    int64_t   capacity, added;
+    uint64_t  elapsed_ms;
+
+    if (now_ms <= b->last_ms) {
+        return;
+    }
+
+    elapsed_ms = now_ms - b->last_ms;
+    b->last_ms = now_ms;
+
+    capacity = (int64_t) (limit * RATEPOOL_MILLI);
+
+    if (b->level >= capacity) {
+        /* a lowered limit shrinks the bucket at once */
+        b->level = capacity;
+        return;
+    }
+
+    /*
+     * Debt (a negative level) may take longer than one period to repay,
+     * so the elapsed time is capped only by what fills a bucket from
+     * its lowest possible point; the product stays far below 2^63.
+     */
+
+    if (elapsed_ms > 100 * RATEPOOL_BUCKET_PERIOD_MS) {
+        elapsed_ms = 100 * RATEPOOL_BUCKET_PERIOD_MS;
+    }
+
+    /* milli-units: limit * 1000 per 60000 ms */
+    added = (int64_t) (elapsed_ms * limit / (RATEPOOL_BUCKET_PERIOD_MS
+                                             / RATEPOOL_MILLI));
+
+    b->level += added;
+
+    if (b->level > capacity) {
+        b->level = capacity;
+    }
+}
+
+
+uint64_t
+ratepool_bucket_wait_ms(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
+    uint64_t now_ms)
+{
+    int64_t  need;
+
+    if (limit == 0) {
+        return 0;
+    }
+
+    ratepool_bucket_refill(b, limit, now_ms);
+
+    need = (int64_t) (units * RATEPOOL_MILLI) - b->level;
+
+    if (need <= 0) {
+        return 0;
+    }
+
+    /* round up: the units are there only once the whole need has refilled */
+    return ((uint64_t) need * (RATEPOOL_BUCKET_PERIOD_MS / RATEPOOL_MILLI)
+            + limit - 1) / limit;
+}
+
+
+int
+ratepool_bucket_take(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
+    uint64_t now_ms, uint64_t *wait_ms)
+{
+    uint64_t  wait;
+
+    *wait_ms = 0;
+
+    if (limit == 0) {
+        return RATEPOOL_BUCKET_OK;
+    }
+
+    if (units > limit) {
+        return RATEPOOL_BUCKET_NEVER;
+    }
+
+    wait = ratepool_bucket_wait_ms(b, limit, units, now_ms);
+
+    if (wait > 0) {
+        *wait_ms = wait;
+        return RATEPOOL_BUCKET_WAIT;
+    }
+
+    b->level -= (int64_t) (units * RATEPOOL_MILLI);
+
+    return RATEPOOL_BUCKET_OK;
+}
+
+
+void
+ratepool_bucket_put(ratepool_bucket_t *b, uint64_t limit, uint64_t units)
+{
+    int64_t  capacity;
+
+    capacity = (int64_t) (limit * RATEPOOL_MILLI);
+
+    b->level += (int64_t) (units * RATEPOOL_MILLI);
+
+    if (b->level > capacity) {
+        b->level = capacity;
+    }
+}
+
+
+/*
+ * The provider told us how much is left; it knows better than we do
+ * when it has less, so the level only ever moves down to meet it.
+ */
+
+void
+ratepool_bucket_clamp(ratepool_bucket_t *b, uint64_t limit,
+    uint64_t remaining_units, uint64_t now_ms)
+{
+    int64_t  remaining;
+
+    ratepool_bucket_refill(b, limit, now_ms);
+
+    remaining = (int64_t) (remaining_units * RATEPOOL_MILLI);
+
+    if (remaining < b->level) {
+        b->level = remaining;
+    }
+}
+
+
+uint64_t
+ratepool_bucket_level(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
+{
+    ratepool_bucket_refill(b, limit, now_ms);
+
+    return b->level > 0 ? (uint64_t) b->level / RATEPOOL_MILLI : 0;
+}

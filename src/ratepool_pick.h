@@ -1,0 +1,41 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _RATEPOOL_PICK_H_INCLUDED_
+#define _RATEPOOL_PICK_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+
+
+/* what the chooser needs to know of one key, gathered under the zone lock */
+
+typedef struct {
+    unsigned   usable:1;            /* not dead, not yet tried by this request */
+    uint64_t   free_at_ms;          /* cooldown end or bucket refill, if later */
+    uint32_t   headroom_permille;   /* org bucket level / capacity; 1000 if
+                                       the limit is unknown */
+    uint32_t   org_inflight;
+    uint32_t   key_inflight;
+    uint64_t   last_pick_ms;
+} ratepool_candidate_t;
+
+
+/* headroom is compared in coarse steps so that load spreading decides ties */
+#define RATEPOOL_HEADROOM_STEPS  16
+
+
+long ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
+    uint64_t *soonest_ms);
+
+uint64_t ratepool_cooldown_until(uint64_t current_until_ms, uint64_t now_ms,
+    uint64_t floor_ms, uint32_t rnd);
+uint64_t ratepool_backoff_ms(unsigned level);
+unsigned ratepool_retry_after_sec(uint64_t wait_ms, uint32_t rnd);
+
+
+#endif /* _RATEPOOL_PICK_H_INCLUDED_ */

@@ -1,0 +1,1007 @@
+#!/usr/bin/env perl
+
+# mock_provider.pl: a scriptable stand-in for the Anthropic Messages API.
+#
+#   perl t/lib/mock_provider.pl --port N [--listen 127.0.0.1]
+#        [--config FILE.json] [--log FILE.jsonl] [--stream-delay-ms 50]
+#
+# One process, one IO::Select loop with timers: many concurrent keep-alive
+# HTTP/1.1 connections, delayed answers and slowly streamed SSE bodies, and
+# no connection can block another.
+#
+# Config (file, or POST /_mock/config), every field optional:
+#   {"keys": {"sk-ant-mock-a1": {"org": "org-a", "name": "a1"}},
+#    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000}},
+#    "latency_ms": 0, "stream_delay_ms": 50}
+#
+# Steering, per request (headers the gateway forwards unchanged):
+#   x-mock-delay-ms, x-mock-stream-delay-ms, x-mock-status, x-mock-retry-after,
+#   x-mock-usage (JSON object overriding usage fields)
+# Steering, per key (POST /_mock/script), one action consumed per request:
+#   {"key": K, "sticky": false, "actions": [{"status": 429, "retry_after": "7",
+#    "headers": {...}, "delay_ms": N, "body": STRING_OR_OBJECT,
+#    "usage": {...}, "stream_error": "overloaded_error"}, ...]}
+# Control: POST /_mock/reset, POST /_mock/config, GET /_mock/config,
+#   GET /_mock/log, GET|HEAD /_mock/health.
+
+use strict;
+use warnings;
+
+use Digest::SHA qw(sha256_hex);
+use Encode ();
+use Errno qw(EAGAIN EINTR EWOULDBLOCK);
+use Getopt::Long qw(GetOptions);
+use IO::Select;
+use IO::Socket::INET;
+use JSON::PP;
+use List::Util qw(max min);
+use POSIX qw(ceil floor strftime);
+use Scalar::Util qw(looks_like_number);
+use Socket qw(IPPROTO_TCP TCP_NODELAY);
+use Time::HiRes qw(time);
+
+my %opt = (listen => '127.0.0.1', 'stream-delay-ms' => 50);
+GetOptions(\%opt, 'port=i', 'listen=s', 'config=s', 'log=s',
+    'stream-delay-ms=i')
+    or die "usage: $0 --port N [--listen ADDR] [--config FILE] [--log FILE]"
+    . " [--stream-delay-ms MS]\n";
+die "$0: --port is required\n" unless defined $opt{port};
+
+# JSON with "type" first and the other keys sorted, like the real API's
+# event objects and stable for tests.
+my $JSON = JSON::PP->new->utf8->allow_nonref->sort_by(sub {
+    ($JSON::PP::a ne 'type') <=> ($JSON::PP::b ne 'type')
+        or $JSON::PP::a cmp $JSON::PP::b
+});
+
+my %ERROR_TYPE = (
+    400 => 'invalid_request_error', 401 => 'authentication_error',
+    402 => 'billing_error',         403 => 'permission_error',
+    404 => 'not_found_error',       405 => 'invalid_request_error',
+    409 => 'conflict_error',        413 => 'request_too_large',
+    429 => 'rate_limit_error',      500 => 'api_error',
+    504 => 'timeout_error',         529 => 'overloaded_error',
+);
+
+my %ERROR_MESSAGE = (
+    400 => 'Invalid request',
+    401 => 'invalid x-api-key',
+    402 => 'Your credit balance is too low to access the Anthropic API.',
+    403 => 'Your API key does not have permission to use the specified'
+         . ' resource.',
+    404 => 'Not found',
+    409 => 'Conflict',
+    413 => 'Request exceeds the maximum allowed number of bytes.',
+    429 => 'Number of requests has exceeded your rate limit.',
+    500 => 'Internal server error',
+    504 => 'Request timed out',
+    529 => 'Overloaded',
+);
+
+my %REASON = (
+    200 => 'OK', 400 => 'Bad Request', 401 => 'Unauthorized',
+    402 => 'Payment Required', 403 => 'Forbidden', 404 => 'Not Found',
+    405 => 'Method Not Allowed', 409 => 'Conflict',
+    413 => 'Payload Too Large', 429 => 'Too Many Requests',
+    500 => 'Internal Server Error', 502 => 'Bad Gateway',
+    503 => 'Service Unavailable', 504 => 'Gateway Timeout', 529 => 'Overloaded',
+);
+
+my $RATE_LIMIT_DOCS = 'For details, refer to: https://docs.claude.com/en/api/'
+    . 'rate-limits. You can see the response headers for current usage. Please'
+    . ' reduce the prompt length or the maximum tokens requested, or try again'
+    . ' later. You may also contact sales at https://www.anthropic.com/'
+    . 'contact-sales to discuss your options for a rate limit increase.';
+
+my $config = normalize_config({});
+my %bucket;     # org => { tokens => requests available, at => epoch s }
+my %script;     # credential => { actions => [...], sticky => bool }
+my @log;        # request records, see log_request()
+my @timers;     # [ due epoch s, sequence, code ]
+my $timer_seq = 0;
+my %conns;      # "$fh" => connection, see accept_clients()
+my $conn_seq = 0;
+my $running = 1;
+my $log_fh;
+
+if (defined $opt{config}) {
+    open my $fh, '<', $opt{config} or die "$0: $opt{config}: $!\n";
+    $config = normalize_config($JSON->decode(do { local $/; <$fh> }));
+}
+
+if (defined $opt{log}) {
+    open $log_fh, '>>', $opt{log} or die "$0: $opt{log}: $!\n";
+    $log_fh->autoflush(1);
+}
+
+my $server = IO::Socket::INET->new(
+    LocalAddr => $opt{listen},
+    LocalPort => $opt{port},
+    Proto     => 'tcp',
+    Listen    => 128,
+    ReuseAddr => 1,
+) or die "$0: cannot listen on $opt{listen}:$opt{port}: $@\n";
+$server->blocking(0);
+
+my $readers = IO::Select->new($server);
+
+$SIG{PIPE} = 'IGNORE';
+$SIG{TERM} = $SIG{INT} = sub { $running = 0 };
+
+STDERR->autoflush(1);
+print STDERR "mock provider listening on $opt{listen}:",
+    $server->sockport, "\n";
+
+while ($running) {
+    my @writing = map { $_->{fh} } grep { length $_->{wbuf} } values %conns;
+    my ($readable, $writable) = IO::Select->select($readers,
+        @writing ? IO::Select->new(@writing) : undef, undef, select_timeout());
+
+    for my $fh (@{ $writable || [] }) {
+        my $c = $conns{$fh} or next;
+        guarded($c, 'write', sub { flush($c) });
+    }
+
+    for my $fh (@{ $readable || [] }) {
+        if ($fh == $server) {
+            guarded(undef, 'accept', \&accept_clients);
+            next;
+        }
+        my $c = $conns{$fh} or next;
+        guarded($c, 'read', sub { on_readable($c) });
+    }
+
+    run_due_timers();
+}
+
+close_conn($_) for values %conns;
+close $server;
+exit 0;
+
+# --- event loop plumbing -------------------------------------------------
+
+sub guarded {
+    my ($c, $what, $code) = @_;
+
+    return if eval { $code->(); 1 };
+
+    warn "mock provider: $what failed: $@";
+    close_conn($c) if $c;
+}
+
+sub later {
+    my ($ms, $code) = @_;
+
+    return $code->() unless looks_like_number($ms) && $ms > 0;
+    push @timers, [ time + $ms / 1000, ++$timer_seq, $code ];
+}
+
+sub select_timeout {
+    return 1 unless @timers;
+    my $next = min(map { $_->[0] } @timers);
+    return max(0, min(1, $next - time));
+}
+
+sub run_due_timers {
+    my $now = time;
+    my @due = sort { $a->[0] <=> $b->[0] || $a->[1] <=> $b->[1] }
+              grep { $_->[0] <= $now } @timers;
+    return unless @due;
+
+    @timers = grep { $_->[0] > $now } @timers;
+    guarded(undef, 'timer', $_->[2]) for @due;
+}
+
+sub accept_clients {
+    while (my $fh = $server->accept) {
+        $fh->blocking(0);
+        setsockopt($fh, IPPROTO_TCP, TCP_NODELAY, 1);
+        $conns{$fh} = {
+            fh => $fh, id => ++$conn_seq, rbuf => '', wbuf => '',
+            busy => 0, close_after => 0, closed => 0,
+        };
+        $readers->add($fh);
+    }
+}
+
+sub on_readable {
+    my ($c) = @_;
+
+    my $n = sysread($c->{fh}, my $buf, 65536);
+
+    if (!defined $n) {
+        return if $! == EAGAIN || $! == EWOULDBLOCK || $! == EINTR;
+        return close_conn($c);
+    }
+
+    if ($n == 0) {
+        # the peer is done sending: answer what is buffered, then close
+        $readers->remove($c->{fh});
+        $c->{eof} = 1;
+        return process($c);
+    }
+
+    $c->{rbuf} .= $buf;
+    process($c);
+}
+
+sub queue_write {
+    my ($c, $bytes) = @_;
+
+    return if $c->{closed};
+    $c->{wbuf} .= $bytes;
+    flush($c);
+}
+
+sub flush {
+    my ($c) = @_;
+
+    while (length $c->{wbuf}) {
+        my $n = syswrite($c->{fh}, $c->{wbuf});
+        if (!defined $n) {
+            return if $! == EAGAIN || $! == EWOULDBLOCK || $! == EINTR;
+            return close_conn($c);
+        }
+        substr($c->{wbuf}, 0, $n, '');
+    }
+
+    close_conn($c) if $c->{close_after} && !$c->{busy};
+}
+
+# The current response is complete: go on with the next request, if any.
+sub finish {
+    my ($c) = @_;
+
+    $c->{busy} = 0;
+
+    if ($c->{close_after}) {
+        close_conn($c) unless length $c->{wbuf};
+        return;
+    }
+
+    process($c);
+}
+
+sub close_conn {
+    my ($c) = @_;
+
+    return if $c->{closed};
+    $c->{closed} = 1;
+    $readers->remove($c->{fh});
+    delete $conns{ $c->{fh} };
+    close $c->{fh};
+}
+
+# --- HTTP parsing --------------------------------------------------------
+
+sub process {
+    my ($c) = @_;
+
+    while (!$c->{busy} && !$c->{closed} && !$c->{close_after}) {
+        my $req = parse_request($c) or last;
+        $req->{conn} = $c->{id};
+        $c->{busy} = 1;
+
+        if ($req->{bad}) {
+            $req->{close} = 1;
+            reply($c, $req, error_res($req, 400, 'invalid_request_error',
+                                      $req->{bad}));
+            next;
+        }
+
+        dispatch($c, $req);
+    }
+
+    if ($c->{eof} && !$c->{busy} && !$c->{closed}) {
+        $c->{close_after} = 1;
+        close_conn($c) unless length $c->{wbuf};
+    }
+}
+
+# Takes one complete request off the connection's read buffer; returns
+# undef while more bytes are needed.
+sub parse_request {
+    my ($c) = @_;
+    my $buf = \$c->{rbuf};
+
+    $$buf =~ s/\A(?:\r?\n)+//;
+
+    unless ($$buf =~ /\A(.*?)\r?\n\r?\n/s) {
+        return length $$buf > 65536 ? bad_request('header too large') : undef;
+    }
+    my ($head, $head_len) = ($1, $+[0]);
+
+    my ($line, @lines) = split /\r?\n/, $head;
+    my ($method, $target, $version) =
+        $line =~ m{^([A-Z]+)\s+(\S+)(?:\s+HTTP/(\d\.\d))?\s*$}
+        or return bad_request('malformed request line');
+
+    my (%headers, @order);
+    for (@lines) {
+        my ($name, $value) = /^([^:\s]+)\s*:\s*(.*?)\s*$/ or next;
+        $name = lc $name;
+        push @order, $name unless exists $headers{$name};
+        $headers{$name} = exists $headers{$name}
+                        ? "$headers{$name}, $value" : $value;
+    }
+
+    my ($body, $consumed) = ('', $head_len);
+
+    if (($headers{'transfer-encoding'} // '') =~ /chunked/i) {
+        my $pos = $head_len;
+        while (1) {
+            pos($$buf) = $pos;
+            $$buf =~ /\G([0-9a-fA-F]+)[^\r\n]*\r\n/gc or return undef;
+            my $size = hex $1;
+            $pos = pos($$buf);
+            if ($size == 0) {
+                # trailer section, ended by an empty line
+                pos($$buf) = $pos;
+                $$buf =~ /\G(?:[^\r\n]+\r\n)*\r\n/gc or return undef;
+                $consumed = pos($$buf);
+                last;
+            }
+            return undef if length($$buf) < $pos + $size + 2;
+            $body .= substr($$buf, $pos, $size);
+            $pos += $size + 2;
+        }
+
+    } elsif (defined(my $len = $headers{'content-length'})) {
+        return bad_request('invalid content-length') unless $len =~ /^\d+$/;
+        return undef if length($$buf) < $head_len + $len;
+        $body = substr($$buf, $head_len, $len);
+        $consumed = $head_len + $len;
+    }
+
+    substr($$buf, 0, $consumed, '');
+
+    my $http10 = !defined $version || $version eq '1.0';
+    my $conn = lc($headers{connection} // '');
+
+    return {
+        method  => $method,
+        target  => $target,
+        path    => (split /\?/, $target, 2)[0],
+        headers => \%headers,
+        body    => $body,
+        http10  => $http10,
+        close   => $conn =~ /close/
+                   || ($http10 && $conn !~ /keep-alive/) ? 1 : 0,
+        t_ms    => time * 1000,
+        rid     => 'req_' . random_id(24),
+    };
+}
+
+sub bad_request {
+    my ($why) = @_;
+    return { bad => $why, method => 'GET', rid => 'req_' . random_id(24) };
+}
+
+# --- responses ------------------------------------------------------------
+
+sub reply {
+    my ($c, $req, $res) = @_;
+
+    my @headers = (['request-id', $req->{rid}], @{ $res->{headers} || [] });
+
+    if ($req->{close} || ($res->{stream} && $req->{http10})) {
+        push @headers, ['connection', 'close'];
+        $c->{close_after} = 1;
+    } elsif ($req->{http10}) {
+        push @headers, ['connection', 'keep-alive'];
+    }
+
+    later($res->{delay_ms}, sub {
+        return if $c->{closed};
+        return start_stream($c, $req, $res, \@headers) if $res->{stream};
+
+        my $body = $res->{body} // '';
+        push @headers, ['content-length', length $body];
+        queue_write($c, status_line($res->{status}, \@headers)
+                        . ($req->{method} eq 'HEAD' ? '' : $body));
+        finish($c);
+    });
+}
+
+# Writes the head, then one HTTP chunk per piece with a pause between
+# pieces; an HTTP/1.0 peer gets the bare bytes, ended by closing.
+sub start_stream {
+    my ($c, $req, $res, $headers) = @_;
+
+    my $chunked = !$req->{http10};
+    push @$headers, ['transfer-encoding', 'chunked'] if $chunked;
+    queue_write($c, status_line($res->{status}, $headers));
+
+    my @pieces = @{ $res->{stream} };
+    my $send_next;
+    $send_next = sub {
+        if ($c->{closed}) {
+            undef $send_next;
+            return;
+        }
+
+        my $piece = shift @pieces;
+        my $out = $chunked ? sprintf("%x\r\n%s\r\n", length $piece, $piece)
+                           : $piece;
+        $out .= "0\r\n\r\n" if $chunked && !@pieces;
+        queue_write($c, $out);
+
+        if (@pieces) {
+            later($res->{piece_delay_ms}, $send_next);
+        } else {
+            undef $send_next;
+            finish($c);
+        }
+    };
+
+    $send_next->();
+}
+
+sub status_line {
+    my ($status, $headers) = @_;
+
+    return "HTTP/1.1 $status " . ($REASON{$status} // 'Status') . "\r\n"
+        . join('', map { "$_->[0]: $_->[1]\r\n" } @$headers) . "\r\n";
+}
+
+sub json_res {
+    my ($status, $data, @headers) = @_;
+
+    return {
+        status  => $status,
+        headers => [ ['content-type', 'application/json'], @headers ],
+        body    => $JSON->encode($data),
+    };
+}
+
+sub error_res {
+    my ($req, $status, $type, $message, @headers) = @_;
+
+    return json_res($status, {
+        type       => 'error',
+        error      => { type => $type, message => $message },
+        request_id => $req->{rid},
+    }, @headers);
+}
+
+# --- routing -------------------------------------------------------------
+
+sub dispatch {
+    my ($c, $req) = @_;
+    my $path = $req->{path};
+
+    if ($path =~ m{^/_mock/}) {
+        return reply($c, $req, control($req));
+    }
+
+    if ($path =~ m{^/v1/}) {
+        my $res = provider($req);
+        $res->{delay_ms} //= $config->{latency_ms};
+        return reply($c, $req, $res);
+    }
+
+    reply($c, $req, error_res($req, 404, 'not_found_error', 'Not found'));
+}
+
+sub control {
+    my ($req) = @_;
+    my ($method, $path) = @$req{qw(method path)};
+
+    if ($path eq '/_mock/health' && $method =~ /^(?:GET|HEAD)$/) {
+        return { status => 200, body => 'ok',
+                 headers => [['content-type', 'text/plain']] };
+    }
+
+    if ($path eq '/_mock/log' && $method eq 'GET') {
+        return json_res(200, \@log);
+    }
+
+    if ($path eq '/_mock/config' && $method eq 'GET') {
+        return json_res(200, $config);
+    }
+
+    if ($method ne 'POST') {
+        return error_res($req, 404, 'not_found_error', 'Not found');
+    }
+
+    my $data = length $req->{body}
+             ? eval { $JSON->decode($req->{body}) } : {};
+    if (ref $data ne 'HASH') {
+        return error_res($req, 400, 'invalid_request_error',
+                         'control body must be a JSON object');
+    }
+
+    if ($path eq '/_mock/reset') {
+        %script = ();
+        %bucket = ();
+        @log = ();
+        return json_res(200, { ok => JSON::PP::true });
+    }
+
+    if ($path eq '/_mock/config') {
+        my $new = eval { normalize_config($data) }
+            or return error_res($req, 400, 'invalid_request_error', "$@");
+        $config = $new;
+        %bucket = ();
+        return json_res(200, { ok => JSON::PP::true });
+    }
+
+    if ($path eq '/_mock/script') {
+        my ($key, $actions) = @$data{qw(key actions)};
+        if (!defined $key || ref $actions ne 'ARRAY'
+            || grep { ref $_ ne 'HASH' } @$actions)
+        {
+            return error_res($req, 400, 'invalid_request_error',
+                             'expected {"key": ..., "actions": [{...}]}');
+        }
+        $script{$key} = { actions => [@$actions], sticky => $data->{sticky} };
+        return json_res(200, { ok => JSON::PP::true,
+                               queued => scalar @$actions });
+    }
+
+    return error_res($req, 404, 'not_found_error', 'Not found');
+}
+
+sub normalize_config {
+    my ($cfg) = @_;
+
+    die "config must be a JSON object\n" unless ref $cfg eq 'HASH';
+    for my $field (qw(keys orgs)) {
+        $cfg->{$field} //= {};
+        die "config: \"$field\" must be an object\n"
+            unless ref $cfg->{$field} eq 'HASH';
+    }
+    $cfg->{latency_ms} //= 0;
+
+    return $cfg;
+}
+
+# Everything under /v1/: authenticate, log, then answer from the key's
+# script, a forced status, the org's RPM bucket, or normally, in that order.
+sub provider {
+    my ($req) = @_;
+    my $h = $req->{headers};
+
+    my $credential = $h->{'x-api-key'};
+    if (!defined $credential
+        && ($h->{authorization} // '') =~ /^Bearer\s+(\S+)/i)
+    {
+        $credential = $1;
+    }
+    undef $credential if defined $credential && $credential eq '';
+
+    my ($key_name, $org);
+    my $keys = $config->{keys};
+    if (%$keys) {
+        if (defined $credential && ref $keys->{$credential} eq 'HASH') {
+            $key_name = $keys->{$credential}{name};
+            $org = $keys->{$credential}{org} // fingerprint($credential);
+        }
+    } elsif (defined $credential) {
+        $org = fingerprint($credential);
+    }
+
+    my $ctx = { req => $req, credential => $credential,
+                key_name => $key_name, org => $org, now => time };
+
+    my $res = answer($ctx);
+    $res->{delay_ms} //= $h->{'x-mock-delay-ms'};
+
+    if (defined $org) {
+        unshift @{ $res->{headers} }, ['anthropic-organization-id', $org],
+                                      limit_headers($org, $ctx->{now});
+    }
+
+    log_request($ctx, $res->{status});
+
+    return $res;
+}
+
+sub answer {
+    my ($ctx) = @_;
+    my $req = $ctx->{req};
+    my $h = $req->{headers};
+
+    if (!defined $ctx->{org}) {
+        return error_res($req, 401, 'authentication_error',
+                         $ERROR_MESSAGE{401});
+    }
+
+    my $action = next_action($ctx->{credential});
+
+    if ($action && ($action->{status} // 200) != 200) {
+        return scripted_error($ctx, $action);
+    }
+
+    if (!$action && defined $h->{'x-mock-status'}
+        && $h->{'x-mock-status'} =~ /^\d{3}$/ && $h->{'x-mock-status'} != 200)
+    {
+        return scripted_error($ctx, {
+            status      => $h->{'x-mock-status'},
+            retry_after => $h->{'x-mock-retry-after'},
+        });
+    }
+
+    my ($method, $path) = @$req{qw(method path)};
+
+    if ($path eq '/v1/models') {
+        return error_res($req, 405, 'invalid_request_error',
+                         'Method not allowed') unless $method eq 'GET';
+        return with_action(json_res(200, models()), $action);
+    }
+
+    if ($path eq '/v1/messages/count_tokens') {
+        return error_res($req, 405, 'invalid_request_error',
+                         'Method not allowed') unless $method eq 'POST';
+        return with_action(json_res(200,
+            { input_tokens => estimate_input_tokens($req->{body}) }),
+            $action);
+    }
+
+    if ($path ne '/v1/messages') {
+        return error_res($req, 404, 'not_found_error', 'Not found');
+    }
+
+    return error_res($req, 405, 'invalid_request_error', 'Method not allowed')
+        unless $method eq 'POST';
+
+    my $payload = eval { $JSON->decode($req->{body}) };
+    if (ref $payload ne 'HASH') {
+        return error_res($req, 400, 'invalid_request_error',
+                         'request body must be a JSON object');
+    }
+
+    # scripted answers bypass the bucket; everything else draws from it
+    if (!$action && !take_request($ctx->{org}, $ctx->{now})) {
+        my $rpm = $config->{orgs}{ $ctx->{org} }{rpm};
+        return error_res($req, 429, 'rate_limit_error',
+                         rate_limit_message($ctx->{org}, $rpm),
+                         ['retry-after', retry_after_s($ctx->{org})]);
+    }
+
+    return with_action(message_res($ctx, $payload, $action || {}), $action);
+}
+
+# Adds a scripted action's delay and extra headers to a normal answer.
+sub with_action {
+    my ($res, $action) = @_;
+
+    return $res unless $action;
+    $res->{delay_ms} = $action->{delay_ms};
+    push @{ $res->{headers} }, extra_headers($action);
+
+    return $res;
+}
+
+sub extra_headers {
+    my ($action) = @_;
+    my $extra = $action->{headers};
+
+    return () unless ref $extra eq 'HASH';
+    return map { [ $_, $extra->{$_} ] } sort keys %$extra;
+}
+
+sub next_action {
+    my ($credential) = @_;
+
+    return undef unless defined $credential;
+    my $s = $script{$credential} or return undef;
+    my $actions = $s->{actions};
+
+    return undef unless @$actions;
+    return $actions->[0] if @$actions == 1 && $s->{sticky};
+    return shift @$actions;
+}
+
+sub scripted_error {
+    my ($ctx, $action) = @_;
+    my $req = $ctx->{req};
+    my $status = $action->{status};
+    my @headers;
+
+    if (defined $action->{retry_after} && length $action->{retry_after}) {
+        push @headers, ['retry-after', $action->{retry_after}];
+    }
+    push @headers, extra_headers($action);
+
+    my $res;
+    if (defined $action->{body}) {
+        my $body = ref $action->{body} ? $JSON->encode($action->{body})
+                                       : $action->{body};
+        $res = { status => $status, body => $body,
+                 headers => [['content-type', 'application/json'], @headers] };
+    } else {
+        my $type = $ERROR_TYPE{$status}
+                // ($status >= 500 ? 'api_error' : 'invalid_request_error');
+        my $message = $status == 429
+            ? rate_limit_message($ctx->{org},
+                                 $config->{orgs}{ $ctx->{org} }{rpm})
+            : $ERROR_MESSAGE{$status} // $type;
+        $res = error_res($req, $status, $type, $message, @headers);
+    }
+
+    $res->{delay_ms} = $action->{delay_ms};
+    return $res;
+}
+
+sub rate_limit_message {
+    my ($org, $rpm) = @_;
+
+    return "This request would exceed your organization's rate limit. "
+        . $RATE_LIMIT_DOCS unless $rpm;
+
+    return "This request would exceed the rate limit for your organization"
+        . " ($org) of " . commify($rpm) . " requests per minute. "
+        . $RATE_LIMIT_DOCS;
+}
+
+# --- the Messages API proper ----------------------------------------------
+
+sub message_res {
+    my ($ctx, $payload, $action) = @_;
+    my $req = $ctx->{req};
+
+    my $model = $payload->{model} // 'claude-sonnet-4-6';
+    my $max_tokens = looks_like_number($payload->{max_tokens})
+                   ? $payload->{max_tokens} : 15;
+    my %usage = (
+        input_tokens                => estimate_input_tokens($req->{body}),
+        cache_creation_input_tokens => 0,
+        cache_read_input_tokens     => 0,
+        output_tokens               => min($max_tokens, 15),
+    );
+
+    # copied, not aliased: a foreach over hash elements would create them
+    my @overrides = ($req->{headers}{'x-mock-usage'}, $action->{usage});
+    for my $override (grep { defined } @overrides) {
+        my $u = ref $override ? $override : eval { $JSON->decode($override) };
+        @usage{ keys %$u } = values %$u if ref $u eq 'HASH';
+    }
+
+    my $text = 'Hello from ' . ($ctx->{key_name} // $ctx->{org});
+    my $id = 'msg_' . random_id(24);
+
+    if (!$payload->{stream}) {
+        return json_res(200, {
+            id            => $id,
+            type          => 'message',
+            role          => 'assistant',
+            model         => $model,
+            content       => [ { type => 'text', text => $text } ],
+            stop_reason   => 'end_turn',
+            stop_sequence => undef,
+            usage         => \%usage,
+        });
+    }
+
+    my $sse = sse_body($id, $model, $text, \%usage, $action->{stream_error});
+    my $delay = $req->{headers}{'x-mock-stream-delay-ms'}
+             // $action->{stream_delay_ms}
+             // $config->{stream_delay_ms}
+             // $opt{'stream-delay-ms'};
+
+    return {
+        status  => 200,
+        headers => [ ['content-type', 'text/event-stream'],
+                     ['cache-control', 'no-cache'] ],
+        stream  => [ awkward_pieces($sse) ],
+        piece_delay_ms => $delay,
+    };
+}
+
+# The documented event sequence; with $error the stream breaks off after
+# the first delta with an "error" event and no message_stop.
+sub sse_body {
+    my ($id, $model, $text, $usage, $error) = @_;
+    my @events;
+
+    push @events, [message_start => {
+        type    => 'message_start',
+        message => {
+            id => $id, type => 'message', role => 'assistant',
+            content => [], model => $model,
+            stop_reason => undef, stop_sequence => undef,
+            usage => { %$usage, output_tokens => 1 },
+        },
+    }];
+    push @events, [content_block_start => {
+        type => 'content_block_start', index => 0,
+        content_block => { type => 'text', text => '' },
+    }];
+    push @events, [ping => { type => 'ping' }];
+
+    for my $word ($text =~ /(\S+\s*)/g) {
+        push @events, [content_block_delta => {
+            type => 'content_block_delta', index => 0,
+            delta => { type => 'text_delta', text => $word },
+        }];
+        last if $error;
+    }
+
+    if ($error) {
+        push @events, [error => {
+            type  => 'error',
+            error => { type => $error, message => $error eq 'overloaded_error'
+                                                  ? 'Overloaded' : $error },
+        }];
+    } else {
+        push @events,
+            [content_block_stop => { type => 'content_block_stop',
+                                     index => 0 }],
+            [message_delta => {
+                type  => 'message_delta',
+                delta => { stop_reason => 'end_turn', stop_sequence => undef },
+                usage => $usage,
+            }],
+            [message_stop => { type => 'message_stop' }];
+    }
+
+    return join '', map { "event: $_->[0]\ndata: " . $JSON->encode($_->[1])
+                          . "\n\n" } @events;
+}
+
+# Splits an SSE body where a careless parser would trip: mid-line, inside
+# JSON, inside the first and the last token count, and between an event
+# line and its data line.
+sub awkward_pieces {
+    my ($bytes) = @_;
+    my %cut;
+
+    my @numbers;
+    while ($bytes =~ /"(?:input|output)_tokens":\d(?=\d)/g) {
+        push @numbers, pos($bytes);
+    }
+    $cut{ $numbers[0] } = $cut{ $numbers[-1] } = 1 if @numbers;
+
+    $cut{ $+[0] } = 1 if $bytes =~ /event: message_stop\n/;
+
+    my @strides = (131, 257, 17, 199);
+    for (my ($at, $i) = (23, 0); $at < length $bytes; $i++) {
+        $cut{$at} = 1;
+        $at += $strides[ $i % @strides ];
+    }
+
+    my @cuts = grep { $_ > 0 && $_ < length $bytes } sort { $a <=> $b }
+               keys %cut;
+    my ($from, @pieces) = (0);
+    for my $to (@cuts, length $bytes) {
+        push @pieces, substr($bytes, $from, $to - $from);
+        $from = $to;
+    }
+
+    return @pieces;
+}
+
+sub models {
+    my @ids = qw(claude-opus-4-8 claude-sonnet-4-6 claude-haiku-4-5);
+
+    return {
+        data => [ map { { type => 'model', id => $_, display_name => $_,
+                          created_at => '2026-01-01T00:00:00Z' } } @ids ],
+        first_id => $ids[0], last_id => $ids[-1],
+        has_more => JSON::PP::false,
+    };
+}
+
+sub estimate_input_tokens {
+    my ($body) = @_;
+    return max(1, int(length($body) / 4));
+}
+
+# --- per-org request bucket ------------------------------------------------
+
+# A continuously refilling bucket: capacity rpm requests, refill rpm/60
+# requests per second.  Returns undef for orgs without an rpm limit.
+sub refill {
+    my ($org, $now) = @_;
+
+    my $rpm = $config->{orgs}{$org}{rpm} or return undef;
+    my $b = $bucket{$org} //= { tokens => $rpm, at => $now };
+
+    $b->{tokens} = min($rpm, $b->{tokens} + ($now - $b->{at}) * $rpm / 60);
+    $b->{at} = $now;
+
+    return $b;
+}
+
+sub take_request {
+    my ($org, $now) = @_;
+
+    my $b = refill($org, $now) or return 1;
+    return 0 if $b->{tokens} < 1;
+
+    $b->{tokens} -= 1;
+    return 1;
+}
+
+sub retry_after_s {
+    my ($org) = @_;
+
+    my $rpm = $config->{orgs}{$org}{rpm};
+    my $missing = 1 - $bucket{$org}{tokens};
+
+    return max(1, ceil($missing * 60 / $rpm));
+}
+
+sub limit_headers {
+    my ($org, $now) = @_;
+    my $limits = $config->{orgs}{$org} or return ();
+    my @headers;
+
+    if (my $b = refill($org, $now)) {
+        my $rpm = $limits->{rpm};
+        my $full_at = $now + ($rpm - $b->{tokens}) * 60 / $rpm;
+        push @headers,
+            ['anthropic-ratelimit-requests-limit', $rpm],
+            ['anthropic-ratelimit-requests-remaining', floor($b->{tokens})],
+            ['anthropic-ratelimit-requests-reset', rfc3339($full_at)];
+    }
+
+    # token limits are reported, not enforced: always full
+    for (['input-tokens', 'itpm'], ['output-tokens', 'otpm']) {
+        my ($name, $field) = @$_;
+        my $limit = $limits->{$field} or next;
+        push @headers,
+            ["anthropic-ratelimit-$name-limit", $limit],
+            ["anthropic-ratelimit-$name-remaining", $limit],
+            ["anthropic-ratelimit-$name-reset", rfc3339($now)];
+    }
+
+    if ($limits->{itpm} && $limits->{otpm}) {
+        my $limit = $limits->{itpm} + $limits->{otpm};
+        push @headers,
+            ['anthropic-ratelimit-tokens-limit', $limit],
+            ['anthropic-ratelimit-tokens-remaining', $limit],
+            ['anthropic-ratelimit-tokens-reset', rfc3339($now)];
+    }
+
+    return @headers;
+}
+
+# --- request log -----------------------------------------------------------
+
+sub log_request {
+    my ($ctx, $status) = @_;
+    my $req = $ctx->{req};
+
+    my $record = {
+        t_ms       => $req->{t_ms},
+        method     => $req->{method},
+        path       => $req->{target},
+        headers    => $req->{headers},
+        body       => Encode::decode('UTF-8', $req->{body}),
+        credential => $ctx->{credential},
+        key_name   => $ctx->{key_name},
+        org        => $ctx->{org},
+        status     => $status + 0,
+        request_id => $req->{rid},
+        conn       => $req->{conn},
+    };
+
+    push @log, $record;
+    print {$log_fh} $JSON->encode($record), "\n" if $log_fh;
+}
+
+# --- small helpers ---------------------------------------------------------
+
+sub fingerprint {
+    my ($credential) = @_;
+    return 'org-' . substr(sha256_hex($credential), 0, 12);
+}
+
+sub random_id {
+    my ($len) = @_;
+    my @chars = ('0' .. '9', 'A' .. 'Z', 'a' .. 'z');
+    return join '', map { $chars[ rand @chars ] } 1 .. $len;
+}
+
+sub rfc3339 {
+    my ($t) = @_;
+    return strftime('%Y-%m-%dT%H:%M:%SZ', gmtime ceil($t));
+}
+
+sub commify {
+    my ($n) = @_;
+    1 while $n =~ s/^(\d+)(\d{3})/$1,$2/;
+    return $n;
+}
