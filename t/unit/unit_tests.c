@@ -1,2 +1,288 @@
-/* placeholder, replaced below */
-int main(void) { return 0; }
+/*
+ * Unit tests of ratepool's pure logic: bucket arithmetic, key choice,
+ * cooldowns and header parsers.  Prints TAP, so prove runs it.
+ */
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ratepool_bucket.h"
+#include "ratepool_pick.h"
+#include "ratepool_parse.h"
+
+
+static int  tests, failures;
+
+
+#define check(cond, name)                                                    \
+    do {                                                                     \
+        tests++;                                                             \
+        if (cond) {                                                          \
+            printf("ok %d - %s\n", tests, name);                             \
+        } else {                                                             \
+            failures++;                                                      \
+            printf("not ok %d - %s\n# at %s:%d: %s\n", tests, name,          \
+                   __FILE__, __LINE__, #cond);                               \
+        }                                                                    \
+    } while (0)
+
+
+#define S(s)  (const unsigned char *) (s), strlen(s)
+
+
+static void
+test_bucket(void)
+{
+    int                rc;
+    uint64_t           wait, i, taken;
+    ratepool_bucket_t  b;
+
+    ratepool_bucket_init(&b, 60, 1000);
+    check(ratepool_bucket_level(&b, 60, 1000) == 60,
+          "a new bucket starts full");
+
+    for (taken = 0, i = 0; i < 100; i++) {
+        if (ratepool_bucket_take(&b, 60, 1, 1000, &wait) == RATEPOOL_BUCKET_OK)
+        {
+            taken++;
+        }
+    }
+
+    check(taken == 60, "a burst takes exactly the capacity");
+
+    rc = ratepool_bucket_take(&b, 60, 1, 1000, &wait);
+    check(rc == RATEPOOL_BUCKET_WAIT && wait == 1000,
+          "60 rpm refills one request per second, so the wait is 1000 ms");
+
+    rc = ratepool_bucket_take(&b, 60, 1, 1999, &wait);
+    check(rc == RATEPOOL_BUCKET_WAIT && wait == 1,
+          "the refill is continuous: 999 ms later 1 ms is left to wait");
+
+    rc = ratepool_bucket_take(&b, 60, 1, 2000, &wait);
+    check(rc == RATEPOOL_BUCKET_OK, "one second later one request fits");
+
+    check(ratepool_bucket_level(&b, 60, 2000 + 3600000) == 60,
+          "refill never goes above capacity");
+
+    ratepool_bucket_init(&b, 7, 0);
+    check(ratepool_bucket_take(&b, 7, 8, 0, &wait) == RATEPOOL_BUCKET_NEVER,
+          "a cost above the limit can never fit");
+
+    check(ratepool_bucket_take(&b, 0, 1000000, 0, &wait) == RATEPOOL_BUCKET_OK
+          && wait == 0, "an unknown limit (0) never refuses");
+
+    /* 50 rpm: 1.2 s per request, slow rates must not round away */
+    ratepool_bucket_init(&b, 50, 0);
+    b.level = 0;
+    check(ratepool_bucket_wait_ms(&b, 50, 1, 0) == 1200,
+          "50 rpm waits 1200 ms for one request from empty");
+    check(ratepool_bucket_wait_ms(&b, 50, 1, 600) == 600,
+          "half-way the wait is halved");
+
+    ratepool_bucket_init(&b, 10, 0);
+    ratepool_bucket_clamp(&b, 10, 3, 0);
+    check(ratepool_bucket_level(&b, 10, 0) == 3,
+          "a provider's lower remaining count clamps the level");
+    ratepool_bucket_clamp(&b, 10, 8, 0);
+    check(ratepool_bucket_level(&b, 10, 0) == 3,
+          "a higher remaining count never raises it");
+
+    ratepool_bucket_put(&b, 10, 100);
+    check(ratepool_bucket_level(&b, 10, 0) == 10,
+          "a refund never overfills");
+
+    ratepool_bucket_init(&b, 1, 0);
+    b.level = -5 * RATEPOOL_MILLI;
+    check(ratepool_bucket_wait_ms(&b, 1, 1, 0) == 6 * 60000,
+          "debt is repaid before anything fits");
+
+    ratepool_bucket_init(&b, 100, 5000);
+    check(ratepool_bucket_level(&b, 100, 4000) == 100,
+          "time going backwards changes nothing");
+
+    ratepool_bucket_init(&b, 10000000, 0);
+    b.level = 0;
+    check(ratepool_bucket_level(&b, 10000000, 30000) == 5000000,
+          "large token limits refill without overflow");
+}
+
+
+static void
+test_pick(void)
+{
+    long                  i;
+    uint64_t              soonest;
+    ratepool_candidate_t  c[4];
+
+    memset(c, 0, sizeof(c));
+
+    c[0].usable = 1; c[0].headroom_permille = 1000;
+    c[1].usable = 1; c[1].headroom_permille = 200;
+    c[2].usable = 1; c[2].headroom_permille = 900;
+
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 0, "the key whose org has the most headroom is chosen");
+
+    c[0].org_inflight = 3;
+    c[2].headroom_permille = 1000;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 2, "with equal headroom the org with fewer in flight wins");
+
+    c[0].org_inflight = 0;
+    c[0].key_inflight = 1;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 2, "then the key with fewer in flight");
+
+    c[0].key_inflight = 0;
+    c[0].last_pick_ms = 90;
+    c[2].last_pick_ms = 50;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 2, "then the key used longest ago");
+
+    c[0].headroom_permille = 990;
+    c[2].headroom_permille = 1000;
+    c[2].org_inflight = 1;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 0, "small headroom differences do not beat load spreading");
+
+    c[0].free_at_ms = 5000;
+    c[2].free_at_ms = 3000;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == 1, "keys cooling down are skipped even with more headroom");
+
+    c[1].usable = 0;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == -1 && soonest == 3000,
+          "with every key cooling the soonest end is reported");
+
+    c[0].usable = 0;
+    c[2].usable = 0;
+    i = ratepool_pick(c, 3, 100, &soonest);
+    check(i == -1 && soonest == 0, "with no usable key soonest is 0");
+
+    i = ratepool_pick(c, 0, 100, &soonest);
+    check(i == -1, "an empty pool picks nothing");
+}
+
+
+static void
+test_cooldown(void)
+{
+    int       ok;
+    uint64_t  until, longest;
+    uint32_t  r;
+
+    ok = 1;
+
+    for (r = 0; r < 100000; r += 7) {
+        until = ratepool_cooldown_until(0, 1000, 7000, r);
+
+        if (until <= 1000 + 7000 || until > 1000 + 7000 + 1000) {
+            ok = 0;
+        }
+    }
+
+    check(ok, "retry-after is a floor and the jitter is positive and small");
+
+    longest = ratepool_cooldown_until(0, 0, 30000, 12345);
+    until = ratepool_cooldown_until(longest, 1000, 1000, 999);
+    check(until == longest, "a shorter retry-after never shortens a cooldown");
+
+    until = ratepool_cooldown_until(longest, 1000, 60000, 0);
+    check(until > longest, "a longer one extends it");
+
+    check(ratepool_backoff_ms(0) == 2000 && ratepool_backoff_ms(1) == 4000
+          && ratepool_backoff_ms(10) == 60000,
+          "without retry-after the backoff doubles up to a minute");
+
+    check(ratepool_retry_after_sec(0, 0) == 1,
+          "the gateway's retry-after is at least 1 s");
+    check(ratepool_retry_after_sec(3600000, 5) == 60,
+          "and at most 60 s, which clients still honour");
+    check(ratepool_retry_after_sec(2000, 0) == 2
+          && ratepool_retry_after_sec(2001, 0) == 3,
+          "whole seconds, never earlier than the wait");
+}
+
+
+static void
+test_parse(void)
+{
+    time_t    t;
+    uint64_t  v;
+
+    check(ratepool_parse_uint(S("  1000 "), &v) == 0 && v == 1000,
+          "integers with spaces");
+    check(ratepool_parse_uint(S("10a"), &v) == -1, "garbage integers fail");
+    check(ratepool_parse_uint(S(""), &v) == -1, "empty integers fail");
+    check(ratepool_parse_uint(S("99999999999999999999999"), &v) == -1,
+          "overlong integers fail instead of wrapping");
+
+    check(ratepool_parse_retry_after(S("7"), 0, &v) == 0 && v == 7000,
+          "retry-after in seconds");
+    check(ratepool_parse_retry_after(S("1.5"), 0, &v) == 0 && v == 1500,
+          "retry-after with a fraction");
+    check(ratepool_parse_retry_after(S("Sun, 06 Nov 1994 08:49:37 GMT"),
+                                     784111770, &v) == 0 && v == 7000,
+          "retry-after as an HTTP-date");
+    check(ratepool_parse_retry_after(S("Sun, 06 Nov 1994 08:49:37 GMT"),
+                                     784111790, &v) == 0 && v == 0,
+          "an HTTP-date in the past means now");
+    check(ratepool_parse_retry_after(S("soon"), 0, &v) == -1,
+          "nonsense retry-after fails");
+    check(ratepool_parse_retry_after(S("-3"), 0, &v) == -1,
+          "negative retry-after fails");
+    check(ratepool_parse_retry_after(S("99999999999"), 0, &v) == 0
+          && v == 365ULL * 86400 * 1000,
+          "absurd retry-after is capped at a year");
+
+    check(ratepool_parse_rfc3339(S("2025-08-21T12:40:59Z"), &t) == 0
+          && t == 1755780059, "RFC 3339 in UTC");
+    check(ratepool_parse_rfc3339(S("2025-08-21T12:40:59.123Z"), &t) == 0
+          && t == 1755780059, "RFC 3339 with a fraction");
+    check(ratepool_parse_rfc3339(S("2025-08-21T14:40:59+02:00"), &t) == 0
+          && t == 1755780059, "RFC 3339 with an offset");
+    check(ratepool_parse_rfc3339(S("2024-02-29T00:00:00Z"), &t) == 0
+          && t == 1709164800, "RFC 3339 on a leap day");
+    check(ratepool_parse_rfc3339(S("2025-13-01T00:00:00Z"), &t) == -1,
+          "month 13 fails");
+    check(ratepool_parse_rfc3339(S("2025-08-21T12:40:59"), &t) == -1,
+          "a time without zone fails");
+    check(ratepool_parse_rfc3339(S("2025-08-21"), &t) == -1,
+          "a date alone fails");
+
+    check(ratepool_parse_duration_ms(S("6m0s"), &v) == 0 && v == 360000,
+          "OpenAI duration 6m0s");
+    check(ratepool_parse_duration_ms(S("20ms"), &v) == 0 && v == 20,
+          "OpenAI duration 20ms");
+    check(ratepool_parse_duration_ms(S("2s81ms"), &v) == 0 && v == 2081,
+          "OpenAI duration 2s81ms");
+    check(ratepool_parse_duration_ms(S("1.5s"), &v) == 0 && v == 1500,
+          "OpenAI duration 1.5s");
+    check(ratepool_parse_duration_ms(S("1h2m3s"), &v) == 0
+          && v == 3723000, "OpenAI duration 1h2m3s");
+    check(ratepool_parse_duration_ms(S("5"), &v) == -1,
+          "a duration without unit fails");
+    check(ratepool_parse_duration_ms(S("s"), &v) == -1,
+          "a unit without number fails");
+
+    check(ratepool_parse_http_date(S("Sun, 06 Nov 1994 08:49:37 GMT"), &t)
+          == 0 && t == 784111777, "HTTP-date");
+    check(ratepool_parse_http_date(S("Sun, 06 Foo 1994 08:49:37 GMT"), &t)
+          == -1, "HTTP-date with a bad month fails");
+}
+
+
+int
+main(void)
+{
+    test_bucket();
+    test_pick();
+    test_cooldown();
+    test_parse();
+
+    printf("1..%d\n", tests);
+
+    return failures ? 1 : 0;
+}

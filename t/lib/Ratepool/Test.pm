@@ -307,6 +307,46 @@ sub http {
     return $r;
 }
 
+# The value ratepool_client wants for a gateway token.
+sub token_hash {
+    my ($self, $token) = @_;
+
+    require Digest::SHA;
+    return 'sha256:' . Digest::SHA::sha256_hex($token);
+}
+
+# A Messages API request as Claude Code sends it: token => the gateway
+# token (as x-api-key, or as a bearer token with bearer => 1), headers =>
+# extra headers, body => fields merged into a small valid request.
+sub messages {
+    my ($self, %args) = @_;
+
+    my $token = $args{token};
+    my @auth = !defined $token ? ()
+             : $args{bearer} ? (Authorization => "Bearer $token")
+             : ('x-api-key' => $token);
+    my $body = $args{body};
+
+    if (!defined $body || ref $body eq 'HASH') {
+        $body = { model => 'claude-sonnet-4-6', max_tokens => 64,
+                  messages => [ { role => 'user', content => 'Hello' } ],
+                  %{ $body || {} } };
+    }
+
+    my %request = (
+        port    => $args{port} // $self->port(0),
+        method  => 'POST',
+        path    => $args{path} // '/v1/messages',
+        headers => [ @auth, 'anthropic-version' => '2023-06-01',
+                     @{ $args{headers} || [] } ],
+        body    => $body,
+    );
+    $request{timeout} = $args{timeout} if $args{timeout};
+
+    return $args{stream} ? $self->http_stream(%request)
+                         : $self->http(%request);
+}
+
 # Like http, plus chunks => [[ms, bytes], ...] (one per read, ms since the
 # request was sent), first_byte_ms and last_byte_ms.
 sub http_stream {
