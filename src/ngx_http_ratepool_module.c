@@ -1107,7 +1107,8 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     size_t                           scheme;
     ngx_buf_t                        b;
     ngx_str_t                       *value, name, text;
-    ngx_conf_file_t                  conf_file, *saved;
+    ngx_array_t                     *saved_args;
+    ngx_conf_file_t                  conf_file, *saved_file;
     ngx_http_core_loc_conf_t        *clcf;
     ngx_http_ratepool_loc_conf_t   **pass;
     ngx_http_ratepool_main_conf_t   *rmcf;
@@ -1170,12 +1171,19 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     conf_file.file.fd = NGX_INVALID_FILE;
     conf_file.buffer = &b;
 
-    saved = cf->conf_file;
+    saved_file = cf->conf_file;
+    saved_args = cf->args;
+
     cf->conf_file = &conf_file;
+    cf->args = ngx_array_create(cf->temp_pool, 4, sizeof(ngx_str_t));
+    if (cf->args == NULL) {
+        return NGX_CONF_ERROR;
+    }
 
     rv = ngx_conf_parse(cf, NULL);
 
-    cf->conf_file = saved;
+    cf->conf_file = saved_file;
+    cf->args = saved_args;
 
     if (rv != NGX_CONF_OK) {
         return "cannot apply its proxy settings: remove \"proxy_pass\", "

@@ -1,0 +1,203 @@
+#!/usr/bin/perl
+
+# A bad nginx.conf fails "nginx -t" with a message that names the
+# directive or value at fault and says how to fix it, and never echoes
+# a secret.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use Test::More;
+
+use Ratepool::Test;
+
+my $t = Ratepool::Test->new;
+
+my $SECRET = 'sk-ant-secret-' . int(rand(1e9));
+my $HASH = $t->token_hash('gw-token');
+
+$t->write_file('good.key', "$SECRET\n");
+$t->write_file('bad.key', "sk-ant with space\n");
+
+# each case: the http{} contents, and what nginx -t must say
+my @cases = (
+    [ 'a pool without a zone',
+      "upstream p { ratepool zone=llm; ratepool_key k server=127.0.0.1:1 "
+      . "key=$SECRET; }",
+      qr/uses ratepool zone "llm", which is not declared; add "ratepool_zone llm:1m;" to the http block/ ],
+
+    [ 'a pool naming an undeclared zone',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=other; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/uses ratepool zone "other", which is not declared/ ],
+
+    [ 'a zone that is too small',
+      'ratepool_zone llm:4k;',
+      qr/zone "llm:4k" is too small, use at least/ ],
+
+    [ 'a zone without a size',
+      'ratepool_zone llm;',
+      qr/invalid zone "llm", use "name:size"/ ],
+
+    [ 'ratepool after keepalive',
+      "ratepool_zone llm:1m; upstream p { keepalive 8; ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/"ratepool" directive must come first in the upstream block/ ],
+
+    [ 'a pool with servers instead of keys',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "server 127.0.0.1:1; ratepool_key k server=127.0.0.1:1 "
+      . "key=$SECRET; }",
+      qr/upstream "p" is a ratepool pool: declare its keys with "ratepool_key"/ ],
+
+    [ 'a pool with no keys',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'server 127.0.0.1:1; }',
+      qr/upstream "p" has no keys, add "ratepool_key/ ],
+
+    [ 'a key without a secret',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k server=127.0.0.1:1; }',
+      qr/key "k" has no secret, add "key_file=PATH"/ ],
+
+    [ 'a key without a server',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k key=$SECRET; }",
+      qr/key "k" has no server, add "server=api.anthropic.com:443"/ ],
+
+    [ 'a key file that does not exist',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k server=127.0.0.1:1 key_file=%%TESTDIR%%/nope.key; }',
+      qr/open\(\) ".*nope.key" failed/ ],
+
+    [ 'a secret that cannot be sent in a header',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k server=127.0.0.1:1 key_file=%%TESTDIR%%/bad.key; }',
+      qr/the secret of key "k" has a character that cannot be sent/ ],
+
+    [ 'an unknown key parameter',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 kee=$SECRET; }",
+      qr/invalid parameter 3 of key "k", use "org=", "provider="/ ],
+
+    [ 'an unknown provider',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k provider=gemini server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid provider "provider=gemini", use "provider=anthropic"/ ],
+
+    [ 'a key declared twice',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/key "k" is declared twice/ ],
+
+    [ 'a bad org limit',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o rpm=lots; ratepool_key k org=o server=127.0.0.1:1 "
+      . "key=$SECRET; }",
+      qr/invalid limit "rpm=lots", use a positive number per minute/ ],
+
+    [ 'a bad name',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k/1 server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid name "k\/1", use up to 64 letters/ ],
+
+    [ 'workspaces without a zone',
+      "ratepool_workspace w;",
+      qr/ratepool needs a shared memory zone, add "ratepool_zone/ ],
+
+    [ 'a client hash that is not sha256',
+      'ratepool_zone llm:1m; ratepool_workspace w; '
+      . 'ratepool_client w md5:abc;',
+      qr/invalid client token hash for workspace "w", use "sha256:"/ ],
+
+    [ 'a client of an unknown workspace',
+      "ratepool_zone llm:1m; ratepool_client nobody $HASH;",
+      qr/ratepool_client names unknown workspace "nobody", declare it with/ ],
+
+    [ 'a workspace with an unknown budget',
+      'ratepool_zone llm:1m; ratepool_workspace w rpd=5;',
+      qr/invalid parameter "rpd=5", use "rpm="/ ],
+
+    [ 'ratepool_pass to an upstream without ratepool',
+      'ratepool_zone llm:1m; upstream p { server 127.0.0.1:1; } '
+      . 'server { location / { ratepool_pass http://p; } }',
+      qr/ratepool_pass "http:\/\/p" in .* needs an upstream "p" with the/ ],
+
+    [ 'ratepool_pass without a scheme',
+      'ratepool_zone llm:1m; server { location / { ratepool_pass p; } }',
+      qr/invalid pool "p", use "https:\/\/NAME"/ ],
+
+    [ 'ratepool_pass beside proxy_pass',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; } server { "
+      . "location / { proxy_pass http://p; ratepool_pass http://p; } }",
+      qr/"ratepool_pass" directive cannot apply its proxy settings: remove/ ],
+);
+
+sub config {
+    my ($http) = @_;
+
+    return <<"EOF";
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    $http
+}
+EOF
+}
+
+for my $case (@cases) {
+    my ($name, $http, $expect) = @$case;
+
+    $t->write_config(config($http));
+
+    my ($rc, $out) = $t->nginx_test_config;
+
+    isnt($rc, 0, "nginx -t fails on $name");
+    like($out, $expect, "and says what to do about $name");
+    unlike($out, qr/\Q$SECRET\E/, "without echoing a secret, $name");
+}
+
+# and a complete pool passes
+
+$t->write_config(config(<<"EOF"));
+    ratepool_zone llm:1m;
+
+    upstream p {
+        ratepool zone=llm;
+        ratepool_org o rpm=50 itpm=30000 otpm=8000;
+        ratepool_key k org=o server=127.0.0.1:1
+                     key_file=%%TESTDIR%%/good.key;
+        ratepool_key j provider=openai server=127.0.0.1:2 key=$SECRET;
+        keepalive 8;
+    }
+
+    ratepool_client w $HASH;
+    ratepool_workspace w rpm=10;
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+
+        location / {
+            ratepool_pass https://p;
+            proxy_read_timeout 600s;
+        }
+
+        location = /status {
+            ratepool_status;
+        }
+    }
+EOF
+
+my ($rc, $out) = $t->nginx_test_config;
+is($rc, 0, 'a complete pool passes nginx -t') or diag $out;
+
+done_testing;
