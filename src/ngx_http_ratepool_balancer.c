@@ -115,7 +115,7 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
 static ngx_int_t
 ngx_http_ratepool_process_header(ngx_http_request_t *r)
 {
-    ngx_int_t                 rc;
+    ngx_int_t                 rc, available;
     ngx_uint_t                status;
     ngx_http_upstream_t      *u;
     ngx_http_ratepool_ctx_t  *ctx;
@@ -148,9 +148,10 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    if (u->peer.tries > 1
-        && ngx_http_ratepool_available(ctx, &ctx->soonest_ms))
-    {
+    /* also says when the pool frees up, should this answer go out */
+    available = ngx_http_ratepool_available(ctx, &ctx->soonest_ms);
+
+    if (available && u->peer.tries > 1) {
         /* nginx does not retry on 401; it never reaches the client */
         if (status == NGX_HTTP_UNAUTHORIZED) {
             u->headers_in.status_n = NGX_HTTP_FORBIDDEN;
