@@ -72,20 +72,6 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
                                         "authentication_error", &msg, 0, 0);
     }
 
-    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
-        p = ngx_snprintf(buf, sizeof(buf),
-                         "workspace \"%V\" is over its budget of %ui "
-                         "requests per minute", &ws->name, ws->rpm);
-        msg.data = buf;
-        msg.len = p - buf;
-
-        return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                        "rate_limit_error", &msg,
-                                        ratepool_retry_after_sec(wait_ms,
-                                                        (uint32_t) ngx_random()),
-                                        1);
-    }
-
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
     if (ctx == NULL) {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -105,6 +91,20 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     cln->data = ctx;
 
     ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
+
+    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
+        p = ngx_snprintf(buf, sizeof(buf),
+                         "workspace \"%V\" is over its budget of %ui "
+                         "requests per minute", &ws->name, ws->rpm);
+        msg.data = buf;
+        msg.len = p - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                        "rate_limit_error", &msg,
+                                        ratepool_retry_after_sec(wait_ms,
+                                                        (uint32_t) ngx_random()),
+                                        1);
+    }
 
     if (ngx_http_ratepool_acquire(ctx, &soonest_ms) != NULL) {
         return NGX_DECLINED;

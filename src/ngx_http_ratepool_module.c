@@ -24,6 +24,8 @@ static ngx_int_t ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_add_variables(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
+static ngx_int_t ngx_http_ratepool_check_keys(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf);
 static void *ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent,
@@ -331,6 +333,73 @@ ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
 }
 
 
+/*
+ * A key's state is found by its name, so a name must stand for one
+ * credential of one org in every pool that lists it.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_check_keys(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    ngx_uint_t                  i, j, m, n;
+    ngx_http_ratepool_org_t    *oa, *ob;
+    ngx_http_ratepool_key_t    *a, *b;
+    ngx_http_ratepool_pool_t  **pools;
+
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        for (j = i + 1; j < rmcf->pools.nelts; j++) {
+
+            if (pools[i]->keys == NULL || pools[j]->keys == NULL) {
+                continue;
+            }
+
+            a = pools[i]->keys->elts;
+            b = pools[j]->keys->elts;
+
+            for (m = 0; m < pools[i]->keys->nelts; m++) {
+                for (n = 0; n < pools[j]->keys->nelts; n++) {
+
+                    if (a[m].name.len != b[n].name.len
+                        || ngx_strncmp(a[m].name.data, b[n].name.data,
+                                       a[m].name.len) != 0)
+                    {
+                        continue;
+                    }
+
+                    oa = &((ngx_http_ratepool_org_t *)
+                           pools[i]->orgs->elts)[a[m].org];
+                    ob = &((ngx_http_ratepool_org_t *)
+                           pools[j]->orgs->elts)[b[n].org];
+
+                    if (ngx_memcmp(a[m].fingerprint, b[n].fingerprint,
+                                   RATEPOOL_FINGERPRINT_LEN) == 0
+                        && oa->name.len == ob->name.len
+                        && ngx_strncmp(oa->name.data, ob->name.data,
+                                       oa->name.len) == 0)
+                    {
+                        continue;
+                    }
+
+                    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                                  "key \"%V\" is declared in upstreams "
+                                  "\"%V\" and \"%V\" with different secrets "
+                                  "or orgs, give each credential a name "
+                                  "of its own", &a[m].name,
+                                  &pools[i]->upstream->host,
+                                  &pools[j]->upstream->host);
+                    return NGX_ERROR;
+                }
+            }
+        }
+    }
+
+    return NGX_OK;
+}
+
+
 /* clients may be listed before the workspaces they name */
 
 static char *
@@ -367,6 +436,10 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
         }
 
         client[i].workspace = j;
+    }
+
+    if (ngx_http_ratepool_check_keys(cf, rmcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
     }
 
     if ((rmcf->workspaces.nelts || rmcf->pools.nelts)

@@ -93,6 +93,12 @@ my @cases = (
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
       qr/key "k" is declared twice/ ],
 
+    [ 'one key name for two secrets in two pools',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; } upstream q { "
+      . "ratepool zone=llm; ratepool_key k server=127.0.0.1:1 key=other; }",
+      qr/key "k" is declared in upstreams "p" and "q" with different secrets or orgs/ ],
+
     [ 'a bad org limit',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o rpm=lots; ratepool_key k org=o server=127.0.0.1:1 "
@@ -178,6 +184,12 @@ $t->write_config(config(<<"EOF"));
                      key_file=%%TESTDIR%%/good.key;
         ratepool_key j provider=openai server=127.0.0.1:2 key=$SECRET;
         keepalive 8;
+    }
+
+    upstream batch {
+        ratepool zone=llm;
+        ratepool_key k org=o server=127.0.0.1:1
+                     key_file=%%TESTDIR%%/good.key;
     }
 
     ratepool_client w $HASH;

@@ -18,7 +18,7 @@ use Ratepool::Test;
 my $t = Ratepool::Test->new;
 
 my %KEY = map { $_ => 'sk-ant-mock-' . $_ . '-' . int(rand(1e9)) }
-          qw(a1 b1 s1 s2 c1 k1 k2 x1);
+          qw(a1 b1 s1 s2 c1 k1 k2 x1 z1);
 my $TOKEN = 'gw-backend-' . int(rand(1e9));
 
 my $mock = $t->start_mock(port => 1, config => {
@@ -30,6 +30,7 @@ my $mock = $t->start_mock(port => 1, config => {
         $KEY{c1} => { org => 'org-c', name => 'c1' },
         $KEY{k1} => { org => 'org-k1', name => 'k1' },
         $KEY{k2} => { org => 'org-k2', name => 'k2' },
+        $KEY{z1} => { org => 'org-z', name => 'z1' },
         $KEY{x1} => { org => 'org-x', name => 'x1' },
     },
 });
@@ -65,6 +66,11 @@ http {
         ratepool_key k2 org=org-k2 server=127.0.0.1:%%PORT_1%% key=$KEY{k2};
     }
 
+    upstream solo {
+        ratepool zone=llm;
+        ratepool_key z1 org=org-z server=127.0.0.1:%%PORT_1%% key=$KEY{z1};
+    }
+
     upstream broken {
         ratepool zone=llm;
         ratepool_key down org=org-down server=127.0.0.1:%%PORT_2%% key=sk-down;
@@ -91,6 +97,11 @@ http {
             ratepool_pass http://auth;
         }
 
+        location /solo/v1/ {
+            rewrite ^/solo(/.*)\$ \$1 break;
+            ratepool_pass http://solo;
+        }
+
         location /broken/v1/ {
             rewrite ^/broken(/.*)\$ \$1 break;
             ratepool_pass http://broken;
@@ -103,7 +114,7 @@ http {
 }
 EOF
 
-$t->try_run('ratepool does not start');
+$t->run;
 
 sub key_status {
     my ($name) = @_;
@@ -205,6 +216,18 @@ ok($r->{headers}{'retry-after'} >= 4 && $r->{headers}{'retry-after'} <= 6,
     'and retry-after when b1 frees up');
 is($r->{headers}{'x-should-retry'}, 'true', 'and x-should-retry: true');
 is(scalar @{ names() }, 1, 'without asking the provider');
+
+# a pool of one key: its 429 goes out with the pool's retry-after
+
+$mock->reset;
+$mock->script($KEY{z1}, [ { status => 429, retry_after => '30' } ]);
+
+$r = $t->messages(token => $TOKEN, path => '/solo/v1/messages');
+
+is($r->{status}, 429, 'the only key\'s 429 reaches the client');
+ok($r->{headers}{'retry-after'} >= 30 && $r->{headers}{'retry-after'} <= 37,
+    'with retry-after no earlier than the provider\'s 30 s')
+    or diag "retry-after: $r->{headers}{'retry-after'}";
 
 # a cooldown is never shortened
 
