@@ -163,6 +163,10 @@ sub run {
     die "write_config() first\n" unless defined $self->{config};
 
     unlink "$dir/nginx.pid";
+    # a sanitizer build of the module needs its runtime loaded first
+    local $ENV{LD_PRELOAD} = $ENV{RATEPOOL_PRELOAD}
+        if $ENV{RATEPOOL_PRELOAD};
+
     my $pid = _spawn("$dir/stderr.log", $self->{nginx},
                      '-p', "$dir/", '-c', 'nginx.conf', '-e', "$dir/error.log");
     $self->{pid} = $pid;
@@ -203,6 +207,8 @@ sub nginx_test_config {
     my $out = "$dir/nginx-t.log";
 
     unlink $out;
+    local $ENV{LD_PRELOAD} = $ENV{RATEPOOL_PRELOAD}
+        if $ENV{RATEPOOL_PRELOAD};
     my $pid = _spawn($out, $self->{nginx}, '-t',
                      '-p', "$dir/", '-c', 'nginx.conf', '-e', $out);
     local $?;
