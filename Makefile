@@ -13,15 +13,31 @@ ifeq ($(SANITIZE),1)
 CFLAGS_BASE += -fsanitize=address,undefined -fno-omit-frame-pointer
 UNIT_CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
 LD_SANITIZE  = -fsanitize=address,undefined
+# nginx itself is not instrumented: its workers load the runtime first;
+# nginx's pools and exit paths are not leaks worth reporting
+TEST_ENV     = RATEPOOL_PRELOAD="$$($(CC) -print-file-name=libasan.so) \
+               $$($(CC) -print-file-name=libubsan.so)" \
+               ASAN_OPTIONS=detect_leaks=0:abort_on_error=0 \
+               UBSAN_OPTIONS=print_stacktrace=1
 endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
-.PHONY: all module unit test demo bench clean
+.PHONY: all deps module unit test demo bench clean
+
+# the Debian 12 packages ratepool builds and tests with
+DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev perl wrk \
+               ca-certificates
+SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 all: module unit
+
+deps:
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(DEB_PACKAGES) > /dev/null
 
 module: $(MODULE)
 
@@ -46,8 +62,8 @@ $(BUILD)/unit_tests: t/unit/unit_tests.c $(PURE_SRCS) src/*.h
 unit: $(BUILD)/unit_tests
 
 test: module unit
-	RATEPOOL_MODULE=$(CURDIR)/$(MODULE) RATEPOOL_UNIT=$(CURDIR)/$(BUILD)/unit_tests \
-	    prove -I t/lib t/
+	$(TEST_ENV) RATEPOOL_MODULE=$(CURDIR)/$(MODULE) \
+	    RATEPOOL_UNIT=$(CURDIR)/$(BUILD)/unit_tests prove -I t/lib t/
 
 demo: module
 	./demo/run
