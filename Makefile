@@ -53,7 +53,8 @@ $(BUILD)/nginx/Makefile: config
 
 $(MODULE): $(BUILD)/nginx/Makefile $(MODULE_SRCS)
 	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
-	cp $(BUILD)/nginx/objs/ngx_http_ratepool_module.so $@
+	cp $(BUILD)/nginx/objs/ngx_http_ratepool_module.so $@.tmp
+	mv -f $@.tmp $@   # a running nginx keeps its mapping of the old file
 
 $(BUILD)/unit_tests: t/unit/unit_tests.c $(PURE_SRCS) src/*.h
 	mkdir -p $(BUILD)

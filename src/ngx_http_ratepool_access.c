@@ -9,7 +9,6 @@
 #include <ngx_http.h>
 
 #include <openssl/crypto.h>
-#include <openssl/evp.h>
 
 #include "ngx_http_ratepool_module.h"
 
@@ -157,9 +156,10 @@ ngx_http_ratepool_token_matches(ngx_http_ratepool_main_conf_t *rmcf,
         return 0;
     }
 
-    n = sizeof(digest);
-
-    if (EVP_Digest(token, len, digest, &n, EVP_sha256(), NULL) != 1) {
+    if (EVP_DigestInit_ex(rmcf->sha256_ctx, rmcf->sha256, NULL) != 1
+        || EVP_DigestUpdate(rmcf->sha256_ctx, token, len) != 1
+        || EVP_DigestFinal_ex(rmcf->sha256_ctx, digest, &n) != 1)
+    {
         return 0;
     }
 

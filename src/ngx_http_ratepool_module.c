@@ -8,8 +8,6 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include <openssl/evp.h>
-
 #include "ngx_http_ratepool_module.h"
 
 
@@ -26,6 +24,7 @@ static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
 static ngx_int_t ngx_http_ratepool_check_keys(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_free_sha256(void *data);
 static void *ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent,
@@ -400,6 +399,23 @@ ngx_http_ratepool_check_keys(ngx_conf_t *cf,
 }
 
 
+static void
+ngx_http_ratepool_free_sha256(void *data)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = data;
+
+    if (rmcf->sha256_ctx) {
+        EVP_MD_CTX_free(rmcf->sha256_ctx);
+    }
+
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    if (rmcf->sha256) {
+        EVP_MD_free((EVP_MD *) rmcf->sha256);
+    }
+#endif
+}
+
+
 /* clients may be listed before the workspaces they name */
 
 static char *
@@ -408,6 +424,7 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
     ngx_http_ratepool_main_conf_t *rmcf = conf;
 
     ngx_uint_t                      i, j;
+    ngx_pool_cleanup_t             *cln;
     ngx_http_ratepool_client_t     *client;
     ngx_http_ratepool_workspace_t  *ws;
 
@@ -439,6 +456,33 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
     }
 
     if (ngx_http_ratepool_check_keys(cf, rmcf) != NGX_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    /*
+     * OpenSSL 3 looks the algorithm up and allocates a context on every
+     * one-shot digest; a token is hashed on every request, so both are
+     * set up once here and inherited by the workers.
+     */
+
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    rmcf->sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+#else
+    rmcf->sha256 = EVP_sha256();
+#endif
+    rmcf->sha256_ctx = EVP_MD_CTX_new();
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    cln->handler = ngx_http_ratepool_free_sha256;
+    cln->data = rmcf;
+
+    if (rmcf->sha256 == NULL || rmcf->sha256_ctx == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "ratepool cannot set up SHA-256 in OpenSSL");
         return NGX_CONF_ERROR;
     }
 

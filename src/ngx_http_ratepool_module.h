@@ -12,6 +12,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
+#include <openssl/evp.h>
+
 #include "ratepool_bucket.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
@@ -166,6 +168,8 @@ typedef struct {
     ngx_array_t                     clients;     /* ..._client_t */
     ngx_array_t                     passes;      /* ..._loc_conf_t * */
     ngx_int_t                       request_id_index;
+    const EVP_MD                   *sha256;     /* looked up once */
+    EVP_MD_CTX                     *sha256_ctx; /* reused by each worker */
 } ngx_http_ratepool_main_conf_t;
 
 

@@ -269,6 +269,7 @@ static void
 ngx_http_ratepool_read_answer(ngx_http_request_t *r,
     ngx_http_upstream_headers_in_t *h, ngx_http_ratepool_answer_t *a)
 {
+    u_char                            *key;
     time_t                             t;
     ngx_uint_t                         i, set;
     ngx_list_part_t                   *part;
@@ -292,13 +293,17 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
             i = 0;
         }
 
-        if (header[i].hash == 0) {
+        key = header[i].lowcase_key;
+
+        /* most headers are none of ours: tell by the first letter */
+        if (header[i].hash == 0 || header[i].key.len < sizeof("retry-after") - 1
+            || (key[0] != 'r' && key[0] != 'a' && key[0] != 'x'))
+        {
             continue;
         }
 
         if (header[i].key.len == sizeof("retry-after") - 1
-            && ngx_strncasecmp(header[i].key.data, (u_char *) "retry-after",
-                               sizeof("retry-after") - 1) == 0)
+            && ngx_memcmp(key, "retry-after", sizeof("retry-after") - 1) == 0)
         {
             if (ratepool_parse_retry_after(header[i].value.data,
                                            header[i].value.len, ngx_time(),
@@ -319,8 +324,7 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
         for (lh = ngx_http_ratepool_learn_headers; lh->name.len; lh++) {
 
             if (lh->name.len != header[i].key.len
-                || ngx_strncasecmp(lh->name.data, header[i].key.data,
-                                   lh->name.len) != 0)
+                || ngx_memcmp(lh->name.data, key, lh->name.len) != 0)
             {
                 continue;
             }
