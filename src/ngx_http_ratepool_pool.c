@@ -123,7 +123,11 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
             c[i].headroom_permille = (uint32_t) (level * 1000 / limit);
 
         } else {
-            c[i].headroom_permille = 1000;
+            /*
+             * Nothing is known of this org until its first answer: it is
+             * tried with one request, and ranks last while that runs.
+             */
+            c[i].headroom_permille = osh->inflight ? 0 : 1000;
         }
 
         c[i].org_inflight = (uint32_t) osh->inflight;

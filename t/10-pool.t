@@ -11,13 +11,14 @@ use lib 't/lib';
 
 use JSON::PP;
 use Test::More;
+use Time::HiRes;
 
 use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
 my %KEY = map { $_ => 'sk-ant-mock-' . $_ . '-' . int(rand(1e9)) }
-          qw(a1 b1 c1 d1 e1 f1);
+          qw(a1 b1 c1 d1 e1 f1 u1 g1);
 my $TOKEN = 'gw-backend-' . int(rand(1e9));
 my $OTHER = 'gw-research-' . int(rand(1e9));
 
@@ -30,8 +31,11 @@ my $mock = $t->start_mock(port => 1, config => {
         $KEY{d1} => { org => 'org-d', name => 'd1' },
         $KEY{e1} => { org => 'org-e', name => 'e1' },
         $KEY{f1} => { org => 'org-f', name => 'f1' },
+        $KEY{u1} => { org => 'org-u', name => 'u1' },
+        $KEY{g1} => { org => 'org-g', name => 'g1' },
     },
-    orgs => { map { ("org-$_" => { rpm => 10 }) } qw(a b c d) },
+    orgs => { (map { ("org-$_" => { rpm => 10 }) } qw(a b c d)),
+              'org-u' => { rpm => 1 }, 'org-g' => { rpm => 100 } },
 });
 
 $t->write_file('a1.key', "$KEY{a1}\n");
@@ -67,6 +71,15 @@ http {
         ratepool_key f1 server=127.0.0.1:%%PORT_1%% key=$KEY{f1};
     }
 
+    # org-u is not declared and allows 1 rpm; the gateway learns that
+    # from its first answer, and sends it nothing more until then
+    upstream probe {
+        ratepool zone=llm;
+        ratepool_org org-g rpm=100;
+        ratepool_key u1 org=org-u server=127.0.0.1:%%PORT_1%% key=$KEY{u1};
+        ratepool_key g1 org=org-g server=127.0.0.1:%%PORT_1%% key=$KEY{g1};
+    }
+
     ratepool_workspace backend;
     ratepool_workspace research;
     ratepool_client backend ${\ $t->token_hash($TOKEN)};
@@ -77,6 +90,11 @@ http {
 
         location /v1/ {
             ratepool_pass http://limited;
+        }
+
+        location /probe/v1/ {
+            rewrite ^/probe(/.*)\$ \$1 break;
+            ratepool_pass http://probe;
         }
 
         location /open/v1/ {
@@ -150,6 +168,13 @@ is(decode_json($seen->{body})->{system}, 'Be brief.',
     'the body reaches the provider unchanged');
 is($seen->{method}, 'POST', 'as a POST');
 
+like($r->{headers}{'request-id'}, qr/^req_/,
+    'the provider\'s request-id reaches the client');
+is($r->{headers}{'anthropic-ratelimit-requests-remaining'}, undef,
+    'one org\'s remaining requests are not shown as if they were the pool\'s');
+is($r->{headers}{'anthropic-ratelimit-requests-limit'}, undef,
+    'nor its limit');
+
 # spreading by headroom: 3 orgs of 10 rpm serve 27 requests, 9 each
 
 $mock->reset;
@@ -195,6 +220,22 @@ is(join(',', @$statuses), '200,200,200,200,200,200',
     'six slow parallel requests to a pool of unknown limits succeed');
 is_deeply([ sort { $a <=> $b } values %{ credentials() } ], [ 2, 2, 2 ],
     'they are spread two per key, none piled on one key');
+
+# an org of unknown limits gets one request until it answers
+
+$mock->reset;
+
+$statuses = $t->parallel(4, sub {
+    Time::HiRes::sleep(0.05 * $_[0]);
+    $t->messages(token => $TOKEN, path => '/probe/v1/messages',
+                 headers => [ 'x-mock-delay-ms' => 500 ])->{status};
+});
+
+is(join(',', @$statuses), '200,200,200,200',
+    'four slow requests to a pool with an org of unknown limits succeed');
+is(credentials()->{u1}, 1, 'the unknown org got one of them');
+is(scalar(grep { $_->{status} == 429 } @{ $mock->log }), 0,
+    'so its 1 rpm was never exceeded');
 
 $t->stop;
 $t->check_log;
