@@ -3,7 +3,7 @@
 
 NGINX_SRC   ?= /usr/share/nginx/src
 NGINX       ?= /usr/sbin/nginx
-BUILD       ?= build
+BUILD       ?= build$(if $(filter 1,$(SANITIZE)),-asan)
 CC          ?= cc
 CFLAGS_BASE  = -g -O2 -fPIC -fstack-protector-strong -Wformat \
                -Werror=format-security -D_FORTIFY_SOURCE=2
@@ -41,20 +41,24 @@ deps:
 
 module: $(MODULE)
 
-$(BUILD)/nginx/Makefile: config
-	rm -rf $(BUILD)/nginx
-	mkdir -p $(BUILD)
-	cp -r $(NGINX_SRC) $(BUILD)/nginx
-	cd $(BUILD)/nginx && bash -c 'source ./conf_flags && ./configure \
+$(BUILD)/nginx/objs/Makefile: config
+	@echo "configuring against $(NGINX_SRC) (log: $(BUILD)/nginx/configure.log)"
+	@rm -rf $(BUILD)/nginx
+	@mkdir -p $(BUILD)
+	@cp -r $(NGINX_SRC) $(BUILD)/nginx
+	@cd $(BUILD)/nginx && bash -c 'source ./conf_flags && ./configure \
 	    "$${NGX_CONF_FLAGS[@]}" --with-cc-opt="$(CFLAGS_BASE)" \
 	    --with-ld-opt="$(LD_SANITIZE)" \
 	    --add-dynamic-module=$(CURDIR)' > configure.log 2>&1 \
 	    || { tail -20 configure.log; exit 1; }
 
-$(MODULE): $(BUILD)/nginx/Makefile $(MODULE_SRCS)
-	$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules
-	cp $(BUILD)/nginx/objs/ngx_http_ratepool_module.so $@.tmp
-	mv -f $@.tmp $@   # a running nginx keeps its mapping of the old file
+$(MODULE): $(BUILD)/nginx/objs/Makefile $(MODULE_SRCS)
+	@echo "building $@ (log: $(BUILD)/make.log)"
+	@$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
+	    > $(BUILD)/make.log 2>&1 || { grep -B2 -A8 'error' $(BUILD)/make.log \
+	    | head -60; exit 1; }
+	@cp $(BUILD)/nginx/objs/ngx_http_ratepool_module.so $@.tmp
+	@mv -f $@.tmp $@   # a running nginx keeps its mapping of the old file
 
 $(BUILD)/unit_tests: t/unit/unit_tests.c $(PURE_SRCS) src/*.h
 	mkdir -p $(BUILD)
