@@ -23,6 +23,8 @@ static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
 static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message,
     ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
+    ngx_str_t *message, uint64_t wait_ms);
 static void ngx_http_ratepool_cleanup(void *data);
 static void ngx_http_ratepool_count(ngx_http_ratepool_pool_t *pool,
     uint64_t *counter);
@@ -98,11 +100,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         msg.data = buf;
         msg.len = p - buf;
 
-        return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                        "rate_limit_error", &msg,
-                                        ratepool_retry_after_sec(wait_ms,
-                                                        (uint32_t) ngx_random()),
-                                        1);
+        return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
     }
 
     if (ngx_http_ratepool_acquire(ctx, &soonest_ms) != NULL) {
@@ -135,11 +133,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     msg.data = buf;
     msg.len = p - buf;
 
-    return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                    "rate_limit_error", &msg,
-                                    ratepool_retry_after_sec(wait_ms,
-                                                        (uint32_t) ngx_random()),
-                                    1);
+    return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
 }
 
 
@@ -335,24 +329,17 @@ ngx_http_ratepool_reject(ngx_http_request_t *r, ngx_uint_t status,
 }
 
 
+/* a 429 whose retry-after is when the wait is over, never earlier */
+
 static ngx_int_t
-ngx_http_ratepool_add_header(ngx_http_request_t *r, const char *name,
-    u_char *value, size_t len)
+ngx_http_ratepool_reject_limited(ngx_http_request_t *r, ngx_str_t *message,
+    uint64_t wait_ms)
 {
-    ngx_table_elt_t  *h;
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key.data = (u_char *) name;
-    h->key.len = ngx_strlen(name);
-    h->value.data = value;
-    h->value.len = len;
-
-    return NGX_OK;
+    return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                    "rate_limit_error", message,
+                                    ratepool_retry_after_sec(wait_ms,
+                                                     (uint32_t) ngx_random()),
+                                    1);
 }
 
 
@@ -369,6 +356,9 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
     ngx_chain_t                     out;
     ngx_http_variable_value_t      *id;
     ngx_http_ratepool_main_conf_t  *rmcf;
+
+    static ngx_str_t  retry_after = ngx_string("retry-after");
+    static ngx_str_t  x_should_retry = ngx_string("x-should-retry");
 
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
@@ -413,14 +403,14 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
 
         p = ngx_sprintf(ra, "%ui", retry_after_sec);
 
-        if (ngx_http_ratepool_add_header(r, "retry-after", ra, p - ra)
+        if (ngx_http_ratepool_set_header(r, &retry_after, ra, p - ra)
             != NGX_OK)
         {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
     }
 
-    if (ngx_http_ratepool_add_header(r, "x-should-retry",
+    if (ngx_http_ratepool_set_header(r, &x_should_retry,
                                      (u_char *) (should_retry ? "true"
                                                               : "false"),
                                      should_retry ? 4 : 5)

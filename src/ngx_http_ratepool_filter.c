@@ -12,8 +12,6 @@
 
 
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
-static ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
-    ngx_str_t *name, u_char *value, size_t len);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -72,7 +70,9 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
 }
 
 
-static ngx_int_t
+/* sets a response header, replacing one of the same name */
+
+ngx_int_t
 ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
     u_char *value, size_t len)
 {

@@ -232,6 +232,8 @@ ngx_int_t ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data);
 
 /* ngx_http_ratepool_filter.c */
 ngx_int_t ngx_http_ratepool_filter_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
+    ngx_str_t *name, u_char *value, size_t len);
 
 /* ngx_http_ratepool_status.c */
 ngx_int_t ngx_http_ratepool_status_handler(ngx_http_request_t *r);

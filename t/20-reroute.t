@@ -118,14 +118,9 @@ $t->run;
 
 sub key_status {
     my ($name) = @_;
-    my $s = decode_json($t->http(port => $t->port(0), path => '/status')
-                          ->{body});
-    for my $pool (@{ $s->{pools} }) {
-        for (@{ $pool->{keys} }) {
-            return $_ if $_->{name} eq $name;
-        }
-    }
-    return {};
+    my $s = $t->status(path => '/status');
+    return Ratepool::Test::by_name([ map { @{ $_->{keys} } }
+                                     @{ $s->{pools} } ])->{$name} || {};
 }
 
 sub names { [ map { $_->{key_name} } @{ $mock->log } ] }

@@ -17,7 +17,7 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-sub random_hex { join '', map { sprintf '%02x', int rand 256 } 1 .. $_[0] }
+*random_hex = \&Ratepool::Test::random_hex;
 
 my $SECRET = 'sk-ant-mock-' . random_hex(16);
 my $TOKEN = 'gw-stream-' . random_hex(16);

@@ -18,7 +18,7 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-sub random_hex { join '', map { sprintf '%02x', int rand 256 } 1 .. $_[0] }
+*random_hex = \&Ratepool::Test::random_hex;
 
 my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } qw(a1 b1);
 my $TOKEN = 'gw-status-' . random_hex(16);
@@ -81,24 +81,12 @@ $t->run;
 
 sub message {
     my ($token, @headers) = @_;
-
-    return $t->http(
-        port    => $t->port(0),
-        method  => 'POST',
-        path    => '/v1/messages',
-        headers => [ 'x-api-key' => $token,
-                     'anthropic-version' => '2023-06-01', @headers ],
-        body    => { model => 'claude-sonnet-4-6', max_tokens => 50,
-                     messages => [ { role => 'user', content => 'Hi' } ] },
-    );
+    return $t->messages(token => $token, headers => \@headers);
 }
 
-sub status {
-    my $r = $t->http(port => $t->port(0), path => '/ratepool/status');
-    return eval { decode_json($r->{body}) } || { http_status => $r->{status} };
-}
+sub status { $t->status }
 
-sub by_name { return { map { $_->{name} => $_ } @{ $_[0] || [] } } }
+*by_name = \&Ratepool::Test::by_name;
 
 # known traffic: 12 at once (both workers take some), then 8 in a row
 

@@ -18,7 +18,7 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-sub random_hex { join '', map { sprintf '%02x', int rand 256 } 1 .. $_[0] }
+*random_hex = \&Ratepool::Test::random_hex;
 
 my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } qw(a1 b1 c1);
 my $TOKEN = 'gw-reload-' . random_hex(16);
@@ -76,23 +76,12 @@ EOF
 config(qw(a1 b1));
 $t->run;
 
-sub message {
-    return $t->http(
-        port    => $t->port(0),
-        method  => 'POST',
-        path    => '/v1/messages',
-        headers => [ 'x-api-key' => $TOKEN,
-                     'anthropic-version' => '2023-06-01' ],
-        body    => { model => 'claude-sonnet-4-6', max_tokens => 50,
-                     messages => [ { role => 'user', content => 'Hi' } ] },
-    );
-}
+sub message { $t->messages(token => $TOKEN) }
 
 sub status {
-    my $r = $t->http(port => $t->port(0), path => '/ratepool/status');
-    my $s = eval { decode_json($r->{body}) } || {};
-    $s->{key} = { map { $_->{name} => $_ } @{ $s->{pools}[0]{keys} || [] } };
-    $s->{org} = { map { $_->{name} => $_ } @{ $s->{pools}[0]{orgs} || [] } };
+    my $s = $t->status;
+    $s->{key} = Ratepool::Test::by_name($s->{pools}[0]{keys});
+    $s->{org} = Ratepool::Test::by_name($s->{pools}[0]{orgs});
     return $s;
 }
 

@@ -17,7 +17,7 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-sub random_hex { join '', map { sprintf '%02x', int rand 256 } 1 .. $_[0] }
+*random_hex = \&Ratepool::Test::random_hex;
 
 sub slurp {
     open my $fh, '<', $_[0] or return '';

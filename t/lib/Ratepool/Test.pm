@@ -313,6 +313,28 @@ sub http {
     return $r;
 }
 
+# n random bytes as hex: unique secrets and tokens, so that a scan of
+# logs for them means something.
+sub random_hex {
+    my ($n) = @_;
+    return join '', map { sprintf '%02x', int rand 256 } 1 .. $n;
+}
+
+# The status endpoint's JSON, decoded ({} if it is not JSON).
+sub status {
+    my ($self, %args) = @_;
+
+    my $r = $self->http(port => $args{port} // $self->port(0),
+                        path => $args{path} // '/ratepool/status');
+    return eval { decode_json($r->{body}) } || {};
+}
+
+# A list of named things from the status as a hash by name.
+sub by_name {
+    my ($list) = @_;
+    return { map { $_->{name} => $_ } @{ $list || [] } };
+}
+
 # The value ratepool_client wants for a gateway token.
 sub token_hash {
     my ($self, $token) = @_;
