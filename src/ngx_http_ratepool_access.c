@@ -351,9 +351,7 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
     u_char                         *p, *ra;
     size_t                          len;
     uintptr_t                       escape;
-    ngx_int_t                       rc;
     ngx_buf_t                      *b;
-    ngx_chain_t                     out;
     ngx_http_variable_value_t      *id;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
@@ -386,15 +384,6 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
                                          message->len);
     b->last = ngx_sprintf(b->last, "\"},\"request_id\":\"req_gw_%v\"}\n",
                           id);
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
-
-    r->headers_out.status = status;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-
     if (retry_after_sec) {
         ra = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
         if (ra == NULL) {
@@ -418,6 +407,26 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
+
+    return ngx_http_ratepool_send_json(r, status, b);
+}
+
+
+ngx_int_t
+ngx_http_ratepool_send_json(ngx_http_request_t *r, ngx_uint_t status,
+    ngx_buf_t *b)
+{
+    ngx_int_t    rc;
+    ngx_chain_t  out;
+
+    b->last_buf = (r == r->main) ? 1 : 0;
+    b->last_in_chain = 1;
+
+    r->headers_out.status = status;
+    r->headers_out.content_length_n = b->last - b->pos;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
 
     rc = ngx_http_send_header(r);
 

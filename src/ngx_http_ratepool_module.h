@@ -222,6 +222,8 @@ ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_ratepool_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message,
     ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
+    ngx_uint_t status, ngx_buf_t *b);
 
 /* ngx_http_ratepool_balancer.c */
 char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,

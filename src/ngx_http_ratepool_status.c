@@ -49,7 +49,6 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     ngx_int_t                            rc;
     ngx_buf_t                           *b;
     ngx_uint_t                           i, j;
-    ngx_chain_t                          out;
     ngx_http_ratepool_zone_t            *zone;
     ngx_http_ratepool_pool_t           **pools;
     ngx_http_ratepool_key_t             *keys;
@@ -133,25 +132,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     p = ngx_cpymem(p, "]}\n", 3);
 
     b->last = p;
-    b->last_buf = (r == r->main) ? 1 : 0;
-    b->last_in_chain = 1;
 
-    r->headers_out.status = NGX_HTTP_OK;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
-
-    rc = ngx_http_send_header(r);
-
-    if (rc == NGX_ERROR || rc > NGX_OK || r->header_only) {
-        return rc;
-    }
-
-    out.buf = b;
-    out.next = NULL;
-
-    return ngx_http_output_filter(r, &out);
+    return ngx_http_ratepool_send_json(r, NGX_HTTP_OK, b);
 }
 
 
