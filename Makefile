@@ -22,14 +22,15 @@ TEST_ENV     = RATEPOOL_PRELOAD="$$($(CC) -print-file-name=libasan.so) \
 endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
-PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c
+PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
+               src/ratepool_usage.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
-.PHONY: all deps module unit test demo bench clean
+.PHONY: all deps module unit fuzz test demo bench clean
 
 # the Debian 12 packages ratepool builds and tests with
 DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev perl wrk \
-               ca-certificates
+               ca-certificates clang libclang-rt-14-dev
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 all: module unit
@@ -66,9 +67,20 @@ $(BUILD)/unit_tests: t/unit/unit_tests.c $(PURE_SRCS) src/*.h
 
 unit: $(BUILD)/unit_tests
 
-test: module unit
+# libFuzzer targets of the pure parsers; t/02-fuzz.t runs them briefly
+FUZZ_CFLAGS  = -g -O1 -Isrc -fsanitize=fuzzer,address,undefined
+FUZZERS      = $(BUILD)/fuzz/fuzz_usage $(BUILD)/fuzz/fuzz_parse
+
+$(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) src/*.h
+	@mkdir -p $(BUILD)/fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< $(PURE_SRCS)
+
+fuzz: $(FUZZERS)
+
+test: module unit fuzz
 	$(TEST_ENV) RATEPOOL_MODULE=$(CURDIR)/$(MODULE) \
-	    RATEPOOL_UNIT=$(CURDIR)/$(BUILD)/unit_tests prove -I t/lib t/
+	    RATEPOOL_UNIT=$(CURDIR)/$(BUILD)/unit_tests \
+	    RATEPOOL_FUZZ_DIR=$(CURDIR)/$(BUILD)/fuzz prove -I t/lib t/
 
 demo: module
 	./demo/run

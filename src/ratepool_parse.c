@@ -103,8 +103,9 @@ ratepool_parse_retry_after(const unsigned char *p, size_t len, time_t now_sec,
             }
         }
 
-        if (sec > RATEPOOL_MAX_DELAY_MS / 1000) {
-            sec = RATEPOOL_MAX_DELAY_MS / 1000;
+        if (sec >= RATEPOOL_MAX_DELAY_MS / 1000) {
+            *delay_ms = RATEPOOL_MAX_DELAY_MS;
+            return 0;
         }
 
         *delay_ms = sec * 1000 + ms;

@@ -10,6 +10,7 @@
 #include "ratepool_bucket.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
+#include "ratepool_usage.h"
 
 
 static int  tests, failures;
@@ -236,6 +237,9 @@ test_parse(void)
     check(ratepool_parse_retry_after(S("99999999999"), 0, &v) == 0
           && v == 365ULL * 86400 * 1000,
           "absurd retry-after is capped at a year");
+    check(ratepool_parse_retry_after(S("555555555555285.2"), 0, &v) == 0
+          && v == 365ULL * 86400 * 1000,
+          "with a fraction too (found by the fuzzer)");
 
     check(ratepool_parse_rfc3339(S("2025-08-21T12:40:59Z"), &t) == 0
           && t == 1755780059, "RFC 3339 in UTC");
@@ -274,6 +278,221 @@ test_parse(void)
 }
 
 
+static const char  anthropic_stream[] =
+    "event: message_start\n"
+    "data: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1\", "
+    "\"type\": \"message\", \"role\": \"assistant\", \"content\": [], "
+    "\"model\": \"claude-sonnet-4-6\", \"stop_reason\": null, "
+    "\"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 7, "
+    "\"cache_read_input_tokens\": 1200, \"output_tokens\": 1}}}\n"
+    "\n"
+    "event: content_block_start\n"
+    "data: {\"type\": \"content_block_start\", \"index\": 0, "
+    "\"content_block\": {\"type\": \"text\", \"text\": \"\"}}\n"
+    "\n"
+    "event: ping\n"
+    "data: {\"type\": \"ping\"}\n"
+    "\n"
+    ": a comment line\n"
+    "event: content_block_delta\n"
+    "data: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": "
+    "{\"type\": \"text_delta\", \"text\": \"{\\\"usage\\\": "
+    "{\\\"output_tokens\\\": 99999}}\"}}\n"
+    "\n"
+    "event: message_delta\n"
+    "data: {\"type\": \"message_delta\", \"delta\": {\"stop_reason\": "
+    "\"end_turn\"}, \"usage\": {\"output_tokens\": 15}}\n"
+    "\n"
+    "event: message_delta\n"
+    "data: {\"type\": \"message_delta\", \"delta\": {}, "
+    "\"usage\": {\"output_tokens\": 42}}\n"
+    "\n"
+    "event: message_stop\n"
+    "data: {\"type\": \"message_stop\"}\n"
+    "\n";
+
+
+static void
+usage_scan(ratepool_usage_t *u, int sse, const char *text, size_t piece)
+{
+    size_t                    len, n;
+    ratepool_usage_scanner_t  s;
+
+    ratepool_usage_init(&s, sse);
+
+    len = strlen(text);
+
+    while (len) {
+        n = (piece && piece < len) ? piece : len;
+        ratepool_usage_feed(&s, (const unsigned char *) text, n);
+        text += n;
+        len -= n;
+    }
+
+    ratepool_usage_finish(&s);
+    *u = s.usage;
+}
+
+
+static int
+usage_same(ratepool_usage_t *a, ratepool_usage_t *b)
+{
+    return a->input_tokens == b->input_tokens
+           && a->output_tokens == b->output_tokens
+           && a->cache_creation_input_tokens == b->cache_creation_input_tokens
+           && a->cache_read_input_tokens == b->cache_read_input_tokens
+           && a->cached_tokens == b->cached_tokens
+           && a->seen == b->seen && a->error_event == b->error_event
+           && a->events == b->events;
+}
+
+
+static void
+test_usage(void)
+{
+    int                       ok;
+    char                     *crlf, *q;
+    size_t                    i, split;
+    const char               *p;
+    ratepool_usage_t          whole, part;
+    ratepool_usage_scanner_t  s;
+
+    usage_scan(&whole, 1, anthropic_stream, 0);
+
+    check(whole.input_tokens == 25 && whole.cache_creation_input_tokens == 7
+          && whole.cache_read_input_tokens == 1200,
+          "a stream's input usage comes from message_start");
+    check(whole.output_tokens == 42,
+          "output tokens are the last cumulative message_delta value");
+    check(whole.events == 7 && !whole.error_event,
+          "every event is seen, comments are not events");
+
+    ok = 1;
+
+    for (i = 1; i < 64; i++) {
+        usage_scan(&part, 1, anthropic_stream, i);
+        ok &= usage_same(&whole, &part);
+    }
+
+    check(ok, "pieces of any size from 1 to 63 bytes read the same");
+
+    ok = 1;
+
+    for (split = 1; split < strlen(anthropic_stream); split++) {
+        ratepool_usage_init(&s, 1);
+        ratepool_usage_feed(&s, (const unsigned char *) anthropic_stream,
+                            split);
+        ratepool_usage_feed(&s, (const unsigned char *) anthropic_stream
+                                + split,
+                            strlen(anthropic_stream) - split);
+        ok &= usage_same(&whole, &s.usage);
+    }
+
+    check(ok, "a split at every byte boundary reads the same");
+
+    crlf = malloc(2 * sizeof(anthropic_stream));
+    for (p = anthropic_stream, q = crlf; *p; p++) {
+        if (*p == '\n') {
+            *q++ = '\r';
+        }
+        *q++ = *p;
+    }
+    *q = '\0';
+
+    usage_scan(&part, 1, crlf, 3);
+    check(usage_same(&whole, &part), "CRLF line ends read the same");
+
+    for (q = crlf, p = anthropic_stream; *p; p++) {
+        *q++ = (*p == '\n') ? '\r' : *p;
+    }
+    *q = '\0';
+
+    usage_scan(&part, 1, crlf, 5);
+    check(usage_same(&whole, &part), "CR line ends read the same");
+    free(crlf);
+
+    usage_scan(&part, 1,
+               "event: message_start\n"
+               "data: {\"type\":\"message_start\",\"message\":{\"usage\":"
+               "{\"input_tokens\":10,\"output_tokens\":1}}}\n\n"
+               "event: content_block_delta\n"
+               "data: {\"type\":\"content_block_delta\",\"delta\":"
+               "{\"text\":\"Hel\"}}\n\n"
+               "event: error\n"
+               "data: {\"type\": \"error\", \"error\": {\"type\": "
+               "\"overloaded_error\", \"message\": \"Overloaded\"}}\n\n", 7);
+    check(part.error_event && part.input_tokens == 10
+          && part.output_tokens == 1,
+          "an error event mid-stream is flagged, usage so far is kept");
+
+    usage_scan(&part, 1,
+               "data: {\"usage\": {\"input_tokens\": 5, \"oops\n\n"
+               "data: {\"usage\": {\"output_tokens\": 6}}\n\n", 4);
+    check(part.input_tokens == 5 && part.output_tokens == 6,
+          "a broken event does not spoil the next one");
+
+    usage_scan(&part, 1,
+               "data: {\"usage\":\n"
+               "data:  {\"input_tokens\": 12}}\n\n", 2);
+    check(part.input_tokens == 12, "an event's data may span lines");
+
+    usage_scan(&part, 0,
+               "{\"id\":\"msg_1\",\"type\":\"message\",\"content\":[{\"type\":"
+               "\"tool_use\",\"input\":{\"usage\":{\"input_tokens\":999}}},"
+               "{\"type\":\"text\",\"text\":\"usage: input_tokens 998\"}],"
+               "\"usage\":{\"input_tokens\":2095,\"cache_creation_input_tokens"
+               "\":0,\"cache_read_input_tokens\":0,\"output_tokens\":503}}", 9);
+    check(part.input_tokens == 2095 && part.output_tokens == 503
+          && part.seen == (RATEPOOL_USAGE_INPUT | RATEPOOL_USAGE_OUTPUT
+                           | RATEPOOL_USAGE_CACHE_CREATION
+                           | RATEPOOL_USAGE_CACHE_READ),
+          "a JSON body's usage is read, a usage object in content is not");
+
+    usage_scan(&part, 1,
+               "data: {\"id\":\"c1\",\"choices\":[{\"delta\":{\"content\":"
+               "\"Hi\"}}],\"usage\":null}\n\n"
+               "data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens"
+               "\":20,\"completion_tokens\":7,\"total_tokens\":27,"
+               "\"prompt_tokens_details\":{\"cached_tokens\":8},"
+               "\"completion_tokens_details\":{\"reasoning_tokens\":3}}}\n\n"
+               "data: [DONE]\n\n", 6);
+    check(part.input_tokens == 20 && part.output_tokens == 7
+          && part.cached_tokens == 8 && part.events == 3,
+          "OpenAI chat stream usage, with cached tokens and [DONE]");
+
+    usage_scan(&part, 1,
+               "event: response.completed\n"
+               "data: {\"type\":\"response.completed\",\"response\":{\"usage\":"
+               "{\"input_tokens\":30,\"input_tokens_details\":{\"cached_tokens"
+               "\":10},\"output_tokens\":9,\"total_tokens\":39}}}\n\n", 11);
+    check(part.input_tokens == 30 && part.output_tokens == 9
+          && part.cached_tokens == 10,
+          "OpenAI Responses usage in response.completed");
+
+    usage_scan(&part, 0,
+               "{\"usage\":{\"input_tokens\":-5,\"output_tokens\":1.5,"
+               "\"cache_read_input_tokens\":1e3,\"cache_creation_input_tokens"
+               "\":12345678901234567890123}}", 0);
+    check(part.seen == 0, "negative, fractional and absurd counts are ignored");
+
+    usage_scan(&part, 0, "{\"usage\":{\"output_tokens\":77", 0);
+    check(part.output_tokens == 77, "a number at the very end is complete");
+
+    usage_scan(&part, 0,
+               "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+               "[[[[[[[[[[[[[[[[[[[[{\"usage\":{\"input_tokens\":1}}", 0);
+    check(part.seen == 0, "nesting past 64 levels is not followed");
+
+    usage_scan(&part, 0, "{\"message\":{\"usage\":{\"input_tokens\":3}},"
+                         "\"usage\":{\"output_tokens\":4}}", 1);
+    check(part.input_tokens == 3 && part.output_tokens == 4,
+          "message.usage and usage both count");
+
+    usage_scan(&part, 0, "{\"a\":{\"usage\":{\"input_tokens\":3}}}", 1);
+    check(part.seen == 0, "usage under any other key does not count");
+}
+
+
 int
 main(void)
 {
@@ -281,6 +500,7 @@ main(void)
     test_pick();
     test_cooldown();
     test_parse();
+    test_usage();
 
     printf("1..%d\n", tests);
 

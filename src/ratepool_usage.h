@@ -1,0 +1,83 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _RATEPOOL_USAGE_H_INCLUDED_
+#define _RATEPOOL_USAGE_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+
+
+/*
+ * Reads token usage from a provider's answer as it passes, in pieces
+ * split anywhere: a JSON body, or an SSE stream whose data lines are
+ * JSON.  Constant memory, no copies of the answer; nothing outside a
+ * document's top-level "usage" object (or "message.usage",
+ * "response.usage") can match, so text the model generates cannot.
+ * Later values replace earlier ones: Anthropic's message_delta usage is
+ * cumulative, and the last report is the whole request's.
+ */
+
+#define RATEPOOL_USAGE_INPUT           0x01  /* input_tokens, prompt_tokens */
+#define RATEPOOL_USAGE_OUTPUT          0x02  /* output_tokens,
+                                                completion_tokens */
+#define RATEPOOL_USAGE_CACHE_CREATION  0x04
+#define RATEPOOL_USAGE_CACHE_READ      0x08
+#define RATEPOOL_USAGE_CACHED          0x10  /* OpenAI: a part of input */
+
+#define RATEPOOL_USAGE_DEPTH           6     /* object levels tracked */
+#define RATEPOOL_USAGE_KEY_MAX         32
+
+
+typedef struct {
+    uint64_t         input_tokens;
+    uint64_t         output_tokens;
+    uint64_t         cache_creation_input_tokens;
+    uint64_t         cache_read_input_tokens;
+    uint64_t         cached_tokens;
+    unsigned         seen;               /* RATEPOOL_USAGE_* */
+    unsigned         error_event:1;      /* an SSE "error" event */
+    unsigned         events;             /* SSE events completed */
+} ratepool_usage_t;
+
+
+typedef struct {
+    ratepool_usage_t  usage;
+
+    /* SSE framing */
+    unsigned          sse:1;
+    unsigned          after_cr:1;
+    unsigned          line_state;
+    unsigned          field;             /* which field this line is */
+    unsigned          field_len;
+    unsigned char     field_name[8];
+    unsigned          event_len;
+    unsigned char     event[16];
+    unsigned          data_lines;
+
+    /* JSON */
+    unsigned          json_state;
+    unsigned          escape:1;
+    unsigned          number_bad:1;
+    unsigned          depth;             /* containers open */
+    uint64_t          arrays;            /* bit d: container d is an array */
+    unsigned char     frame_key[RATEPOOL_USAGE_DEPTH];
+    unsigned char     key[RATEPOOL_USAGE_KEY_MAX];
+    unsigned          key_len;
+    unsigned          value_key;         /* key of the value being read */
+    uint64_t          number;
+    unsigned          digits;
+} ratepool_usage_scanner_t;
+
+
+void ratepool_usage_init(ratepool_usage_scanner_t *s, int sse);
+void ratepool_usage_feed(ratepool_usage_scanner_t *s, const unsigned char *p,
+    size_t len);
+void ratepool_usage_finish(ratepool_usage_scanner_t *s);
+
+
+#endif /* _RATEPOOL_USAGE_H_INCLUDED_ */
