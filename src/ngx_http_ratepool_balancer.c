@@ -324,6 +324,69 @@ ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
 }
 
 
+/*
+ * nginx's keepalive cache matches connections by address alone.  Keys
+ * whose hosts differ but share an address would then send one key's
+ * requests, with its secret, over a TLS connection made and verified for
+ * the other host.  Such a pool is refused when keepalive wraps it.
+ */
+
+ngx_int_t
+ngx_http_ratepool_check_keepalive(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool)
+{
+    ngx_uint_t                i, j, m, n;
+    ngx_http_ratepool_key_t  *keys, *a, *b;
+
+    if (pool->upstream->peer.init_upstream == ngx_http_ratepool_init_upstream)
+    {
+        return NGX_OK;      /* nothing caches connections */
+    }
+
+    keys = pool->keys->elts;
+
+    for (i = 0; i < pool->keys->nelts; i++) {
+        for (j = i + 1; j < pool->keys->nelts; j++) {
+            a = &keys[i];
+            b = &keys[j];
+
+            if (a->host.len == b->host.len
+                && ngx_strncasecmp(a->host.data, b->host.data, a->host.len)
+                   == 0)
+            {
+                continue;
+            }
+
+            for (m = 0; m < a->naddrs; m++) {
+                for (n = 0; n < b->naddrs; n++) {
+
+                    if (ngx_cmp_sockaddr(a->addrs[m].sockaddr,
+                                         a->addrs[m].socklen,
+                                         b->addrs[n].sockaddr,
+                                         b->addrs[n].socklen, 1)
+                        != NGX_OK)
+                    {
+                        continue;
+                    }
+
+                    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                                  "keys \"%V\" and \"%V\" of upstream \"%V\" "
+                                  "reach different hosts at one address "
+                                  "%V, and keepalive would reuse one "
+                                  "key's connections for the other; put "
+                                  "them in separate upstreams or remove "
+                                  "\"keepalive\"", &a->name, &b->name,
+                                  &pool->upstream->host, &a->addrs[m].name);
+                    return NGX_ERROR;
+                }
+            }
+        }
+    }
+
+    return NGX_OK;
+}
+
+
 /* ratepool zone=NAME */
 
 char *

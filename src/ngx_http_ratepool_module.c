@@ -1417,7 +1417,9 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
 {
     static ngx_str_t  request_id = ngx_string("request_id");
 
+    ngx_uint_t                      i;
     ngx_http_handler_pt            *h;
+    ngx_http_ratepool_pool_t      **pools;
     ngx_http_core_main_conf_t      *cmcf;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
@@ -1425,6 +1427,16 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
 
     if (ngx_http_ratepool_link_passes(cf, rmcf) != NGX_OK) {
         return NGX_ERROR;
+    }
+
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        if (pools[i]->keys
+            && ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
     }
 
     rmcf->request_id_index = ngx_http_get_variable_index(cf, &request_id);

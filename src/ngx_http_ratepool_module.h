@@ -228,6 +228,8 @@ ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
 /* ngx_http_ratepool_balancer.c */
 char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+ngx_int_t ngx_http_ratepool_check_keepalive(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool);
 
 /* ngx_http_ratepool_shm.c */
 ngx_int_t ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data);

@@ -99,6 +99,12 @@ my @cases = (
       . "ratepool zone=llm; ratepool_key k server=127.0.0.1:1 key=other; }",
       qr/key "k" is declared in upstreams "p" and "q" with different secrets or orgs/ ],
 
+    [ 'keepalive over keys of two hosts at one address',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key a server=localhost:1 key=$SECRET; "
+      . "ratepool_key b server=127.0.0.1:1 key=$SECRET; keepalive 8; }",
+      qr/keys "a" and "b" of upstream "p" reach different hosts at one address 127.0.0.1:1, and keepalive would reuse/ ],
+
     [ 'a bad org limit',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o rpm=lots; ratepool_key k org=o server=127.0.0.1:1 "
