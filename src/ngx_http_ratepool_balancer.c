@@ -72,6 +72,11 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     key = ctx->key;
     index = key - (ngx_http_ratepool_key_t *) ctx->pool->keys->elts;
 
+    /* counted here, not when chosen: a request may end before it is sent */
+    ngx_shmtx_lock(&ctx->pool->zone->shpool->mutex);
+    key->sh->sent++;
+    ngx_shmtx_unlock(&ctx->pool->zone->shpool->mutex);
+
     ctx->tries++;
     ctx->tried |= (uint64_t) 1 << index;
     ctx->answered = 0;

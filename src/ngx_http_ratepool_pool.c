@@ -186,7 +186,6 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     org->sh->inflight++;
     key->sh->inflight++;
     key->sh->last_pick_ms = now_ms;
-    key->sh->sent++;
 
     ngx_shmtx_unlock(&shpool->mutex);
 

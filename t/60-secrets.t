@@ -19,12 +19,6 @@ my $t = Ratepool::Test->new;
 
 *random_hex = \&Ratepool::Test::random_hex;
 
-sub slurp {
-    open my $fh, '<', $_[0] or return '';
-    local $/;
-    return scalar <$fh>;
-}
-
 # a1 answers 429 once, d1 is refused, b1 serves; o1 is an OpenAI key
 my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } qw(a1 b1 d1 o1);
 my %TOKEN = (
@@ -208,7 +202,7 @@ like($status, qr/"fingerprint":"$fingerprint"/,
 
 $t->stop;
 
-my $access = slurp($t->testdir . '/gateway.log');
+my $access = $t->read_file('gateway.log');
 like($access, qr/key=b1 ws=backend tries=\d/,
     'the access log names the key and the workspace');
 like($t->error_log, qr/key "d1" .*$fingerprint/,
@@ -219,7 +213,7 @@ my %place = (
     'access log'         => $access,
     'default access log' => $t->access_log,
     'answers to clients' => join("\n", @answers),
-    'nginx stderr'       => slurp($t->testdir . '/stderr.log'),
+    'nginx stderr'       => $t->read_file('stderr.log'),
 );
 
 SKIP: {

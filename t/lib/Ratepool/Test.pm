@@ -335,6 +335,12 @@ sub by_name {
     return { map { $_->{name} => $_ } @{ $list || [] } };
 }
 
+# A file of the test directory ('' if it is not there).
+sub read_file {
+    my ($self, $name) = @_;
+    return _slurp("$self->{testdir}/$name");
+}
+
 # The value ratepool_client wants for a gateway token.
 sub token_hash {
     my ($self, $token) = @_;

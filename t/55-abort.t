@@ -1,0 +1,364 @@
+#!/usr/bin/perl
+
+# Requests that end badly give back what they hold: whether the client
+# goes away while the provider thinks or mid-stream, the provider times
+# out, the client's body is cut short, or nginx reloads under a slow
+# request, the key, its org and the totals show nothing in flight
+# afterwards, and the gateway goes on answering.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use Digest::SHA qw(sha256_hex);
+use IO::Select;
+use IO::Socket::INET;
+use JSON::PP;
+use POSIX ();
+use Test::More;
+use Time::HiRes qw(sleep time);
+
+use Ratepool::Test;
+
+my $t = Ratepool::Test->new;
+
+*random_hex = \&Ratepool::Test::random_hex;
+
+my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } qw(a1 b1);
+my $TOKEN = 'gw-abort-' . random_hex(16);
+
+my $mock = $t->start_mock(port => 1, config => {
+    keys => { map { $SECRET{$_} => { org => "org-$_", name => $_ } }
+              keys %SECRET },
+    orgs => { map { ("org-$_" => { rpm => 1000 }) } keys %SECRET },
+});
+
+$t->write_file("$_.key", "$SECRET{$_}\n") for keys %SECRET;
+
+$t->write_config(<<"EOF");
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    log_format abort '\$status key=\$ratepool_key tries=\$ratepool_tries '
+                     'rt=\$request_time "\$request"';
+
+    ratepool_zone llm:1m;
+
+    upstream claude {
+        ratepool zone=llm;
+        ratepool_key a1 org=org-a1 server=127.0.0.1:%%PORT_1%%
+                     key_file=%%TESTDIR%%/a1.key;
+        ratepool_key b1 org=org-b1 server=127.0.0.1:%%PORT_1%%
+                     key_file=%%TESTDIR%%/b1.key;
+        keepalive 8;
+    }
+
+    ratepool_workspace backend;
+    ratepool_client backend sha256:${\ sha256_hex($TOKEN) };
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        access_log %%TESTDIR%%/gateway.log abort;
+
+        location /v1/ {
+            ratepool_pass http://claude;
+        }
+
+        location = /ratepool/status {
+            ratepool_status;
+        }
+    }
+
+    # the same pool, behind a provider that may take 1 s at most
+    server {
+        listen 127.0.0.1:%%PORT_2%%;
+        access_log %%TESTDIR%%/gateway.log abort;
+        proxy_read_timeout 1s;
+
+        location /v1/ {
+            ratepool_pass http://claude;
+        }
+    }
+}
+EOF
+
+$t->run;
+
+# --- helpers ----------------------------------------------------------------
+
+sub status {
+    my $s = $t->status;
+    my $pool = $s->{pools}[0] || {};
+    $s->{key} = Ratepool::Test::by_name($pool->{keys});
+    $s->{org} = Ratepool::Test::by_name($pool->{orgs});
+    return $s;
+}
+
+# every in-flight count of the status, as "where=n", for messages
+sub in_flight {
+    my ($s) = @_;
+    return join ' ', "totals=" . ($s->{totals}{in_flight} // 'undef'),
+        (map { "$_=" . ($s->{key}{$_}{in_flight} // 'undef') }
+             sort keys %{ $s->{key} }),
+        (map { "$_=" . ($s->{org}{$_}{in_flight} // 'undef') }
+             sort keys %{ $s->{org} });
+}
+
+sub held {
+    my ($s) = @_;
+    return $s->{totals}{in_flight} // -1;
+}
+
+# polls the status until nothing is in flight: seconds it took, or undef
+sub wait_released {
+    my ($seconds) = @_;
+    my $t0 = time;
+
+    while (time - $t0 < $seconds) {
+        return time - $t0 if in_flight(status()) eq in_flight_zero();
+        sleep 0.05;
+    }
+
+    return undef;
+}
+
+sub in_flight_zero {
+    return 'totals=0 a1=0 b1=0 org-a1=0 org-b1=0';
+}
+
+# tests that nothing is held and the gateway still answers
+sub released_and_serving {
+    my ($what, $within) = @_;
+
+    my $took = wait_released($within);
+    ok(defined $took, "$what: nothing is left in flight, keys and orgs "
+                    . "included, within $within s")
+        or diag in_flight(status());
+
+    my $r = $t->messages(token => $TOKEN);
+    is($r->{status}, 200, "$what: the next request is answered");
+    is(held(status()), 0, "$what: and leaves nothing in flight");
+
+    return $took;
+}
+
+sub body_json {
+    my (%fields) = @_;
+    return encode_json({ model => 'claude-sonnet-4-6', max_tokens => 64,
+        messages => [ { role => 'user', content => 'Hello' } ], %fields });
+}
+
+# a raw connection with a request written, all of it or only its head
+# and the first $partial bytes of its body
+sub raw_request {
+    my (%args) = @_;
+    my $body = $args{body} // body_json();
+    my $port = $args{port} // $t->port(0);
+
+    my $head = "POST /v1/messages HTTP/1.1\r\n"
+        . "Host: 127.0.0.1:$port\r\n"
+        . "x-api-key: $TOKEN\r\n"
+        . "anthropic-version: 2023-06-01\r\n"
+        . "Content-Type: application/json\r\n"
+        . "Content-Length: " . ($args{length} // length $body) . "\r\n"
+        . join('', map { "$_->[0]: $_->[1]\r\n" } @{ $args{headers} || [] })
+        . "\r\n";
+
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
+                                  Proto => 'tcp', Timeout => 5)
+        or die "connect: $@\n";
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite $s, $head . (defined $args{partial}
+                          ? substr($body, 0, $args{partial}) : $body);
+    return $s;
+}
+
+# reads from $s until $pattern matched what arrived, or $seconds passed
+sub read_until {
+    my ($s, $pattern, $seconds) = @_;
+    my $sel = IO::Select->new($s);
+    my $got = '';
+    my $deadline = time + $seconds;
+
+    while ($got !~ $pattern) {
+        my $left = $deadline - time;
+        last if $left <= 0 || !$sel->can_read($left);
+        sysread($s, my $buf, 65536) or last;
+        $got .= $buf;
+    }
+
+    return $got;
+}
+
+sub access_lines {
+    open my $fh, '<', $t->testdir . '/gateway.log' or return ();
+    return <$fh>;
+}
+
+is(in_flight(status()), in_flight_zero(), 'nothing is in flight at first');
+
+# --- (a) the client goes away while the provider thinks ---------------------
+
+my $s = raw_request(headers => [ [ 'x-mock-delay-ms', 1500 ] ]);
+sleep 0.2;
+
+my $st = status();
+is(held($st), 1, '(a) a request waiting for the provider is in flight');
+my ($key_a) = grep { $st->{key}{$_}{in_flight} } keys %{ $st->{key} };
+my $failed_a = $st->{key}{ $key_a // 'a1' }{responses}{failed};
+
+close $s;
+
+my $took = wait_released(5);
+ok(defined $took && $took < 1.0,
+    '(a) when the client disconnects it is released at once, not when the '
+    . 'provider answers 1.3 s later')
+    or diag sprintf 'released after %s s: %s',
+        defined $took ? sprintf('%.2f', $took) : 'never', in_flight(status());
+is(status()->{key}{ $key_a // 'a1' }{responses}{failed}, $failed_a,
+    '(a) a client that goes away is not counted against the key');
+my ($line_a) = grep { /"POST \/v1\/messages/ } access_lines();
+like($line_a // '', qr/^499 key=$key_a tries=1 /,
+    '(a) the gateway logs 499, client closed request, with the key');
+released_and_serving('(a)', 3);
+
+# --- (b) the client goes away mid-stream -----------------------------------
+
+$s = raw_request(body => body_json(stream => JSON::PP::true),
+                 headers => [ [ 'x-mock-stream-delay-ms', 200 ] ]);
+
+my $got = read_until($s, qr/\r\n\r\n.*event: message_start/s, 3);
+like($got, qr{^HTTP/1\.1 200 .*\r\n\r\n.*event: message_start}s,
+    '(b) the stream starts');
+is(held(status()), 1, '(b) the streaming request is in flight');
+
+close $s;
+
+# the whole stream takes about 10 pieces of 200 ms
+$took = wait_released(5);
+ok(defined $took && $took < 1.0,
+    '(b) a client that leaves mid-stream is released within a piece or two,'
+    . ' not when the stream would end')
+    or diag sprintf 'released after %s s: %s',
+        defined $took ? sprintf('%.2f', $took) : 'never', in_flight(status());
+released_and_serving('(b)', 3);
+
+# --- (c) the provider times out ---------------------------------------------
+
+# (c1) every key is slow: each times out after proxy_read_timeout (1 s),
+# the request goes on to the other key, then the client gets 504 (nginx's
+# own "504 Gateway Time-out" page: the gateway has no answer of its own
+# for this)
+
+$mock->reset;
+$st = status();
+my %failed = map { $_ => $st->{key}{$_}{responses}{failed} } qw(a1 b1);
+
+my $t0 = time;
+my $r = $t->messages(token => $TOKEN, port => $t->port(2), timeout => 15,
+                     headers => [ 'x-mock-delay-ms' => 3000 ]);
+my $elapsed = time - $t0;
+my $log = $mock->log;
+
+is($r->{status}, 504, '(c1) when every key times out the client gets 504');
+ok($elapsed > 1.8 && $elapsed < 3.0,
+    '(c1) after one read timeout per key, 2 s')
+    or diag sprintf 'took %.2f s', $elapsed;
+is_deeply([ sort map { $_->{key_name} } @$log ], [ 'a1', 'b1' ],
+    '(c1) the request was sent with each key once');
+is($log->[1]{body}, $log->[0]{body}, '(c1) with the same body');
+
+$st = status();
+is($st->{key}{$_}{responses}{failed}, $failed{$_} + 1,
+    "(c1) $_ counts its timeout as failed") for qw(a1 b1);
+released_and_serving('(c1)', 2);
+
+# (c2) only a1 is slow: a request first sent with a1 times out there and
+# is answered by b1
+
+$mock->reset;
+$mock->script($SECRET{a1}, [ { status => 200, delay_ms => 3000 } ]);
+%failed = map { $_ => status()->{key}{$_}{responses}{failed} } qw(a1 b1);
+
+# keys take turns: within two requests one goes to a1 first
+for (1 .. 3) {
+    my $seen = @{ $mock->log };
+    $t0 = time;
+    $r = $t->messages(token => $TOKEN, port => $t->port(2), timeout => 15);
+    $elapsed = time - $t0;
+    $log = [ @{ $mock->log }[ $seen .. $#{ $mock->log } ] ];
+    last if @$log && $log->[0]{key_name} eq 'a1';
+}
+
+is_deeply([ map { $_->{key_name} } @$log ], [ 'a1', 'b1' ],
+    '(c2) a request sent with the slow a1 is sent again with b1');
+is($r->{status}, 200, '(c2) and the client gets b1\'s answer');
+like(eval { decode_json($r->{body})->{content}[0]{text} } // '',
+    qr/b1/, '(c2) b1\'s answer it is');
+ok($elapsed > 0.9 && $elapsed < 2.0, '(c2) after a1\'s timeout of 1 s')
+    or diag sprintf 'took %.2f s', $elapsed;
+
+$st = status();
+is($st->{key}{a1}{responses}{failed}, $failed{a1} + 1,
+    '(c2) a1 counts the timeout as failed');
+is($st->{key}{b1}{responses}{failed}, $failed{b1}, '(c2) b1 does not');
+released_and_serving('(c2)', 2);
+
+# --- (d) the client's body is cut short ------------------------------------
+
+$mock->reset;
+
+$s = raw_request(length => 1000, partial => 10);
+sleep 0.2;
+my $held_d = held(status());
+close $s;
+
+$took = wait_released(3);
+ok(defined $took, '(d) a request whose body never arrives is released')
+    or diag "in flight while the body was awaited: $held_d; now: "
+          . in_flight(status());
+is(scalar @{ $mock->log }, 0, '(d) and never reached the provider');
+released_and_serving('(d)', 2);
+
+# --- (e) nginx reloads under a slow request --------------------------------
+
+pipe(my $from_child, my $to_parent) or die "pipe: $!\n";
+my $pid = fork // die "fork: $!\n";
+
+if (!$pid) {
+    close $from_child;
+    my $res = $t->messages(token => $TOKEN, timeout => 10,
+                           headers => [ 'x-mock-delay-ms' => 1500 ]);
+    print {$to_parent} encode_json({ status => $res->{status},
+                                     body => $res->{body} });
+    close $to_parent;
+    POSIX::_exit(0);
+}
+
+close $to_parent;
+
+my $deadline = time + 3;
+sleep 0.05 until held(status()) == 1 || time > $deadline;
+is(held(status()), 1, '(e) a slow request is in flight');
+
+ok($t->reload, '(e) nginx reloads while it is in flight, the old worker '
+             . 'finishing it');
+
+my $child = eval { decode_json(do { local $/; <$from_child> }) } || {};
+waitpid $pid, 0;
+
+is($child->{status}, 200, '(e) the slow request completes with 200');
+like(eval { decode_json($child->{body})->{content}[0]{text} } // '',
+    qr/^Hello from [ab]1$/, '(e) with the provider\'s answer');
+released_and_serving('(e)', 2);
+
+$t->stop;
+$t->check_log;
+
+done_testing;
