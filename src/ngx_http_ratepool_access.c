@@ -26,8 +26,6 @@ static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
     ngx_str_t *message, uint64_t wait_ms);
 static void ngx_http_ratepool_cleanup(void *data);
-static void ngx_http_ratepool_count(ngx_http_ratepool_pool_t *pool,
-    uint64_t *counter);
 
 
 ngx_int_t
@@ -60,12 +58,12 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     pool = rlcf->pool;
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
-    ngx_http_ratepool_count(pool, &pool->zone->sh->requests);
+    (void) ngx_atomic_fetch_add(&pool->zone->sh->requests, 1);
 
     ws = ngx_http_ratepool_identify(r, rmcf);
 
     if (ws == NULL) {
-        ngx_http_ratepool_count(pool, &pool->zone->sh->rejected_auth);
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_auth, 1);
         ngx_str_set(&msg, "invalid gateway token: send the token this "
                           "gateway issued as x-api-key or as "
                           "Authorization: Bearer");
@@ -109,7 +107,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 
     /* the pool has nothing now: the workspace did not use its request */
     ngx_http_ratepool_refund_workspace(pool, ws);
-    ngx_http_ratepool_count(pool, &pool->zone->sh->rejected_pool);
+    (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
 
     if (soonest_ms == 0) {
         p = ngx_snprintf(buf, sizeof(buf),
@@ -252,12 +250,13 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
 
     } else {
         sh->rejected++;
-        pool->zone->sh->rejected_workspace++;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
 
     if (rc != RATEPOOL_BUCKET_OK) {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "ratepool: workspace \"%V\" is over %ui rpm",
                       &ws->name, ws->rpm);
@@ -274,25 +273,17 @@ ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
 {
     ngx_slab_pool_t  *shpool;
 
-    if (ws->rpm == 0) {
-        return;
-    }
-
     shpool = pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
-    ratepool_bucket_put(&ws->sh->rpm_bucket, ws->rpm, 1);
+
+    if (ws->rpm) {
+        ratepool_bucket_put(&ws->sh->rpm_bucket, ws->rpm, 1);
+    }
+
     ws->sh->admitted--;
+
     ngx_shmtx_unlock(&shpool->mutex);
-}
-
-
-static void
-ngx_http_ratepool_count(ngx_http_ratepool_pool_t *pool, uint64_t *counter)
-{
-    ngx_shmtx_lock(&pool->zone->shpool->mutex);
-    (*counter)++;
-    ngx_shmtx_unlock(&pool->zone->shpool->mutex);
 }
 
 

@@ -162,9 +162,7 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
             u->headers_in.status_n = NGX_HTTP_FORBIDDEN;
         }
 
-        ngx_shmtx_lock(&ctx->pool->zone->shpool->mutex);
-        ctx->pool->zone->sh->rerouted++;
-        ngx_shmtx_unlock(&ctx->pool->zone->shpool->mutex);
+        (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->rerouted, 1);
 
         return NGX_OK;
     }

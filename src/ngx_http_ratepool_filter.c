@@ -27,6 +27,7 @@ static ngx_int_t
 ngx_http_ratepool_header_filter(ngx_http_request_t *r)
 {
     u_char                   *p;
+    size_t                    len;
     uint64_t                  now_ms, wait_ms;
     ngx_http_ratepool_ctx_t  *ctx;
 
@@ -53,12 +54,12 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    if (ngx_http_ratepool_set_header(r, &retry_after, p,
-                                     ngx_sprintf(p, "%ui",
-                                         ratepool_retry_after_sec(wait_ms,
+    len = ngx_sprintf(p, "%ui",
+                      (ngx_uint_t) ratepool_retry_after_sec(wait_ms,
                                                     (uint32_t) ngx_random()))
-                                     - p)
-        != NGX_OK
+          - p;
+
+    if (ngx_http_ratepool_set_header(r, &retry_after, p, len) != NGX_OK
         || ngx_http_ratepool_set_header(r, &should_retry,
                                         (u_char *) "true", 4)
            != NGX_OK)

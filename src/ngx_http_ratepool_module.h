@@ -88,14 +88,17 @@ typedef struct {
 } ngx_http_ratepool_workspace_sh_t;
 
 
+/* the zone's counters are atomics, counted without the lock */
+
 typedef struct {
     ngx_queue_t                     entries;
     time_t                          started;            /* wall clock */
-    uint64_t                        requests;
-    uint64_t                        rejected_auth;
-    uint64_t                        rejected_workspace;
-    uint64_t                        rejected_pool;
-    uint64_t                        rerouted;
+    ngx_atomic_t                    requests;
+    ngx_atomic_t                    in_flight;
+    ngx_atomic_t                    rejected_auth;
+    ngx_atomic_t                    rejected_workspace;
+    ngx_atomic_t                    rejected_pool;
+    ngx_atomic_t                    rerouted;
 } ngx_http_ratepool_shctx_t;
 
 

@@ -13,6 +13,8 @@
 
 /* where a response header teaches something about the key's org */
 
+#define RATEPOOL_COOLDOWN_MAX_MS   3600000
+
 #define RATEPOOL_LEARN_LIMIT       0
 #define RATEPOOL_LEARN_REMAINING   1
 #define RATEPOOL_LEARN_RESET       2
@@ -185,6 +187,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
                                 &wait_ms);
     org->sh->inflight++;
     key->sh->inflight++;
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
     key->sh->last_pick_ms = now_ms;
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -259,6 +262,8 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t failed)
 
     key->sh->inflight--;
     org->sh->inflight--;
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight,
+                                (ngx_atomic_int_t) -1);
 
     if (failed) {
         key->sh->failed++;
@@ -423,7 +428,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         ksh->status_429++;
 
         if (a.has_retry_after) {
-            floor_ms = a.retry_after_ms;
+            /* an hour at most: a cooldown survives reloads, a typo should not */
+            floor_ms = ngx_min(a.retry_after_ms, RATEPOOL_COOLDOWN_MAX_MS);
 
         } else {
             floor_ms = ratepool_backoff_ms(osh->backoff_level);

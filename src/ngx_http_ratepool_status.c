@@ -45,13 +45,12 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 {
     u_char                              *p;
     size_t                               size;
-    uint64_t                             now_ms, inflight;
+    uint64_t                             now_ms;
     ngx_int_t                            rc;
     ngx_buf_t                           *b;
-    ngx_uint_t                           i, j;
+    ngx_uint_t                           i;
     ngx_http_ratepool_zone_t            *zone;
     ngx_http_ratepool_pool_t           **pools;
-    ngx_http_ratepool_key_t             *keys;
     ngx_http_ratepool_workspace_t       *ws;
     ngx_http_ratepool_main_conf_t       *rmcf;
 
@@ -87,24 +86,17 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 
     ngx_shmtx_lock(&zone->shpool->mutex);
 
-    inflight = 0;
-
-    for (i = 0; i < rmcf->pools.nelts; i++) {
-        keys = pools[i]->keys->elts;
-
-        for (j = 0; j < pools[i]->keys->nelts; j++) {
-            inflight += keys[j].sh->inflight;
-        }
-    }
-
     p = ngx_sprintf(p, "{\"zone\":\"%V\",\"uptime_sec\":%T,"
                     "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
                     "\"rejected_auth\":%uL,\"rejected_workspace\":%uL,"
                     "\"rejected_pool\":%uL,\"rerouted\":%uL},\"pools\":[",
                     &rmcf->shm_zone->shm.name, ngx_time() - zone->sh->started,
-                    zone->sh->requests, inflight, zone->sh->rejected_auth,
-                    zone->sh->rejected_workspace, zone->sh->rejected_pool,
-                    zone->sh->rerouted);
+                    (uint64_t) zone->sh->requests,
+                    (uint64_t) zone->sh->in_flight,
+                    (uint64_t) zone->sh->rejected_auth,
+                    (uint64_t) zone->sh->rejected_workspace,
+                    (uint64_t) zone->sh->rejected_pool,
+                    (uint64_t) zone->sh->rerouted);
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
         if (i) {

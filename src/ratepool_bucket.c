@@ -11,9 +11,18 @@
 #define RATEPOOL_BUCKET_PERIOD_MS  60000
 
 
+static uint64_t
+ratepool_clamp(uint64_t n)
+{
+    return n < RATEPOOL_BUCKET_MAX ? n : RATEPOOL_BUCKET_MAX;
+}
+
+
 void
 ratepool_bucket_init(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
 {
+    limit = ratepool_clamp(limit);
+
     b->level = (int64_t) (limit * RATEPOOL_MILLI);
     b->last_ms = now_ms;
 }
@@ -24,6 +33,8 @@ ratepool_bucket_refill(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
 {
     int64_t   capacity, added;
     uint64_t  elapsed_ms;
+
+    limit = ratepool_clamp(limit);
 
     if (now_ms <= b->last_ms) {
         return;
@@ -68,6 +79,9 @@ ratepool_bucket_wait_ms(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
 {
     int64_t  need;
 
+    limit = ratepool_clamp(limit);
+    units = ratepool_clamp(units);
+
     if (limit == 0) {
         return 0;
     }
@@ -91,6 +105,9 @@ ratepool_bucket_take(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
     uint64_t now_ms, uint64_t *wait_ms)
 {
     uint64_t  wait;
+
+    limit = ratepool_clamp(limit);
+    units = ratepool_clamp(units);
 
     *wait_ms = 0;
 
@@ -120,6 +137,9 @@ ratepool_bucket_put(ratepool_bucket_t *b, uint64_t limit, uint64_t units)
 {
     int64_t  capacity;
 
+    limit = ratepool_clamp(limit);
+    units = ratepool_clamp(units);
+
     capacity = (int64_t) (limit * RATEPOOL_MILLI);
 
     b->level += (int64_t) (units * RATEPOOL_MILLI);
@@ -141,6 +161,9 @@ ratepool_bucket_clamp(ratepool_bucket_t *b, uint64_t limit,
 {
     int64_t  remaining;
 
+    limit = ratepool_clamp(limit);
+    remaining_units = ratepool_clamp(remaining_units);
+
     ratepool_bucket_refill(b, limit, now_ms);
 
     remaining = (int64_t) (remaining_units * RATEPOOL_MILLI);
@@ -154,6 +177,8 @@ ratepool_bucket_clamp(ratepool_bucket_t *b, uint64_t limit,
 uint64_t
 ratepool_bucket_level(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
 {
+    limit = ratepool_clamp(limit);
+
     ratepool_bucket_refill(b, limit, now_ms);
 
     return b->level > 0 ? (uint64_t) b->level / RATEPOOL_MILLI : 0;

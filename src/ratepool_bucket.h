@@ -23,6 +23,12 @@
 
 #define RATEPOOL_MILLI          1000
 
+/*
+ * Limits and costs beyond this are clamped: ten billion per minute is far
+ * above any provider's, and keeps every product below 2^63.
+ */
+#define RATEPOOL_BUCKET_MAX     10000000000ULL
+
 #define RATEPOOL_BUCKET_OK      0
 #define RATEPOOL_BUCKET_WAIT    1
 #define RATEPOOL_BUCKET_NEVER   2

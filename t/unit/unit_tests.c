@@ -102,6 +102,13 @@ test_bucket(void)
     check(ratepool_bucket_level(&b, 100, 4000) == 100,
           "time going backwards changes nothing");
 
+    ratepool_bucket_init(&b, 10000000000000000ULL, 0);
+    rc = ratepool_bucket_take(&b, 10000000000000000ULL, 1, 0, &wait);
+    check(rc == RATEPOOL_BUCKET_OK && wait == 0,
+          "an absurd learned limit is clamped, not an endless wait");
+    check(ratepool_bucket_level(&b, 999999999999999999ULL, 10)
+          == RATEPOOL_BUCKET_MAX, "and never wraps the level around");
+
     ratepool_bucket_init(&b, 10000000, 0);
     b.level = 0;
     check(ratepool_bucket_level(&b, 10000000, 30000) == 5000000,
