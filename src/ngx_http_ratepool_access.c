@@ -25,14 +25,15 @@ static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
     ngx_uint_t retry_after_sec, ngx_int_t should_retry);
 static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
     ngx_str_t *message, uint64_t wait_ms);
+static ngx_int_t ngx_http_ratepool_first_key(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_uint_t refund);
 static void ngx_http_ratepool_cleanup(void *data);
 
 
 ngx_int_t
 ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 {
-    u_char                         *p;
-    uint64_t                        wait_ms, soonest_ms, now_ms;
+    uint64_t                        wait_ms;
     ngx_str_t                       msg;
     ngx_pool_cleanup_t             *cln;
     ngx_http_ratepool_ctx_t        *ctx;
@@ -48,14 +49,32 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         return NGX_DECLINED;
     }
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    pool = rlcf->pool;
+    ctx = ngx_http_ratepool_get_ctx(r);
 
     if (ctx) {
-        /* admitted already, the access phase runs again after a redirect */
-        return NGX_DECLINED;
+        /*
+         * The access phase runs again after an internal redirect, and the
+         * workspace was charged already.  A redirect to another pool gives
+         * back what the first one held and starts afresh in the new one.
+         */
+
+        if (ctx->pool == pool) {
+            return NGX_DECLINED;
+        }
+
+        ngx_http_ratepool_release(ctx, &ctx->held, 0);
+        ngx_http_ratepool_release(ctx, &ctx->next, 0);
+
+        ctx->pool = pool;
+        ctx->key = NULL;
+        ctx->tried = 0;
+        ctx->tries = 0;
+        ctx->retry_same = 0;
+
+        return ngx_http_ratepool_first_key(r, ctx, 0);
     }
 
-    pool = rlcf->pool;
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
     (void) ngx_atomic_fetch_add(&pool->zone->sh->requests, 1);
@@ -92,30 +111,58 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
 
     if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
-        p = ngx_snprintf(buf, sizeof(buf),
-                         "workspace \"%V\" is over its budget of %ui "
-                         "requests per minute", &ws->name, ws->rpm);
         msg.data = buf;
-        msg.len = p - buf;
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "workspace \"%V\" is over its budget of %ui "
+                               "requests per minute", &ws->name, ws->rpm)
+                  - buf;
 
         return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
     }
 
-    if (ngx_http_ratepool_acquire(ctx, &soonest_ms) != NULL) {
+    return ngx_http_ratepool_first_key(r, ctx, 1);
+}
+
+
+/*
+ * The proxy builds the request with the first key's headers before it
+ * asks the balancer for a peer, so the first key is chosen here.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_first_key(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_uint_t refund)
+{
+    uint64_t                   soonest_ms, now_ms, wait_ms;
+    ngx_str_t                  msg;
+    ngx_http_ratepool_key_t   *key;
+    ngx_http_ratepool_pool_t  *pool;
+    u_char                     buf[256];
+
+    pool = ctx->pool;
+
+    key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+
+    if (key) {
+        ctx->key = key;
+        ctx->held = key;
         return NGX_DECLINED;
     }
 
     /* the pool has nothing now: the workspace did not use its request */
-    ngx_http_ratepool_refund_workspace(pool, ws);
+    if (refund) {
+        ngx_http_ratepool_refund_workspace(pool, ctx->workspace);
+    }
+
     (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
 
     if (soonest_ms == 0) {
-        p = ngx_snprintf(buf, sizeof(buf),
-                         "no key of pool \"%V\" is accepted by the "
-                         "provider any more; see the gateway's error log",
-                         &pool->upstream->host);
         msg.data = buf;
-        msg.len = p - buf;
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "no key of pool \"%V\" is accepted by the "
+                               "provider any more; see the gateway's error "
+                               "log", &pool->upstream->host)
+                  - buf;
 
         return ngx_http_ratepool_reject(r, NGX_HTTP_SERVICE_UNAVAILABLE,
                                         "api_error", &msg, 0, 0);
@@ -124,14 +171,44 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     now_ms = ngx_http_ratepool_now_ms();
     wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
 
-    p = ngx_snprintf(buf, sizeof(buf),
-                     "every key of pool \"%V\" is at its rate limit; "
-                     "the first frees up in %uL ms",
-                     &pool->upstream->host, wait_ms);
     msg.data = buf;
-    msg.len = p - buf;
+    msg.len = ngx_snprintf(buf, sizeof(buf),
+                           "every key of pool \"%V\" is at its rate limit; "
+                           "the first frees up in %uL ms",
+                           &pool->upstream->host, wait_ms)
+              - buf;
 
     return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
+}
+
+
+/*
+ * An internal redirect (error_page, a named location) wipes the module
+ * contexts; the request's context is found again through the cleanup
+ * that owns it, as the realip module does.
+ */
+
+ngx_http_ratepool_ctx_t *
+ngx_http_ratepool_get_ctx(ngx_http_request_t *r)
+{
+    ngx_pool_cleanup_t       *cln;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    if (ctx || !(r->internal || r->filter_finalize)) {
+        return ctx;
+    }
+
+    for (cln = r->pool->cleanup; cln; cln = cln->next) {
+        if (cln->handler == ngx_http_ratepool_cleanup) {
+            ctx = cln->data;
+            ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
+            break;
+        }
+    }
+
+    return ctx;
 }
 
 
@@ -292,7 +369,8 @@ ngx_http_ratepool_cleanup(void *data)
 {
     ngx_http_ratepool_ctx_t  *ctx = data;
 
-    ngx_http_ratepool_release(ctx, 0);
+    ngx_http_ratepool_release(ctx, &ctx->held, 0);
+    ngx_http_ratepool_release(ctx, &ctx->next, 0);
 }
 
 
@@ -339,22 +417,39 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
     const char *type, ngx_str_t *message, ngx_uint_t retry_after_sec,
     ngx_int_t should_retry)
 {
-    u_char                         *p, *ra;
+    ngx_buf_t  *b;
+
+    b = ngx_http_ratepool_error_body(r, type, message);
+
+    if (b == NULL
+        || ngx_http_ratepool_error_headers(r, retry_after_sec, should_retry)
+           != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_ratepool_send_json(r, status, b);
+}
+
+
+/* an error in the provider's format, with nginx's $request_id */
+
+ngx_buf_t *
+ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
+    ngx_str_t *message)
+{
     size_t                          len;
     uintptr_t                       escape;
     ngx_buf_t                      *b;
     ngx_http_variable_value_t      *id;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
-    static ngx_str_t  retry_after = ngx_string("retry-after");
-    static ngx_str_t  x_should_retry = ngx_string("x-should-retry");
-
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
     id = ngx_http_get_indexed_variable(r, rmcf->request_id_index);
 
     if (id == NULL || id->not_found) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NULL;
     }
 
     escape = ngx_escape_json(NULL, message->data, message->len);
@@ -365,7 +460,7 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
 
     b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        return NULL;
     }
 
     b->last = ngx_sprintf(b->last,
@@ -375,10 +470,26 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
                                          message->len);
     b->last = ngx_sprintf(b->last, "\"},\"request_id\":\"req_gw_%v\"}\n",
                           id);
+
+    return b;
+}
+
+
+/* retry-after (if any) and x-should-retry, which the SDKs obey */
+
+ngx_int_t
+ngx_http_ratepool_error_headers(ngx_http_request_t *r,
+    ngx_uint_t retry_after_sec, ngx_int_t should_retry)
+{
+    u_char  *p, *ra;
+
+    static ngx_str_t  retry_after = ngx_string("retry-after");
+    static ngx_str_t  x_should_retry = ngx_string("x-should-retry");
+
     if (retry_after_sec) {
         ra = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
         if (ra == NULL) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            return NGX_ERROR;
         }
 
         p = ngx_sprintf(ra, "%ui", retry_after_sec);
@@ -386,20 +497,26 @@ ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
         if (ngx_http_ratepool_set_header(r, &retry_after, ra, p - ra)
             != NGX_OK)
         {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+            return NGX_ERROR;
         }
     }
 
-    if (ngx_http_ratepool_set_header(r, &x_should_retry,
-                                     (u_char *) (should_retry ? "true"
-                                                              : "false"),
-                                     should_retry ? 4 : 5)
-        != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
+    return ngx_http_ratepool_set_header(r, &x_should_retry,
+                                        (u_char *) (should_retry ? "true"
+                                                                 : "false"),
+                                        should_retry ? 4 : 5);
+}
 
-    return ngx_http_ratepool_send_json(r, status, b);
+
+void
+ngx_http_ratepool_json_headers(ngx_http_request_t *r, ngx_uint_t status,
+    off_t length)
+{
+    r->headers_out.status = status;
+    r->headers_out.content_length_n = length;
+    ngx_str_set(&r->headers_out.content_type, "application/json");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
 }
 
 
@@ -413,11 +530,7 @@ ngx_http_ratepool_send_json(ngx_http_request_t *r, ngx_uint_t status,
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
-    r->headers_out.status = status;
-    r->headers_out.content_length_n = b->last - b->pos;
-    ngx_str_set(&r->headers_out.content_type, "application/json");
-    r->headers_out.content_type_len = r->headers_out.content_type.len;
-    r->headers_out.content_type_lowcase = NULL;
+    ngx_http_ratepool_json_headers(r, status, b->last - b->pos);
 
     rc = ngx_http_send_header(r);
 

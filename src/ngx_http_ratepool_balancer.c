@@ -33,7 +33,8 @@ static void ngx_http_ratepool_save_session(ngx_peer_connection_t *pc,
 /*
  * The first key is chosen in the access phase, because the proxy module
  * builds the request (with that key's headers) before it asks for a
- * peer.  Every later try chooses a key here and rebuilds the request.
+ * peer.  A later try uses the key held for it when the answer came, or
+ * chooses one now, and rebuilds the request under that key's headers.
  */
 
 static ngx_int_t
@@ -51,15 +52,29 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     r = ctx->request;
     u = r->upstream;
 
-    if (ctx->tries > 0) {
+    if (ctx->retry_same) {
+        /* the same key again, on a fresh connection */
+        ctx->retry_same = 0;
 
-        if (ngx_http_ratepool_acquire(ctx, &soonest_ms) == NULL) {
+    } else if (ctx->tries > 0) {
+
+        key = ctx->next;
+        ctx->next = NULL;
+
+        if (key == NULL) {
+            key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+        }
+
+        if (key == NULL) {
             ngx_log_error(NGX_LOG_WARN, pc->log, 0,
                           "ratepool: no key of pool \"%V\" is left to "
                           "retry with", &ctx->pool->upstream->host);
             pc->tries = 0;
             return NGX_BUSY;
         }
+
+        ctx->key = key;
+        ctx->held = key;
 
         /* the same body, under the new key's headers */
         u->request_bufs = r->request_body ? r->request_body->bufs : NULL;
@@ -81,6 +96,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ctx->tried |= (uint64_t) 1 << index;
     ctx->answered = 0;
     ctx->exhausted = 0;
+    ctx->refused = 0;
 
     addr = &key->addrs[(ctx->tries - 1) % key->naddrs];
 
@@ -102,10 +118,31 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
 {
     ngx_http_ratepool_ctx_t  *ctx = data;
 
-    ngx_http_ratepool_release(ctx, (state & NGX_PEER_FAILED) && !ctx->answered);
+    ngx_uint_t                failed;
+
+    failed = (state & NGX_PEER_FAILED) && !ctx->answered;
 
     if (pc->tries) {
         pc->tries--;
+    }
+
+    if (failed && pc->cached) {
+        /*
+         * A keepalive connection the server had already closed: nginx
+         * gives the try back, and it goes to the same key.
+         */
+        ctx->retry_same = 1;
+        return;
+    }
+
+    ngx_http_ratepool_release(ctx, &ctx->held, failed);
+
+    if (failed && ctx->request->upstream->request_sent) {
+        /*
+         * No answer to a request that was sent: the provider may be at
+         * work on it, and sending it again would pay for it twice.
+         */
+        pc->tries = 0;
     }
 }
 
@@ -114,18 +151,21 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
  * Wraps the proxy's header parser: once the status and headers are in,
  * learn from them and decide whether nginx should try another key.
  * nginx retries statuses listed in proxy_next_upstream while tries > 1,
- * so the decision is expressed through u->peer.tries.
+ * so the decision is expressed through u->peer.tries, and the next key
+ * is held at once, so that the decision cannot be undone by another
+ * worker taking it meanwhile.
  */
 
 static ngx_int_t
 ngx_http_ratepool_process_header(ngx_http_request_t *r)
 {
-    ngx_int_t                 rc, available;
+    uint64_t                  soonest_ms;
+    ngx_int_t                 rc;
     ngx_uint_t                status;
     ngx_http_upstream_t      *u;
     ngx_http_ratepool_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    ctx = ngx_http_ratepool_get_ctx(r);
     u = r->upstream;
 
     rc = ctx->process_header(r);
@@ -147,20 +187,23 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     status = u->headers_in.status_n;
 
     if (status != NGX_HTTP_TOO_MANY_REQUESTS
-        && status != NGX_HTTP_UNAUTHORIZED
-        && status != NGX_HTTP_FORBIDDEN)
+        && status != NGX_HTTP_UNAUTHORIZED)
     {
+        /* a 403 may concern this request only: it goes to the client */
+        if (status == NGX_HTTP_FORBIDDEN) {
+            u->peer.tries = 1;
+        }
+
         return NGX_OK;
     }
 
-    /* also says when the pool frees up, should this answer go out */
-    available = ngx_http_ratepool_available(ctx, &ctx->soonest_ms);
+    if (u->peer.tries > 1) {
+        ctx->next = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+    }
 
-    if (available && u->peer.tries > 1) {
-        /* nginx does not retry on 401; it never reaches the client */
-        if (status == NGX_HTTP_UNAUTHORIZED) {
-            u->headers_in.status_n = NGX_HTTP_FORBIDDEN;
-        }
+    if (ctx->next) {
+        /* nginx re-sends on 429, not on 401; the 401 never reaches anyone */
+        u->headers_in.status_n = NGX_HTTP_TOO_MANY_REQUESTS;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->rerouted, 1);
 
@@ -168,10 +211,16 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     }
 
     /* no other key can do better: this answer goes to the client */
+
     u->peer.tries = 1;
+
+    (void) ngx_http_ratepool_available(ctx, &ctx->soonest_ms);
 
     if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ctx->exhausted = 1;
+
+    } else {
+        ctx->refused = 1;
     }
 
     return NGX_OK;
@@ -185,7 +234,7 @@ ngx_http_ratepool_reinit_request(ngx_http_request_t *r)
     ngx_http_upstream_t      *u;
     ngx_http_ratepool_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    ctx = ngx_http_ratepool_get_ctx(r);
     u = r->upstream;
 
     rc = ctx->reinit_request(r);
@@ -206,7 +255,7 @@ ngx_http_ratepool_init_peer(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t   *ctx;
     ngx_http_ratepool_pool_t  *pool;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    ctx = ngx_http_ratepool_get_ctx(r);
     pool = ngx_http_conf_upstream_srv_conf(us, ngx_http_ratepool_module);
 
     if (ctx == NULL || ctx->pool != pool || ctx->key == NULL) {
@@ -289,6 +338,13 @@ ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
 
     pool = ngx_http_conf_upstream_srv_conf(us, ngx_http_ratepool_module);
     rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    if (us->shm_zone) {
+        ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                      "upstream \"%V\" is a ratepool pool: its state lives "
+                      "in the ratepool_zone, remove \"zone\"", &us->host);
+        return NGX_ERROR;
+    }
 
     if (pool->keys && us->servers->nelts != pool->keys->nelts) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,

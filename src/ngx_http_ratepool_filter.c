@@ -11,10 +11,102 @@
 #include "ngx_http_ratepool_module.h"
 
 
+typedef struct {
+    ngx_uint_t                      status;
+    const char                     *type;
+    const char                     *message;
+} ngx_http_ratepool_error_t;
+
+
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
+static ngx_int_t ngx_http_ratepool_body_filter(ngx_http_request_t *r,
+    ngx_chain_t *in);
+static ngx_int_t ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_own_error(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
+static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
+
+
+/* what nginx's own error pages become, in the provider's format */
+
+static ngx_http_ratepool_error_t  ngx_http_ratepool_errors[] = {
+
+    { NGX_HTTP_BAD_REQUEST, "invalid_request_error",
+      "the gateway could not read the request" },
+    { NGX_HTTP_NOT_FOUND, "not_found_error",
+      "not found" },
+    { NGX_HTTP_NOT_ALLOWED, "invalid_request_error",
+      "method not allowed" },
+    { NGX_HTTP_REQUEST_TIME_OUT, "invalid_request_error",
+      "the request did not arrive in time" },
+    { NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "request_too_large",
+      "the request is larger than this gateway accepts "
+      "(client_max_body_size)" },
+    { NGX_HTTP_TOO_MANY_REQUESTS, "rate_limit_error",
+      "no key of the pool could take the request" },
+    { NGX_HTTP_BAD_GATEWAY, "api_error",
+      "the provider could not be reached, or did not answer properly" },
+    { NGX_HTTP_GATEWAY_TIME_OUT, "timeout_error",
+      "the provider did not answer in time; the request was not sent "
+      "again, since the provider may have processed it" },
+
+    { 0, NULL, NULL }
+};
+
+
+static ngx_int_t
+ngx_http_ratepool_header_filter(ngx_http_request_t *r)
+{
+    ngx_http_ratepool_ctx_t       *ctx;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    if (r != r->main) {
+        return ngx_http_next_header_filter(r);
+    }
+
+    ctx = ngx_http_ratepool_get_ctx(r);
+
+    if (ctx == NULL) {
+        rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+        if (rlcf->pool == NULL) {
+            return ngx_http_next_header_filter(r);
+        }
+    }
+
+    if (ctx && ctx->exhausted
+        && r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS)
+    {
+        if (ngx_http_ratepool_pool_retry_after(r, ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+
+        return ngx_http_next_header_filter(r);
+    }
+
+    /*
+     * nginx's own error pages (a timeout, a TLS failure, a body too
+     * large) and a provider's 401 that no key could beat are answered
+     * by the gateway, in the provider's format.
+     */
+
+    if ((ctx && ctx->refused
+         && r->headers_out.status == NGX_HTTP_UNAUTHORIZED)
+        || (r->err_status >= NGX_HTTP_BAD_REQUEST
+            && r->err_status != NGX_HTTP_CLIENT_CLOSED_REQUEST
+            && !(ctx && ctx->answered)))
+    {
+        if (ngx_http_ratepool_own_error(r, ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
+    }
+
+    return ngx_http_next_header_filter(r);
+}
 
 
 /*
@@ -24,50 +116,115 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
  */
 
 static ngx_int_t
-ngx_http_ratepool_header_filter(ngx_http_request_t *r)
+ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
 {
-    u_char                   *p;
-    size_t                    len;
-    uint64_t                  now_ms, wait_ms;
-    ngx_http_ratepool_ctx_t  *ctx;
-
-    static ngx_str_t  retry_after = ngx_string("retry-after");
-    static ngx_str_t  should_retry = ngx_string("x-should-retry");
-
-    if (r != r->main) {
-        return ngx_http_next_header_filter(r);
-    }
-
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
-
-    if (ctx == NULL || !ctx->exhausted
-        || r->headers_out.status != NGX_HTTP_TOO_MANY_REQUESTS)
-    {
-        return ngx_http_next_header_filter(r);
-    }
+    uint64_t  now_ms, wait_ms;
 
     now_ms = ngx_http_ratepool_now_ms();
     wait_ms = ctx->soonest_ms > now_ms ? ctx->soonest_ms - now_ms : 0;
 
-    p = ngx_pnalloc(r->pool, NGX_INT_T_LEN);
-    if (p == NULL) {
+    return ngx_http_ratepool_error_headers(r,
+                              ratepool_retry_after_sec(wait_ms,
+                                                    (uint32_t) ngx_random()),
+                              1);
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_own_error(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_str_t                   msg;
+    ngx_uint_t                  status;
+    const char                 *type;
+    ngx_http_ratepool_error_t  *e;
+
+    status = r->headers_out.status;
+
+    if (ctx && ctx->refused) {
+        status = NGX_HTTP_SERVICE_UNAVAILABLE;
+        type = "api_error";
+        ngx_str_set(&msg, "no key of the pool is accepted by the provider "
+                          "any more; see the gateway's error log");
+
+    } else {
+        type = status < NGX_HTTP_INTERNAL_SERVER_ERROR
+               ? "invalid_request_error" : "api_error";
+        ngx_str_set(&msg, "the gateway could not complete the request");
+
+        for (e = ngx_http_ratepool_errors; e->status; e++) {
+            if (e->status == status) {
+                type = e->type;
+                msg.data = (u_char *) e->message;
+                msg.len = ngx_strlen(e->message);
+                break;
+            }
+        }
+    }
+
+    if (ctx == NULL) {
+        /* refused before the access phase, e.g. a body too large */
+        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
+        if (ctx == NULL) {
+            return NGX_ERROR;
+        }
+
+        ctx->request = r;
+        ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
+    }
+
+    ctx->own_error = ngx_http_ratepool_error_body(r, type, &msg);
+    if (ctx->own_error == NULL) {
         return NGX_ERROR;
     }
 
-    len = ngx_sprintf(p, "%ui",
-                      (ngx_uint_t) ratepool_retry_after_sec(wait_ms,
-                                                    (uint32_t) ngx_random()))
-          - p;
+    ctx->own_error->last_buf = 1;
+    ctx->own_error->last_in_chain = 1;
 
-    if (ngx_http_ratepool_set_header(r, &retry_after, p, len) != NGX_OK
-        || ngx_http_ratepool_set_header(r, &should_retry,
-                                        (u_char *) "true", 4)
-           != NGX_OK)
-    {
-        return NGX_ERROR;
+    ngx_http_clear_content_length(r);
+    ngx_http_clear_accept_ranges(r);
+
+    r->headers_out.status_line.len = 0;
+
+    ngx_http_ratepool_json_headers(r, status,
+                                   ctx->own_error->last - ctx->own_error->pos);
+
+    return ngx_http_ratepool_error_headers(r, 0,
+                                     status >= NGX_HTTP_INTERNAL_SERVER_ERROR
+                                     && !ctx->refused);
+}
+
+
+/* the gateway's own answer replaces the body nginx or the provider sent */
+
+static ngx_int_t
+ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
+{
+    ngx_chain_t               out, *cl;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    if (ctx == NULL || ctx->own_error == NULL || r != r->main) {
+        return ngx_http_next_body_filter(r, in);
     }
 
-    return ngx_http_next_header_filter(r);
+    for (cl = in; cl; cl = cl->next) {
+        cl->buf->pos = cl->buf->last;
+        cl->buf->file_pos = cl->buf->file_last;
+    }
+
+    if (ctx->own_error_sent) {
+        return NGX_OK;
+    }
+
+    ctx->own_error_sent = 1;
+
+    out.buf = ctx->own_error;
+    out.next = NULL;
+
+    return ngx_http_next_body_filter(r, &out);
 }
 
 
@@ -124,6 +281,9 @@ ngx_http_ratepool_filter_init(ngx_conf_t *cf)
 {
     ngx_http_next_header_filter = ngx_http_top_header_filter;
     ngx_http_top_header_filter = ngx_http_ratepool_header_filter;
+
+    ngx_http_next_body_filter = ngx_http_top_body_filter;
+    ngx_http_top_body_filter = ngx_http_ratepool_body_filter;
 
     return NGX_OK;
 }

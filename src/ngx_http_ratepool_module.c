@@ -192,7 +192,7 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_set_header Accept-Encoding \"\";"
     "proxy_request_buffering on;"
     "proxy_buffering off;"
-    "proxy_next_upstream error timeout http_403 http_429 non_idempotent;"
+    "proxy_next_upstream error timeout http_429 non_idempotent;"
     /* one org's numbers would mislead a client about the whole pool */
     "proxy_hide_header anthropic-ratelimit-requests-limit;"
     "proxy_hide_header anthropic-ratelimit-requests-remaining;"
@@ -226,7 +226,7 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
     ngx_str_t                 *s;
     ngx_http_ratepool_ctx_t   *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    ctx = ngx_http_ratepool_get_ctx(r);
 
     s = NULL;
 
@@ -280,7 +280,7 @@ ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
     u_char                   *p;
     ngx_http_ratepool_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+    ctx = ngx_http_ratepool_get_ctx(r);
 
     if (ctx == NULL) {
         v->not_found = 1;
@@ -558,7 +558,36 @@ ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf)
 static char *
 ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 {
-    /* ratepool_pass is not inherited, as proxy_pass is not */
+    ngx_http_ratepool_loc_conf_t *prev = parent;
+    ngx_http_ratepool_loc_conf_t *conf = child;
+
+    ngx_http_core_loc_conf_t        *clcf;
+    ngx_http_ratepool_loc_conf_t   **pass;
+    ngx_http_ratepool_main_conf_t   *rmcf;
+
+    /*
+     * ratepool_pass is not inherited, as proxy_pass is not, except by
+     * an "if" block, where the proxy's settings carry on too
+     */
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (conf->url.len || prev->url.len == 0 || !clcf->noname) {
+        return NGX_CONF_OK;
+    }
+
+    conf->url = prev->url;
+    conf->file = prev->file;
+    conf->line = prev->line;
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    pass = ngx_array_push(&rmcf->passes);
+    if (pass == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pass = conf;
 
     return NGX_CONF_OK;
 }
@@ -1245,7 +1274,6 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_str_t                       *value, name, text;
     ngx_array_t                     *saved_args;
     ngx_conf_file_t                  conf_file, *saved_file;
-    ngx_http_core_loc_conf_t        *clcf;
     ngx_http_ratepool_loc_conf_t   **pass;
     ngx_http_ratepool_main_conf_t   *rmcf;
 
@@ -1274,12 +1302,6 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "\"http://NAME\" where NAME is an upstream with "
                            "the \"ratepool\" directive", &value[1]);
         return NGX_CONF_ERROR;
-    }
-
-    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
-
-    if (clcf->name.len && clcf->named) {
-        return "cannot be used in a named location";
     }
 
     rlcf->url = value[1];
@@ -1432,9 +1454,16 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
     pools = rmcf->pools.elts;
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
-        if (pools[i]->keys
-            && ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK)
-        {
+
+        if (pools[i]->zone == NULL) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "upstream \"%V\" has \"ratepool\" and another "
+                          "balancer; ratepool chooses the keys, remove "
+                          "the other one", &pools[i]->upstream->host);
+            return NGX_ERROR;
+        }
+
+        if (ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK) {
             return NGX_ERROR;
         }
     }

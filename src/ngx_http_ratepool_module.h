@@ -193,6 +193,7 @@ typedef struct {
     ngx_http_ratepool_workspace_t  *workspace;
     ngx_http_ratepool_key_t        *key;        /* of the current try */
     ngx_http_ratepool_key_t        *held;       /* counted in flight */
+    ngx_http_ratepool_key_t        *next;       /* held for the next try */
     uint64_t                        tried;      /* bitmap of key indexes */
     ngx_uint_t                      tries;      /* sends so far */
     uint64_t                        soonest_ms; /* when exhausted */
@@ -201,8 +202,16 @@ typedef struct {
     ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
 
     unsigned                        answered:1;     /* this try has a status */
+    unsigned                        retry_same:1;   /* a stale keepalive
+                                                       connection failed */
     unsigned                        exhausted:1;    /* last answer is a 429
                                                        that no key can beat */
+    unsigned                        refused:1;      /* last answer is a 401
+                                                       that no key can beat */
+    unsigned                        own_error_sent:1;
+
+    ngx_buf_t                      *own_error;  /* the gateway's answer in
+                                                   place of the body */
 } ngx_http_ratepool_ctx_t;
 
 
@@ -215,13 +224,20 @@ ngx_http_ratepool_key_t *ngx_http_ratepool_acquire(
 ngx_int_t ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
     uint64_t *soonest_ms);
 void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
-    ngx_uint_t failed);
+    ngx_http_ratepool_key_t **key, ngx_uint_t failed);
 void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h);
 uint64_t ngx_http_ratepool_now_ms(void);
 
 /* ngx_http_ratepool_access.c */
 ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
+ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
+ngx_buf_t *ngx_http_ratepool_error_body(ngx_http_request_t *r,
+    const char *type, ngx_str_t *message);
+ngx_int_t ngx_http_ratepool_error_headers(ngx_http_request_t *r,
+    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
+    ngx_uint_t status, off_t length);
 ngx_int_t ngx_http_ratepool_send_error(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message,
     ngx_uint_t retry_after_sec, ngx_int_t should_retry);

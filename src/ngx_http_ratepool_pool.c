@@ -140,10 +140,10 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 
 
 /*
- * Chooses the key for the next try and holds it: one request taken from
- * its org's bucket, counted in flight until released.  NULL if no key
- * this request has not tried can be used now; *soonest_ms then says when
- * one frees up (0: none ever will, all are dead or tried).
+ * Chooses a key for a try and holds it: one request taken from its org's
+ * bucket, counted in flight until released.  NULL if no key this request
+ * has not tried can be used now; *soonest_ms then says when one frees up
+ * (0: none ever will, all are dead or tried).
  */
 
 ngx_http_ratepool_key_t *
@@ -192,9 +192,6 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    ctx->key = key;
-    ctx->held = key;
-
     return key;
 }
 
@@ -240,36 +237,40 @@ ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
 }
 
 
+/* gives back a key held for a try; *key is cleared, so it is given once */
+
 void
-ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t failed)
+ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t **key, ngx_uint_t failed)
 {
     ngx_slab_pool_t          *shpool;
-    ngx_http_ratepool_key_t  *key;
     ngx_http_ratepool_org_t  *org;
+    ngx_http_ratepool_key_t  *k;
 
-    key = ctx->held;
+    k = *key;
 
-    if (key == NULL) {
+    if (k == NULL) {
         return;
     }
 
-    ctx->held = NULL;
+    *key = NULL;
 
-    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[k->org];
     shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    key->sh->inflight--;
+    k->sh->inflight--;
     org->sh->inflight--;
-    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight,
-                                (ngx_atomic_int_t) -1);
 
     if (failed) {
-        key->sh->failed++;
+        k->sh->failed++;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight,
+                                (ngx_atomic_int_t) -1);
 }
 
 
@@ -454,7 +455,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     } else {
         ksh->status_other++;
 
-        if (status == NGX_HTTP_UNAUTHORIZED || status == NGX_HTTP_FORBIDDEN) {
+        /* 403 may concern one request (a model the org may not use) */
+        if (status == NGX_HTTP_UNAUTHORIZED) {
             ksh->dead_status = status;
         }
     }
@@ -467,9 +469,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                       "for at least %uL ms", &key->name, &org->name,
                       floor_ms);
 
-    } else if (status == NGX_HTTP_UNAUTHORIZED
-               || status == NGX_HTTP_FORBIDDEN)
-    {
+    } else if (status == NGX_HTTP_UNAUTHORIZED) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
                       "ratepool: key \"%V\" (sha256 %*s) was refused with "
                       "%ui, taken out of rotation until nginx is reloaded",

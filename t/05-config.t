@@ -105,6 +105,16 @@ my @cases = (
       . "ratepool_key b server=127.0.0.1:1 key=$SECRET; keepalive 8; }",
       qr/keys "a" and "b" of upstream "p" reach different hosts at one address 127.0.0.1:1, and keepalive would reuse/ ],
 
+    [ 'another balancer after ratepool',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key a server=127.0.0.1:1 key=$SECRET; least_conn; }",
+      qr/upstream "p" has "ratepool" and another balancer; ratepool chooses the keys, remove the other one/ ],
+
+    [ 'a zone in a pool',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key a server=127.0.0.1:1 key=$SECRET; zone p 64k; }",
+      qr/upstream "p" is a ratepool pool: its state lives in the ratepool_zone, remove "zone"/ ],
+
     [ 'a bad org limit',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o rpm=lots; ratepool_key k org=o server=127.0.0.1:1 "

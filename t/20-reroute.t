@@ -277,12 +277,20 @@ is(key_status('k1')->{dead_status}, 401, 'with the status that killed it');
 like($t->error_log, qr/key "k1" .* refused with 401, taken out of rotation/,
     'the error log names the key');
 
-# 403 likewise, and a pool of dead keys answers 503
+# the last key refused: the client is told the pool has no usable key,
+# not that its own token is wrong
 
-$mock->script($KEY{k2}, [ { status => 403 } ], sticky => 1);
+$mock->script($KEY{k2}, [ { status => 401 } ], sticky => 1);
 $r = auth();
+$err = eval { decode_json($r->{body}) } || {};
 
-is($r->{status}, 403, 'the last live key\'s 403 reaches the client');
+is($r->{status}, 503, 'the last live key\'s 401 becomes a 503');
+is($err->{error}{type}, 'api_error', 'an api_error');
+like($err->{error}{message}, qr/no key of the pool is accepted/,
+    'saying that no key is accepted');
+like($err->{request_id}, qr/^req_gw_/, 'answered by the gateway');
+unlike($r->{body}, qr/invalid x-api-key/, 'the provider\'s 401 is not shown');
+is($r->{headers}{'x-should-retry'}, 'false', 'and retrying is futile');
 is(key_status('k2')->{state}, 'dead', 'and that key is out too');
 
 $r = auth();
@@ -292,6 +300,18 @@ is($r->{status}, 503, 'a pool whose keys are all refused answers 503');
 like($err->{error}{message}, qr/no key of pool "auth"/, 'saying why');
 is($r->{headers}{'x-should-retry'}, 'false', 'and that retrying is futile');
 is($r->{headers}{'retry-after'}, undef, 'with no retry-after');
+
+# 403 concerns the request (a model the org may not use): it is passed
+# on, not re-routed, and the key stays in rotation
+
+$mock->reset;
+$r = $t->messages(token => $TOKEN, headers => [ 'x-mock-status' => 403 ]);
+$err = eval { decode_json($r->{body}) } || {};
+
+is($r->{status}, 403, 'a provider\'s 403 reaches the client');
+is($err->{error}{type}, 'permission_error', 'with the provider\'s body');
+is(scalar @{ names() }, 1, 'it is not sent with another key');
+is(key_status(names()->[0])->{state}, 'ok', 'and the key stays in rotation');
 
 # a key whose server is down: the request goes to another key
 

@@ -12,7 +12,8 @@
 # Config (file, or POST /_mock/config), every field optional:
 #   {"keys": {"sk-ant-mock-a1": {"org": "org-a", "name": "a1"}},
 #    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000}},
-#    "latency_ms": 0, "stream_delay_ms": 50}
+#    "latency_ms": 0, "stream_delay_ms": 50,
+#    "close_reused": false}   (true: close a reused connection unanswered)
 #
 # Steering, per request (headers the gateway forwards unchanged):
 #   x-mock-delay-ms, x-mock-stream-delay-ms, x-mock-status, x-mock-retry-after,
@@ -281,6 +282,14 @@ sub process {
         my $req = parse_request($c) or last;
         $req->{conn} = $c->{id};
         $c->{busy} = 1;
+
+        # "close_reused": a keep-alive connection the server had already
+        # given up on, as a provider's load balancer does now and then
+        if ($config->{close_reused} && $c->{served}++
+            && ($req->{path} // '') !~ m{^/_mock/})
+        {
+            return close_conn($c);
+        }
 
         if ($req->{bad}) {
             $req->{close} = 1;
