@@ -453,7 +453,9 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 {
     ngx_http_ratepool_pool_t *pool = conf;
 
+    u_char                           c;
     ngx_str_t                       *value;
+    ngx_uint_t                       i;
     ngx_http_ratepool_pool_t       **pp;
     ngx_http_upstream_srv_conf_t    *uscf;
     ngx_http_ratepool_main_conf_t   *rmcf;
@@ -463,6 +465,18 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    /* the name goes into JSON and log lines as it is */
+    for (i = 0; i < uscf->host.len; i++) {
+        c = uscf->host.data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+        {
+            return "needs an upstream name of letters, digits, \"-\", "
+                   "\"_\" or \".\"";
+        }
+    }
 
     if (uscf->peer.init_upstream) {
         return "must come first in the upstream block, before \"keepalive\" "

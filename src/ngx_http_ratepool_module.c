@@ -24,6 +24,8 @@ static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
 static ngx_int_t ngx_http_ratepool_check_keys(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_int_t ngx_http_ratepool_check_orgs(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf);
 static void ngx_http_ratepool_free_sha256(void *data);
 static void *ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
@@ -91,7 +93,7 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NULL },
 
     { ngx_string("ratepool_pass"),
-      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
       ngx_http_ratepool_pass,
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
@@ -212,11 +214,32 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_hide_header x-ratelimit-limit-tokens;"
     "proxy_hide_header x-ratelimit-remaining-tokens;"
     "proxy_hide_header x-ratelimit-reset-tokens;"
+    /* the gateway, not its clients, chooses where its keys are billed */
+    "proxy_set_header anthropic-workspace-id \"\";"
+    "proxy_set_header OpenAI-Organization \"\";"
+    "proxy_set_header OpenAI-Project \"\";"
+    ;
+
+
+/* keys go only to servers whose certificates verify, unless told not to */
+
+#define RATEPOOL_CA_FILE  "/etc/ssl/certs/ca-certificates.crt"
+
 #if (NGX_HTTP_SSL)
+
+static const char  ngx_http_ratepool_tls_conf[] =
     "proxy_ssl_server_name on;"
     "proxy_ssl_name $ratepool_upstream_host;"
+    "proxy_ssl_verify on;"
+    "proxy_ssl_verify_depth 4;"
+    "proxy_ssl_trusted_certificate \"%V\";";
+
+static const char  ngx_http_ratepool_tls_noverify_conf[] =
+    "proxy_ssl_server_name on;"
+    "proxy_ssl_name $ratepool_upstream_host;"
+    "proxy_ssl_verify off;";
+
 #endif
-    ;
 
 
 static ngx_int_t
@@ -414,6 +437,57 @@ ngx_http_ratepool_check_keys(ngx_conf_t *cf,
         }
     }
 
+    return ngx_http_ratepool_check_orgs(cf, rmcf);
+}
+
+
+/* an org's state is found by its name too: one name, one set of limits */
+
+static ngx_int_t
+ngx_http_ratepool_check_orgs(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    ngx_uint_t                  i, j, m, n;
+    ngx_http_ratepool_org_t    *a, *b;
+    ngx_http_ratepool_pool_t  **pools;
+
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        for (j = i + 1; j < rmcf->pools.nelts; j++) {
+
+            if (pools[i]->orgs == NULL || pools[j]->orgs == NULL) {
+                continue;
+            }
+
+            a = pools[i]->orgs->elts;
+            b = pools[j]->orgs->elts;
+
+            for (m = 0; m < pools[i]->orgs->nelts; m++) {
+                for (n = 0; n < pools[j]->orgs->nelts; n++) {
+
+                    if (a[m].name.len != b[n].name.len
+                        || ngx_strncmp(a[m].name.data, b[n].name.data,
+                                       a[m].name.len) != 0
+                        || !a[m].declared || !b[n].declared
+                        || (a[m].rpm == b[n].rpm && a[m].itpm == b[n].itpm
+                            && a[m].otpm == b[n].otpm))
+                    {
+                        continue;
+                    }
+
+                    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                                  "org \"%V\" has different limits in "
+                                  "upstreams \"%V\" and \"%V\", an org "
+                                  "has one set of limits", &a[m].name,
+                                  &pools[i]->upstream->host,
+                                  &pools[j]->upstream->host);
+                    return NGX_ERROR;
+                }
+            }
+        }
+    }
+
     return NGX_OK;
 }
 
@@ -472,6 +546,17 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
         }
 
         client[i].workspace = j;
+
+        for (j = 0; j < i; j++) {
+            if (ngx_memcmp(client[i].digest, client[j].digest, 32) == 0) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "one client token is given to workspaces "
+                              "\"%V\" and \"%V\", a token names one "
+                              "workspace", &client[j].workspace_name,
+                              &client[i].workspace_name);
+                return NGX_CONF_ERROR;
+            }
+        }
     }
 
     if (ngx_http_ratepool_check_keys(cf, rmcf) != NGX_OK) {
@@ -1090,6 +1175,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     key->addrs = u.addrs;
     key->naddrs = u.naddrs;
+    key->port = u.port;
     key->host = (u.no_port || u.port == 443) ? u.host : key->server;
 
     /* nginx wants a server in every upstream: each key stands for one */
@@ -1271,7 +1357,8 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     u_char                          *p;
     size_t                           scheme;
     ngx_buf_t                        b;
-    ngx_str_t                       *value, name, text;
+    ngx_str_t                       *value, name, text, ca;
+    ngx_uint_t                       verify;
     ngx_array_t                     *saved_args;
     ngx_conf_file_t                  conf_file, *saved_file;
     ngx_http_ratepool_loc_conf_t   **pass;
@@ -1304,17 +1391,60 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
+    ngx_str_set(&ca, RATEPOOL_CA_FILE);
+    verify = 1;
+
+    if (cf->args->nelts == 3) {
+        if (scheme == 7) {
+            return "takes TLS parameters only with \"https://\"";
+        }
+
+        if (ngx_strcmp(value[2].data, "ssl_verify=off") == 0) {
+            verify = 0;
+
+        } else if (ngx_strncmp(value[2].data, "ssl_trusted_certificate=", 24)
+                   == 0 && value[2].len > 24)
+        {
+            ca.data = value[2].data + 24;
+            ca.len = value[2].len - 24;
+
+        } else {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\", use "
+                               "\"ssl_trusted_certificate=PATH\" or "
+                               "\"ssl_verify=off\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
     rlcf->url = value[1];
     rlcf->file = cf->conf_file->file.name;
     rlcf->line = cf->conf_file->line;
 
     text.len = sizeof(ngx_http_ratepool_proxy_conf) + value[1].len;
+
+#if (NGX_HTTP_SSL)
+    text.len += sizeof(ngx_http_ratepool_tls_conf) + ca.len;
+#else
+    if (scheme == 8) {
+        return "needs nginx built with the SSL module for \"https://\"";
+    }
+#endif
+
     text.data = ngx_pnalloc(cf->pool, text.len);
     if (text.data == NULL) {
         return NGX_CONF_ERROR;
     }
 
     p = ngx_sprintf(text.data, ngx_http_ratepool_proxy_conf, &value[1]);
+
+#if (NGX_HTTP_SSL)
+    if (scheme == 8) {
+        p = verify ? ngx_sprintf(p, ngx_http_ratepool_tls_conf, &ca)
+                   : ngx_sprintf(p, ngx_http_ratepool_tls_noverify_conf);
+    }
+#endif
+
     text.len = p - text.data;
 
     ngx_memzero(&conf_file, sizeof(ngx_conf_file_t));
@@ -1346,8 +1476,8 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     if (rv != NGX_CONF_OK) {
         return "cannot apply its proxy settings: remove \"proxy_pass\", "
                "\"proxy_buffering\", \"proxy_request_buffering\", "
-               "\"proxy_http_version\" and \"proxy_next_upstream\" "
-               "from this location, ratepool_pass sets them";
+               "\"proxy_http_version\", \"proxy_next_upstream\" and "
+               "\"proxy_ssl_*\" from this location, ratepool_pass sets them";
     }
 
     rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
@@ -1377,6 +1507,32 @@ ngx_http_ratepool_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     clcf->handler = ngx_http_ratepool_status_handler;
 
     return NGX_CONF_OK;
+}
+
+
+/* a key meant for TLS (port 443) must not go out in clear text */
+
+static ngx_int_t
+ngx_http_ratepool_check_cleartext(ngx_conf_t *cf,
+    ngx_http_ratepool_loc_conf_t *pass, ngx_http_ratepool_pool_t *pool)
+{
+    ngx_uint_t                i;
+    ngx_http_ratepool_key_t  *keys;
+
+    keys = pool->keys ? pool->keys->elts : NULL;
+
+    for (i = 0; keys && i < pool->keys->nelts; i++) {
+        if (keys[i].port == 443) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "ratepool_pass \"%V\" in %V:%ui would send key "
+                          "\"%V\" to port 443 without TLS, use "
+                          "\"https://\"", &pass->url, &pass->file,
+                          pass->line, &keys[i].name);
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
 }
 
 
@@ -1424,6 +1580,13 @@ ngx_http_ratepool_link_passes(ngx_conf_t *cf,
                           "\"%V\" with the \"ratepool\" directive",
                           &pass[i]->url, &pass[i]->file, pass[i]->line,
                           &name);
+            return NGX_ERROR;
+        }
+
+        if (scheme == 7 && ngx_http_ratepool_check_cleartext(cf, pass[i],
+                                                               pool)
+                           != NGX_OK)
+        {
             return NGX_ERROR;
         }
 

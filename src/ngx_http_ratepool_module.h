@@ -91,6 +91,7 @@ typedef struct {
 /* the zone's counters are atomics, counted without the lock */
 
 typedef struct {
+    ngx_uint_t                      layout;             /* of these structs */
     ngx_queue_t                     entries;
     time_t                          started;            /* wall clock */
     ngx_atomic_t                    requests;
@@ -129,6 +130,7 @@ typedef struct {
     ngx_str_t                       host;       /* Host header and SNI */
     ngx_addr_t                     *addrs;
     ngx_uint_t                      naddrs;
+    in_port_t                       port;
     ngx_str_t                       x_api_key;      /* sent as x-api-key */
     ngx_str_t                       authorization;  /* "Bearer ..." */
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];

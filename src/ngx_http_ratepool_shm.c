@@ -11,6 +11,14 @@
 #include "ngx_http_ratepool_module.h"
 
 
+/* changes whenever a shared structure does, so a reload cannot mix them */
+#define RATEPOOL_SHM_LAYOUT                                                   \
+    (1 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
+     + (sizeof(ngx_http_ratepool_org_sh_t) << 12)                             \
+     + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
+     + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28))
+
+
 static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,
     ngx_uint_t kind, ngx_str_t *name, size_t size);
 static ngx_int_t ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone,
@@ -35,11 +43,16 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     zone = shm_zone->data;
     zone->shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
 
-    if (ozone) {
-        zone->sh = ozone->sh;
-
-    } else if (shm_zone->shm.exists) {
+    if (ozone || shm_zone->shm.exists) {
         zone->sh = zone->shpool->data;
+
+        if (zone->sh->layout != RATEPOOL_SHM_LAYOUT) {
+            ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                          "ratepool zone \"%V\" was made by another build "
+                          "of the module, restart nginx instead of "
+                          "reloading it", &shm_zone->shm.name);
+            return NGX_ERROR;
+        }
 
     } else {
         zone->sh = ngx_slab_calloc(zone->shpool,
@@ -50,6 +63,7 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
         zone->shpool->data = zone->sh;
 
+        zone->sh->layout = RATEPOOL_SHM_LAYOUT;
         ngx_queue_init(&zone->sh->entries);
         zone->sh->started = ngx_time();
 

@@ -115,6 +115,23 @@ my @cases = (
       . "ratepool_key a server=127.0.0.1:1 key=$SECRET; zone p 64k; }",
       qr/upstream "p" is a ratepool pool: its state lives in the ratepool_zone, remove "zone"/ ],
 
+    [ 'one org with two sets of limits',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o rpm=50; ratepool_key a org=o server=127.0.0.1:1 "
+      . "key=$SECRET; } upstream q { ratepool zone=llm; ratepool_org o "
+      . "rpm=60; ratepool_key a org=o server=127.0.0.1:1 key=$SECRET; }",
+      qr/org "o" has different limits in upstreams "p" and "q"/ ],
+
+    [ 'one token for two workspaces',
+      "ratepool_zone llm:1m; ratepool_workspace w; ratepool_workspace v; "
+      . "ratepool_client w $HASH; ratepool_client v $HASH;",
+      qr/one client token is given to workspaces "w" and "v"/ ],
+
+    [ 'a pool named with odd characters',
+      "ratepool_zone llm:1m; upstream p\\\"q { ratepool zone=llm; "
+      . "ratepool_key a server=127.0.0.1:1 key=$SECRET; }",
+      qr/"ratepool" directive needs an upstream name of letters/ ],
+
     [ 'a bad org limit',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o rpm=lots; ratepool_key k org=o server=127.0.0.1:1 "
@@ -151,6 +168,22 @@ my @cases = (
     [ 'ratepool_pass without a scheme',
       'ratepool_zone llm:1m; server { location / { ratepool_pass p; } }',
       qr/invalid pool "p", use "https:\/\/NAME"/ ],
+
+    [ 'ratepool_pass http:// to a key on port 443',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1 key=$SECRET; } server { "
+      . "location / { ratepool_pass http://p; } }",
+      qr/would send key "k" to port 443 without TLS, use "https:\/\/"/ ],
+
+    [ 'a TLS parameter with http://',
+      'ratepool_zone llm:1m; server { location / { '
+      . 'ratepool_pass http://p ssl_verify=off; } }',
+      qr/"ratepool_pass" directive takes TLS parameters only with "https:\/\/"/ ],
+
+    [ 'an unknown ratepool_pass parameter',
+      'ratepool_zone llm:1m; server { location / { '
+      . 'ratepool_pass https://p verify=no; } }',
+      qr/invalid parameter "verify=no", use "ssl_trusted_certificate=PATH" or "ssl_verify=off"/ ],
 
     [ 'ratepool_pass beside proxy_pass',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "

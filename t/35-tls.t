@@ -2,7 +2,8 @@
 
 # TLS to the provider: with "ratepool_pass https://pool" every key's
 # requests go out over TLS with that key's host as SNI and Host, the
-# provider's certificate is verified when the configuration asks for it,
+# provider's certificate is always verified (against the system's CAs
+# unless ssl_trusted_certificate= names others),
 # a 429 is re-routed over TLS with the same body, and a key whose server
 # does not prove its identity never gets a request, so its secret and the
 # client's prompt never reach that server.
@@ -99,7 +100,7 @@ make_cert('rogue', 'rogue-ca', 'localhost',
 # --- the gateway, its TLS "providers" and the mock behind them ---------------
 
 my @NAMES = qw(t_name t_ip k_name k2_name x_name x_ip m_good m_wrong
-               m_rogue w_only r_only);
+               m_rogue w_only r_only s_only);
 my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } @NAMES;
 my $TOKEN = 'gw-tls-' . random_hex(16);
 
@@ -160,6 +161,11 @@ http {
         ${\ key_line('t_ip', '127.0.0.1:%%PORT_2%%') }
     }
 
+    upstream sysca {
+        ratepool zone=llm;
+        ${\ key_line('s_only', 'localhost:%%PORT_2%%') }
+    }
+
     upstream tlska {
         ratepool zone=llm;
         ${\ key_line('k_name', 'localhost:%%PORT_2%%') }
@@ -190,32 +196,39 @@ http {
     server {
         listen 127.0.0.1:%%PORT_0%%;
 
-        proxy_ssl_verify on;
-        proxy_ssl_trusted_certificate %%TESTDIR%%/ca.crt;
-        proxy_ssl_verify_depth 2;
-
         location /v1/ {
-            ratepool_pass https://tls;
+            ratepool_pass https://tls
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
+        }
+
+        # the system's CAs, which do not know this test's CA
+        location /sysca/v1/ {
+            rewrite ^/sysca(/.*)\$ \$1 break;
+            ratepool_pass https://sysca;
         }
 
         location /ka/v1/ {
             rewrite ^/ka(/.*)\$ \$1 break;
-            ratepool_pass https://tlska;
+            ratepool_pass https://tlska
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
 
         location /mixed/v1/ {
             rewrite ^/mixed(/.*)\$ \$1 break;
-            ratepool_pass https://mixed;
+            ratepool_pass https://mixed
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
 
         location /wrong/v1/ {
             rewrite ^/wrong(/.*)\$ \$1 break;
-            ratepool_pass https://wrong;
+            ratepool_pass https://wrong
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
 
         location /rogue/v1/ {
             rewrite ^/rogue(/.*)\$ \$1 break;
-            ratepool_pass https://rogue;
+            ratepool_pass https://rogue
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
 
         location = /ratepool/status {
@@ -404,6 +417,16 @@ like($everything, qr/\Q$SECRET{m_good}\E/,
     'while the good key\'s secret did reach the provider, so the scan sees '
     . 'what was sent');
 
+# --- verification is the default ----------------------------------------------
+
+$mock->reset;
+$r = $t->messages(token => $TOKEN, path => '/sysca/v1/messages');
+
+is($r->{status}, 502, 'with the system CAs the test CA\'s servers are refused');
+like($r->{headers}{'content-type'}, qr{^application/json},
+    'with a JSON error');
+is(scalar @{ $mock->log }, 0, 'and no key was sent to them');
+
 # --- nothing is left held ---------------------------------------------------
 
 my $s = $t->status;
@@ -446,12 +469,9 @@ http {
     server {
         listen 127.0.0.1:%%PORT_0%%;
 
-        proxy_ssl_verify on;
-        proxy_ssl_trusted_certificate %%TESTDIR%%/ca.crt;
-        proxy_ssl_verify_depth 2;
-
         location /v1/ {
-            ratepool_pass https://kamix;
+            ratepool_pass https://kamix
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
     }
 
