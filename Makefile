@@ -56,8 +56,9 @@ $(BUILD)/nginx/objs/Makefile: config
 $(MODULE): $(BUILD)/nginx/objs/Makefile $(MODULE_SRCS)
 	@echo "building $@ (log: $(BUILD)/make.log)"
 	@$(MAKE) -C $(BUILD)/nginx -f objs/Makefile modules \
-	    > $(BUILD)/make.log 2>&1 || { grep -E -A6 'error:|Error [0-9]' $(BUILD)/make.log \
-	    | head -60; exit 1; }
+	    > $(BUILD)/make.log 2>&1 \
+	    || { grep -E -A6 'error:|Error [0-9]' $(BUILD)/make.log | head -60; \
+	         exit 1; }
 	@cp $(BUILD)/nginx/objs/ngx_http_ratepool_module.so $@.tmp
 	@mv -f $@.tmp $@   # a running nginx keeps its mapping of the old file
 

@@ -13,6 +13,9 @@
 #include "ngx_http_ratepool_module.h"
 
 
+static ngx_int_t ngx_http_ratepool_token_matches(
+    ngx_http_ratepool_main_conf_t *rmcf, u_char *token, size_t len,
+    ngx_uint_t *workspace);
 static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
     ngx_http_request_t *r, ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,

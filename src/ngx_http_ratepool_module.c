@@ -45,6 +45,20 @@ static char *ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static char *ngx_http_ratepool_status(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_http_ratepool_valid_name(ngx_str_t *name);
+static char *ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name);
+static ngx_int_t ngx_http_ratepool_parse_limit(ngx_str_t *arg,
+    const char *name, ngx_uint_t *limit);
+static ngx_http_ratepool_org_t *ngx_http_ratepool_find_org(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_uint_t *index);
+static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
+    ngx_str_t *path, ngx_str_t *secret);
+static void ngx_http_ratepool_sha256(u_char *data, size_t len,
+    u_char digest[32]);
+static ngx_int_t ngx_http_ratepool_check_cleartext(ngx_conf_t *cf,
+    ngx_http_ratepool_loc_conf_t *pass, ngx_http_ratepool_pool_t *pool);
+static ngx_int_t ngx_http_ratepool_link_passes(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_int_t ngx_http_ratepool_init(ngx_conf_t *cf);
 
 

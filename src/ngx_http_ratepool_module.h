@@ -153,8 +153,8 @@ typedef struct {
 
 
 typedef struct {
-    ngx_str_t                       name;
-    ngx_uint_t                      rpm;
+    ngx_str_t                          name;
+    ngx_uint_t                         rpm;
     ngx_http_ratepool_workspace_sh_t  *sh;
 } ngx_http_ratepool_workspace_t;
 
@@ -168,7 +168,7 @@ typedef struct {
 
 typedef struct {
     ngx_shm_zone_t                 *shm_zone;
-    ngx_array_t                     pools;       /* ngx_http_ratepool_pool_t * */
+    ngx_array_t                     pools;       /* ..._pool_t * */
     ngx_array_t                     workspaces;  /* ..._workspace_t */
     ngx_array_t                     clients;     /* ..._client_t */
     ngx_array_t                     passes;      /* ..._loc_conf_t * */

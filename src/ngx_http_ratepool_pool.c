@@ -429,7 +429,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         ksh->status_429++;
 
         if (a.has_retry_after) {
-            /* an hour at most: a cooldown survives reloads, a typo should not */
+            /* an hour at most: cooldowns survive reloads, typos should not */
             floor_ms = ngx_min(a.retry_after_ms, RATEPOOL_COOLDOWN_MAX_MS);
 
         } else {

@@ -19,6 +19,8 @@
 #define RATEPOOL_STATUS_WS       256
 
 
+static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
+    uint64_t now_ms);
 static size_t ngx_http_ratepool_status_size(
     ngx_http_ratepool_main_conf_t *rmcf);
 static u_char *ngx_http_ratepool_status_pool(u_char *p,

@@ -12,6 +12,7 @@
 #define RATEPOOL_MAX_DELAY_MS    (365ULL * 86400 * 1000)
 
 
+static void ratepool_trim(const unsigned char **p, size_t *len);
 static int ratepool_digits(const unsigned char **pp, const unsigned char *end,
     size_t n, unsigned *value);
 static int64_t ratepool_days_from_civil(int64_t y, unsigned m, unsigned d);

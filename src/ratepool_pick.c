@@ -14,6 +14,10 @@
 #define RATEPOOL_RETRY_AFTER_MAX   60
 
 
+static int ratepool_better(const ratepool_candidate_t *a,
+    const ratepool_candidate_t *b);
+
+
 static int
 ratepool_better(const ratepool_candidate_t *a, const ratepool_candidate_t *b)
 {

@@ -15,8 +15,8 @@
 /* what the chooser needs to know of one key, gathered under the zone lock */
 
 typedef struct {
-    unsigned   usable:1;            /* not dead, not yet tried by this request */
-    uint64_t   free_at_ms;          /* cooldown end or bucket refill, if later */
+    unsigned   usable:1;            /* not dead, not tried by this request */
+    uint64_t   free_at_ms;          /* cooldown end or refill, if later */
     uint32_t   headroom_permille;   /* org bucket level / capacity; 1000 if
                                        the limit is unknown */
     uint32_t   org_inflight;

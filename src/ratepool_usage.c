@@ -77,8 +77,17 @@ static const ratepool_usage_key_t  ratepool_usage_keys[] = {
 };
 
 
-static void ratepool_json_byte(ratepool_usage_scanner_t *s, unsigned char c);
 static void ratepool_json_reset(ratepool_usage_scanner_t *s);
+static unsigned ratepool_key_id(ratepool_usage_scanner_t *s);
+static void ratepool_usage_number(ratepool_usage_scanner_t *s,
+    unsigned field);
+static void ratepool_json_push(ratepool_usage_scanner_t *s, int array);
+static void ratepool_json_pop(ratepool_usage_scanner_t *s, int array);
+static int ratepool_json_space(unsigned char c);
+static void ratepool_json_byte(ratepool_usage_scanner_t *s, unsigned char c);
+static void ratepool_sse_dispatch(ratepool_usage_scanner_t *s);
+static void ratepool_sse_end_line(ratepool_usage_scanner_t *s);
+static void ratepool_sse_byte(ratepool_usage_scanner_t *s, unsigned char c);
 
 
 void
