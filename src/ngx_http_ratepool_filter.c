@@ -25,6 +25,8 @@ static ngx_int_t ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_own_error(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -103,9 +105,76 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         if (ngx_http_ratepool_own_error(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
+
+        return ngx_http_next_header_filter(r);
+    }
+
+    if (ctx && ctx->answered
+        && r->headers_out.status >= NGX_HTTP_OK
+        && r->headers_out.status < NGX_HTTP_SPECIAL_RESPONSE
+        && ngx_http_ratepool_read_usage(r, ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     return ngx_http_next_header_filter(r);
+}
+
+
+/*
+ * A provider's answer is read for its usage as it passes: SSE streams
+ * event by event, JSON bodies as one document.  Answers are asked for
+ * uncompressed; anything else is let through unread.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_read_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_int_t   sse;
+    ngx_str_t  *type;
+
+    type = &r->headers_out.content_type;
+
+    if (type->len >= sizeof("text/event-stream") - 1
+        && ngx_strncasecmp(type->data, (u_char *) "text/event-stream",
+                           sizeof("text/event-stream") - 1) == 0)
+    {
+        sse = 1;
+
+    } else if (type->len >= sizeof("application/json") - 1
+               && ngx_strncasecmp(type->data, (u_char *) "application/json",
+                                  sizeof("application/json") - 1) == 0)
+    {
+        sse = 0;
+
+    } else {
+        return NGX_OK;
+    }
+
+    if (r->headers_out.content_encoding
+        && r->headers_out.content_encoding->value.len
+        && ngx_strncasecmp(r->headers_out.content_encoding->value.data,
+                           (u_char *) "identity", 8) != 0)
+    {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: cannot read the usage of an answer with "
+                      "content-encoding \"%V\"",
+                      &r->headers_out.content_encoding->value);
+        return NGX_OK;
+    }
+
+    ctx->usage = ngx_palloc(r->pool, sizeof(ratepool_usage_scanner_t));
+    if (ctx->usage == NULL) {
+        return NGX_ERROR;
+    }
+
+    ratepool_usage_init(ctx->usage, sse);
+
+    /* file buffers (proxy_buffering on) are read into memory for us */
+    r->filter_need_in_memory = 1;
+
+    return NGX_OK;
 }
 
 
@@ -206,7 +275,23 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
 
-    if (ctx == NULL || ctx->own_error == NULL || r != r->main) {
+    if (ctx == NULL || r != r->main) {
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    if (ctx->usage) {
+        /* read, never held or changed: the bytes go on as they came */
+        for (cl = in; cl; cl = cl->next) {
+            if (ngx_buf_in_memory(cl->buf)) {
+                ratepool_usage_feed(ctx->usage, cl->buf->pos,
+                                    cl->buf->last - cl->buf->pos);
+            }
+        }
+
+        return ngx_http_next_body_filter(r, in);
+    }
+
+    if (ctx->own_error == NULL) {
         return ngx_http_next_body_filter(r, in);
     }
 
@@ -271,6 +356,33 @@ ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
     h->key = *name;
     h->value.data = value;
     h->value.len = len;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Usage is counted once the request is over, however it ended: a client
+ * that left mid-stream is charged for what the provider reported so far.
+ */
+
+ngx_int_t
+ngx_http_ratepool_log_handler(ngx_http_request_t *r)
+{
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
+
+    if (ctx == NULL || ctx->usage == NULL || ctx->usage_counted
+        || ctx->key == NULL)
+    {
+        return NGX_OK;
+    }
+
+    ctx->usage_counted = 1;
+
+    ratepool_usage_finish(ctx->usage);
+    ngx_http_ratepool_count_usage(ctx, &ctx->usage->usage);
 
     return NGX_OK;
 }

@@ -19,6 +19,8 @@ static ngx_int_t ngx_http_ratepool_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_ratepool_add_variables(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
@@ -192,6 +194,24 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
       ngx_http_ratepool_tries_variable, 0,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
+    /* as the provider reported them, read from its answer */
+
+    { ngx_string("ratepool_input_tokens"), NULL,
+      ngx_http_ratepool_usage_variable, RATEPOOL_USAGE_INPUT,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_output_tokens"), NULL,
+      ngx_http_ratepool_usage_variable, RATEPOOL_USAGE_OUTPUT,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_cache_read_tokens"), NULL,
+      ngx_http_ratepool_usage_variable, RATEPOOL_USAGE_CACHE_READ,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_cache_creation_tokens"), NULL,
+      ngx_http_ratepool_usage_variable, RATEPOOL_USAGE_CACHE_CREATION,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
       ngx_http_null_variable
 };
 
@@ -330,6 +350,55 @@ ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
     }
 
     v->len = ngx_sprintf(p, "%ui", ctx->tries) - p;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = p;
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char                   *p;
+    uint64_t                  n;
+    ratepool_usage_t         *u;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_ratepool_get_ctx(r);
+
+    if (ctx == NULL || ctx->usage == NULL
+        || !(ctx->usage->usage.seen & data))
+    {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    u = &ctx->usage->usage;
+
+    switch (data) {
+    case RATEPOOL_USAGE_INPUT:
+        n = u->input_tokens;
+        break;
+    case RATEPOOL_USAGE_OUTPUT:
+        n = u->output_tokens;
+        break;
+    case RATEPOOL_USAGE_CACHE_READ:
+        n = u->cache_read_input_tokens;
+        break;
+    default:
+        n = u->cache_creation_input_tokens;
+    }
+
+    p = ngx_pnalloc(r->pool, NGX_INT64_LEN);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    v->len = ngx_sprintf(p, "%uL", n) - p;
     v->valid = 1;
     v->no_cacheable = 1;
     v->not_found = 0;
@@ -1659,6 +1728,13 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
     }
 
     *h = ngx_http_ratepool_access_handler;
+
+    h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    *h = ngx_http_ratepool_log_handler;
 
     return ngx_http_ratepool_filter_init(cf);
 }

@@ -17,6 +17,7 @@
 #include "ratepool_bucket.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
+#include "ratepool_usage.h"
 
 
 #define RATEPOOL_NAME_MAX           64
@@ -40,6 +41,16 @@ typedef struct {
 } ngx_http_ratepool_entry_t;
 
 
+/* tokens the provider reported as used, from the answers' usage */
+
+typedef struct {
+    uint64_t                        input;
+    uint64_t                        output;
+    uint64_t                        cache_read;
+    uint64_t                        cache_creation;
+} ngx_http_ratepool_tokens_t;
+
+
 typedef struct {
     uint64_t                        limit;      /* per minute, 0: unknown */
     uint64_t                        remaining;
@@ -59,6 +70,8 @@ typedef struct {
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
     ngx_http_ratepool_learned_t     output_tokens;
+
+    ngx_http_ratepool_tokens_t      used;
 } ngx_http_ratepool_org_sh_t;
 
 
@@ -76,6 +89,8 @@ typedef struct {
     uint64_t                        status_529;
     uint64_t                        status_other;
     uint64_t                        failed;             /* no response */
+
+    ngx_http_ratepool_tokens_t      used;
 } ngx_http_ratepool_key_sh_t;
 
 
@@ -85,6 +100,8 @@ typedef struct {
     ratepool_bucket_t               rpm_bucket;
     uint64_t                        admitted;
     uint64_t                        rejected;
+
+    ngx_http_ratepool_tokens_t      used;
 } ngx_http_ratepool_workspace_sh_t;
 
 
@@ -214,6 +231,8 @@ typedef struct {
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */
+    ratepool_usage_scanner_t       *usage;      /* reads the answer */
+    unsigned                        usage_counted:1;
 } ngx_http_ratepool_ctx_t;
 
 
@@ -229,6 +248,8 @@ void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t **key, ngx_uint_t failed);
 void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h);
+void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_usage_t *usage);
 uint64_t ngx_http_ratepool_now_ms(void);
 
 /* ngx_http_ratepool_access.c */
@@ -257,6 +278,7 @@ ngx_int_t ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data);
 
 /* ngx_http_ratepool_filter.c */
 ngx_int_t ngx_http_ratepool_filter_init(ngx_conf_t *cf);
+ngx_int_t ngx_http_ratepool_log_handler(ngx_http_request_t *r);
 ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
     ngx_str_t *name, u_char *value, size_t len);
 

@@ -477,3 +477,45 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                       key->fingerprint, status);
     }
 }
+
+
+/* adds one answer's usage to its key, org and workspace */
+
+void
+ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_usage_t *usage)
+{
+    ngx_uint_t                   i;
+    ngx_slab_pool_t             *shpool;
+    ngx_http_ratepool_org_t     *org;
+    ngx_http_ratepool_tokens_t  *used[3], add;
+
+    if (usage->seen == 0) {
+        return;
+    }
+
+    add.input = usage->input_tokens;
+    add.output = usage->output_tokens;
+    add.cache_read = usage->cache_read_input_tokens;
+    add.cache_creation = usage->cache_creation_input_tokens;
+
+    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)
+                                                           [ctx->key->org];
+
+    used[0] = &ctx->key->sh->used;
+    used[1] = &org->sh->used;
+    used[2] = ctx->workspace ? &ctx->workspace->sh->used : NULL;
+
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < 3 && used[i]; i++) {
+        used[i]->input += add.input;
+        used[i]->output += add.output;
+        used[i]->cache_read += add.cache_read;
+        used[i]->cache_creation += add.cache_creation;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}

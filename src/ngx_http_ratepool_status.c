@@ -14,9 +14,10 @@
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_POOL     128
-#define RATEPOOL_STATUS_ORG      1024
-#define RATEPOOL_STATUS_KEY      768
-#define RATEPOOL_STATUS_WS       256
+#define RATEPOOL_STATUS_TOKENS   192
+#define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_WS       (256 + RATEPOOL_STATUS_TOKENS)
 
 
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
@@ -27,6 +28,8 @@ static u_char *ngx_http_ratepool_status_pool(u_char *p,
     ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
 static u_char *ngx_http_ratepool_status_learned(u_char *p, const char *name,
     ngx_http_ratepool_learned_t *learned, time_t now);
+static u_char *ngx_http_ratepool_status_tokens(u_char *p,
+    ngx_http_ratepool_tokens_t *used);
 
 
 static uint64_t
@@ -113,12 +116,14 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_limit\":%ui,"
                         "\"rpm_available\":%uL,\"admitted\":%uL,"
-                        "\"rejected\":%uL}",
+                        "\"rejected\":%uL,",
                         i ? "," : "", &ws[i].name, ws[i].rpm,
                         ws[i].rpm ? ratepool_bucket_level(&ws[i].sh->rpm_bucket,
                                                           ws[i].rpm, now_ms)
                                   : 0,
                         ws[i].sh->admitted, ws[i].sh->rejected);
+        p = ngx_http_ratepool_status_tokens(p, &ws[i].sh->used);
+        *p++ = '}';
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -206,7 +211,9 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         *p++ = ',';
         p = ngx_http_ratepool_status_learned(p, "output_tokens",
                                              &osh->output_tokens, ngx_time());
-        p = ngx_cpymem(p, "}}", 2);
+        p = ngx_cpymem(p, "},", 2);
+        p = ngx_http_ratepool_status_tokens(p, &osh->used);
+        *p++ = '}';
     }
 
     p = ngx_cpymem(p, "],\"keys\":[", sizeof("],\"keys\":[") - 1);
@@ -241,7 +248,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         "\"sent\":%uL,\"responses\":{\"2xx\":%uL,"
                         "\"429\":%uL,\"529\":%uL,\"other\":%uL,"
                         "\"failed\":%uL},\"learned_requests_limit\":%uL,"
-                        "\"learned_requests_remaining\":%uL}",
+                        "\"learned_requests_remaining\":%uL,",
                         j ? "," : "", &keys[j].name, &org->name,
                         providers[keys[j].provider],
                         (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
@@ -249,6 +256,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         ksh->sent, ksh->status_2xx, ksh->status_429,
                         ksh->status_529, ksh->status_other, ksh->failed,
                         osh->requests.limit, osh->requests.remaining);
+        p = ngx_http_ratepool_status_tokens(p, &ksh->used);
+        *p++ = '}';
     }
 
     return ngx_cpymem(p, "]}", 2);
@@ -263,4 +272,14 @@ ngx_http_ratepool_status_learned(u_char *p, const char *name,
                        "\"reset_in_sec\":%T}", name, learned->limit,
                        learned->remaining,
                        learned->reset > now ? learned->reset - now : 0);
+}
+
+
+static u_char *
+ngx_http_ratepool_status_tokens(u_char *p, ngx_http_ratepool_tokens_t *used)
+{
+    return ngx_sprintf(p, "\"tokens\":{\"input\":%uL,\"output\":%uL,"
+                       "\"cache_read\":%uL,\"cache_creation\":%uL}",
+                       used->input, used->output, used->cache_read,
+                       used->cache_creation);
 }
