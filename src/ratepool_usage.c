@@ -85,6 +85,8 @@ static void ratepool_json_push(ratepool_usage_scanner_t *s, int array);
 static void ratepool_json_pop(ratepool_usage_scanner_t *s, int array);
 static int ratepool_json_space(unsigned char c);
 static void ratepool_json_byte(ratepool_usage_scanner_t *s, unsigned char c);
+static void ratepool_json_feed(ratepool_usage_scanner_t *s,
+    const unsigned char *p, const unsigned char *end);
 static void ratepool_sse_dispatch(ratepool_usage_scanner_t *s);
 static void ratepool_sse_end_line(ratepool_usage_scanner_t *s);
 static void ratepool_sse_byte(ratepool_usage_scanner_t *s, unsigned char c);
@@ -573,24 +575,85 @@ ratepool_sse_byte(ratepool_usage_scanner_t *s, unsigned char c)
 }
 
 
+/*
+ * Most of an answer is text inside JSON strings: runs of it are skipped
+ * with a tight loop instead of a call per byte.
+ */
+
+static void
+ratepool_json_feed(ratepool_usage_scanner_t *s, const unsigned char *p,
+    const unsigned char *end)
+{
+    size_t                n;
+    const unsigned char  *run;
+
+    while (p < end) {
+
+        if (s->json_state == JSON_ERROR) {
+            return;
+        }
+
+        if ((s->json_state == JSON_STRING || s->json_state == JSON_KEY)
+            && !s->escape)
+        {
+            for (run = p; p < end && *p != '"' && *p != '\\'; p++) {
+                /* void */
+            }
+
+            if (s->json_state == JSON_KEY && p > run) {
+                n = p - run;
+
+                if (s->key_len + n <= RATEPOOL_USAGE_KEY_MAX) {
+                    memcpy(s->key + s->key_len, run, n);
+                    s->key_len += n;
+
+                } else {
+                    s->key_len = RATEPOOL_USAGE_KEY_MAX + 1;
+                }
+            }
+
+            if (p == end) {
+                return;
+            }
+        }
+
+        ratepool_json_byte(s, *p++);
+    }
+}
+
+
 void
 ratepool_usage_feed(ratepool_usage_scanner_t *s, const unsigned char *p,
     size_t len)
 {
-    const unsigned char  *end;
+    const unsigned char  *end, *eol;
 
     end = p + len;
 
-    if (s->sse) {
-        while (p < end) {
-            ratepool_sse_byte(s, *p++);
-        }
-
+    if (!s->sse) {
+        ratepool_json_feed(s, p, end);
         return;
     }
 
     while (p < end) {
-        ratepool_json_byte(s, *p++);
+
+        if (s->line_state == SSE_VALUE && s->field == SSE_FIELD_DATA
+            && !s->after_cr)
+        {
+            /* a data line's value goes to JSON up to the end of the line */
+            for (eol = p; eol < end && *eol != '\r' && *eol != '\n'; eol++) {
+                /* void */
+            }
+
+            ratepool_json_feed(s, p, eol);
+            p = eol;
+
+            if (p == end) {
+                return;
+            }
+        }
+
+        ratepool_sse_byte(s, *p++);
     }
 }
 
