@@ -24,10 +24,12 @@ static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_add_variables(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
-static ngx_int_t ngx_http_ratepool_check_keys(ngx_conf_t *cf,
+static ngx_int_t ngx_http_ratepool_check_pools(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf);
-static ngx_int_t ngx_http_ratepool_check_orgs(ngx_conf_t *cf,
-    ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_int_t ngx_http_ratepool_check_key_names(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *p, ngx_http_ratepool_pool_t *q);
+static ngx_int_t ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *p, ngx_http_ratepool_pool_t *q);
 static void ngx_http_ratepool_free_sha256(void *data);
 static void *ngx_http_ratepool_create_srv_conf(ngx_conf_t *cf);
 static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
@@ -458,17 +460,15 @@ ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
 
 
 /*
- * A key's state is found by its name, so a name must stand for one
- * credential of one org in every pool that lists it.
+ * State is found by name: a key name must stand for one credential of
+ * one org, and an org name for one set of limits, in every pool.
  */
 
 static ngx_int_t
-ngx_http_ratepool_check_keys(ngx_conf_t *cf,
+ngx_http_ratepool_check_pools(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf)
 {
-    ngx_uint_t                  i, j, m, n;
-    ngx_http_ratepool_org_t    *oa, *ob;
-    ngx_http_ratepool_key_t    *a, *b;
+    ngx_uint_t                  i, j;
     ngx_http_ratepool_pool_t  **pools;
 
     pools = rmcf->pools.elts;
@@ -480,94 +480,95 @@ ngx_http_ratepool_check_keys(ngx_conf_t *cf,
                 continue;
             }
 
-            a = pools[i]->keys->elts;
-            b = pools[j]->keys->elts;
-
-            for (m = 0; m < pools[i]->keys->nelts; m++) {
-                for (n = 0; n < pools[j]->keys->nelts; n++) {
-
-                    if (a[m].name.len != b[n].name.len
-                        || ngx_strncmp(a[m].name.data, b[n].name.data,
-                                       a[m].name.len) != 0)
-                    {
-                        continue;
-                    }
-
-                    oa = &((ngx_http_ratepool_org_t *)
-                           pools[i]->orgs->elts)[a[m].org];
-                    ob = &((ngx_http_ratepool_org_t *)
-                           pools[j]->orgs->elts)[b[n].org];
-
-                    if (ngx_memcmp(a[m].fingerprint, b[n].fingerprint,
-                                   RATEPOOL_FINGERPRINT_LEN) == 0
-                        && oa->name.len == ob->name.len
-                        && ngx_strncmp(oa->name.data, ob->name.data,
-                                       oa->name.len) == 0)
-                    {
-                        continue;
-                    }
-
-                    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                                  "key \"%V\" is declared in upstreams "
-                                  "\"%V\" and \"%V\" with different secrets "
-                                  "or orgs, give each credential a name "
-                                  "of its own", &a[m].name,
-                                  &pools[i]->upstream->host,
-                                  &pools[j]->upstream->host);
-                    return NGX_ERROR;
-                }
+            if (ngx_http_ratepool_check_key_names(cf, pools[i], pools[j])
+                != NGX_OK
+                || ngx_http_ratepool_check_org_names(cf, pools[i], pools[j])
+                   != NGX_OK)
+            {
+                return NGX_ERROR;
             }
         }
     }
 
-    return ngx_http_ratepool_check_orgs(cf, rmcf);
+    return NGX_OK;
 }
 
 
-/* an org's state is found by its name too: one name, one set of limits */
-
 static ngx_int_t
-ngx_http_ratepool_check_orgs(ngx_conf_t *cf,
-    ngx_http_ratepool_main_conf_t *rmcf)
+ngx_http_ratepool_check_key_names(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *p, ngx_http_ratepool_pool_t *q)
 {
-    ngx_uint_t                  i, j, m, n;
-    ngx_http_ratepool_org_t    *a, *b;
-    ngx_http_ratepool_pool_t  **pools;
+    ngx_uint_t                m, n;
+    ngx_http_ratepool_org_t  *oa, *ob;
+    ngx_http_ratepool_key_t  *a, *b;
 
-    pools = rmcf->pools.elts;
+    a = p->keys->elts;
+    b = q->keys->elts;
 
-    for (i = 0; i < rmcf->pools.nelts; i++) {
-        for (j = i + 1; j < rmcf->pools.nelts; j++) {
+    for (m = 0; m < p->keys->nelts; m++) {
+        for (n = 0; n < q->keys->nelts; n++) {
 
-            if (pools[i]->orgs == NULL || pools[j]->orgs == NULL) {
+            if (a[m].name.len != b[n].name.len
+                || ngx_strncmp(a[m].name.data, b[n].name.data, a[m].name.len)
+                   != 0)
+            {
                 continue;
             }
 
-            a = pools[i]->orgs->elts;
-            b = pools[j]->orgs->elts;
+            oa = &((ngx_http_ratepool_org_t *) p->orgs->elts)[a[m].org];
+            ob = &((ngx_http_ratepool_org_t *) q->orgs->elts)[b[n].org];
 
-            for (m = 0; m < pools[i]->orgs->nelts; m++) {
-                for (n = 0; n < pools[j]->orgs->nelts; n++) {
-
-                    if (a[m].name.len != b[n].name.len
-                        || ngx_strncmp(a[m].name.data, b[n].name.data,
-                                       a[m].name.len) != 0
-                        || !a[m].declared || !b[n].declared
-                        || (a[m].rpm == b[n].rpm && a[m].itpm == b[n].itpm
-                            && a[m].otpm == b[n].otpm))
-                    {
-                        continue;
-                    }
-
-                    ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                                  "org \"%V\" has different limits in "
-                                  "upstreams \"%V\" and \"%V\", an org "
-                                  "has one set of limits", &a[m].name,
-                                  &pools[i]->upstream->host,
-                                  &pools[j]->upstream->host);
-                    return NGX_ERROR;
-                }
+            if (ngx_memcmp(a[m].fingerprint, b[n].fingerprint,
+                           RATEPOOL_FINGERPRINT_LEN) == 0
+                && oa->name.len == ob->name.len
+                && ngx_strncmp(oa->name.data, ob->name.data, oa->name.len)
+                   == 0)
+            {
+                continue;
             }
+
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "key \"%V\" is declared in upstreams \"%V\" and "
+                          "\"%V\" with different secrets or orgs, give "
+                          "each credential a name of its own", &a[m].name,
+                          &p->upstream->host, &q->upstream->host);
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *p, ngx_http_ratepool_pool_t *q)
+{
+    ngx_uint_t                m, n;
+    ngx_http_ratepool_org_t  *a, *b;
+
+    a = p->orgs->elts;
+    b = q->orgs->elts;
+
+    for (m = 0; m < p->orgs->nelts; m++) {
+        for (n = 0; n < q->orgs->nelts; n++) {
+
+            if (a[m].name.len != b[n].name.len
+                || ngx_strncmp(a[m].name.data, b[n].name.data, a[m].name.len)
+                   != 0
+                || !a[m].declared || !b[n].declared
+                || (a[m].rpm == b[n].rpm && a[m].itpm == b[n].itpm
+                    && a[m].otpm == b[n].otpm))
+            {
+                continue;
+            }
+
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "org \"%V\" has different limits in upstreams "
+                          "\"%V\" and \"%V\", an org has one set of "
+                          "limits", &a[m].name, &p->upstream->host,
+                          &q->upstream->host);
+            return NGX_ERROR;
         }
     }
 
@@ -642,7 +643,7 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
         }
     }
 
-    if (ngx_http_ratepool_check_keys(cf, rmcf) != NGX_OK) {
+    if (ngx_http_ratepool_check_pools(cf, rmcf) != NGX_OK) {
         return NGX_CONF_ERROR;
     }
 
