@@ -187,13 +187,9 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     status = u->headers_in.status_n;
 
     if (status != NGX_HTTP_TOO_MANY_REQUESTS
-        && status != NGX_HTTP_UNAUTHORIZED)
+        && status != NGX_HTTP_UNAUTHORIZED
+        && status != NGX_HTTP_FORBIDDEN)
     {
-        /* a 403 may concern this request only: it goes to the client */
-        if (status == NGX_HTTP_FORBIDDEN) {
-            u->peer.tries = 1;
-        }
-
         return NGX_OK;
     }
 
@@ -202,7 +198,7 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     }
 
     if (ctx->next) {
-        /* nginx re-sends on 429, not on 401; the 401 never reaches anyone */
+        /* nginx re-sends on 429, not on 401; this answer reaches no one */
         u->headers_in.status_n = NGX_HTTP_TOO_MANY_REQUESTS;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->rerouted, 1);
@@ -219,9 +215,11 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ctx->exhausted = 1;
 
-    } else {
+    } else if (status == NGX_HTTP_UNAUTHORIZED) {
         ctx->refused = 1;
     }
+
+    /* a 403 no key could beat goes out as the provider sent it */
 
     return NGX_OK;
 }

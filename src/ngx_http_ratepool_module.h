@@ -80,6 +80,7 @@ typedef struct {
 
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_uint_t                      dead_status;        /* 0: alive */
+    uint64_t                        refused_until_ms;   /* after a 403 */
     ngx_uint_t                      inflight;
     uint64_t                        last_pick_ms;
 

@@ -15,6 +15,9 @@
 
 #define RATEPOOL_COOLDOWN_MAX_MS   3600000
 
+/* a 403 may concern the key or only the request: the key sits out a while */
+#define RATEPOOL_REFUSED_MS        300000
+
 #define RATEPOOL_LEARN_LIMIT       0
 #define RATEPOOL_LEARN_REMAINING   1
 #define RATEPOOL_LEARN_RESET       2
@@ -112,7 +115,8 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         limit = ngx_http_ratepool_org_rpm(org);
 
         c[i].usable = (keys[i].sh->dead_status == 0);
-        c[i].free_at_ms = osh->cooldown_until_ms;
+        c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
+                                  keys[i].sh->refused_until_ms);
 
         wait_ms = ratepool_bucket_wait_ms(&osh->rpm_bucket, limit, 1, now_ms);
 
@@ -455,9 +459,12 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     } else {
         ksh->status_other++;
 
-        /* 403 may concern one request (a model the org may not use) */
         if (status == NGX_HTTP_UNAUTHORIZED) {
             ksh->dead_status = status;
+
+        } else if (status == NGX_HTTP_FORBIDDEN) {
+            ksh->refused_until_ms = ngx_max(ksh->refused_until_ms,
+                                            now_ms + RATEPOOL_REFUSED_MS);
         }
     }
 
@@ -468,6 +475,13 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                       "ratepool: key \"%V\" got 429, org \"%V\" cools down "
                       "for at least %uL ms", &key->name, &org->name,
                       floor_ms);
+
+    } else if (status == NGX_HTTP_FORBIDDEN) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: key \"%V\" (sha256 %*s) was refused with "
+                      "403, out of rotation for %d s",
+                      &key->name, (size_t) RATEPOOL_FINGERPRINT_LEN,
+                      key->fingerprint, RATEPOOL_REFUSED_MS / 1000);
 
     } else if (status == NGX_HTTP_UNAUTHORIZED) {
         ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,

@@ -170,7 +170,7 @@ static u_char *
 ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
-    uint64_t                     limit, cooldown_ms;
+    uint64_t                     limit, cooldown_ms, refused_ms;
     ngx_uint_t                   j;
     const char                  *state;
     ngx_http_ratepool_org_t     *orgs, *org;
@@ -226,8 +226,14 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         cooldown_ms = ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                      now_ms);
 
+        refused_ms = ngx_http_ratepool_remaining_ms(ksh->refused_until_ms,
+                                                    now_ms);
+
         if (ksh->dead_status) {
             state = "dead";
+
+        } else if (refused_ms) {
+            state = "refused";
 
         } else if (cooldown_ms) {
             state = "cooling";
@@ -244,7 +250,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"org\":\"%V\","
                         "\"provider\":\"%s\",\"fingerprint\":\"%*s\","
                         "\"state\":\"%s\",\"dead_status\":%ui,"
-                        "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
+                        "\"refused_ms\":%uL,\"cooldown_ms\":%uL,\"in_flight\":%ui,"
                         "\"sent\":%uL,\"responses\":{\"2xx\":%uL,"
                         "\"429\":%uL,\"529\":%uL,\"other\":%uL,"
                         "\"failed\":%uL},\"learned_requests_limit\":%uL,"
@@ -252,7 +258,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         j ? "," : "", &keys[j].name, &org->name,
                         providers[keys[j].provider],
                         (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
-                        state, ksh->dead_status, cooldown_ms, ksh->inflight,
+                        state, ksh->dead_status, refused_ms, cooldown_ms,
+                        ksh->inflight,
                         ksh->sent, ksh->status_2xx, ksh->status_429,
                         ksh->status_529, ksh->status_other, ksh->failed,
                         osh->requests.limit, osh->requests.remaining);

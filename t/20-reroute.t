@@ -2,7 +2,8 @@
 
 # What the gateway does with the provider's refusals: a 429 cools the
 # key's org for at least its retry-after and the same request goes to
-# another key; a 529 passes through; a 401 or 403 takes the key out.
+# another key; a 529 passes through; a 401 takes the key out, a 403
+# takes it out for a while.
 
 use strict;
 use warnings;
@@ -18,7 +19,7 @@ use Ratepool::Test;
 my $t = Ratepool::Test->new;
 
 my %KEY = map { $_ => 'sk-ant-mock-' . $_ . '-' . int(rand(1e9)) }
-          qw(a1 b1 s1 s2 c1 k1 k2 x1 z1);
+          qw(a1 b1 s1 s2 c1 k1 k2 x1 z1 p1 p2);
 my $TOKEN = 'gw-backend-' . int(rand(1e9));
 
 my $mock = $t->start_mock(port => 1, config => {
@@ -31,6 +32,8 @@ my $mock = $t->start_mock(port => 1, config => {
         $KEY{k1} => { org => 'org-k1', name => 'k1' },
         $KEY{k2} => { org => 'org-k2', name => 'k2' },
         $KEY{z1} => { org => 'org-z', name => 'z1' },
+        $KEY{p1} => { org => 'org-p1', name => 'p1' },
+        $KEY{p2} => { org => 'org-p2', name => 'p2' },
         $KEY{x1} => { org => 'org-x', name => 'x1' },
     },
 });
@@ -66,6 +69,12 @@ http {
         ratepool_key k2 org=org-k2 server=127.0.0.1:%%PORT_1%% key=$KEY{k2};
     }
 
+    upstream perm {
+        ratepool zone=llm;
+        ratepool_key p1 org=org-p1 server=127.0.0.1:%%PORT_1%% key=$KEY{p1};
+        ratepool_key p2 org=org-p2 server=127.0.0.1:%%PORT_1%% key=$KEY{p2};
+    }
+
     upstream solo {
         ratepool zone=llm;
         ratepool_key z1 org=org-z server=127.0.0.1:%%PORT_1%% key=$KEY{z1};
@@ -95,6 +104,11 @@ http {
         location /auth/v1/ {
             rewrite ^/auth(/.*)\$ \$1 break;
             ratepool_pass http://auth;
+        }
+
+        location /perm/v1/ {
+            rewrite ^/perm(/.*)\$ \$1 break;
+            ratepool_pass http://perm;
         }
 
         location /solo/v1/ {
@@ -301,17 +315,31 @@ like($err->{error}{message}, qr/no key of pool "auth"/, 'saying why');
 is($r->{headers}{'x-should-retry'}, 'false', 'and that retrying is futile');
 is($r->{headers}{'retry-after'}, undef, 'with no retry-after');
 
-# 403 concerns the request (a model the org may not use): it is passed
-# on, not re-routed, and the key stays in rotation
+# 403: the key sits out a while (it may lack a permission the request
+# needs, or be disabled), the request goes to another key
+
+sub perm { $t->messages(token => $TOKEN, path => '/perm/v1/messages', @_) }
 
 $mock->reset;
-$r = $t->messages(token => $TOKEN, headers => [ 'x-mock-status' => 403 ]);
+$mock->script($KEY{p1}, [ { status => 403 } ], sticky => 1);
+
+@got = map { perm()->{status} } 1 .. 3;
+
+is(join(',', @got), '200,200,200', 'a key refused with 403 fails no request');
+is(scalar(grep { $_ eq 'p1' } @{ names() }), 1,
+    'it got one request and no more');
+is(key_status('p1')->{state}, 'refused', 'the status shows it refused');
+cmp_ok(key_status('p1')->{refused_ms}, '>', 250000, 'for five minutes');
+like($t->error_log, qr/key "p1" .* refused with 403, out of rotation/,
+    'the error log names the key');
+
+$mock->reset;
+$r = perm(headers => [ 'x-mock-status' => 403 ]);
 $err = eval { decode_json($r->{body}) } || {};
 
-is($r->{status}, 403, 'a provider\'s 403 reaches the client');
+is($r->{status}, 403, 'the last key\'s 403 reaches the client');
 is($err->{error}{type}, 'permission_error', 'with the provider\'s body');
-is(scalar @{ names() }, 1, 'it is not sent with another key');
-is(key_status(names()->[0])->{state}, 'ok', 'and the key stays in rotation');
+is_deeply(names(), [ 'p2' ], 'after one try');
 
 # a key whose server is down: the request goes to another key
 
