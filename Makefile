@@ -23,7 +23,7 @@ endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
-               src/ratepool_usage.c
+               src/ratepool_usage.c src/ratepool_budget.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
 .PHONY: all deps module unit fuzz test demo bench clean

@@ -23,9 +23,12 @@ static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
     uint64_t *wait_ms);
 static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
     ngx_http_ratepool_workspace_t *ws);
+static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws);
 static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
     ngx_uint_t status, const char *type, ngx_str_t *message,
-    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
+    const char *error_code, ngx_uint_t retry_after_sec,
+    ngx_int_t should_retry);
 static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
     ngx_str_t *message, uint64_t wait_ms);
 static ngx_int_t ngx_http_ratepool_first_key(ngx_http_request_t *r,
@@ -90,7 +93,8 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
                           "gateway issued as x-api-key or as "
                           "Authorization: Bearer");
         return ngx_http_ratepool_reject(r, NGX_HTTP_UNAUTHORIZED,
-                                        "authentication_error", &msg, 0, 0);
+                                        "authentication_error", &msg, NULL,
+                                        0, 0);
     }
 
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
@@ -112,6 +116,12 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     cln->data = ctx;
 
     ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
+
+    if ((ws->daily_tokens || ws->monthly_tokens)
+        && ngx_http_ratepool_check_budgets(r, pool, ws) != NGX_OK)
+    {
+        return NGX_DONE;
+    }
 
     if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
         msg.data = buf;
@@ -168,7 +178,7 @@ ngx_http_ratepool_first_key(ngx_http_request_t *r,
                   - buf;
 
         return ngx_http_ratepool_reject(r, NGX_HTTP_SERVICE_UNAVAILABLE,
-                                        "api_error", &msg, 0, 0);
+                                        "api_error", &msg, NULL, 0, 0);
     }
 
     now_ms = ngx_http_ratepool_now_ms();
@@ -347,6 +357,84 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
 }
 
 
+/*
+ * A workspace over its daily or monthly token budget is told so the way
+ * a provider tells of a spend cap: no retry-after, x-should-retry: false
+ * and enforced_spend_limit_reached, so that clients stop rather than
+ * retry, and when the budget resets.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws)
+{
+    int          kind;
+    time_t       now, reset;
+    uint64_t     day, month, budget;
+    ngx_tm_t     tm;
+    ngx_str_t    msg;
+    ngx_uint_t   over;
+    u_char       buf[256];
+
+    now = ngx_time();
+
+    ngx_shmtx_lock(&pool->zone->shpool->mutex);
+
+    day = ratepool_budget_used(&ws->sh->today, RATEPOOL_BUDGET_DAY, now);
+    month = ratepool_budget_used(&ws->sh->this_month, RATEPOOL_BUDGET_MONTH,
+                                 now);
+
+    over = (ws->daily_tokens && day >= ws->daily_tokens)
+           || (ws->monthly_tokens && month >= ws->monthly_tokens);
+
+    if (over) {
+        ws->sh->rejected++;
+    }
+
+    ngx_shmtx_unlock(&pool->zone->shpool->mutex);
+
+    if (!over) {
+        return NGX_OK;
+    }
+
+    (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
+    if (ws->monthly_tokens && month >= ws->monthly_tokens) {
+        kind = RATEPOOL_BUDGET_MONTH;
+        budget = ws->monthly_tokens;
+
+    } else {
+        kind = RATEPOOL_BUDGET_DAY;
+        budget = ws->daily_tokens;
+    }
+
+    reset = ratepool_budget_reset(kind, now);
+    ngx_gmtime(reset, &tm);
+
+    msg.data = buf;
+    msg.len = ngx_snprintf(buf, sizeof(buf),
+                           "workspace \"%V\" has used its %s budget of %uL "
+                           "tokens; it resets at "
+                           "%4d-%02d-%02dT%02d:%02d:%02dZ",
+                           &ws->name,
+                           kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly",
+                           budget, tm.ngx_tm_year, tm.ngx_tm_mon,
+                           tm.ngx_tm_mday, tm.ngx_tm_hour, tm.ngx_tm_min,
+                           tm.ngx_tm_sec)
+              - buf;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "ratepool: workspace \"%V\" is over its %s token budget",
+                  &ws->name, kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly");
+
+    (void) ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                    "rate_limit_error", &msg,
+                                    "enforced_spend_limit_reached", 0, 0);
+
+    return NGX_DONE;
+}
+
+
 static void
 ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
     ngx_http_ratepool_workspace_t *ws)
@@ -381,10 +469,11 @@ ngx_http_ratepool_cleanup(void *data)
 
 static ngx_int_t
 ngx_http_ratepool_reject(ngx_http_request_t *r, ngx_uint_t status,
-    const char *type, ngx_str_t *message, ngx_uint_t retry_after_sec,
-    ngx_int_t should_retry)
+    const char *type, ngx_str_t *message, const char *error_code,
+    ngx_uint_t retry_after_sec, ngx_int_t should_retry)
 {
-    ngx_int_t  rc;
+    ngx_int_t   rc;
+    ngx_buf_t  *b;
 
     rc = ngx_http_discard_request_body(r);
 
@@ -392,10 +481,16 @@ ngx_http_ratepool_reject(ngx_http_request_t *r, ngx_uint_t status,
         return rc;
     }
 
-    rc = ngx_http_ratepool_send_error(r, status, type, message,
-                                      retry_after_sec, should_retry);
+    b = ngx_http_ratepool_error_body(r, type, message, error_code);
 
-    ngx_http_finalize_request(r, rc);
+    if (b == NULL
+        || ngx_http_ratepool_error_headers(r, retry_after_sec, should_retry)
+           != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    ngx_http_finalize_request(r, ngx_http_ratepool_send_json(r, status, b));
 
     return NGX_DONE;
 }
@@ -408,38 +503,21 @@ ngx_http_ratepool_reject_limited(ngx_http_request_t *r, ngx_str_t *message,
     uint64_t wait_ms)
 {
     return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                    "rate_limit_error", message,
+                                    "rate_limit_error", message, NULL,
                                     ratepool_retry_after_sec(wait_ms,
                                                      (uint32_t) ngx_random()),
                                     1);
 }
 
 
-ngx_int_t
-ngx_http_ratepool_send_error(ngx_http_request_t *r, ngx_uint_t status,
-    const char *type, ngx_str_t *message, ngx_uint_t retry_after_sec,
-    ngx_int_t should_retry)
-{
-    ngx_buf_t  *b;
-
-    b = ngx_http_ratepool_error_body(r, type, message);
-
-    if (b == NULL
-        || ngx_http_ratepool_error_headers(r, retry_after_sec, should_retry)
-           != NGX_OK)
-    {
-        return NGX_HTTP_INTERNAL_SERVER_ERROR;
-    }
-
-    return ngx_http_ratepool_send_json(r, status, b);
-}
-
-
-/* an error in the provider's format, with nginx's $request_id */
+/*
+ * An error in the provider's format, with nginx's $request_id, and
+ * details.error_code where the provider would give one.
+ */
 
 ngx_buf_t *
 ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
-    ngx_str_t *message)
+    ngx_str_t *message, const char *error_code)
 {
     size_t                          len;
     uintptr_t                       escape;
@@ -458,8 +536,10 @@ ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
     escape = ngx_escape_json(NULL, message->data, message->len);
 
     len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\",\"message\":\"\""
+                 ",\"details\":{\"error_code\":\"\"}"
                  "},\"request_id\":\"req_gw_\"}\n") - 1
-          + ngx_strlen(type) + message->len + escape + id->len;
+          + ngx_strlen(type) + message->len + escape + id->len
+          + (error_code ? ngx_strlen(error_code) : 0);
 
     b = ngx_create_temp_buf(r->pool, len);
     if (b == NULL) {
@@ -471,8 +551,14 @@ ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
                           "\"message\":\"", type);
     b->last = (u_char *) ngx_escape_json(b->last, message->data,
                                          message->len);
-    b->last = ngx_sprintf(b->last, "\"},\"request_id\":\"req_gw_%v\"}\n",
-                          id);
+    *b->last++ = '"';
+
+    if (error_code) {
+        b->last = ngx_sprintf(b->last, ",\"details\":{\"error_code\":\"%s\"}",
+                              error_code);
+    }
+
+    b->last = ngx_sprintf(b->last, "},\"request_id\":\"req_gw_%v\"}\n", id);
 
     return b;
 }

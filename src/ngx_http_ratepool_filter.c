@@ -243,7 +243,7 @@ ngx_http_ratepool_own_error(ngx_http_request_t *r,
         ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
     }
 
-    ctx->own_error = ngx_http_ratepool_error_body(r, type, &msg);
+    ctx->own_error = ngx_http_ratepool_error_body(r, type, &msg, NULL);
     if (ctx->own_error == NULL) {
         return NGX_ERROR;
     }

@@ -1310,7 +1310,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* ratepool_workspace NAME [rpm=N] */
+/* ratepool_workspace NAME [rpm=N] [daily_tokens=N] [monthly_tokens=N] */
 
 static char *
 ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -1353,20 +1353,31 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
 
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "daily_tokens",
+                                               &ws->daily_tokens);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "monthly_tokens",
+                                               &ws->monthly_tokens);
+        }
+
         if (rc == NGX_OK) {
             continue;
         }
 
         if (rc == NGX_ERROR) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid limit \"%V\", use a positive number "
-                               "of requests per minute, for example "
-                               "\"rpm=200\"", &value[i]);
+                               "invalid limit \"%V\", use a positive number, "
+                               "for example \"rpm=200\" or "
+                               "\"daily_tokens=5000000\"", &value[i]);
             return NGX_CONF_ERROR;
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\", use \"rpm=\"",
+                           "invalid parameter \"%V\", use \"rpm=\", "
+                           "\"daily_tokens=\" or \"monthly_tokens=\"",
                            &value[i]);
         return NGX_CONF_ERROR;
     }

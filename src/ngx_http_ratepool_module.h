@@ -18,6 +18,7 @@
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
 #include "ratepool_usage.h"
+#include "ratepool_budget.h"
 
 
 #define RATEPOOL_NAME_MAX           64
@@ -103,6 +104,8 @@ typedef struct {
     uint64_t                        rejected;
 
     ngx_http_ratepool_tokens_t      used;
+    ratepool_budget_t               today;      /* all tokens, UTC day */
+    ratepool_budget_t               this_month;
 } ngx_http_ratepool_workspace_sh_t;
 
 
@@ -173,6 +176,8 @@ typedef struct {
 typedef struct {
     ngx_str_t                          name;
     ngx_uint_t                         rpm;
+    ngx_uint_t                         daily_tokens;     /* 0: none */
+    ngx_uint_t                         monthly_tokens;
     ngx_http_ratepool_workspace_sh_t  *sh;
 } ngx_http_ratepool_workspace_t;
 
@@ -257,14 +262,11 @@ uint64_t ngx_http_ratepool_now_ms(void);
 ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
 ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
 ngx_buf_t *ngx_http_ratepool_error_body(ngx_http_request_t *r,
-    const char *type, ngx_str_t *message);
+    const char *type, ngx_str_t *message, const char *error_code);
 ngx_int_t ngx_http_ratepool_error_headers(ngx_http_request_t *r,
     ngx_uint_t retry_after_sec, ngx_int_t should_retry);
 void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
     ngx_uint_t status, off_t length);
-ngx_int_t ngx_http_ratepool_send_error(ngx_http_request_t *r,
-    ngx_uint_t status, const char *type, ngx_str_t *message,
-    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
 ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
     ngx_uint_t status, ngx_buf_t *b);
 

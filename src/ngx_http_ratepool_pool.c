@@ -499,6 +499,8 @@ void
 ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage)
 {
+    time_t                       now;
+    uint64_t                     total;
     ngx_uint_t                   i;
     ngx_slab_pool_t             *shpool;
     ngx_http_ratepool_org_t     *org;
@@ -507,6 +509,8 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     if (usage->seen == 0) {
         return;
     }
+
+    now = ngx_time();
 
     add.input = usage->input_tokens;
     add.output = usage->output_tokens;
@@ -529,6 +533,16 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         used[i]->output += add.output;
         used[i]->cache_read += add.cache_read;
         used[i]->cache_creation += add.cache_creation;
+    }
+
+    if (ctx->workspace) {
+        /* budgets count every token billed, cached or not */
+        total = add.input + add.output + add.cache_read + add.cache_creation;
+
+        ratepool_budget_add(&ctx->workspace->sh->today, RATEPOOL_BUDGET_DAY,
+                            now, total);
+        ratepool_budget_add(&ctx->workspace->sh->this_month,
+                            RATEPOOL_BUDGET_MONTH, now, total);
     }
 
     ngx_shmtx_unlock(&shpool->mutex);

@@ -17,7 +17,7 @@
 #define RATEPOOL_STATUS_TOKENS   192
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_WS       (256 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_WS       (384 + RATEPOOL_STATUS_TOKENS)
 
 
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
@@ -116,12 +116,21 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_limit\":%ui,"
                         "\"rpm_available\":%uL,\"admitted\":%uL,"
-                        "\"rejected\":%uL,",
+                        "\"rejected\":%uL,\"daily_tokens\":%ui,"
+                        "\"tokens_today\":%uL,\"monthly_tokens\":%ui,"
+                        "\"tokens_this_month\":%uL,",
                         i ? "," : "", &ws[i].name, ws[i].rpm,
                         ws[i].rpm ? ratepool_bucket_level(&ws[i].sh->rpm_bucket,
                                                           ws[i].rpm, now_ms)
                                   : 0,
-                        ws[i].sh->admitted, ws[i].sh->rejected);
+                        ws[i].sh->admitted, ws[i].sh->rejected,
+                        ws[i].daily_tokens,
+                        ratepool_budget_used(&ws[i].sh->today,
+                                             RATEPOOL_BUDGET_DAY, ngx_time()),
+                        ws[i].monthly_tokens,
+                        ratepool_budget_used(&ws[i].sh->this_month,
+                                             RATEPOOL_BUDGET_MONTH,
+                                             ngx_time()));
         p = ngx_http_ratepool_status_tokens(p, &ws[i].sh->used);
         *p++ = '}';
     }

@@ -15,7 +15,6 @@
 static void ratepool_trim(const unsigned char **p, size_t *len);
 static int ratepool_digits(const unsigned char **pp, const unsigned char *end,
     size_t n, unsigned *value);
-static int64_t ratepool_days_from_civil(int64_t y, unsigned m, unsigned d);
 static int ratepool_make_time(int64_t year, unsigned month, unsigned day,
     unsigned hour, unsigned min, unsigned sec, time_t *t);
 
@@ -401,7 +400,7 @@ ratepool_digits(const unsigned char **pp, const unsigned char *end, size_t n,
 
 /* days since 1970-01-01 in the proleptic Gregorian calendar */
 
-static int64_t
+int64_t
 ratepool_days_from_civil(int64_t y, unsigned m, unsigned d)
 {
     int64_t   era;

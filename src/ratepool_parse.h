@@ -25,5 +25,7 @@ int ratepool_parse_rfc3339(const unsigned char *p, size_t len, time_t *sec);
 int ratepool_parse_duration_ms(const unsigned char *p, size_t len,
     uint64_t *ms);
 
+int64_t ratepool_days_from_civil(int64_t y, unsigned m, unsigned d);
+
 
 #endif /* _RATEPOOL_PARSE_H_INCLUDED_ */

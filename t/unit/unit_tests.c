@@ -11,6 +11,7 @@
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
 #include "ratepool_usage.h"
+#include "ratepool_budget.h"
 
 
 static int  tests, failures;
@@ -500,6 +501,48 @@ test_usage(void)
 }
 
 
+static void
+test_budget(void)
+{
+    time_t             t;
+    ratepool_budget_t  b;
+
+    /* 2026-11-23T17:40:00Z */
+    t = 1795455600;
+
+    check(ratepool_budget_reset(RATEPOOL_BUDGET_DAY, t) == 1795478400,
+          "a daily budget resets at the next midnight UTC");
+    check(ratepool_budget_reset(RATEPOOL_BUDGET_MONTH, t) == 1796083200,
+          "a monthly budget resets on the first of the next month");
+    check(ratepool_budget_reset(RATEPOOL_BUDGET_MONTH, 1798675200)
+          == 1798761600, "on New Year's Eve, on January the first");
+    check(ratepool_budget_reset(RATEPOOL_BUDGET_MONTH, 1709164800)
+          == 1709251200, "on a leap day, on March the first");
+
+    b.used = 0;
+    b.period = 0;
+
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, t, 600);
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, t + 3600, 500);
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_DAY, t + 3600) == 1100,
+          "usage adds up within a day");
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_DAY, 1795478400) == 0,
+          "and counts nothing once the day is over");
+
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, 1795478400 + 1, 7);
+    check(b.used == 7, "the new day starts from what it used");
+
+    b.used = 0;
+    b.period = 0;
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_MONTH, t, 10);
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_MONTH, 1796083200 - 1, 10);
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_MONTH, 1796083200 - 1)
+          == 20, "a month's usage adds up to its last second");
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_MONTH, 1796083200) == 0,
+          "and is over at midnight of the first");
+}
+
+
 int
 main(void)
 {
@@ -508,6 +551,7 @@ main(void)
     test_cooldown();
     test_parse();
     test_usage();
+    test_budget();
 
     printf("1..%d\n", tests);
 
