@@ -20,7 +20,7 @@ static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
     ngx_http_request_t *r, ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
-    uint64_t *wait_ms);
+    uint64_t *wait_ms, const char **what, ngx_uint_t *limit);
 static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
     ngx_http_ratepool_workspace_t *ws);
 static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
@@ -41,6 +41,8 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 {
     uint64_t                        wait_ms;
     ngx_str_t                       msg;
+    ngx_uint_t                      limit;
+    const char                     *what;
     ngx_pool_cleanup_t             *cln;
     ngx_http_ratepool_ctx_t        *ctx;
     ngx_http_ratepool_pool_t       *pool;
@@ -123,11 +125,14 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         return NGX_DONE;
     }
 
-    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms) != NGX_OK) {
+    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms, &what,
+                                          &limit)
+        != NGX_OK)
+    {
         msg.data = buf;
         msg.len = ngx_snprintf(buf, sizeof(buf),
                                "workspace \"%V\" is over its budget of %ui "
-                               "requests per minute", &ws->name, ws->rpm)
+                               "%s per minute", &ws->name, limit, what)
                   - buf;
 
         return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
@@ -318,22 +323,51 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
 }
 
 
+/*
+ * Requests are taken from the workspace's bucket as they come; tokens
+ * are charged once the provider says how many were used, so a workspace
+ * is admitted while its token buckets are not in debt.
+ */
+
 static ngx_int_t
 ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
-    uint64_t *wait_ms)
+    uint64_t *wait_ms, const char **what, ngx_uint_t *limit)
 {
     int                                rc;
+    uint64_t                           now_ms, wait_in, wait_out;
     ngx_slab_pool_t                   *shpool;
     ngx_http_ratepool_workspace_sh_t  *sh;
 
     shpool = pool->zone->shpool;
     sh = ws->sh;
+    now_ms = ngx_http_ratepool_now_ms();
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    rc = ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1,
-                              ngx_http_ratepool_now_ms(), wait_ms);
+    wait_in = ratepool_bucket_wait_ms(&sh->itpm_bucket, ws->itpm, 1, now_ms);
+    wait_out = ratepool_bucket_wait_ms(&sh->otpm_bucket, ws->otpm, 1, now_ms);
+
+    if (wait_in || wait_out) {
+        rc = RATEPOOL_BUCKET_WAIT;
+
+        if (wait_in >= wait_out) {
+            *wait_ms = wait_in;
+            *what = "input tokens";
+            *limit = ws->itpm;
+
+        } else {
+            *wait_ms = wait_out;
+            *what = "output tokens";
+            *limit = ws->otpm;
+        }
+
+    } else {
+        rc = ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms,
+                                  wait_ms);
+        *what = "requests";
+        *limit = ws->rpm;
+    }
 
     if (rc == RATEPOOL_BUCKET_OK) {
         sh->admitted++;
@@ -348,8 +382,8 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
         (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
 
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "ratepool: workspace \"%V\" is over %ui rpm",
-                      &ws->name, ws->rpm);
+                      "ratepool: workspace \"%V\" is over %ui %s per minute",
+                      &ws->name, *limit, *what);
         return NGX_DECLINED;
     }
 

@@ -1310,7 +1310,10 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* ratepool_workspace NAME [rpm=N] [daily_tokens=N] [monthly_tokens=N] */
+/*
+ * ratepool_workspace NAME [rpm=N] [itpm=N] [otpm=N] [daily_tokens=N]
+ *                    [monthly_tokens=N]
+ */
 
 static char *
 ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -1354,6 +1357,14 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
 
         if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &ws->itpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &ws->otpm);
+        }
+
+        if (rc == NGX_DECLINED) {
             rc = ngx_http_ratepool_parse_limit(&value[i], "daily_tokens",
                                                &ws->daily_tokens);
         }
@@ -1377,7 +1388,8 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter \"%V\", use \"rpm=\", "
-                           "\"daily_tokens=\" or \"monthly_tokens=\"",
+                           "\"itpm=\", \"otpm=\", \"daily_tokens=\" or "
+                           "\"monthly_tokens=\"",
                            &value[i]);
         return NGX_CONF_ERROR;
     }

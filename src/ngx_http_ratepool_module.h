@@ -63,6 +63,8 @@ typedef struct {
     ngx_http_ratepool_entry_t       entry;
 
     ratepool_bucket_t               rpm_bucket;         /* requests */
+    ratepool_bucket_t               itpm_bucket;        /* input tokens */
+    ratepool_bucket_t               otpm_bucket;        /* output tokens */
     uint64_t                        cooldown_until_ms;  /* monotonic */
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
@@ -100,6 +102,8 @@ typedef struct {
     ngx_http_ratepool_entry_t       entry;
 
     ratepool_bucket_t               rpm_bucket;
+    ratepool_bucket_t               itpm_bucket;        /* charged after */
+    ratepool_bucket_t               otpm_bucket;
     uint64_t                        admitted;
     uint64_t                        rejected;
 
@@ -176,6 +180,8 @@ typedef struct {
 typedef struct {
     ngx_str_t                          name;
     ngx_uint_t                         rpm;
+    ngx_uint_t                         itpm;
+    ngx_uint_t                         otpm;
     ngx_uint_t                         daily_tokens;     /* 0: none */
     ngx_uint_t                         monthly_tokens;
     ngx_http_ratepool_workspace_sh_t  *sh;
@@ -256,6 +262,8 @@ void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h);
 void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage);
+void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
+    ratepool_bucket_t **bucket, uint64_t *limit);
 uint64_t ngx_http_ratepool_now_ms(void);
 
 /* ngx_http_ratepool_access.c */

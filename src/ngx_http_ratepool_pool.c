@@ -71,7 +71,6 @@ typedef struct {
 } ngx_http_ratepool_answer_t;
 
 
-static uint64_t ngx_http_ratepool_org_rpm(ngx_http_ratepool_org_t *org);
 static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
@@ -86,25 +85,18 @@ ngx_http_ratepool_now_ms(void)
 }
 
 
-static uint64_t
-ngx_http_ratepool_org_rpm(ngx_http_ratepool_org_t *org)
-{
-    /* what the provider says wins over what was configured */
-    return org->sh->requests.limit ? org->sh->requests.limit : org->rpm;
-}
-
-
 /* with the zone locked: the state of every key as the chooser sees it */
 
 static void
 ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     ratepool_candidate_t *c)
 {
-    uint64_t                    limit, wait_ms, level;
-    ngx_uint_t                  i;
-    ngx_http_ratepool_org_t    *orgs, *org;
-    ngx_http_ratepool_key_t    *keys;
-    ngx_http_ratepool_org_sh_t *osh;
+    uint64_t                     limit[3], wait_ms, level, permille;
+    ngx_uint_t                   i, b;
+    ratepool_bucket_t           *bucket[3];
+    ngx_http_ratepool_org_t     *orgs, *org;
+    ngx_http_ratepool_key_t     *keys;
+    ngx_http_ratepool_org_sh_t  *osh;
 
     keys = ctx->pool->keys->elts;
     orgs = ctx->pool->orgs->elts;
@@ -112,23 +104,40 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     for (i = 0; i < ctx->pool->keys->nelts; i++) {
         org = &orgs[keys[i].org];
         osh = org->sh;
-        limit = ngx_http_ratepool_org_rpm(org);
+
+        ngx_http_ratepool_org_buckets(org, bucket, limit);
 
         c[i].usable = (keys[i].sh->dead_status == 0);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
 
-        wait_ms = ratepool_bucket_wait_ms(&osh->rpm_bucket, limit, 1, now_ms);
+        /*
+         * Free when every known bucket of the org has a request or a token
+         * left; the headroom is that of the fullest-used bucket.
+         */
 
-        if (wait_ms && now_ms + wait_ms > c[i].free_at_ms) {
-            c[i].free_at_ms = now_ms + wait_ms;
+        c[i].headroom_permille = 1000;
+
+        for (b = 0; b < 3; b++) {
+            if (limit[b] == 0) {
+                continue;
+            }
+
+            wait_ms = ratepool_bucket_wait_ms(bucket[b], limit[b], 1, now_ms);
+
+            if (wait_ms && now_ms + wait_ms > c[i].free_at_ms) {
+                c[i].free_at_ms = now_ms + wait_ms;
+            }
+
+            level = ratepool_bucket_level(bucket[b], limit[b], now_ms);
+            permille = level * 1000 / limit[b];
+
+            if (permille < c[i].headroom_permille) {
+                c[i].headroom_permille = (uint32_t) permille;
+            }
         }
 
-        if (limit) {
-            level = ratepool_bucket_level(&osh->rpm_bucket, limit, now_ms);
-            c[i].headroom_permille = (uint32_t) (level * 1000 / limit);
-
-        } else {
+        if (limit[0] == 0 && limit[1] == 0 && limit[2] == 0) {
             /*
              * Nothing is known of this org until its first answer: it is
              * tried with one request, and ranks last while that runs.
@@ -143,6 +152,30 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 }
 
 
+/* an org's buckets of requests, input and output tokens, and their limits */
+
+void
+ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
+    ratepool_bucket_t **bucket, uint64_t *limit)
+{
+    ngx_http_ratepool_org_sh_t  *osh;
+
+    osh = org->sh;
+
+    /* what the provider says wins over what was configured */
+
+    bucket[0] = &osh->rpm_bucket;
+    limit[0] = osh->requests.limit ? osh->requests.limit : org->rpm;
+
+    bucket[1] = &osh->itpm_bucket;
+    limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit : org->itpm;
+
+    bucket[2] = &osh->otpm_bucket;
+    limit[2] = osh->output_tokens.limit ? osh->output_tokens.limit
+                                        : org->otpm;
+}
+
+
 /*
  * Chooses a key for a try and holds it: one request taken from its org's
  * bucket, counted in flight until released.  NULL if no key this request
@@ -154,9 +187,10 @@ ngx_http_ratepool_key_t *
 ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 {
     long                        i;
-    uint64_t                    now_ms, wait_ms;
+    uint64_t                    now_ms, wait_ms, limits[3];
     ngx_uint_t                  n, k;
     ngx_slab_pool_t            *shpool;
+    ratepool_bucket_t          *bucket[3];
     ngx_http_ratepool_org_t    *org;
     ngx_http_ratepool_key_t    *keys, *key;
     ratepool_candidate_t        c[64];
@@ -186,9 +220,8 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     key = &keys[i];
     org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
 
-    (void) ratepool_bucket_take(&org->sh->rpm_bucket,
-                                ngx_http_ratepool_org_rpm(org), 1, now_ms,
-                                &wait_ms);
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+    (void) ratepool_bucket_take(bucket[0], limits[0], 1, now_ms, &wait_ms);
     org->sh->inflight++;
     key->sh->inflight++;
     (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
@@ -376,8 +409,9 @@ void
 ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h)
 {
-    uint64_t                      now_ms, floor_ms, limit;
+    uint64_t                      now_ms, floor_ms, limit, limits[3];
     ngx_uint_t                    status, set;
+    ratepool_bucket_t            *bucket[3];
     ngx_slab_pool_t              *shpool;
     ngx_http_request_t           *r;
     ngx_http_ratepool_org_t      *org;
@@ -418,11 +452,15 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         }
     }
 
-    limit = ngx_http_ratepool_org_rpm(org);
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+    limit = limits[0];
 
-    if (limit && a.seen[0][RATEPOOL_LEARN_REMAINING]) {
-        ratepool_bucket_clamp(&osh->rpm_bucket, limit,
-                              a.value[0][RATEPOOL_LEARN_REMAINING], now_ms);
+    for (set = 0; set < 3; set++) {
+        if (limits[set] && a.seen[set][RATEPOOL_LEARN_REMAINING]) {
+            ratepool_bucket_clamp(bucket[set], limits[set],
+                                  a.value[set][RATEPOOL_LEARN_REMAINING],
+                                  now_ms);
+        }
     }
 
     if (status >= 200 && status < 300) {
@@ -499,12 +537,14 @@ void
 ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage)
 {
-    time_t                       now;
-    uint64_t                     total;
-    ngx_uint_t                   i;
-    ngx_slab_pool_t             *shpool;
-    ngx_http_ratepool_org_t     *org;
-    ngx_http_ratepool_tokens_t  *used[3], add;
+    time_t                          now;
+    uint64_t                        total, now_ms, limits[3];
+    ngx_uint_t                      i;
+    ngx_slab_pool_t                *shpool;
+    ratepool_bucket_t              *bucket[3];
+    ngx_http_ratepool_org_t        *org;
+    ngx_http_ratepool_tokens_t     *used[3], add;
+    ngx_http_ratepool_workspace_t  *ws;
 
     if (usage->seen == 0) {
         return;
@@ -535,7 +575,26 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         used[i]->cache_creation += add.cache_creation;
     }
 
+    /*
+     * Input tokens per minute count what was written to the cache but not
+     * what was read from it, as the provider counts them for most models.
+     */
+
+    now_ms = ngx_http_ratepool_now_ms();
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+
+    ratepool_bucket_debit(bucket[1], limits[1],
+                          add.input + add.cache_creation, now_ms);
+    ratepool_bucket_debit(bucket[2], limits[2], add.output, now_ms);
+
     if (ctx->workspace) {
+        ws = ctx->workspace;
+
+        ratepool_bucket_debit(&ws->sh->itpm_bucket, ws->itpm,
+                              add.input + add.cache_creation, now_ms);
+        ratepool_bucket_debit(&ws->sh->otpm_bucket, ws->otpm, add.output,
+                              now_ms);
+
         /* budgets count every token billed, cached or not */
         total = add.input + add.output + add.cache_read + add.cache_creation;
 

@@ -30,6 +30,8 @@ static u_char *ngx_http_ratepool_status_learned(u_char *p, const char *name,
     ngx_http_ratepool_learned_t *learned, time_t now);
 static u_char *ngx_http_ratepool_status_tokens(u_char *p,
     ngx_http_ratepool_tokens_t *used);
+static u_char *ngx_http_ratepool_status_buckets(u_char *p,
+    ratepool_bucket_t **bucket, uint64_t *limits, uint64_t now_ms);
 
 
 static uint64_t
@@ -50,8 +52,9 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 {
     u_char                              *p;
     size_t                               size;
-    uint64_t                             now_ms;
+    uint64_t                             now_ms, limits[3];
     ngx_int_t                            rc;
+    ratepool_bucket_t                   *bucket[3];
     ngx_buf_t                           *b;
     ngx_uint_t                           i;
     ngx_http_ratepool_zone_t            *zone;
@@ -114,15 +117,20 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     p = ngx_cpymem(p, "],\"workspaces\":[", sizeof("],\"workspaces\":[") - 1);
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
-        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_limit\":%ui,"
-                        "\"rpm_available\":%uL,\"admitted\":%uL,"
+        bucket[0] = &ws[i].sh->rpm_bucket;
+        bucket[1] = &ws[i].sh->itpm_bucket;
+        bucket[2] = &ws[i].sh->otpm_bucket;
+        limits[0] = ws[i].rpm;
+        limits[1] = ws[i].itpm;
+        limits[2] = ws[i].otpm;
+
+        p = ngx_sprintf(p, "%s{\"name\":\"%V\",", i ? "," : "",
+                        &ws[i].name);
+        p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
+        p = ngx_sprintf(p, "\"admitted\":%uL,"
                         "\"rejected\":%uL,\"daily_tokens\":%ui,"
                         "\"tokens_today\":%uL,\"monthly_tokens\":%ui,"
                         "\"tokens_this_month\":%uL,",
-                        i ? "," : "", &ws[i].name, ws[i].rpm,
-                        ws[i].rpm ? ratepool_bucket_level(&ws[i].sh->rpm_bucket,
-                                                          ws[i].rpm, now_ms)
-                                  : 0,
                         ws[i].sh->admitted, ws[i].sh->rejected,
                         ws[i].daily_tokens,
                         ratepool_budget_used(&ws[i].sh->today,
@@ -179,7 +187,8 @@ static u_char *
 ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
-    uint64_t                     limit, cooldown_ms, refused_ms;
+    uint64_t                     limits[3], cooldown_ms, refused_ms;
+    ratepool_bucket_t           *bucket[3];
     ngx_uint_t                   j;
     const char                  *state;
     ngx_http_ratepool_org_t     *orgs, *org;
@@ -197,17 +206,15 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     for (j = 0; j < pool->orgs->nelts; j++) {
         org = &orgs[j];
         osh = org->sh;
-        limit = osh->requests.limit ? osh->requests.limit : org->rpm;
+        ngx_http_ratepool_org_buckets(org, bucket, limits);
 
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_configured\":%ui,"
-                        "\"itpm_configured\":%ui,\"otpm_configured\":%ui,"
-                        "\"rpm_limit\":%uL,\"rpm_available\":%uL,"
-                        "\"cooldown_ms\":%uL,\"in_flight\":%ui,\"learned\":{",
+                        "\"itpm_configured\":%ui,\"otpm_configured\":%ui,",
                         j ? "," : "", &org->name, org->rpm, org->itpm,
-                        org->otpm, limit,
-                        limit ? ratepool_bucket_level(&osh->rpm_bucket, limit,
-                                                      now_ms)
-                              : 0,
+                        org->otpm);
+        p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
+        p = ngx_sprintf(p, "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
+                        "\"learned\":{",
                         ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                        now_ms),
                         osh->inflight);
@@ -231,7 +238,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         ksh = keys[j].sh;
         org = &orgs[keys[j].org];
         osh = org->sh;
-        limit = osh->requests.limit ? osh->requests.limit : org->rpm;
+        ngx_http_ratepool_org_buckets(org, bucket, limits);
         cooldown_ms = ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                      now_ms);
 
@@ -247,8 +254,14 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         } else if (cooldown_ms) {
             state = "cooling";
 
-        } else if (limit && ratepool_bucket_wait_ms(&osh->rpm_bucket, limit,
-                                                    1, now_ms))
+        } else if ((limits[0]
+                    && ratepool_bucket_wait_ms(bucket[0], limits[0], 1, now_ms))
+                   || (limits[1]
+                       && ratepool_bucket_wait_ms(bucket[1], limits[1], 1,
+                                                  now_ms))
+                   || (limits[2]
+                       && ratepool_bucket_wait_ms(bucket[2], limits[2], 1,
+                                                  now_ms)))
         {
             state = "limited";
 
@@ -298,4 +311,26 @@ ngx_http_ratepool_status_tokens(u_char *p, ngx_http_ratepool_tokens_t *used)
                        "\"cache_read\":%uL,\"cache_creation\":%uL}",
                        used->input, used->output, used->cache_read,
                        used->cache_creation);
+}
+
+
+/* limits in use (0: unknown) and what is left of them, debt showing as 0 */
+
+static u_char *
+ngx_http_ratepool_status_buckets(u_char *p, ratepool_bucket_t **bucket,
+    uint64_t *limits, uint64_t now_ms)
+{
+    ngx_uint_t  i;
+
+    static const char  *names[] = { "rpm", "itpm", "otpm" };
+
+    for (i = 0; i < 3; i++) {
+        p = ngx_sprintf(p, "\"%s_limit\":%uL,\"%s_available\":%uL,",
+                        names[i], limits[i], names[i],
+                        limits[i] ? ratepool_bucket_level(bucket[i], limits[i],
+                                                          now_ms)
+                                  : 0);
+    }
+
+    return p;
 }

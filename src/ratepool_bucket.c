@@ -151,6 +151,37 @@ ratepool_bucket_put(ratepool_bucket_t *b, uint64_t limit, uint64_t units)
 
 
 /*
+ * Charges what was used after the fact: the level may go below zero, and
+ * the debt is repaid by the refill before anything fits again.  Debt is
+ * capped at what a hundred minutes repay, as the refill is.
+ */
+
+void
+ratepool_bucket_debit(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
+    uint64_t now_ms)
+{
+    int64_t  floor;
+
+    limit = ratepool_clamp(limit);
+    units = ratepool_clamp(units);
+
+    if (limit == 0) {
+        return;
+    }
+
+    ratepool_bucket_refill(b, limit, now_ms);
+
+    b->level -= (int64_t) (units * RATEPOOL_MILLI);
+
+    floor = -(int64_t) (limit * RATEPOOL_MILLI) * 100;
+
+    if (b->level < floor) {
+        b->level = floor;
+    }
+}
+
+
+/*
  * The provider told us how much is left; it knows better than we do
  * when it has less, so the level only ever moves down to meet it.
  */

@@ -50,6 +50,8 @@ uint64_t ratepool_bucket_wait_ms(ratepool_bucket_t *b, uint64_t limit,
     uint64_t units, uint64_t now_ms);
 void ratepool_bucket_put(ratepool_bucket_t *b, uint64_t limit,
     uint64_t units);
+void ratepool_bucket_debit(ratepool_bucket_t *b, uint64_t limit,
+    uint64_t units, uint64_t now_ms);
 void ratepool_bucket_clamp(ratepool_bucket_t *b, uint64_t limit,
     uint64_t remaining_units, uint64_t now_ms);
 uint64_t ratepool_bucket_level(ratepool_bucket_t *b, uint64_t limit,

@@ -99,6 +99,14 @@ test_bucket(void)
     check(ratepool_bucket_wait_ms(&b, 1, 1, 0) == 6 * 60000,
           "debt is repaid before anything fits");
 
+    ratepool_bucket_init(&b, 600, 0);
+    ratepool_bucket_debit(&b, 600, 900, 0);
+    check(ratepool_bucket_wait_ms(&b, 600, 1, 0) == 30100,
+          "a debit past the level is debt, repaid before one token fits");
+    ratepool_bucket_debit(&b, 600, 1000000000, 0);
+    check(ratepool_bucket_wait_ms(&b, 600, 1, 0) == 100 * 60000 + 100,
+          "debt is capped at a hundred minutes of refill");
+
     ratepool_bucket_init(&b, 100, 5000);
     check(ratepool_bucket_level(&b, 100, 4000) == 100,
           "time going backwards changes nothing");
