@@ -119,17 +119,22 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
     ngx_http_ratepool_ctx_t  *ctx = data;
 
     ngx_uint_t                failed;
+    ngx_connection_t         *c;
 
     failed = (state & NGX_PEER_FAILED) && !ctx->answered;
+    c = pc->connection;
 
     if (pc->tries) {
         pc->tries--;
     }
 
-    if (failed && pc->cached) {
+    if (failed && pc->cached && c && !c->read->timedout
+        && !c->write->timedout)
+    {
         /*
          * A keepalive connection the server had already closed: nginx
-         * gives the try back, and it goes to the same key.
+         * gives the try back, and it goes to the same key.  (A timeout
+         * is no such thing: the server had the request.)
          */
         ctx->retry_same = 1;
         return;

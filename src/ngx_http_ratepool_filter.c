@@ -27,6 +27,7 @@ static ngx_int_t ngx_http_ratepool_own_error(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -286,6 +287,11 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
                 ratepool_usage_feed(ctx->usage, cl->buf->pos,
                                     cl->buf->last - cl->buf->pos);
             }
+
+            /* counted before the client has the last byte */
+            if (cl->buf->last_buf) {
+                ngx_http_ratepool_commit_usage(ctx);
+            }
         }
 
         return ngx_http_next_body_filter(r, in);
@@ -362,8 +368,9 @@ ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
 
 
 /*
- * Usage is counted once the request is over, however it ended: a client
- * that left mid-stream is charged for what the provider reported so far.
+ * Usage is counted when the answer's last byte passes, or else once the
+ * request is over, however it ended: a client that left mid-stream is
+ * charged for what the provider reported so far.
  */
 
 ngx_int_t
@@ -373,18 +380,27 @@ ngx_http_ratepool_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
 
-    if (ctx == NULL || ctx->usage == NULL || ctx->usage_counted
-        || ctx->key == NULL)
-    {
-        return NGX_OK;
+    if (ctx && ctx->usage) {
+        ngx_http_ratepool_commit_usage(ctx);
+    }
+
+    return NGX_OK;
+}
+
+
+/* once per request: at the answer's last byte, or when it ends otherwise */
+
+static void
+ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx)
+{
+    if (ctx->usage_counted || ctx->key == NULL) {
+        return;
     }
 
     ctx->usage_counted = 1;
 
     ratepool_usage_finish(ctx->usage);
     ngx_http_ratepool_count_usage(ctx, &ctx->usage->usage);
-
-    return NGX_OK;
 }
 
 

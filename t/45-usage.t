@@ -90,6 +90,7 @@ my $r = $t->messages(token => $TOKEN{backend}, headers => usage_header(
 
 is($r->{status}, 200, 'a JSON answer');
 
+# counted before the last byte reaches the client
 my $u = used();
 is_deeply($u->{key},
     { input => 1234, output => 56, cache_read => 7000, cache_creation => 89 },
@@ -111,6 +112,7 @@ is($r->{status}, 200, 'a streamed answer');
 like($r->{body}, qr/event: message_stop/, 'arrives complete');
 
 $u = used();
+
 is_deeply($u->{ws}{ci}{tokens},
     { input => 4321, output => 987, cache_read => 1000, cache_creation => 0 },
     'its usage is read exactly from message_start and the last '
