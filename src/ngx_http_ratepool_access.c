@@ -647,13 +647,24 @@ ngx_int_t
 ngx_http_ratepool_send_json(ngx_http_request_t *r, ngx_uint_t status,
     ngx_buf_t *b)
 {
+    ngx_http_ratepool_json_headers(r, status, b->last - b->pos);
+
+    return ngx_http_ratepool_send_buf(r, b);
+}
+
+
+/* sends a whole answer from one buffer, its headers set */
+
+ngx_int_t
+ngx_http_ratepool_send_buf(ngx_http_request_t *r, ngx_buf_t *b)
+{
     ngx_int_t    rc;
     ngx_chain_t  out;
 
     b->last_buf = (r == r->main) ? 1 : 0;
     b->last_in_chain = 1;
 
-    ngx_http_ratepool_json_headers(r, status, b->last - b->pos);
+    r->headers_out.content_length_n = b->last - b->pos;
 
     rc = ngx_http_send_header(r);
 

@@ -277,6 +277,7 @@ void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
     ngx_uint_t status, off_t length);
 ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
     ngx_uint_t status, ngx_buf_t *b);
+ngx_int_t ngx_http_ratepool_send_buf(ngx_http_request_t *r, ngx_buf_t *b);
 
 /* ngx_http_ratepool_balancer.c */
 char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -15,6 +15,8 @@
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_POOL     128
 #define RATEPOOL_STATUS_TOKENS   192
+#define RATEPOOL_PROM_HEAD       4096   /* the totals and HELP/TYPE lines */
+#define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_WS       (384 + RATEPOOL_STATUS_TOKENS)
@@ -23,7 +25,7 @@
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
     uint64_t now_ms);
 static size_t ngx_http_ratepool_status_size(
-    ngx_http_ratepool_main_conf_t *rmcf);
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_uint_t prometheus);
 static u_char *ngx_http_ratepool_status_pool(u_char *p,
     ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
 static u_char *ngx_http_ratepool_status_learned(u_char *p, const char *name,
@@ -32,6 +34,10 @@ static u_char *ngx_http_ratepool_status_tokens(u_char *p,
     ngx_http_ratepool_tokens_t *used);
 static u_char *ngx_http_ratepool_status_buckets(u_char *p,
     ratepool_bucket_t **bucket, uint64_t *limits, uint64_t now_ms);
+static u_char *ngx_http_ratepool_prom_head(u_char *p, const char *name,
+    const char *help, const char *type);
+static u_char *ngx_http_ratepool_prometheus(u_char *p,
+    ngx_http_ratepool_main_conf_t *rmcf, uint64_t now_ms);
 
 
 static uint64_t
@@ -54,9 +60,10 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     size_t                               size;
     uint64_t                             now_ms, limits[3];
     ngx_int_t                            rc;
+    ngx_str_t                            format;
     ratepool_bucket_t                   *bucket[3];
     ngx_buf_t                           *b;
-    ngx_uint_t                           i;
+    ngx_uint_t                           i, prometheus;
     ngx_http_ratepool_zone_t            *zone;
     ngx_http_ratepool_pool_t           **pools;
     ngx_http_ratepool_workspace_t       *ws;
@@ -82,7 +89,11 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     pools = rmcf->pools.elts;
     ws = rmcf->workspaces.elts;
 
-    size = ngx_http_ratepool_status_size(rmcf);
+    prometheus = (ngx_http_arg(r, (u_char *) "format", 6, &format) == NGX_OK
+                  && format.len == 10
+                  && ngx_strncmp(format.data, "prometheus", 10) == 0);
+
+    size = ngx_http_ratepool_status_size(rmcf, prometheus);
 
     b = ngx_create_temp_buf(r->pool, size);
     if (b == NULL) {
@@ -93,6 +104,20 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     now_ms = ngx_http_ratepool_now_ms();
 
     ngx_shmtx_lock(&zone->shpool->mutex);
+
+    if (prometheus) {
+        b->last = ngx_http_ratepool_prometheus(p, rmcf, now_ms);
+
+        ngx_shmtx_unlock(&zone->shpool->mutex);
+
+        r->headers_out.status = NGX_HTTP_OK;
+        ngx_str_set(&r->headers_out.content_type,
+                    "text/plain; version=0.0.4");
+        r->headers_out.content_type_len = r->headers_out.content_type.len;
+        r->headers_out.content_type_lowcase = NULL;
+
+        return ngx_http_ratepool_send_buf(r, b);
+    }
 
     p = ngx_sprintf(p, "{\"zone\":\"%V\",\"uptime_sec\":%T,"
                     "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
@@ -154,17 +179,36 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 
 
 static size_t
-ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf)
+ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_uint_t prometheus)
 {
-    size_t                           size;
+    size_t                           size, host;
     ngx_uint_t                       i, j;
     ngx_http_ratepool_org_t         *orgs;
     ngx_http_ratepool_pool_t       **pools;
 
+    pools = rmcf->pools.elts;
+
+    if (prometheus) {
+        /* lines per key, org and workspace, each naming them in labels */
+
+        size = RATEPOOL_PROM_HEAD + rmcf->workspaces.nelts * 6
+                                    * (RATEPOOL_PROM_LINE + RATEPOOL_NAME_MAX);
+
+        for (i = 0; i < rmcf->pools.nelts; i++) {
+            host = pools[i]->upstream->host.len;
+
+            size += pools[i]->keys->nelts * 9
+                    * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
+                    + pools[i]->orgs->nelts * 6
+                      * (RATEPOOL_PROM_LINE + host + RATEPOOL_NAME_MAX);
+        }
+
+        return size;
+    }
+
     size = RATEPOOL_STATUS_HEAD + rmcf->shm_zone->shm.name.len
            + rmcf->workspaces.nelts * (RATEPOOL_STATUS_WS + RATEPOOL_NAME_MAX);
-
-    pools = rmcf->pools.elts;
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
         size += RATEPOOL_STATUS_POOL + pools[i]->upstream->host.len;
@@ -330,6 +374,240 @@ ngx_http_ratepool_status_buckets(u_char *p, ratepool_bucket_t **bucket,
                         limits[i] ? ratepool_bucket_level(bucket[i], limits[i],
                                                           now_ms)
                                   : 0);
+    }
+
+    return p;
+}
+
+
+/*
+ * The same state in Prometheus' text format (GET ...?format=prometheus):
+ * one family at a time, as the format requires, all under the one lock.
+ */
+
+#define RATEPOOL_PROM_KEY_SENT      0
+#define RATEPOOL_PROM_KEY_IN_FLIGHT 1
+#define RATEPOOL_PROM_KEY_COOLDOWN  2
+#define RATEPOOL_PROM_KEY_DEAD      3
+#define RATEPOOL_PROM_KEY_FAILED    4
+
+
+typedef struct {
+    const char                     *name;
+    const char                     *help;
+    const char                     *type;
+    ngx_uint_t                      what;
+} ngx_http_ratepool_prom_t;
+
+
+static ngx_http_ratepool_prom_t  ngx_http_ratepool_prom_keys[] = {
+    { "ratepool_key_sent_total", "Requests sent with the key.", "counter",
+      RATEPOOL_PROM_KEY_SENT },
+    { "ratepool_key_in_flight", "Requests in flight with the key.", "gauge",
+      RATEPOOL_PROM_KEY_IN_FLIGHT },
+    { "ratepool_key_cooldown_seconds",
+      "Seconds until the key's org may be used again.", "gauge",
+      RATEPOOL_PROM_KEY_COOLDOWN },
+    { "ratepool_key_dead", "1 if the provider refused the key (401).",
+      "gauge", RATEPOOL_PROM_KEY_DEAD },
+    { "ratepool_key_failed_total", "Tries with no answer.", "counter",
+      RATEPOOL_PROM_KEY_FAILED },
+    { NULL, NULL, NULL, 0 }
+};
+
+
+static u_char *
+ngx_http_ratepool_prom_head(u_char *p, const char *name, const char *help,
+    const char *type)
+{
+    return ngx_sprintf(p, "# HELP %s %s\n# TYPE %s %s\n", name, help, name,
+                       type);
+}
+
+
+static u_char *
+ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
+    uint64_t now_ms)
+{
+    uint64_t                         v, limits[3];
+    ngx_uint_t                       i, j, k;
+    ratepool_bucket_t               *bucket[3];
+    ngx_http_ratepool_org_t         *orgs;
+    ngx_http_ratepool_key_t         *keys;
+    ngx_http_ratepool_key_sh_t      *ksh;
+    ngx_http_ratepool_zone_t        *zone;
+    ngx_http_ratepool_pool_t       **pools;
+    ngx_http_ratepool_workspace_t   *ws;
+    ngx_http_ratepool_prom_t        *m;
+
+    static const char  *classes[] = { "2xx", "429", "529", "other" };
+    static const char  *bucket_names[] = { "rpm", "itpm", "otpm" };
+    static const char  *token_kinds[] = { "input", "output", "cache_read",
+                                          "cache_creation" };
+
+    zone = rmcf->shm_zone->data;
+    pools = rmcf->pools.elts;
+    ws = rmcf->workspaces.elts;
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_uptime_seconds",
+                                    "Seconds since the zone was made.",
+                                    "gauge");
+    p = ngx_sprintf(p, "ratepool_uptime_seconds %T\n",
+                    ngx_time() - zone->sh->started);
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_requests_total",
+                                    "Requests that reached a pool.",
+                                    "counter");
+    p = ngx_sprintf(p, "ratepool_requests_total %uL\n",
+                    (uint64_t) zone->sh->requests);
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_in_flight",
+                                    "Requests held by a key now.", "gauge");
+    p = ngx_sprintf(p, "ratepool_in_flight %uL\n",
+                    (uint64_t) zone->sh->in_flight);
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_rejected_total",
+                                    "Requests the gateway answered itself.",
+                                    "counter");
+    p = ngx_sprintf(p, "ratepool_rejected_total{reason=\"auth\"} %uL\n"
+                    "ratepool_rejected_total{reason=\"workspace\"} %uL\n"
+                    "ratepool_rejected_total{reason=\"pool\"} %uL\n",
+                    (uint64_t) zone->sh->rejected_auth,
+                    (uint64_t) zone->sh->rejected_workspace,
+                    (uint64_t) zone->sh->rejected_pool);
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_rerouted_total",
+                                    "Requests sent again with another key.",
+                                    "counter");
+    p = ngx_sprintf(p, "ratepool_rerouted_total %uL\n",
+                    (uint64_t) zone->sh->rerouted);
+
+    for (m = ngx_http_ratepool_prom_keys; m->name; m++) {
+        p = ngx_http_ratepool_prom_head(p, m->name, m->help, m->type);
+
+        for (i = 0; i < rmcf->pools.nelts; i++) {
+            keys = pools[i]->keys->elts;
+            orgs = pools[i]->orgs->elts;
+
+            for (j = 0; j < pools[i]->keys->nelts; j++) {
+                ksh = keys[j].sh;
+
+                switch (m->what) {
+                case RATEPOOL_PROM_KEY_SENT:
+                    v = ksh->sent;
+                    break;
+                case RATEPOOL_PROM_KEY_IN_FLIGHT:
+                    v = ksh->inflight;
+                    break;
+                case RATEPOOL_PROM_KEY_COOLDOWN:
+                    v = ngx_http_ratepool_remaining_ms(
+                          orgs[keys[j].org].sh->cooldown_until_ms, now_ms)
+                        / 1000;
+                    break;
+                case RATEPOOL_PROM_KEY_DEAD:
+                    v = ksh->dead_status ? 1 : 0;
+                    break;
+                default:
+                    v = ksh->failed;
+                }
+
+                p = ngx_sprintf(p, "%s{pool=\"%V\",key=\"%V\",org=\"%V\"} "
+                                "%uL\n", m->name, &pools[i]->upstream->host,
+                                &keys[j].name, &orgs[keys[j].org].name, v);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_key_responses_total",
+                                    "Answers of the provider by status.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            ksh = keys[j].sh;
+
+            for (k = 0; k < 4; k++) {
+                v = k == 0 ? ksh->status_2xx : k == 1 ? ksh->status_429
+                    : k == 2 ? ksh->status_529 : ksh->status_other;
+
+                p = ngx_sprintf(p, "ratepool_key_responses_total{pool=\"%V\","
+                                "key=\"%V\",status=\"%s\"} %uL\n",
+                                &pools[i]->upstream->host, &keys[j].name,
+                                classes[k], v);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_org_limit",
+                                    "Per-minute limit in use (0: unknown).",
+                                    "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
+
+            for (k = 0; k < 3; k++) {
+                p = ngx_sprintf(p, "ratepool_org_limit{pool=\"%V\",org=\"%V\","
+                                "bucket=\"%s\"} %uL\n",
+                                &pools[i]->upstream->host, &orgs[j].name,
+                                bucket_names[k], limits[k]);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_org_available",
+                                    "What is left of each limit now.",
+                                    "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
+
+            for (k = 0; k < 3; k++) {
+                p = ngx_sprintf(p, "ratepool_org_available{pool=\"%V\","
+                                "org=\"%V\",bucket=\"%s\"} %uL\n",
+                                &pools[i]->upstream->host, &orgs[j].name,
+                                bucket_names[k],
+                                limits[k] ? ratepool_bucket_level(bucket[k],
+                                                          limits[k], now_ms)
+                                          : 0);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_requests_total",
+                                    "Requests admitted and rejected.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_workspace_requests_total{workspace=\"%V\","
+                        "result=\"admitted\"} %uL\n"
+                        "ratepool_workspace_requests_total{workspace=\"%V\","
+                        "result=\"rejected\"} %uL\n",
+                        &ws[i].name, ws[i].sh->admitted, &ws[i].name,
+                        ws[i].sh->rejected);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_tokens_total",
+                                    "Tokens the provider reported used.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        for (k = 0; k < 4; k++) {
+            v = k == 0 ? ws[i].sh->used.input : k == 1 ? ws[i].sh->used.output
+                : k == 2 ? ws[i].sh->used.cache_read
+                : ws[i].sh->used.cache_creation;
+
+            p = ngx_sprintf(p, "ratepool_workspace_tokens_total{workspace="
+                            "\"%V\",kind=\"%s\"} %uL\n", &ws[i].name,
+                            token_kinds[k], v);
+        }
     }
 
     return p;

@@ -206,6 +206,41 @@ $r = $t->http(port => $t->port(0), method => 'POST', path => '/ratepool/status',
 is($r->{status}, 405, 'POST to the status page is not allowed');
 is(status()->{totals}{requests}, 24, 'and changes nothing');
 
+# the same state for Prometheus
+
+$r = $t->http(port => $t->port(0), path => '/ratepool/status?format=prometheus');
+my $text = $r->{body};
+my %sample = map { /^(\S+) (\d+)$/ ? ($1 => $2) : () } split /\n/, $text;
+my ($json_keys) = map { Ratepool::Test::by_name($_->{keys}) }
+                  @{ status()->{pools} };
+
+is($r->{status}, 200, 'the status answers in Prometheus\' text format');
+like($r->{headers}{'content-type'}, qr{^text/plain; version=0\.0\.4},
+    'with its content type');
+is($sample{ratepool_requests_total}, 24, 'the request count is there');
+is($sample{'ratepool_key_sent_total{pool="claude",key="a1",org="org-a"}'},
+    $json_keys->{a1}{sent}, 'and each key\'s count, as in the JSON');
+is($sample{'ratepool_key_responses_total{pool="claude",key="b1",'
+           . 'status="2xx"}'},
+    $json_keys->{b1}{responses}{'2xx'}, 'and its answers by status');
+is($sample{'ratepool_org_limit{pool="claude",org="org-a",bucket="rpm"}'},
+    600, 'and each org\'s learned limit');
+ok(exists $sample{'ratepool_workspace_requests_total{workspace="backend",'
+                  . 'result="admitted"}'}, 'and each workspace\'s requests');
+
+my %type;
+my $grouped = 1;
+for (split /\n/, $text) {
+    if (/^# TYPE (\S+) /) {
+        $grouped = 0 if $type{$1}++;
+    } elsif (/^([a-z_]+)[{ ]/) {
+        $grouped = 0 unless $type{$1};
+    }
+}
+ok($grouped, 'every family is declared once, before its samples');
+unlike($text, qr/\Q$SECRET{a1}\E|\Q$SECRET{b1}\E|\Q$TOKEN\E/,
+    'and no secret is in it');
+
 $t->stop;
 $t->check_log;
 
