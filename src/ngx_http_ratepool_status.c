@@ -316,8 +316,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"org\":\"%V\","
                         "\"provider\":\"%s\",\"fingerprint\":\"%*s\","
                         "\"state\":\"%s\",\"dead_status\":%ui,"
-                        "\"refused_ms\":%uL,\"cooldown_ms\":%uL,\"in_flight\":%ui,"
-                        "\"sent\":%uL,\"responses\":{\"2xx\":%uL,"
+                        "\"refused_ms\":%uL,\"cooldown_ms\":%uL,"
+                        "\"in_flight\":%ui,\"sent\":%uL,\"responses\":{\"2xx\":%uL,"
                         "\"429\":%uL,\"529\":%uL,\"other\":%uL,"
                         "\"failed\":%uL},\"learned_requests_limit\":%uL,"
                         "\"learned_requests_remaining\":%uL,",
@@ -430,7 +430,7 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     uint64_t now_ms)
 {
     uint64_t                         v, limits[3];
-    ngx_uint_t                       i, j, k;
+    ngx_uint_t                       i, j, k, f;
     ratepool_bucket_t               *bucket[3];
     ngx_http_ratepool_org_t         *orgs;
     ngx_http_ratepool_key_t         *keys;
@@ -444,6 +444,10 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     static const char  *bucket_names[] = { "rpm", "itpm", "otpm" };
     static const char  *token_kinds[] = { "input", "output", "cache_read",
                                           "cache_creation" };
+    static const char  *org_families[][2] = {
+        { "ratepool_org_limit", "Per-minute limit in use (0: unknown)." },
+        { "ratepool_org_available", "What is left of each limit now." }
+    };
 
     zone = rmcf->shm_zone->data;
     pools = rmcf->pools.elts;
@@ -540,43 +544,29 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
         }
     }
 
-    p = ngx_http_ratepool_prom_head(p, "ratepool_org_limit",
-                                    "Per-minute limit in use (0: unknown).",
-                                    "gauge");
+    for (f = 0; f < 2; f++) {
+        p = ngx_http_ratepool_prom_head(p, org_families[f][0],
+                                        org_families[f][1], "gauge");
 
-    for (i = 0; i < rmcf->pools.nelts; i++) {
-        orgs = pools[i]->orgs->elts;
+        for (i = 0; i < rmcf->pools.nelts; i++) {
+            orgs = pools[i]->orgs->elts;
 
-        for (j = 0; j < pools[i]->orgs->nelts; j++) {
-            ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
+            for (j = 0; j < pools[i]->orgs->nelts; j++) {
+                ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
 
-            for (k = 0; k < 3; k++) {
-                p = ngx_sprintf(p, "ratepool_org_limit{pool=\"%V\",org=\"%V\","
-                                "bucket=\"%s\"} %uL\n",
-                                &pools[i]->upstream->host, &orgs[j].name,
-                                bucket_names[k], limits[k]);
-            }
-        }
-    }
+                for (k = 0; k < 3; k++) {
+                    v = limits[k];
 
-    p = ngx_http_ratepool_prom_head(p, "ratepool_org_available",
-                                    "What is left of each limit now.",
-                                    "gauge");
+                    if (f == 1 && v) {
+                        v = ratepool_bucket_level(bucket[k], v, now_ms);
+                    }
 
-    for (i = 0; i < rmcf->pools.nelts; i++) {
-        orgs = pools[i]->orgs->elts;
-
-        for (j = 0; j < pools[i]->orgs->nelts; j++) {
-            ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
-
-            for (k = 0; k < 3; k++) {
-                p = ngx_sprintf(p, "ratepool_org_available{pool=\"%V\","
-                                "org=\"%V\",bucket=\"%s\"} %uL\n",
-                                &pools[i]->upstream->host, &orgs[j].name,
-                                bucket_names[k],
-                                limits[k] ? ratepool_bucket_level(bucket[k],
-                                                          limits[k], now_ms)
-                                          : 0);
+                    p = ngx_sprintf(p, "%s{pool=\"%V\",org=\"%V\","
+                                    "bucket=\"%s\"} %uL\n",
+                                    org_families[f][0],
+                                    &pools[i]->upstream->host,
+                                    &orgs[j].name, bucket_names[k], v);
+                }
             }
         }
     }
