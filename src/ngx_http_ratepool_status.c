@@ -319,7 +319,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         "\"refused_ms\":%uL,\"cooldown_ms\":%uL,"
                         "\"in_flight\":%ui,\"sent\":%uL,"
                         "\"responses\":{\"2xx\":%uL,\"429\":%uL,"
-                        "\"529\":%uL,\"other\":%uL,\"failed\":%uL},\"learned_requests_limit\":%uL,"
+                        "\"529\":%uL,\"other\":%uL,\"failed\":%uL},"
+                        "\"learned_requests_limit\":%uL,"
                         "\"learned_requests_remaining\":%uL,",
                         j ? "," : "", &keys[j].name, &org->name,
                         providers[keys[j].provider],
