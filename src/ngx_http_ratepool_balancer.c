@@ -215,7 +215,7 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     u->peer.tries = 1;
 
-    (void) ngx_http_ratepool_available(ctx, &ctx->soonest_ms);
+    ctx->soonest_ms = ngx_http_ratepool_soonest(ctx);
 
     if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ctx->exhausted = 1;

@@ -515,8 +515,8 @@ ngx_http_ratepool_check_key_names(ngx_conf_t *cf,
                 continue;
             }
 
-            oa = &((ngx_http_ratepool_org_t *) p->orgs->elts)[a[m].org];
-            ob = &((ngx_http_ratepool_org_t *) q->orgs->elts)[b[n].org];
+            oa = ngx_http_ratepool_key_org(p, &a[m]);
+            ob = ngx_http_ratepool_key_org(q, &b[n]);
 
             if (ngx_memcmp(a[m].fingerprint, b[n].fingerprint,
                            RATEPOOL_FINGERPRINT_LEN) == 0

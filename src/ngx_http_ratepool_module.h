@@ -251,11 +251,14 @@ typedef struct {
 extern ngx_module_t  ngx_http_ratepool_module;
 
 
+#define ngx_http_ratepool_key_org(pool, key)                                  \
+    (&((ngx_http_ratepool_org_t *) (pool)->orgs->elts)[(key)->org])
+
+
 /* ngx_http_ratepool_pool.c: choosing keys and learning from answers */
 ngx_http_ratepool_key_t *ngx_http_ratepool_acquire(
     ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms);
-ngx_int_t ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t *soonest_ms);
+uint64_t ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t **key, ngx_uint_t failed);
 void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,

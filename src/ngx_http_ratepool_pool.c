@@ -11,12 +11,12 @@
 #include "ngx_http_ratepool_module.h"
 
 
-/* where a response header teaches something about the key's org */
-
 #define RATEPOOL_COOLDOWN_MAX_MS   3600000
 
 /* a 403 may concern the key or only the request: the key sits out a while */
 #define RATEPOOL_REFUSED_MS        300000
+
+/* where a response header teaches something about the key's org */
 
 #define RATEPOOL_LEARN_LIMIT       0
 #define RATEPOOL_LEARN_REMAINING   1
@@ -218,7 +218,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     }
 
     key = &keys[i];
-    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+    org = ngx_http_ratepool_key_org(ctx->pool, key);
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     (void) ratepool_bucket_take(bucket[0], limits[0], 1, now_ms, &wait_ms);
@@ -234,22 +234,18 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 
 
 /*
- * Whether another try would find a key now.  *soonest_ms is when the
- * first key that is not dead frees up, tried or not, for the retry-after
- * of an answer that no key can beat.
+ * When the first key that is not dead frees up, tried by this request or
+ * not: the retry-after of an answer that no key can beat.  Now, if one is
+ * free already.
  */
 
-ngx_int_t
-ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t *soonest_ms)
+uint64_t
+ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx)
 {
-    long                   i;
-    uint64_t               now_ms, untried_soonest;
-    ngx_uint_t             n, k;
+    uint64_t               now_ms, soonest_ms;
     ngx_slab_pool_t       *shpool;
     ratepool_candidate_t   c[64];
 
-    n = ctx->pool->keys->nelts;
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
@@ -257,20 +253,11 @@ ngx_http_ratepool_available(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_candidates(ctx, now_ms, c);
     ngx_shmtx_unlock(&shpool->mutex);
 
-    i = ratepool_pick(c, n, now_ms, soonest_ms);
-
-    if (i >= 0) {
-        /* free now, but tried already by this request */
-        *soonest_ms = now_ms;
+    if (ratepool_pick(c, ctx->pool->keys->nelts, now_ms, &soonest_ms) >= 0) {
+        soonest_ms = now_ms;
     }
 
-    for (k = 0; k < n; k++) {
-        if (ctx->tried & ((uint64_t) 1 << k)) {
-            c[k].usable = 0;
-        }
-    }
-
-    return ratepool_pick(c, n, now_ms, &untried_soonest) >= 0;
+    return soonest_ms;
 }
 
 
@@ -292,7 +279,7 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     *key = NULL;
 
-    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[k->org];
+    org = ngx_http_ratepool_key_org(ctx->pool, k);
     shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
@@ -423,7 +410,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     r = ctx->request;
     key = ctx->key;
-    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)[key->org];
+    org = ngx_http_ratepool_key_org(ctx->pool, key);
     osh = org->sh;
     ksh = key->sh;
     status = h->status_n;
@@ -557,8 +544,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     add.cache_read = usage->cache_read_input_tokens;
     add.cache_creation = usage->cache_creation_input_tokens;
 
-    org = &((ngx_http_ratepool_org_t *) ctx->pool->orgs->elts)
-                                                           [ctx->key->org];
+    org = ngx_http_ratepool_key_org(ctx->pool, ctx->key);
 
     used[0] = &ctx->key->sh->used;
     used[1] = &org->sh->used;
