@@ -298,15 +298,11 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         } else if (cooldown_ms) {
             state = "cooling";
 
-        } else if ((limits[0]
-                    && ratepool_bucket_wait_ms(bucket[0], limits[0], 1, now_ms))
-                   || (limits[1]
-                       && ratepool_bucket_wait_ms(bucket[1], limits[1], 1,
-                                                  now_ms))
-                   || (limits[2]
-                       && ratepool_bucket_wait_ms(bucket[2], limits[2], 1,
-                                                  now_ms)))
+        } else if (ratepool_bucket_wait_ms(bucket[0], limits[0], 1, now_ms)
+                   || ratepool_bucket_wait_ms(bucket[1], limits[1], 1, now_ms)
+                   || ratepool_bucket_wait_ms(bucket[2], limits[2], 1, now_ms))
         {
+            /* an unknown limit (0) never waits */
             state = "limited";
 
         } else {
