@@ -11,7 +11,6 @@
 #include "ngx_http_ratepool_module.h"
 
 
-#define RATEPOOL_KEYS_MAX          64
 #define RATEPOOL_SECRET_MAX        4096
 
 

@@ -22,6 +22,7 @@
 
 
 #define RATEPOOL_NAME_MAX           64
+#define RATEPOOL_KEYS_MAX           64      /* per pool: a bitmap of tries */
 #define RATEPOOL_FINGERPRINT_LEN    12      /* hex digits of sha256 */
 
 #define RATEPOOL_PROVIDER_ANTHROPIC 0

@@ -193,7 +193,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     ratepool_bucket_t          *bucket[3];
     ngx_http_ratepool_org_t    *org;
     ngx_http_ratepool_key_t    *keys, *key;
-    ratepool_candidate_t        c[64];
+    ratepool_candidate_t        c[RATEPOOL_KEYS_MAX];
 
     keys = ctx->pool->keys->elts;
     n = ctx->pool->keys->nelts;
@@ -244,7 +244,7 @@ ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx)
 {
     uint64_t               now_ms, soonest_ms;
     ngx_slab_pool_t       *shpool;
-    ratepool_candidate_t   c[64];
+    ratepool_candidate_t   c[RATEPOOL_KEYS_MAX];
 
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
