@@ -23,7 +23,8 @@ endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
-               src/ratepool_usage.c src/ratepool_budget.c
+               src/ratepool_usage.c src/ratepool_budget.c \
+               src/ratepool_request.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
 .PHONY: all deps module unit fuzz test demo bench clean
@@ -70,7 +71,8 @@ unit: $(BUILD)/unit_tests
 
 # libFuzzer targets of the pure parsers; t/02-fuzz.t runs them briefly
 FUZZ_CFLAGS  = -g -O1 -Isrc -fsanitize=fuzzer,address,undefined
-FUZZERS      = $(BUILD)/fuzz/fuzz_usage $(BUILD)/fuzz/fuzz_parse
+FUZZERS      = $(BUILD)/fuzz/fuzz_usage $(BUILD)/fuzz/fuzz_parse \
+               $(BUILD)/fuzz/fuzz_request
 
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) src/*.h
 	@mkdir -p $(BUILD)/fuzz

@@ -1,8 +1,8 @@
 #!/usr/bin/perl
 
 # Runs each libFuzzer target (built by "make fuzz") for a few seconds:
-# the usage scanner, checked to read the same usage however an answer is
-# split, and the header parsers.  RATEPOOL_FUZZ_SECONDS sets the time.
+# the usage scanner and the request body scanner, each checked to read
+# the same however its input is split, and the header parsers.  RATEPOOL_FUZZ_SECONDS sets the time.
 
 use strict;
 use warnings;
@@ -13,7 +13,7 @@ use Test::More;
 
 my $dir = $ENV{RATEPOOL_FUZZ_DIR} || "$FindBin::Bin/../build/fuzz";
 my $seconds = $ENV{RATEPOOL_FUZZ_SECONDS} || 5;
-my @targets = grep { -x "$dir/$_" } qw(fuzz_usage fuzz_parse);
+my @targets = grep { -x "$dir/$_" } qw(fuzz_usage fuzz_parse fuzz_request);
 
 plan skip_all => "fuzz targets not built, run 'make fuzz' (needs clang)"
     unless @targets;

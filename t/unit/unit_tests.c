@@ -12,6 +12,7 @@
 #include "ratepool_parse.h"
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
+#include "ratepool_request.h"
 
 
 static int  tests, failures;
@@ -550,6 +551,122 @@ test_budget(void)
           "and is over at midnight of the first");
 }
 
+/* feeds a body whole, then split at every byte, and checks both agree */
+
+static int
+request_scan(const char *body, ratepool_request_t *whole)
+{
+    size_t              i, len;
+    ratepool_request_t  split;
+
+    len = strlen(body);
+
+    ratepool_request_init(whole);
+    ratepool_request_feed(whole, (const unsigned char *) body, len);
+
+    for (i = 1; i < len; i++) {
+        ratepool_request_init(&split);
+        ratepool_request_feed(&split, (const unsigned char *) body, i);
+        ratepool_request_feed(&split, (const unsigned char *) body + i,
+                              len - i);
+
+        if (split.model_len != whole->model_len
+            || memcmp(split.model, whole->model, whole->model_len) != 0
+            || split.has_max_tokens != whole->has_max_tokens
+            || split.max_tokens != whole->max_tokens
+            || split.stream != whole->stream)
+        {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+static void
+test_request(void)
+{
+    ratepool_request_t  rq;
+
+    check(request_scan("{\"model\":\"claude-opus-4-6\",\"max_tokens\":1024,"
+                       "\"messages\":[{\"role\":\"user\",\"content\":"
+                       "\"hi\"}],\"stream\":true}", &rq),
+          "a body reads the same split at any byte");
+    check(rq.model_len == 15 && memcmp(rq.model, "claude-opus-4-6", 15) == 0,
+          "the model is read");
+    check(rq.has_max_tokens && rq.max_tokens == 1024,
+          "max_tokens is read");
+    check(rq.stream, "stream: true is read");
+
+    check(request_scan("{\"max_tokens\": 2048, \"messages\": [{\"role\": "
+                       "\"user\", \"content\": \"{\\\"model\\\": \\\"x\\\", "
+                       "\\\"max_tokens\\\": 9}\"}, {\"model\":\"fake\","
+                       "\"max_tokens\":1}], \"model\" : \"claude-sonnet-4-5\""
+                       " }", &rq)
+          && rq.model_len == 17 && rq.max_tokens == 2048 && !rq.stream,
+          "keys inside messages, even in escaped text, never match");
+
+    check(request_scan("{\"model\":\"gpt-4o\",\"max_completion_tokens\":300,"
+                       "\"stream\":false,\"stream_options\":{\"include_usage"
+                       "\":true}}", &rq)
+          && rq.max_tokens == 300 && !rq.stream,
+          "OpenAI's max_completion_tokens is the output cap");
+
+    check(request_scan("{\"model\":\"a\\u0062c\",\"max_tokens\":1.5}", &rq)
+          && rq.model_len == 0 && !rq.has_max_tokens,
+          "an escaped model name or a fraction is not taken");
+
+    check(request_scan("{\"model\":12,\"max_tokens\":-3}", &rq)
+          && rq.model_len == 0 && !rq.has_max_tokens,
+          "a model that is no string, a negative cap: neither is taken");
+
+    check(request_scan("[{\"model\":\"claude-opus-4-6\"}]", &rq)
+          && rq.model_len == 0, "a body that is no object has no model");
+
+    check(request_scan("{\"max_tokens\":99999999999999999999999}", &rq)
+          && !rq.has_max_tokens, "an absurd max_tokens is not taken");
+
+    check(ratepool_model_match(S("claude-opus-*"), S("claude-opus-4-6")),
+          "a pattern matches a model name");
+    check(!ratepool_model_match(S("claude-opus-*"), S("claude-sonnet-4-5")),
+          "and not another class");
+    check(ratepool_model_match(S("*haiku*"), S("claude-3-5-haiku-latest"))
+          && ratepool_model_match(S("gpt-4o"), S("gpt-4o"))
+          && !ratepool_model_match(S("gpt-4o"), S("gpt-4o-mini"))
+          && ratepool_model_match(S("*"), S(""))
+          && ratepool_model_match(S("a*b*c"), S("aXbYbZc"))
+          && !ratepool_model_match(S("a*b*c"), S("aXbYbZ")),
+          "stars match any run, anywhere, and the rest matches exactly");
+
+    check(ratepool_estimate_input(4000, RATEPOOL_RATE_DEFAULT) == 1000,
+          "the first estimate is four bytes a token");
+    check(ratepool_estimate_input(0, RATEPOOL_RATE_DEFAULT) == 1,
+          "an empty body still counts a token");
+    check(ratepool_estimate_learn(RATEPOOL_RATE_DEFAULT, 100, 1)
+          == RATEPOOL_RATE_DEFAULT, "a tiny body teaches nothing");
+
+    {
+        int       i;
+        uint32_t  rate;
+
+        rate = RATEPOOL_RATE_DEFAULT;
+
+        for (i = 0; i < 80; i++) {
+            /* 400 KiB bodies of which 2,000 tokens count: mostly cached */
+            rate = ratepool_estimate_learn(rate, 409600, 2000);
+        }
+
+        check(ratepool_estimate_input(409600, rate) >= 2000
+              && ratepool_estimate_input(409600, rate) < 2100,
+              "the rate settles on what requests really count");
+
+        check(ratepool_estimate_learn(rate, 409600, 500000)
+              <= ((uint64_t) rate * 7 + RATEPOOL_RATE_MAX) / 8 + 1,
+              "one request moves the rate by an eighth at most");
+    }
+}
+
 
 int
 main(void)
@@ -560,6 +677,7 @@ main(void)
     test_parse();
     test_usage();
     test_budget();
+    test_request();
 
     printf("1..%d\n", tests);
 

@@ -1,0 +1,454 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <string.h>
+
+#include "ratepool_request.h"
+
+
+#define RQ_START            0   /* before the top-level "{" */
+#define RQ_KEY_OR_END       1
+#define RQ_KEY              2
+#define RQ_COLON            3
+#define RQ_VALUE            4
+#define RQ_STRING           5
+#define RQ_NUMBER           6
+#define RQ_LITERAL          7
+#define RQ_NESTED           8   /* an object or array, skipped */
+#define RQ_AFTER_VALUE      9
+#define RQ_DONE             10
+#define RQ_ERROR            11  /* not a JSON object: nothing more is read */
+
+#define RQ_KEY_OTHER        0
+#define RQ_KEY_MODEL        1
+#define RQ_KEY_MAX_TOKENS   2
+#define RQ_KEY_STREAM       3
+
+#define RQ_MAX_DIGITS       18
+
+
+typedef struct {
+    const char  *name;
+    unsigned     id;
+} ratepool_request_key_t;
+
+
+static const ratepool_request_key_t  ratepool_request_keys[] = {
+    { "model", RQ_KEY_MODEL },
+    { "max_tokens", RQ_KEY_MAX_TOKENS },
+    { "max_completion_tokens", RQ_KEY_MAX_TOKENS },
+    { "max_output_tokens", RQ_KEY_MAX_TOKENS },
+    { "stream", RQ_KEY_STREAM },
+    { NULL, RQ_KEY_OTHER }
+};
+
+
+static int ratepool_request_space(unsigned char c);
+static unsigned ratepool_request_key_id(ratepool_request_t *rq);
+static void ratepool_request_byte(ratepool_request_t *rq, unsigned char c);
+
+
+void
+ratepool_request_init(ratepool_request_t *rq)
+{
+    memset(rq, 0, sizeof(ratepool_request_t));
+    rq->state = RQ_START;
+}
+
+
+static int
+ratepool_request_space(unsigned char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+
+static unsigned
+ratepool_request_key_id(ratepool_request_t *rq)
+{
+    const ratepool_request_key_t  *k;
+
+    if (rq->key_len > sizeof(rq->key_text)) {
+        return RQ_KEY_OTHER;
+    }
+
+    for (k = ratepool_request_keys; k->name; k++) {
+        if (strlen(k->name) == rq->key_len
+            && memcmp(k->name, rq->key_text, rq->key_len) == 0)
+        {
+            return k->id;
+        }
+    }
+
+    return RQ_KEY_OTHER;
+}
+
+
+void
+ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
+    size_t len)
+{
+    const unsigned char  *end;
+
+    end = p + len;
+
+    while (p < end) {
+
+        if (rq->state == RQ_DONE || rq->state == RQ_ERROR) {
+            return;
+        }
+
+        /* the bulk of a body is text of no interest: run through it */
+
+        if ((rq->state == RQ_NESTED && rq->in_string && !rq->escape)
+            || (rq->state == RQ_STRING && rq->key != RQ_KEY_MODEL
+                && !rq->escape))
+        {
+            while (p < end && *p != '"' && *p != '\\') {
+                p++;
+            }
+
+            if (p == end) {
+                return;
+            }
+
+        } else if (rq->state == RQ_NESTED && !rq->in_string) {
+            while (p < end && *p != '"' && *p != '{' && *p != '['
+                   && *p != '}' && *p != ']')
+            {
+                p++;
+            }
+
+            if (p == end) {
+                return;
+            }
+        }
+
+        ratepool_request_byte(rq, *p++);
+    }
+}
+
+
+static void
+ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
+{
+    switch (rq->state) {
+
+    case RQ_START:
+        if (c == '{') {
+            rq->state = RQ_KEY_OR_END;
+
+        } else if (!ratepool_request_space(c)) {
+            rq->state = RQ_ERROR;
+        }
+
+        return;
+
+    case RQ_KEY_OR_END:
+        if (c == '"') {
+            rq->state = RQ_KEY;
+            rq->key_len = 0;
+            rq->escape = 0;
+
+        } else if (c == '}') {
+            rq->state = RQ_DONE;
+
+        } else if (!ratepool_request_space(c)) {
+            rq->state = RQ_ERROR;
+        }
+
+        return;
+
+    case RQ_KEY:
+        if (rq->escape) {
+            rq->escape = 0;
+            rq->key_len = sizeof(rq->key_text) + 1;   /* none of ours */
+            return;
+        }
+
+        if (c == '\\') {
+            rq->escape = 1;
+            return;
+        }
+
+        if (c == '"') {
+            rq->key = ratepool_request_key_id(rq);
+            rq->state = RQ_COLON;
+            return;
+        }
+
+        if (rq->key_len < sizeof(rq->key_text)) {
+            rq->key_text[rq->key_len] = c;
+        }
+
+        if (rq->key_len <= sizeof(rq->key_text)) {
+            rq->key_len++;
+        }
+
+        return;
+
+    case RQ_COLON:
+        if (c == ':') {
+            rq->state = RQ_VALUE;
+
+        } else if (!ratepool_request_space(c)) {
+            rq->state = RQ_ERROR;
+        }
+
+        return;
+
+    case RQ_VALUE:
+        if (ratepool_request_space(c)) {
+            return;
+        }
+
+        rq->value_bad = 0;
+
+        if (c == '"') {
+            rq->state = RQ_STRING;
+            rq->escape = 0;
+
+            if (rq->key == RQ_KEY_MODEL) {
+                rq->model_len = 0;
+            }
+
+        } else if ((c >= '0' && c <= '9') || c == '-') {
+            rq->state = RQ_NUMBER;
+            rq->number = (c == '-') ? 0 : (uint64_t) (c - '0');
+            rq->digits = (c == '-') ? 0 : 1;
+            rq->value_bad = (c == '-');
+
+        } else if (c == '{' || c == '[') {
+            rq->state = RQ_NESTED;
+            rq->depth = 1;
+            rq->in_string = 0;
+            rq->escape = 0;
+
+        } else if (c == 't' || c == 'f' || c == 'n') {
+            rq->state = RQ_LITERAL;
+
+            if (rq->key == RQ_KEY_STREAM) {
+                rq->stream = (c == 't');
+            }
+
+        } else {
+            rq->state = RQ_ERROR;
+        }
+
+        return;
+
+    case RQ_STRING:
+        if (rq->escape) {
+            rq->escape = 0;
+            return;
+        }
+
+        if (c == '\\') {
+            rq->escape = 1;
+            rq->value_bad = 1;      /* no model name needs an escape */
+            return;
+        }
+
+        if (c == '"') {
+            if (rq->key == RQ_KEY_MODEL && rq->value_bad) {
+                rq->model_len = 0;
+            }
+
+            rq->state = RQ_AFTER_VALUE;
+            return;
+        }
+
+        if (rq->key == RQ_KEY_MODEL) {
+            if (rq->model_len < RATEPOOL_MODEL_MAX) {
+                rq->model[rq->model_len++] = c;
+
+            } else {
+                rq->value_bad = 1;
+            }
+        }
+
+        return;
+
+    case RQ_NUMBER:
+        if (c >= '0' && c <= '9') {
+            if (rq->digits < RQ_MAX_DIGITS) {
+                rq->number = rq->number * 10 + (uint64_t) (c - '0');
+                rq->digits++;
+
+            } else {
+                rq->value_bad = 1;
+            }
+
+            return;
+        }
+
+        if (c == '.' || c == 'e' || c == 'E' || c == '+' || c == '-') {
+            rq->value_bad = 1;
+            return;
+        }
+
+        if (rq->key == RQ_KEY_MAX_TOKENS && !rq->value_bad && rq->digits) {
+            rq->max_tokens = rq->number;
+            rq->has_max_tokens = 1;
+        }
+
+        rq->state = RQ_AFTER_VALUE;
+        ratepool_request_byte(rq, c);
+        return;
+
+    case RQ_LITERAL:
+        if (c >= 'a' && c <= 'z') {
+            return;
+        }
+
+        rq->state = RQ_AFTER_VALUE;
+        ratepool_request_byte(rq, c);
+        return;
+
+    case RQ_NESTED:
+        if (rq->in_string) {
+            if (rq->escape) {
+                rq->escape = 0;
+
+            } else if (c == '\\') {
+                rq->escape = 1;
+
+            } else if (c == '"') {
+                rq->in_string = 0;
+            }
+
+            return;
+        }
+
+        if (c == '"') {
+            rq->in_string = 1;
+
+        } else if (c == '{' || c == '[') {
+            rq->depth++;
+
+        } else if (c == '}' || c == ']') {
+            if (--rq->depth == 0) {
+                rq->state = RQ_AFTER_VALUE;
+            }
+        }
+
+        return;
+
+    case RQ_AFTER_VALUE:
+        if (c == ',') {
+            rq->state = RQ_KEY_OR_END;
+
+        } else if (c == '}') {
+            rq->state = RQ_DONE;
+
+        } else if (!ratepool_request_space(c)) {
+            rq->state = RQ_ERROR;
+        }
+
+        return;
+    }
+}
+
+
+int
+ratepool_model_match(const unsigned char *pattern, size_t plen,
+    const unsigned char *model, size_t mlen)
+{
+    size_t  p, m, star_p, star_m;
+    int     star;
+
+    p = 0;
+    m = 0;
+    star = 0;
+    star_p = 0;
+    star_m = 0;
+
+    /* greedy with one backtrack point: linear in practice */
+
+    while (m < mlen) {
+        if (p < plen && pattern[p] == '*') {
+            star = 1;
+            star_p = ++p;
+            star_m = m;
+
+        } else if (p < plen && pattern[p] == model[m]) {
+            p++;
+            m++;
+
+        } else if (star) {
+            p = star_p;
+            m = ++star_m;
+
+        } else {
+            return 0;
+        }
+    }
+
+    while (p < plen && pattern[p] == '*') {
+        p++;
+    }
+
+    return p == plen;
+}
+
+
+uint64_t
+ratepool_estimate_input(uint64_t bytes, uint32_t rate)
+{
+    uint64_t  tokens;
+
+    if (rate < RATEPOOL_RATE_MIN || rate > RATEPOOL_RATE_MAX) {
+        rate = RATEPOOL_RATE_DEFAULT;
+    }
+
+    if (bytes > (1ULL << 40)) {
+        bytes = 1ULL << 40;
+    }
+
+    tokens = (bytes * rate + 1024 * 1000 - 1) / (1024 * 1000);
+
+    return tokens ? tokens : 1;
+}
+
+
+/*
+ * A moving average over about eight requests; bodies under a KiB say
+ * too little of the rate to move it.
+ */
+
+uint32_t
+ratepool_estimate_learn(uint32_t rate, uint64_t bytes, uint64_t counted)
+{
+    uint64_t  sample;
+
+    if (rate < RATEPOOL_RATE_MIN || rate > RATEPOOL_RATE_MAX) {
+        rate = RATEPOOL_RATE_DEFAULT;
+    }
+
+    if (bytes < 1024) {
+        return rate;
+    }
+
+    if (bytes > (1ULL << 40)) {
+        bytes = 1ULL << 40;
+    }
+
+    if (counted > bytes) {
+        counted = bytes;
+    }
+
+    sample = counted * 1024 * 1000 / bytes;
+
+    if (sample < RATEPOOL_RATE_MIN) {
+        sample = RATEPOOL_RATE_MIN;
+    }
+
+    if (sample > RATEPOOL_RATE_MAX) {
+        sample = RATEPOOL_RATE_MAX;
+    }
+
+    return (uint32_t) (((uint64_t) rate * 7 + sample + 7) / 8);
+}

@@ -1,0 +1,71 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _RATEPOOL_REQUEST_H_INCLUDED_
+#define _RATEPOOL_REQUEST_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+
+
+/*
+ * Reads what admission needs from a request body as it comes, in pieces
+ * split anywhere: the top-level "model", the output cap ("max_tokens",
+ * or OpenAI's "max_completion_tokens", "max_output_tokens") and
+ * "stream".  Everything nested (messages, tools, system) is skipped
+ * without being looked at, so nothing a user wrote can match.
+ */
+
+#define RATEPOOL_MODEL_MAX      128
+
+
+typedef struct {
+    unsigned char    model[RATEPOOL_MODEL_MAX];
+    size_t           model_len;         /* 0: none, or not a plain string */
+    uint64_t         max_tokens;
+    unsigned         has_max_tokens:1;
+    unsigned         stream:1;
+
+    /* scanner state */
+    unsigned         state;
+    unsigned         depth;             /* of nested containers skipped */
+    unsigned         in_string:1;
+    unsigned         escape:1;
+    unsigned         value_bad:1;
+    unsigned         key;               /* which top-level key */
+    unsigned         key_len;
+    unsigned char    key_text[24];
+    uint64_t         number;
+    unsigned         digits;
+} ratepool_request_t;
+
+
+void ratepool_request_init(ratepool_request_t *rq);
+void ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
+    size_t len);
+
+/* does a model name match a pattern where "*" stands for any run */
+int ratepool_model_match(const unsigned char *pattern, size_t plen,
+    const unsigned char *model, size_t mlen);
+
+/*
+ * Input tokens a body of "bytes" is expected to count, at a rate in
+ * milli-tokens per KiB, and that rate corrected by what one request of
+ * that size really counted: providers count cached prompt text at no or
+ * low cost, so the rate a workspace's requests count at is learned.
+ */
+
+#define RATEPOOL_RATE_DEFAULT   256000      /* 4 bytes a token */
+#define RATEPOOL_RATE_MIN       1000        /* a token per KiB */
+#define RATEPOOL_RATE_MAX       1024000     /* a token per byte */
+
+uint64_t ratepool_estimate_input(uint64_t bytes, uint32_t rate);
+uint32_t ratepool_estimate_learn(uint32_t rate, uint64_t bytes,
+    uint64_t counted);
+
+
+#endif /* _RATEPOOL_REQUEST_H_INCLUDED_ */
