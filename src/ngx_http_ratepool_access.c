@@ -18,11 +18,16 @@ static ngx_int_t ngx_http_ratepool_token_matches(
     ngx_uint_t *workspace);
 static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
     ngx_http_request_t *r, ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_body_read(ngx_http_request_t *r);
+static ngx_int_t ngx_http_ratepool_read_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
-    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
-    uint64_t *wait_ms, const char **what, ngx_uint_t *limit);
-static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
-    ngx_http_ratepool_workspace_t *ws);
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms, const char **what,
+    ngx_uint_t *limit);
+static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t request);
 static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws);
 static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
@@ -39,17 +44,14 @@ static void ngx_http_ratepool_cleanup(void *data);
 ngx_int_t
 ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 {
-    uint64_t                        wait_ms;
+    ngx_int_t                       rc;
     ngx_str_t                       msg;
-    ngx_uint_t                      limit;
-    const char                     *what;
     ngx_pool_cleanup_t             *cln;
     ngx_http_ratepool_ctx_t        *ctx;
     ngx_http_ratepool_pool_t       *pool;
     ngx_http_ratepool_loc_conf_t   *rlcf;
     ngx_http_ratepool_main_conf_t  *rmcf;
     ngx_http_ratepool_workspace_t  *ws;
-    u_char                          buf[256];
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
@@ -62,13 +64,14 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 
     if (ctx) {
         /*
-         * The access phase runs again after an internal redirect, and the
-         * workspace was charged already.  A redirect to another pool gives
-         * back what the first one held and starts afresh in the new one.
+         * The phase runs again once the body is read, and after an
+         * internal redirect, when the workspace was charged already.  A
+         * redirect to another pool gives back what the first one held
+         * and starts afresh in the new one.
          */
 
         if (ctx->pool == pool) {
-            return NGX_DECLINED;
+            return ctx->phase_rc;
         }
 
         ngx_http_ratepool_release(ctx, &ctx->held, 0);
@@ -79,6 +82,10 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->tried = 0;
         ctx->tries = 0;
         ctx->retry_same = 0;
+
+        if (ngx_http_ratepool_resolve_classes(ctx) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
 
         return ngx_http_ratepool_first_key(r, ctx, 0);
     }
@@ -107,6 +114,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     ctx->request = r;
     ctx->pool = pool;
     ctx->workspace = ws;
+    ctx->phase_rc = NGX_DONE;
 
     /* whatever this request holds is given back however it ends */
     cln = ngx_pool_cleanup_add(r->pool, 0);
@@ -125,20 +133,187 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         return NGX_DONE;
     }
 
-    if (ngx_http_ratepool_admit_workspace(r, pool, ws, &wait_ms, &what,
-                                          &limit)
-        != NGX_OK)
-    {
-        msg.data = buf;
-        msg.len = ngx_snprintf(buf, sizeof(buf),
-                               "workspace \"%V\" is over its budget of %ui "
-                               "%s per minute", &ws->name, limit, what)
-                  - buf;
+    /*
+     * The cost of a request is in its body: read it first, as the mirror
+     * module does, and go on with the phases once it is in.
+     */
 
-        return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
+    rc = ngx_http_read_client_request_body(r, ngx_http_ratepool_body_read);
+
+    if (rc >= NGX_HTTP_SPECIAL_RESPONSE) {
+        return rc;
     }
 
-    return ngx_http_ratepool_first_key(r, ctx, 1);
+    ngx_http_finalize_request(r, NGX_DONE);
+
+    return NGX_DONE;
+}
+
+
+static void
+ngx_http_ratepool_body_read(ngx_http_request_t *r)
+{
+    ngx_int_t                 rc;
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_ratepool_get_ctx(r);
+
+    rc = ngx_http_ratepool_admit(r, ctx);
+
+    if (rc == NGX_DECLINED) {
+        ctx->phase_rc = NGX_DECLINED;
+        r->write_event_handler = ngx_http_core_run_phases;
+        ngx_http_core_run_phases(r);
+        return;
+    }
+
+    if (rc != NGX_DONE) {
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+
+/* the model and the output cap, from a body in memory or in a file */
+
+static ngx_int_t
+ngx_http_ratepool_read_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    off_t                          offset;
+    size_t                         size;
+    ssize_t                        n;
+    u_char                        *chunk;
+    ngx_buf_t                     *b;
+    ngx_chain_t                   *cl;
+    ratepool_request_t             rq;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    ratepool_request_init(&rq);
+    chunk = NULL;
+
+    for (cl = r->request_body ? r->request_body->bufs : NULL;
+         cl;
+         cl = cl->next)
+    {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            ratepool_request_feed(&rq, b->pos, b->last - b->pos);
+            ctx->body_bytes += b->last - b->pos;
+            continue;
+        }
+
+        if (!b->in_file) {
+            continue;
+        }
+
+        /* a large body was written to a temporary file a moment ago */
+
+        if (chunk == NULL) {
+            chunk = ngx_palloc(r->pool, 65536);
+            if (chunk == NULL) {
+                return NGX_ERROR;
+            }
+        }
+
+        for (offset = b->file_pos; offset < b->file_last; offset += n) {
+            size = (size_t) ngx_min(b->file_last - offset, 65536);
+
+            n = ngx_read_file(b->file, chunk, size, offset);
+
+            if (n <= 0) {
+                ngx_pfree(r->pool, chunk);
+                return NGX_ERROR;
+            }
+
+            ratepool_request_feed(&rq, chunk, n);
+            ctx->body_bytes += n;
+        }
+    }
+
+    if (chunk) {
+        ngx_pfree(r->pool, chunk);
+    }
+
+    if (rq.model_len) {
+        ctx->model.data = ngx_pnalloc(r->pool, rq.model_len);
+        if (ctx->model.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ctx->model.len = rq.model_len;
+        ngx_memcpy(ctx->model.data, rq.model, rq.model_len);
+    }
+
+    /*
+     * Output is reserved up to the request's own cap, or the configured
+     * one; a request that asks for no model (a listing, say) asks for
+     * no output.
+     */
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    if (rq.has_max_tokens) {
+        ctx->output_cost = ngx_min(rq.max_tokens,
+                                   (uint64_t) rlcf->output_reserve);
+
+    } else if (rq.model_len) {
+        ctx->output_cost = rlcf->output_reserve;
+    }
+
+    return NGX_OK;
+}
+
+
+/* with the body in: the workspace's buckets, then the first key */
+
+static ngx_int_t
+ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_int_t                       rc;
+    uint64_t                        wait_ms;
+    ngx_str_t                       msg;
+    ngx_uint_t                      limit;
+    const char                     *what;
+    ngx_http_ratepool_workspace_t  *ws;
+    u_char                          buf[320];
+
+    ws = ctx->workspace;
+
+    if (ngx_http_ratepool_read_body(r, ctx) != NGX_OK
+        || ngx_http_ratepool_resolve_classes(ctx) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ngx_http_ratepool_admit_workspace(r, ctx, &wait_ms, &what, &limit);
+
+    if (rc == NGX_OK) {
+        return ngx_http_ratepool_first_key(r, ctx, 1);
+    }
+
+    msg.data = buf;
+
+    if (rc == NGX_ABORT) {
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "this request is estimated at %uL input "
+                               "tokens, more than the %ui per minute that "
+                               "workspace \"%V\" may use: shorten it, or "
+                               "raise the workspace's itpm",
+                               ctx->input_cost, limit, &ws->name)
+                  - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error", &msg, NULL,
+                                        0, 0);
+    }
+
+    msg.len = ngx_snprintf(buf, sizeof(buf),
+                           "workspace \"%V\" is over its budget of %ui "
+                           "%s per minute", &ws->name, limit, what)
+              - buf;
+
+    return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
 }
 
 
@@ -168,9 +343,7 @@ ngx_http_ratepool_first_key(ngx_http_request_t *r,
     }
 
     /* the pool has nothing now: the workspace did not use its request */
-    if (refund) {
-        ngx_http_ratepool_refund_workspace(pool, ctx->workspace);
-    }
+    ngx_http_ratepool_refund_workspace(ctx, refund);
 
     (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
 
@@ -324,32 +497,55 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
 
 
 /*
- * Requests are taken from the workspace's bucket as they come; tokens
- * are charged once the provider says how many were used, so a workspace
- * is admitted while its token buckets are not in debt.
+ * A request takes one from the workspace's requests and reserves its
+ * estimated tokens until it ends, when what it really used is charged:
+ * it is admitted if its cost fits beside the reservations of the
+ * workspace's requests in flight.  NGX_ABORT: its input can never fit.
  */
 
 static ngx_int_t
 ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
-    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws,
-    uint64_t *wait_ms, const char **what, ngx_uint_t *limit)
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms, const char **what,
+    ngx_uint_t *limit)
 {
-    int                                rc;
     uint64_t                           now_ms, wait_in, wait_out;
+    ngx_int_t                          rc;
     ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_pool_t          *pool;
+    ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_workspace_sh_t  *sh;
 
+    pool = ctx->pool;
+    ws = ctx->workspace;
     shpool = pool->zone->shpool;
     sh = ws->sh;
     now_ms = ngx_http_ratepool_now_ms();
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    wait_in = ratepool_bucket_wait_ms(&sh->itpm_bucket, ws->itpm, 1, now_ms);
-    wait_out = ratepool_bucket_wait_ms(&sh->otpm_bucket, ws->otpm, 1, now_ms);
+    if (ctx->body_bytes) {
+        ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
+                                                  sh->input_rate);
+    }
+
+    *wait_ms = 0;
+
+    if (ws->itpm && ctx->input_cost > ws->itpm) {
+        rc = NGX_ABORT;
+        *what = "input tokens";
+        *limit = ws->itpm;
+        goto done;
+    }
+
+    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
+                                     ctx->input_cost, sh->reserved_input,
+                                     now_ms);
+    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
+                                      ctx->output_cost, sh->reserved_output,
+                                      now_ms);
 
     if (wait_in || wait_out) {
-        rc = RATEPOOL_BUCKET_WAIT;
+        rc = NGX_DECLINED;
 
         if (wait_in >= wait_out) {
             *wait_ms = wait_in;
@@ -362,14 +558,27 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
             *limit = ws->otpm;
         }
 
-    } else {
-        rc = ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms,
-                                  wait_ms);
-        *what = "requests";
-        *limit = ws->rpm;
+        goto done;
     }
 
-    if (rc == RATEPOOL_BUCKET_OK) {
+    *what = "requests";
+    *limit = ws->rpm;
+
+    if (ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms, wait_ms)
+        != RATEPOOL_BUCKET_OK)
+    {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    rc = NGX_OK;
+    sh->reserved_input += ctx->input_cost;
+    sh->reserved_output += ctx->output_cost;
+    ctx->ws_reserved = 1;
+
+done:
+
+    if (rc == NGX_OK) {
         sh->admitted++;
 
     } else {
@@ -378,16 +587,15 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    if (rc != RATEPOOL_BUCKET_OK) {
+    if (rc != NGX_OK) {
         (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
 
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "ratepool: workspace \"%V\" is over %ui %s per minute",
                       &ws->name, *limit, *what);
-        return NGX_DECLINED;
     }
 
-    return NGX_OK;
+    return rc;
 }
 
 
@@ -469,23 +677,43 @@ ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
 }
 
 
-static void
-ngx_http_ratepool_refund_workspace(ngx_http_ratepool_pool_t *pool,
-    ngx_http_ratepool_workspace_t *ws)
-{
-    ngx_slab_pool_t  *shpool;
+/* gives back the workspace's reservation, and its request if unused */
 
-    shpool = pool->zone->shpool;
+static void
+ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t request)
+{
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    if (!ctx->ws_reserved && !request) {
+        return;
+    }
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+    shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    if (ws->rpm) {
-        ratepool_bucket_put(&ws->sh->rpm_bucket, ws->rpm, 1);
+    if (ctx->ws_reserved) {
+        sh->reserved_input -= ngx_min(ctx->input_cost, sh->reserved_input);
+        sh->reserved_output -= ngx_min(ctx->output_cost,
+                                       sh->reserved_output);
     }
 
-    ws->sh->admitted--;
+    if (request) {
+        if (ws->rpm) {
+            ratepool_bucket_put(&sh->rpm_bucket, ws->rpm, 1);
+        }
+
+        sh->admitted--;
+    }
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    ctx->ws_reserved = 0;
 }
 
 
@@ -496,6 +724,7 @@ ngx_http_ratepool_cleanup(void *data)
 
     ngx_http_ratepool_release(ctx, &ctx->held, 0);
     ngx_http_ratepool_release(ctx, &ctx->next, 0);
+    ngx_http_ratepool_refund_workspace(ctx, 0);
 }
 
 

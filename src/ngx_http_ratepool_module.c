@@ -52,8 +52,10 @@ static ngx_int_t ngx_http_ratepool_valid_name(ngx_str_t *name);
 static char *ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name);
 static ngx_int_t ngx_http_ratepool_parse_limit(ngx_str_t *arg,
     const char *name, ngx_uint_t *limit);
+static ngx_int_t ngx_http_ratepool_valid_model(ngx_str_t *model);
 static ngx_http_ratepool_org_t *ngx_http_ratepool_find_org(ngx_conf_t *cf,
-    ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_uint_t *index);
+    ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_str_t *model,
+    ngx_uint_t *index);
 static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
     ngx_str_t *path, ngx_str_t *secret);
 static void ngx_http_ratepool_sha256(u_char *data, size_t len,
@@ -63,6 +65,11 @@ static ngx_int_t ngx_http_ratepool_check_cleartext(ngx_conf_t *cf,
 static ngx_int_t ngx_http_ratepool_link_passes(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_int_t ngx_http_ratepool_init(ngx_conf_t *cf);
+
+
+static ngx_conf_num_bounds_t  ngx_http_ratepool_output_reserve_bounds = {
+    ngx_conf_check_num_bounds, 1, 1000000
+};
 
 
 static ngx_command_t  ngx_http_ratepool_commands[] = {
@@ -115,6 +122,13 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       0,
       NULL },
+
+    { ngx_string("ratepool_output_reserve"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_ratepool_loc_conf_t, output_reserve),
+      &ngx_http_ratepool_output_reserve_bounds },
 
     { ngx_string("ratepool_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -552,12 +566,14 @@ ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
     for (m = 0; m < p->orgs->nelts; m++) {
         for (n = 0; n < q->orgs->nelts; n++) {
 
-            if (a[m].name.len != b[n].name.len
-                || ngx_strncmp(a[m].name.data, b[n].name.data, a[m].name.len)
+            if (a[m].entry.len != b[n].entry.len
+                || ngx_strncmp(a[m].entry.data, b[n].entry.data,
+                               a[m].entry.len)
                    != 0
                 || !a[m].declared || !b[n].declared
                 || (a[m].rpm == b[n].rpm && a[m].itpm == b[n].itpm
-                    && a[m].otpm == b[n].otpm))
+                    && a[m].otpm == b[n].otpm
+                    && a[m].cache_reads == b[n].cache_reads))
             {
                 continue;
             }
@@ -565,7 +581,7 @@ ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "org \"%V\" has different limits in upstreams "
                           "\"%V\" and \"%V\", an org has one set of "
-                          "limits", &a[m].name, &p->upstream->host,
+                          "limits", &a[m].entry, &p->upstream->host,
                           &q->upstream->host);
             return NGX_ERROR;
         }
@@ -719,6 +735,8 @@ ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf)
         return NULL;
     }
 
+    rlcf->output_reserve = NGX_CONF_UNSET;
+
     return rlcf;
 }
 
@@ -737,6 +755,9 @@ ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
      * ratepool_pass is not inherited, as proxy_pass is not, except by
      * an "if" block, where the proxy's settings carry on too
      */
+
+    ngx_conf_merge_value(conf->output_reserve, prev->output_reserve,
+                         RATEPOOL_OUTPUT_RESERVE);
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
 
@@ -905,11 +926,45 @@ ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* model patterns: what model names are made of, and "*" */
+
+static ngx_int_t
+ngx_http_ratepool_valid_model(ngx_str_t *model)
+{
+    u_char  c;
+    size_t  i;
+
+    if (model->len == 0 || model->len > RATEPOOL_NAME_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < model->len; i++) {
+        c = model->data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'
+              || c == '*' || c == '/' || c == ':' || c == '@'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * An org's entry for a model class, created on first mention; a class
+ * entry comes after its org's default one, which keys point to.
+ */
+
 static ngx_http_ratepool_org_t *
 ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
-    ngx_str_t *name, ngx_uint_t *index)
+    ngx_str_t *name, ngx_str_t *model, ngx_uint_t *index)
 {
-    ngx_uint_t                i;
+    u_char                   *p;
+    ngx_str_t                 none;
+    ngx_uint_t                i, base;
     ngx_http_ratepool_org_t  *org;
 
     if (pool->orgs == NULL) {
@@ -924,11 +979,27 @@ ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
 
     for (i = 0; i < pool->orgs->nelts; i++) {
         if (org[i].name.len == name->len
-            && ngx_strncmp(org[i].name.data, name->data, name->len) == 0)
+            && ngx_strncmp(org[i].name.data, name->data, name->len) == 0
+            && org[i].model.len == model->len
+            && ngx_strncmp(org[i].model.data, model->data, model->len) == 0)
         {
             *index = i;
             return &org[i];
         }
+    }
+
+    base = pool->orgs->nelts;
+
+    if (model->len) {
+        ngx_str_null(&none);
+
+        if (ngx_http_ratepool_find_org(cf, pool, name, &none, &base)
+            == NULL)
+        {
+            return NULL;
+        }
+
+        pool->classes++;
     }
 
     org = ngx_array_push(pool->orgs);
@@ -938,13 +1009,33 @@ ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
 
     ngx_memzero(org, sizeof(ngx_http_ratepool_org_t));
     org->name = *name;
+    org->model = *model;
+    org->base = base;
+    org->entry = *name;
+
+    if (model->len) {
+        p = ngx_pnalloc(cf->pool, name->len + 1 + model->len);
+        if (p == NULL) {
+            return NULL;
+        }
+
+        org->entry.data = p;
+        p = ngx_cpymem(p, name->data, name->len);
+        *p++ = '/';
+        p = ngx_cpymem(p, model->data, model->len);
+        org->entry.len = p - org->entry.data;
+    }
+
     *index = pool->orgs->nelts - 1;
 
     return org;
 }
 
 
-/* ratepool_org NAME [rpm=N] [itpm=N] [otpm=N] */
+/*
+ * ratepool_org NAME [model=PATTERN] [rpm=N] [itpm=N] [otpm=N]
+ *              [itpm_cache_reads=on|off]
+ */
 
 static char *
 ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -952,8 +1043,8 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_ratepool_pool_t *pool = conf;
 
     ngx_int_t                 rc;
-    ngx_str_t                *value;
-    ngx_uint_t                i, index;
+    ngx_str_t                *value, model;
+    ngx_uint_t                i, index, rpm, itpm, otpm, cache_reads;
     ngx_http_ratepool_org_t  *org;
 
     value = cf->args->elts;
@@ -962,29 +1053,47 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    org = ngx_http_ratepool_find_org(cf, pool, &value[1], &index);
-    if (org == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    if (org->declared) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "org \"%V\" is declared twice", &value[1]);
-        return NGX_CONF_ERROR;
-    }
-
-    org->declared = 1;
+    ngx_str_null(&model);
+    rpm = 0;
+    itpm = 0;
+    otpm = 0;
+    cache_reads = 0;
 
     for (i = 2; i < cf->args->nelts; i++) {
 
-        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &org->rpm);
+        if (ngx_strncmp(value[i].data, "model=", 6) == 0) {
+            model.data = value[i].data + 6;
+            model.len = value[i].len - 6;
+
+            if (ngx_http_ratepool_valid_model(&model) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", give a model name "
+                                   "pattern of up to %d characters where "
+                                   "\"*\" stands for any, for example "
+                                   "\"model=claude-opus-*\"",
+                                   &value[i], RATEPOOL_NAME_MAX);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "itpm_cache_reads=on") == 0
+            || ngx_strcmp(value[i].data, "itpm_cache_reads=off") == 0)
+        {
+            cache_reads = (value[i].data[sizeof("itpm_cache_reads=o") - 1]
+                           == 'n');
+            continue;
+        }
+
+        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &rpm);
 
         if (rc == NGX_DECLINED) {
-            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &org->itpm);
+            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &itpm);
         }
 
         if (rc == NGX_DECLINED) {
-            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &org->otpm);
+            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &otpm);
         }
 
         if (rc == NGX_OK) {
@@ -1000,10 +1109,31 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "invalid parameter \"%V\", "
-                           "use \"rpm=\", \"itpm=\" or \"otpm=\"", &value[i]);
+                           "invalid parameter \"%V\", use \"model=\", "
+                           "\"rpm=\", \"itpm=\", \"otpm=\" or "
+                           "\"itpm_cache_reads=\"", &value[i]);
         return NGX_CONF_ERROR;
     }
+
+    org = ngx_http_ratepool_find_org(cf, pool, &value[1], &model, &index);
+    if (org == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (org->declared) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           model.len ? "org \"%V\" is declared twice for "
+                                       "model \"%V\""
+                                     : "org \"%V\" is declared twice",
+                           &value[1], &model);
+        return NGX_CONF_ERROR;
+    }
+
+    org->declared = 1;
+    org->rpm = rpm;
+    org->itpm = itpm;
+    org->otpm = otpm;
+    org->cache_reads = cache_reads;
 
     return NGX_CONF_OK;
 }
@@ -1095,7 +1225,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     u_char                        digest[32], *p;
     size_t                        i;
-    ngx_str_t                    *value, secret, org_name, path;
+    ngx_str_t                    *value, secret, org_name, path, no_model;
     ngx_url_t                     u;
     ngx_uint_t                    n, index;
     ngx_http_ratepool_key_t      *key, *keys;
@@ -1280,7 +1410,11 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         org_name = key->name;   /* a key of its own org */
     }
 
-    if (ngx_http_ratepool_find_org(cf, pool, &org_name, &index) == NULL) {
+    ngx_str_null(&no_model);
+
+    if (ngx_http_ratepool_find_org(cf, pool, &org_name, &no_model, &index)
+        == NULL)
+    {
         return NGX_CONF_ERROR;
     }
 

@@ -19,11 +19,14 @@
 #include "ratepool_parse.h"
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
+#include "ratepool_request.h"
 
 
 #define RATEPOOL_NAME_MAX           64
+#define RATEPOOL_ENTRY_NAME_MAX     (2 * RATEPOOL_NAME_MAX + 1)
 #define RATEPOOL_KEYS_MAX           64      /* per pool: a bitmap of tries */
 #define RATEPOOL_FINGERPRINT_LEN    12      /* hex digits of sha256 */
+#define RATEPOOL_OUTPUT_RESERVE     4096    /* default output reservation */
 
 #define RATEPOOL_PROVIDER_ANTHROPIC 0
 #define RATEPOOL_PROVIDER_OPENAI    1
@@ -39,7 +42,7 @@ typedef struct {
     ngx_queue_t                     queue;
     ngx_uint_t                      kind;
     size_t                          name_len;
-    u_char                          name[RATEPOOL_NAME_MAX];
+    u_char                          name[RATEPOOL_ENTRY_NAME_MAX];
 } ngx_http_ratepool_entry_t;
 
 
@@ -70,6 +73,8 @@ typedef struct {
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
     ngx_uint_t                      inflight;
+    uint64_t                        reserved_input;     /* by requests */
+    uint64_t                        reserved_output;    /* in flight */
 
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
@@ -105,6 +110,10 @@ typedef struct {
     ratepool_bucket_t               rpm_bucket;
     ratepool_bucket_t               itpm_bucket;        /* charged after */
     ratepool_bucket_t               otpm_bucket;
+    uint64_t                        reserved_input;
+    uint64_t                        reserved_output;
+    uint32_t                        input_rate;         /* learned, see
+                                                   ratepool_estimate_learn() */
     uint64_t                        admitted;
     uint64_t                        rejected;
 
@@ -138,12 +147,22 @@ typedef struct {
 
 /* configuration */
 
+/*
+ * The limits of one org for one model class.  An org's default class
+ * (no model pattern) is what its keys point to; a request for a model
+ * that matches a class pattern of the org uses that class instead.
+ */
+
 typedef struct {
-    ngx_str_t                       name;
+    ngx_str_t                       name;       /* of the org */
+    ngx_str_t                       model;      /* pattern, "": default */
+    ngx_str_t                       entry;      /* "org" or "org/model" */
+    ngx_uint_t                      base;       /* index of the default */
     ngx_uint_t                      rpm;
     ngx_uint_t                      itpm;
     ngx_uint_t                      otpm;
     unsigned                        declared:1;
+    unsigned                        cache_reads:1;  /* count toward ITPM */
     ngx_http_ratepool_org_sh_t     *sh;
 } ngx_http_ratepool_org_t;
 
@@ -172,7 +191,9 @@ typedef struct {
 typedef struct {
     ngx_str_t                       zone_name;
     ngx_http_ratepool_zone_t       *zone;
-    ngx_array_t                    *orgs;       /* ngx_http_ratepool_org_t */
+    ngx_array_t                    *orgs;       /* ngx_http_ratepool_org_t,
+                                                   every org and class */
+    ngx_uint_t                      classes;    /* patterns among them */
     ngx_array_t                    *keys;       /* ngx_http_ratepool_key_t */
     ngx_http_upstream_srv_conf_t   *upstream;
 } ngx_http_ratepool_pool_t;
@@ -211,6 +232,7 @@ typedef struct {
 typedef struct {
     ngx_http_upstream_srv_conf_t   *upstream;    /* from ratepool_pass */
     ngx_http_ratepool_pool_t       *pool;
+    ngx_int_t                       output_reserve;     /* tokens */
     ngx_str_t                       url;
     ngx_uint_t                      line;
     ngx_str_t                       file;
@@ -230,6 +252,14 @@ typedef struct {
     ngx_uint_t                      tries;      /* sends so far */
     uint64_t                        soonest_ms; /* when exhausted */
 
+    ngx_str_t                       model;      /* from the body */
+    ngx_uint_t                     *classes;    /* org index to the class
+                                                   this model uses there */
+    uint64_t                        body_bytes;
+    uint64_t                        input_cost;     /* estimated */
+    uint64_t                        output_cost;    /* reserved */
+    ngx_int_t                       phase_rc;   /* once the body is read */
+
     ngx_int_t                     (*process_header)(ngx_http_request_t *r);
     ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
 
@@ -241,6 +271,8 @@ typedef struct {
     unsigned                        refused:1;      /* last answer is a 401
                                                        that no key can beat */
     unsigned                        own_error_sent:1;
+    unsigned                        ws_reserved:1;  /* tokens, until the
+                                                       request ends */
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */
@@ -252,8 +284,14 @@ typedef struct {
 extern ngx_module_t  ngx_http_ratepool_module;
 
 
+/* a key's org, in its default class */
 #define ngx_http_ratepool_key_org(pool, key)                                  \
     (&((ngx_http_ratepool_org_t *) (pool)->orgs->elts)[(key)->org])
+
+/* a key's org, in the class of the request's model */
+#define ngx_http_ratepool_ctx_org(ctx, key)                                   \
+    (&((ngx_http_ratepool_org_t *) (ctx)->pool->orgs->elts)                   \
+        [(ctx)->classes ? (ctx)->classes[(key)->org] : (key)->org])
 
 
 /* ngx_http_ratepool_pool.c: choosing keys and learning from answers */
@@ -268,6 +306,7 @@ void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage);
 void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     ratepool_bucket_t **bucket, uint64_t *limit);
+ngx_int_t ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx);
 uint64_t ngx_http_ratepool_now_ms(void);
 
 /* ngx_http_ratepool_access.c */

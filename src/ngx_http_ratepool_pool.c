@@ -85,35 +85,47 @@ ngx_http_ratepool_now_ms(void)
 }
 
 
-/* with the zone locked: the state of every key as the chooser sees it */
+/*
+ * With the zone locked: the state of every key as the chooser sees it,
+ * for this request's cost in the class of its model.
+ */
 
 static void
 ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     ratepool_candidate_t *c)
 {
-    uint64_t                     limit[3], wait_ms, level, permille;
+    uint64_t                     limit[3], cost[3], reserved[3], wait_ms,
+                                 level, permille;
     ngx_uint_t                   i, b;
     ratepool_bucket_t           *bucket[3];
-    ngx_http_ratepool_org_t     *orgs, *org;
+    ngx_http_ratepool_org_t     *org;
     ngx_http_ratepool_key_t     *keys;
     ngx_http_ratepool_org_sh_t  *osh;
 
     keys = ctx->pool->keys->elts;
-    orgs = ctx->pool->orgs->elts;
+
+    cost[0] = 1;
+    cost[1] = ctx->input_cost;
+    cost[2] = ctx->output_cost;
 
     for (i = 0; i < ctx->pool->keys->nelts; i++) {
-        org = &orgs[keys[i].org];
+        org = ngx_http_ratepool_ctx_org(ctx, &keys[i]);
         osh = org->sh;
 
         ngx_http_ratepool_org_buckets(org, bucket, limit);
+
+        reserved[0] = 0;
+        reserved[1] = osh->reserved_input;
+        reserved[2] = osh->reserved_output;
 
         c[i].usable = (keys[i].sh->dead_status == 0);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
 
         /*
-         * Free when every known bucket of the org has a request or a token
-         * left; the headroom is that of the fullest-used bucket.
+         * Free when the request's cost fits every known bucket of the org
+         * beside what requests in flight reserved; the headroom is that
+         * of the fullest-used bucket.
          */
 
         c[i].headroom_permille = 1000;
@@ -123,13 +135,15 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
                 continue;
             }
 
-            wait_ms = ratepool_bucket_wait_ms(bucket[b], limit[b], 1, now_ms);
+            wait_ms = ratepool_bucket_fit_ms(bucket[b], limit[b], cost[b],
+                                             reserved[b], now_ms);
 
             if (wait_ms && now_ms + wait_ms > c[i].free_at_ms) {
                 c[i].free_at_ms = now_ms + wait_ms;
             }
 
-            level = ratepool_bucket_level(bucket[b], limit[b], now_ms);
+            level = ratepool_bucket_free(bucket[b], limit[b], reserved[b],
+                                         now_ms);
             permille = level * 1000 / limit[b];
 
             if (permille < c[i].headroom_permille) {
@@ -177,8 +191,53 @@ ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
 
 
 /*
+ * Which class of each org a request's model uses: the first of the org's
+ * model patterns that matches, else the org's default limits.
+ */
+
+ngx_int_t
+ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_uint_t                i, n, base;
+    ngx_http_ratepool_org_t  *orgs;
+
+    ctx->classes = NULL;
+
+    if (ctx->pool->classes == 0 || ctx->model.len == 0) {
+        return NGX_OK;
+    }
+
+    orgs = ctx->pool->orgs->elts;
+    n = ctx->pool->orgs->nelts;
+
+    ctx->classes = ngx_palloc(ctx->request->pool, n * sizeof(ngx_uint_t));
+    if (ctx->classes == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < n; i++) {
+        ctx->classes[i] = i;
+    }
+
+    for (i = 0; i < n; i++) {
+        base = orgs[i].base;
+
+        if (orgs[i].model.len && ctx->classes[base] == base
+            && ratepool_model_match(orgs[i].model.data, orgs[i].model.len,
+                                    ctx->model.data, ctx->model.len))
+        {
+            ctx->classes[base] = i;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * Chooses a key for a try and holds it: one request taken from its org's
- * bucket, counted in flight until released.  NULL if no key this request
+ * bucket and the request's tokens reserved there, counted in flight until
+ * released.  NULL if no key this request
  * has not tried can be used now; *soonest_ms then says when one frees up
  * (0: none ever will, all are dead or tried).
  */
@@ -218,10 +277,12 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     }
 
     key = &keys[i];
-    org = ngx_http_ratepool_key_org(ctx->pool, key);
+    org = ngx_http_ratepool_ctx_org(ctx, key);
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     (void) ratepool_bucket_take(bucket[0], limits[0], 1, now_ms, &wait_ms);
+    org->sh->reserved_input += ctx->input_cost;
+    org->sh->reserved_output += ctx->output_cost;
     org->sh->inflight++;
     key->sh->inflight++;
     (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
@@ -261,7 +322,11 @@ ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx)
 }
 
 
-/* gives back a key held for a try; *key is cleared, so it is given once */
+/*
+ * Gives back a key held for a try, and the tokens reserved with it: what
+ * the try used is charged from its answer.  *key is cleared, so it is
+ * given back once.
+ */
 
 void
 ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
@@ -279,13 +344,17 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     *key = NULL;
 
-    org = ngx_http_ratepool_key_org(ctx->pool, k);
+    org = ngx_http_ratepool_ctx_org(ctx, k);
     shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
 
     k->sh->inflight--;
     org->sh->inflight--;
+    org->sh->reserved_input -= ngx_min(ctx->input_cost,
+                                       org->sh->reserved_input);
+    org->sh->reserved_output -= ngx_min(ctx->output_cost,
+                                        org->sh->reserved_output);
 
     if (failed) {
         k->sh->failed++;
@@ -410,7 +479,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     r = ctx->request;
     key = ctx->key;
-    org = ngx_http_ratepool_key_org(ctx->pool, key);
+    org = ngx_http_ratepool_ctx_org(ctx, key);
     osh = org->sh;
     ksh = key->sh;
     status = h->status_n;
@@ -530,6 +599,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ngx_slab_pool_t                *shpool;
     ratepool_bucket_t              *bucket[3];
     ngx_http_ratepool_org_t        *org;
+    uint64_t                        counted;
     ngx_http_ratepool_tokens_t     *used[3], add;
     ngx_http_ratepool_workspace_t  *ws;
 
@@ -544,7 +614,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     add.cache_read = usage->cache_read_input_tokens;
     add.cache_creation = usage->cache_creation_input_tokens;
 
-    org = ngx_http_ratepool_key_org(ctx->pool, ctx->key);
+    org = ngx_http_ratepool_ctx_org(ctx, ctx->key);
 
     used[0] = &ctx->key->sh->used;
     used[1] = &org->sh->used;
@@ -563,21 +633,31 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 
     /*
      * Input tokens per minute count what was written to the cache but not
-     * what was read from it, as the provider counts them for most models.
+     * what was read from it, as the provider counts them for most models;
+     * an org class may say its model counts them.
      */
+
+    counted = add.input + add.cache_creation
+              + (org->cache_reads ? add.cache_read : 0);
 
     now_ms = ngx_http_ratepool_now_ms();
     ngx_http_ratepool_org_buckets(org, bucket, limits);
 
-    ratepool_bucket_debit(bucket[1], limits[1],
-                          add.input + add.cache_creation, now_ms);
+    ratepool_bucket_debit(bucket[1], limits[1], counted, now_ms);
     ratepool_bucket_debit(bucket[2], limits[2], add.output, now_ms);
 
     if (ctx->workspace) {
         ws = ctx->workspace;
 
-        ratepool_bucket_debit(&ws->sh->itpm_bucket, ws->itpm,
-                              add.input + add.cache_creation, now_ms);
+        ratepool_bucket_debit(&ws->sh->itpm_bucket, ws->itpm, counted,
+                              now_ms);
+
+        if (usage->seen & RATEPOOL_USAGE_INPUT) {
+            ws->sh->input_rate = ratepool_estimate_learn(ws->sh->input_rate,
+                                                         ctx->body_bytes,
+                                                         counted);
+        }
+
         ratepool_bucket_debit(&ws->sh->otpm_bucket, ws->otpm, add.output,
                               now_ms);
 

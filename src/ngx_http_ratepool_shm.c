@@ -111,7 +111,7 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
 
         for (j = 0; j < pools[i]->orgs->nelts; j++) {
             org[j].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_ORG,
-                                            &org[j].name,
+                                            &org[j].entry,
                                             sizeof(ngx_http_ratepool_org_sh_t));
             if (org[j].sh == NULL) {
                 return NGX_ERROR;

@@ -214,3 +214,52 @@ ratepool_bucket_level(ratepool_bucket_t *b, uint64_t limit, uint64_t now_ms)
 
     return b->level > 0 ? (uint64_t) b->level / RATEPOOL_MILLI : 0;
 }
+
+
+/*
+ * How long until "units" fit beside the units that requests in flight
+ * have reserved.  A cost above the limit is served alone, from a full
+ * bucket.  If only the requests in flight stand in the way, when they end
+ * is unknown: a second is the answer.
+ */
+
+uint64_t
+ratepool_bucket_fit_ms(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
+    uint64_t reserved, uint64_t now_ms)
+{
+    uint64_t  wait;
+
+    limit = ratepool_clamp(limit);
+    units = ratepool_clamp(units);
+    reserved = ratepool_clamp(reserved);
+
+    if (limit == 0) {
+        return 0;
+    }
+
+    if (units > limit) {
+        units = limit;
+    }
+
+    if (units + reserved <= limit) {
+        return ratepool_bucket_wait_ms(b, limit, units + reserved, now_ms);
+    }
+
+    wait = ratepool_bucket_wait_ms(b, limit, limit, now_ms);
+
+    return wait ? wait : RATEPOOL_BUCKET_PERIOD_MS / 60;
+}
+
+
+/* what is left for new requests: the level less what is reserved */
+
+uint64_t
+ratepool_bucket_free(ratepool_bucket_t *b, uint64_t limit, uint64_t reserved,
+    uint64_t now_ms)
+{
+    uint64_t  level;
+
+    level = ratepool_bucket_level(b, limit, now_ms);
+
+    return level > reserved ? level - reserved : 0;
+}

@@ -56,6 +56,10 @@ void ratepool_bucket_clamp(ratepool_bucket_t *b, uint64_t limit,
     uint64_t remaining_units, uint64_t now_ms);
 uint64_t ratepool_bucket_level(ratepool_bucket_t *b, uint64_t limit,
     uint64_t now_ms);
+uint64_t ratepool_bucket_fit_ms(ratepool_bucket_t *b, uint64_t limit,
+    uint64_t units, uint64_t reserved, uint64_t now_ms);
+uint64_t ratepool_bucket_free(ratepool_bucket_t *b, uint64_t limit,
+    uint64_t reserved, uint64_t now_ms);
 
 
 #endif /* _RATEPOOL_BUCKET_H_INCLUDED_ */

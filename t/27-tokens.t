@@ -129,8 +129,9 @@ is($r->{status}, 429, 'its next request waits for the debt to be repaid');
 like($err->{error}{message},
     qr/workspace "out" is over its budget of 600 output tokens per minute/,
     'naming the budget');
-ok($r->{headers}{'retry-after'} >= 30 && $r->{headers}{'retry-after'} <= 34,
-    'retry-after is when 301 tokens have refilled at 10 a second')
+ok($r->{headers}{'retry-after'} >= 36 && $r->{headers}{'retry-after'} <= 40,
+    'retry-after is when the debt of 300 and the 64 output tokens the '
+    . 'request reserves have refilled at 10 a second')
     or diag "retry-after: $r->{headers}{'retry-after'}";
 
 # cache reads are not input tokens per minute; cache writes are

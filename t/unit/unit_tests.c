@@ -667,6 +667,34 @@ test_request(void)
     }
 }
 
+static void
+test_reserve(void)
+{
+    ratepool_bucket_t  b;
+
+    ratepool_bucket_init(&b, 6000, 0);
+
+    check(ratepool_bucket_fit_ms(&b, 6000, 1000, 0, 0) == 0,
+          "a cost fits a full bucket");
+    check(ratepool_bucket_fit_ms(&b, 6000, 1000, 5000, 0) == 0,
+          "and fits beside reservations that leave room for it");
+    check(ratepool_bucket_fit_ms(&b, 6000, 1000, 5500, 0) == 1000,
+          "beside more, it waits: the limit does not grow");
+    check(ratepool_bucket_free(&b, 6000, 5500, 0) == 500,
+          "what is free is the level less what is reserved");
+
+    check(ratepool_bucket_fit_ms(&b, 6000, 9000, 0, 0) == 0,
+          "a cost above the limit is served from a full bucket");
+    check(ratepool_bucket_fit_ms(&b, 6000, 9000, 1, 0) == 1000,
+          "but alone: a second, then ask again");
+
+    ratepool_bucket_debit(&b, 6000, 7000, 0);
+    check(ratepool_bucket_fit_ms(&b, 6000, 1000, 0, 0) == 20000,
+          "in debt, the wait is until the debt and the cost have refilled");
+    check(ratepool_bucket_fit_ms(&b, 0, 1000000, 1000000, 0) == 0,
+          "an unknown limit never waits");
+}
+
 
 int
 main(void)
@@ -678,6 +706,7 @@ main(void)
     test_usage();
     test_budget();
     test_request();
+    test_reserve();
 
     printf("1..%d\n", tests);
 
