@@ -511,10 +511,17 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     limit = limits[0];
 
+    /*
+     * What the provider has left counts this request's input already,
+     * while the bucket is charged for it only once the answer says how
+     * much it was: until then, its estimate is left out of both.
+     */
+
     for (set = 0; set < 3; set++) {
         if (limits[set] && a.seen[set][RATEPOOL_LEARN_REMAINING]) {
             ratepool_bucket_clamp(bucket[set], limits[set],
-                                  a.value[set][RATEPOOL_LEARN_REMAINING],
+                                  a.value[set][RATEPOOL_LEARN_REMAINING]
+                                  + (set == 1 ? ctx->input_cost : 0),
                                   now_ms);
         }
     }

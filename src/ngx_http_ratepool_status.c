@@ -152,6 +152,13 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",", i ? "," : "",
                         &ws[i].name);
         p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
+        p = ngx_sprintf(p, "\"reserved_input_tokens\":%uL,"
+                        "\"reserved_output_tokens\":%uL,"
+                        "\"input_bytes_per_token\":%uL,",
+                        ws[i].sh->reserved_input, ws[i].sh->reserved_output,
+                        (uint64_t) 1024 * 1000
+                        / ratepool_estimate_input(1024 * 1000,
+                                                  ws[i].sh->input_rate));
         p = ngx_sprintf(p, "\"admitted\":%uL,"
                         "\"rejected\":%uL,\"daily_tokens\":%ui,"
                         "\"tokens_today\":%uL,\"monthly_tokens\":%ui,"
@@ -200,8 +207,8 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
 
             size += pools[i]->keys->nelts * 9
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
-                    + pools[i]->orgs->nelts * 6
-                      * (RATEPOOL_PROM_LINE + host + RATEPOOL_NAME_MAX);
+                    + pools[i]->orgs->nelts * 8
+                      * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
         }
 
         return size;
@@ -216,7 +223,7 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
         orgs = pools[i]->orgs->elts;
 
         for (j = 0; j < pools[i]->orgs->nelts; j++) {
-            size += RATEPOOL_STATUS_ORG + orgs[j].name.len;
+            size += RATEPOOL_STATUS_ORG + orgs[j].entry.len;
         }
 
         size += pools[i]->keys->nelts
@@ -252,16 +259,20 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         osh = org->sh;
         ngx_http_ratepool_org_buckets(org, bucket, limits);
 
-        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"rpm_configured\":%ui,"
-                        "\"itpm_configured\":%ui,\"otpm_configured\":%ui,",
-                        j ? "," : "", &org->name, org->rpm, org->itpm,
-                        org->otpm);
+        p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"model\":\"%V\","
+                        "\"rpm_configured\":%ui,\"itpm_configured\":%ui,"
+                        "\"otpm_configured\":%ui,\"itpm_cache_reads\":%s,",
+                        j ? "," : "", &org->name, &org->model, org->rpm,
+                        org->itpm, org->otpm,
+                        org->cache_reads ? "true" : "false");
         p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
         p = ngx_sprintf(p, "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
-                        "\"learned\":{",
+                        "\"reserved_input_tokens\":%uL,"
+                        "\"reserved_output_tokens\":%uL,\"learned\":{",
                         ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                        now_ms),
-                        osh->inflight);
+                        osh->inflight, osh->reserved_input,
+                        osh->reserved_output);
 
         p = ngx_http_ratepool_status_learned(p, "requests", &osh->requests,
                                              ngx_time());
@@ -443,7 +454,9 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                           "cache_creation" };
     static const char  *org_families[][2] = {
         { "ratepool_org_limit", "Per-minute limit in use (0: unknown)." },
-        { "ratepool_org_available", "What is left of each limit now." }
+        { "ratepool_org_available", "What is left of each limit now." },
+        { "ratepool_org_reserved",
+          "Tokens reserved by requests in flight." }
     };
 
     zone = rmcf->shm_zone->data;
@@ -541,7 +554,7 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
         }
     }
 
-    for (f = 0; f < 2; f++) {
+    for (f = 0; f < 3; f++) {
         p = ngx_http_ratepool_prom_head(p, org_families[f][0],
                                         org_families[f][1], "gauge");
 
@@ -551,18 +564,24 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
             for (j = 0; j < pools[i]->orgs->nelts; j++) {
                 ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
 
-                for (k = 0; k < 3; k++) {
+                /* requests are not reserved, tokens are */
+                for (k = (f == 2); k < 3; k++) {
                     v = limits[k];
 
                     if (f == 1 && v) {
                         v = ratepool_bucket_level(bucket[k], v, now_ms);
+
+                    } else if (f == 2) {
+                        v = k == 1 ? orgs[j].sh->reserved_input
+                                   : orgs[j].sh->reserved_output;
                     }
 
                     p = ngx_sprintf(p, "%s{pool=\"%V\",org=\"%V\","
-                                    "bucket=\"%s\"} %uL\n",
+                                    "model=\"%V\",bucket=\"%s\"} %uL\n",
                                     org_families[f][0],
                                     &pools[i]->upstream->host,
-                                    &orgs[j].name, bucket_names[k], v);
+                                    &orgs[j].name, &orgs[j].model,
+                                    bucket_names[k], v);
                 }
             }
         }

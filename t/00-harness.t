@@ -15,7 +15,7 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new(module => 0);
 
-my %KEY = map { $_ => "sk-ant-mock-$_" } qw(a1 b1 c1 d1);
+my %KEY = map { $_ => "sk-ant-mock-$_" } qw(a1 b1 c1 d1 e1);
 
 my $mock = $t->start_mock(port => 1, log => 1, config => {
     keys => {
@@ -23,11 +23,14 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
         $KEY{b1} => { org => 'org-b', name => 'b1' },
         $KEY{c1} => { org => 'org-c', name => 'c1' },
         $KEY{d1} => { org => 'org-d', name => 'd1' },
+        $KEY{e1} => { org => 'org-e', name => 'e1' },
     },
     orgs => {
         'org-a' => { rpm => 1000, itpm => 30000, otpm => 8000 },
         'org-c' => { rpm => 3 },
         'org-d' => { rpm => 3 },
+        'org-e' => { itpm => 1000, otpm => 100,
+                     models => { 'claude-opus' => { itpm => 600 } } },
     },
 });
 
@@ -182,6 +185,43 @@ like(decode_json($r->{body})->{error}{message},
 my $parallel = $t->parallel(5, sub { messages($KEY{d1})->{status} });
 is_deeply([ sort @$parallel ], [ 200, 200, 200, 429, 429 ],
     'five concurrent requests against rpm 3 get three answers');
+
+# input and output tokens per minute, per model class
+
+sub usage {
+    my ($u, $model) = @_;
+    return messages($KEY{e1}, headers => [ 'x-mock-usage' => encode_json($u) ],
+                    $model ? (model => $model) : ());
+}
+
+$r = usage({ input_tokens => 700, output_tokens => 10 });
+is($r->{status}, 200, '700 input tokens fit in itpm 1000');
+is($r->{headers}{'anthropic-ratelimit-input-tokens-remaining'}, 300,
+    'and are counted at once');
+is($r->{headers}{'anthropic-ratelimit-output-tokens-remaining'}, 100,
+    'output is counted after the headers, as it is produced');
+
+$r = usage({ input_tokens => 400, output_tokens => 1 });
+is($r->{status}, 429, '400 more do not');
+like(decode_json($r->{body})->{error}{message},
+    qr/\(org-e\) of 1,000 input tokens per minute/, 'naming input tokens');
+ok($r->{headers}{'retry-after'} >= 6 && $r->{headers}{'retry-after'} <= 7,
+    'retry-after is when 100 more have refilled');
+
+is(usage({ input_tokens => 100, cache_read_input_tokens => 5000,
+           output_tokens => 150 })->{status}, 200,
+    'cache reads do not count toward input tokens');
+$r = usage({ input_tokens => 1, output_tokens => 1 });
+is($r->{status}, 429, 'an org in debt for output tokens is limited');
+like(decode_json($r->{body})->{error}{message}, qr/100 output tokens/,
+    'naming output tokens');
+
+is(usage({ input_tokens => 500, output_tokens => 1 }, 'claude-opus-4-6')
+   ->{status}, 200, 'another model class has buckets of its own');
+$r = usage({ input_tokens => 200 }, 'claude-opus-4-5');
+is($r->{status}, 429, 'shared by its versions, with limits of its own');
+is($r->{headers}{'anthropic-ratelimit-input-tokens-limit'}, 600,
+    'and says so in its headers');
 
 # authentication
 

@@ -223,7 +223,8 @@ is($sample{'ratepool_key_sent_total{pool="claude",key="a1",org="org-a"}'},
 is($sample{'ratepool_key_responses_total{pool="claude",key="b1",'
            . 'status="2xx"}'},
     $json_keys->{b1}{responses}{'2xx'}, 'and its answers by status');
-is($sample{'ratepool_org_limit{pool="claude",org="org-a",bucket="rpm"}'},
+is($sample{'ratepool_org_limit{pool="claude",org="org-a",model="",'
+           . 'bucket="rpm"}'},
     600, 'and each org\'s learned limit');
 ok(exists $sample{'ratepool_workspace_requests_total{workspace="backend",'
                   . 'result="admitted"}'}, 'and each workspace\'s requests');

@@ -11,7 +11,9 @@
 #
 # Config (file, or POST /_mock/config), every field optional:
 #   {"keys": {"sk-ant-mock-a1": {"org": "org-a", "name": "a1"}},
-#    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000}},
+#    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000,
+#                       "itpm_cache_reads": false,
+#                       "models": {"claude-opus": {"rpm": 5, ...}}}},
 #    "latency_ms": 0, "stream_delay_ms": 50,
 #    "close_reused": false}   (true: close a reused connection unanswered)
 #
@@ -79,6 +81,9 @@ my %ERROR_MESSAGE = (
     529 => 'Overloaded',
 );
 
+my %LIMIT_NAME = (rpm => 'requests', itpm => 'input tokens',
+                  otpm => 'output tokens');
+
 my %REASON = (
     200 => 'OK', 400 => 'Bad Request', 401 => 'Unauthorized',
     402 => 'Payment Required', 403 => 'Forbidden', 404 => 'Not Found',
@@ -95,7 +100,7 @@ my $RATE_LIMIT_DOCS = 'For details, refer to: https://docs.claude.com/en/api/'
     . 'contact-sales to discuss your options for a rate limit increase.';
 
 my $config = normalize_config({});
-my %bucket;     # org => { tokens => requests available, at => epoch s }
+my %bucket;     # "org|class|rpm" => { tokens => available, at => epoch s }
 my %script;     # credential => { actions => [...], sticky => bool }
 my @log;        # request records, see log_request()
 my @timers;     # [ due epoch s, sequence, code ]
@@ -566,7 +571,8 @@ sub normalize_config {
 }
 
 # Everything under /v1/: authenticate, log, then answer from the key's
-# script, a forced status, the org's RPM bucket, or normally, in that order.
+# script, a forced status, the org's buckets for the model's class, or
+# normally, in that order.
 sub provider {
     my ($req) = @_;
     my $h = $req->{headers};
@@ -591,15 +597,21 @@ sub provider {
     }
 
     my $ctx = { req => $req, credential => $credential,
-                key_name => $key_name, org => $org, now => time };
+                key_name => $key_name, org => $org, now => time,
+                class => model_class(undef) };
 
     my $res = answer($ctx);
     $res->{delay_ms} //= $h->{'x-mock-delay-ms'};
 
     if (defined $org) {
         unshift @{ $res->{headers} }, ['anthropic-organization-id', $org],
-                                      limit_headers($org, $ctx->{now});
+                                      limit_headers($org, $ctx->{class},
+                                                    $ctx->{now});
     }
+
+    # output is counted as it is produced: after the headers went out
+    take($org, $ctx->{class}, 'otpm', $res->{output_tokens}, $ctx->{now})
+        if $res->{output_tokens};
 
     log_request($ctx, $res->{status});
 
@@ -660,15 +672,22 @@ sub answer {
                          'request body must be a JSON object');
     }
 
-    # scripted answers bypass the bucket; everything else draws from it
-    if (!$action && !take_request($ctx->{org}, $ctx->{now})) {
-        my $rpm = $config->{orgs}{ $ctx->{org} }{rpm};
+    $ctx->{class} = model_class($payload->{model});
+    my $usage = usage_of($ctx, $payload, $action || {});
+
+    # scripted answers bypass the buckets; everything else draws from them
+    if (!$action) {
+        my $refused = admit($ctx->{org}, $ctx->{class}, $usage, $ctx->{now});
         return error_res($req, 429, 'rate_limit_error',
-                         rate_limit_message($ctx->{org}, $rpm),
-                         ['retry-after', retry_after_s($ctx->{org})]);
+                         rate_limit_message($ctx->{org}, @$refused[0, 1]),
+                         ['retry-after', $refused->[2]])
+            if $refused;
     }
 
-    return with_action(message_res($ctx, $payload, $action || {}), $action);
+    my $res = message_res($ctx, $payload, $action || {}, $usage);
+    $res->{output_tokens} = $usage->{output_tokens} unless $action;
+
+    return with_action($res, $action);
 }
 
 # Adds a scripted action's delay and extra headers to a normal answer.
@@ -723,7 +742,7 @@ sub scripted_error {
         my $type = $ERROR_TYPE{$status}
                 // ($status >= 500 ? 'api_error' : 'invalid_request_error');
         my $message = $status == 429
-            ? rate_limit_message($ctx->{org},
+            ? rate_limit_message($ctx->{org}, 'rpm',
                                  $config->{orgs}{ $ctx->{org} }{rpm})
             : $ERROR_MESSAGE{$status} // $type;
         $res = error_res($req, $status, $type, $message, @headers);
@@ -734,23 +753,24 @@ sub scripted_error {
 }
 
 sub rate_limit_message {
-    my ($org, $rpm) = @_;
+    my ($org, $dim, $limit) = @_;
 
     return "This request would exceed your organization's rate limit. "
-        . $RATE_LIMIT_DOCS unless $rpm;
+        . $RATE_LIMIT_DOCS unless $limit;
 
     return "This request would exceed the rate limit for your organization"
-        . " ($org) of " . commify($rpm) . " requests per minute. "
+        . " ($org) of " . commify($limit) . " $LIMIT_NAME{$dim} per minute. "
         . $RATE_LIMIT_DOCS;
 }
 
 # --- the Messages API proper ----------------------------------------------
 
-sub message_res {
+# What a request uses: its body's size in input tokens, up to 15 output
+# tokens, or what x-mock-usage or the script says.
+sub usage_of {
     my ($ctx, $payload, $action) = @_;
     my $req = $ctx->{req};
 
-    my $model = $payload->{model} // 'claude-sonnet-4-6';
     my $max_tokens = looks_like_number($payload->{max_tokens})
                    ? $payload->{max_tokens} : 15;
     my %usage = (
@@ -766,6 +786,16 @@ sub message_res {
         my $u = ref $override ? $override : eval { $JSON->decode($override) };
         @usage{ keys %$u } = values %$u if ref $u eq 'HASH';
     }
+
+    return \%usage;
+}
+
+sub message_res {
+    my ($ctx, $payload, $action, $usage) = @_;
+    my $req = $ctx->{req};
+    my %usage = %$usage;
+
+    my $model = $payload->{model} // 'claude-sonnet-4-6';
 
     my $text = 'Hello from ' . ($ctx->{key_name} // $ctx->{org});
     my $id = 'msg_' . random_id(24);
@@ -897,71 +927,97 @@ sub estimate_input_tokens {
     return max(1, int(length($body) / 4));
 }
 
-# --- per-org request bucket ------------------------------------------------
+# --- per-org buckets, one set per model class ------------------------------
 
-# A continuously refilling bucket: capacity rpm requests, refill rpm/60
-# requests per second.  Returns undef for orgs without an rpm limit.
+# "Rate limits are applied separately for each model": the mock's class of
+# a model is its name without the version, claude-opus-4-6 -> claude-opus.
+sub model_class {
+    my ($model) = @_;
+
+    my $class = defined $model && !ref $model ? $model : 'claude-sonnet-4-6';
+    $class =~ s/(?:-[\d.]+)+(?:-latest)?$//;
+
+    return $class;
+}
+
+sub limits_of {
+    my ($org, $class) = @_;
+
+    my $limits = $config->{orgs}{$org} or return {};
+    my $models = $limits->{models};
+
+    return ref $models eq 'HASH' && ref $models->{$class} eq 'HASH'
+        ? $models->{$class} : $limits;
+}
+
+# A continuously refilling bucket: capacity the per-minute limit, refilled
+# at limit/60 a second.  Returns undef if the dimension has no limit.
 sub refill {
-    my ($org, $now) = @_;
+    my ($org, $class, $dim, $now) = @_;
 
-    my $rpm = $config->{orgs}{$org}{rpm} or return undef;
-    my $b = $bucket{$org} //= { tokens => $rpm, at => $now };
+    my $limit = limits_of($org, $class)->{$dim} or return undef;
+    my $b = $bucket{"$org|$class|$dim"} //= { tokens => $limit, at => $now };
 
-    $b->{tokens} = min($rpm, $b->{tokens} + ($now - $b->{at}) * $rpm / 60);
+    $b->{tokens} = min($limit, $b->{tokens} + ($now - $b->{at}) * $limit / 60);
     $b->{at} = $now;
 
     return $b;
 }
 
-sub take_request {
-    my ($org, $now) = @_;
+sub take {
+    my ($org, $class, $dim, $n, $now) = @_;
 
-    my $b = refill($org, $now) or return 1;
-    return 0 if $b->{tokens} < 1;
-
-    $b->{tokens} -= 1;
-    return 1;
+    my $b = refill($org, $class, $dim, $now) or return;
+    $b->{tokens} -= $n;
 }
 
-sub retry_after_s {
-    my ($org) = @_;
+# Like the provider: a request needs one request and its input tokens
+# (cache reads free unless the org says otherwise) now, and output tokens
+# not in debt, for they are counted as they are produced.  Returns undef
+# once it has taken them, or [dimension, limit, retry-after seconds].
+sub admit {
+    my ($org, $class, $usage, $now) = @_;
 
-    my $rpm = $config->{orgs}{$org}{rpm};
-    my $missing = 1 - $bucket{$org}{tokens};
+    my $limits = limits_of($org, $class);
+    my $input = ($usage->{input_tokens} // 0)
+              + ($usage->{cache_creation_input_tokens} // 0)
+              + ($limits->{itpm_cache_reads}
+                 ? $usage->{cache_read_input_tokens} // 0 : 0);
+    my %need = (rpm => 1, itpm => $input, otpm => 0.001);
 
-    return max(1, ceil($missing * 60 / $rpm));
+    for my $dim (qw(rpm itpm otpm)) {
+        my $b = refill($org, $class, $dim, $now) or next;
+        my $need = min($need{$dim}, $limits->{$dim});
+
+        next if $b->{tokens} >= $need;
+
+        return [ $dim, $limits->{$dim},
+                 max(1, ceil(($need - $b->{tokens}) * 60 / $limits->{$dim})) ];
+    }
+
+    take($org, $class, 'rpm', 1, $now);
+    take($org, $class, 'itpm', $input, $now);
+
+    return undef;
 }
 
 sub limit_headers {
-    my ($org, $now) = @_;
-    my $limits = $config->{orgs}{$org} or return ();
+    my ($org, $class, $now) = @_;
+    my $limits = limits_of($org, $class);
     my @headers;
 
-    if (my $b = refill($org, $now)) {
-        my $rpm = $limits->{rpm};
-        my $full_at = $now + ($rpm - $b->{tokens}) * 60 / $rpm;
-        push @headers,
-            ['anthropic-ratelimit-requests-limit', $rpm],
-            ['anthropic-ratelimit-requests-remaining', floor($b->{tokens})],
-            ['anthropic-ratelimit-requests-reset', rfc3339($full_at)];
-    }
+    for (['requests', 'rpm'], ['input-tokens', 'itpm'],
+         ['output-tokens', 'otpm'])
+    {
+        my ($name, $dim) = @$_;
+        my $b = refill($org, $class, $dim, $now) or next;
+        my $limit = $limits->{$dim};
+        my $full_at = $now + ($limit - $b->{tokens}) * 60 / $limit;
 
-    # token limits are reported, not enforced: always full
-    for (['input-tokens', 'itpm'], ['output-tokens', 'otpm']) {
-        my ($name, $field) = @$_;
-        my $limit = $limits->{$field} or next;
         push @headers,
             ["anthropic-ratelimit-$name-limit", $limit],
-            ["anthropic-ratelimit-$name-remaining", $limit],
-            ["anthropic-ratelimit-$name-reset", rfc3339($now)];
-    }
-
-    if ($limits->{itpm} && $limits->{otpm}) {
-        my $limit = $limits->{itpm} + $limits->{otpm};
-        push @headers,
-            ['anthropic-ratelimit-tokens-limit', $limit],
-            ['anthropic-ratelimit-tokens-remaining', $limit],
-            ['anthropic-ratelimit-tokens-reset', rfc3339($now)];
+            ["anthropic-ratelimit-$name-remaining", max(0, floor($b->{tokens}))],
+            ["anthropic-ratelimit-$name-reset", rfc3339($full_at)];
     }
 
     return @headers;
