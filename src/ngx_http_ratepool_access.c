@@ -26,8 +26,6 @@ static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms, const char **what,
     ngx_uint_t *limit);
-static void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
-    ngx_uint_t request);
 static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws);
 static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
@@ -677,9 +675,12 @@ ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
 }
 
 
-/* gives back the workspace's reservation, and its request if unused */
+/*
+ * Gives back the workspace's reservation, once the request's usage is
+ * charged or it has ended, and its request if it was not used.
+ */
 
-static void
+void
 ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_uint_t request)
 {

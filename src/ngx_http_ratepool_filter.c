@@ -298,6 +298,13 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     if (ctx->own_error == NULL) {
+        /* an answer without usage: the reservation ends with it */
+        for (cl = in; cl; cl = cl->next) {
+            if (cl->buf->last_buf) {
+                ngx_http_ratepool_refund_workspace(ctx, 0);
+            }
+        }
+
         return ngx_http_next_body_filter(r, in);
     }
 
@@ -311,6 +318,7 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     }
 
     ctx->own_error_sent = 1;
+    ngx_http_ratepool_refund_workspace(ctx, 0);
 
     out.buf = ctx->own_error;
     out.next = NULL;
@@ -401,6 +409,9 @@ ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx)
 
     ratepool_usage_finish(ctx->usage);
     ngx_http_ratepool_count_usage(ctx, &ctx->usage->usage);
+
+    /* charged what it used, it no longer holds what it might have */
+    ngx_http_ratepool_refund_workspace(ctx, 0);
 }
 
 

@@ -312,6 +312,8 @@ uint64_t ngx_http_ratepool_now_ms(void);
 /* ngx_http_ratepool_access.c */
 ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
 ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
+void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t request);
 ngx_buf_t *ngx_http_ratepool_error_body(ngx_http_request_t *r,
     const char *type, ngx_str_t *message, const char *error_code);
 ngx_int_t ngx_http_ratepool_error_headers(ngx_http_request_t *r,
