@@ -138,6 +138,31 @@ my @cases = (
       . "key=$SECRET; }",
       qr/invalid limit "rpm=lots", use a positive number per minute/ ],
 
+    [ 'a model pattern with a space in it',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o 'model=claude opus' rpm=5; ratepool_key k org=o "
+      . "server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid "model=claude opus", give a model name pattern of up to 64 characters where "\*" stands for any/ ],
+
+    [ 'one org and model declared twice',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o model=claude-opus-* rpm=5; "
+      . "ratepool_org o model=claude-opus-* rpm=6; ratepool_key k org=o "
+      . "server=127.0.0.1:1 key=$SECRET; }",
+      qr/org "o" is declared twice for model "claude-opus-\*"/ ],
+
+    [ 'a cache reads switch that is neither on nor off',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o itpm_cache_reads=yes; ratepool_key k org=o "
+      . "server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid parameter "itpm_cache_reads=yes", use "model=", "rpm=", "itpm=", "otpm=" or "itpm_cache_reads="/ ],
+
+    [ 'an output reservation of nothing',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; } "
+      . "server { location / { ratepool_output_reserve 0; } }",
+      qr/value must be between 1 and 1000000/ ],
+
     [ 'a bad name',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_key k/1 server=127.0.0.1:1 key=$SECRET; }",
