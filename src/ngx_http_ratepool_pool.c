@@ -21,6 +21,7 @@
 #define RATEPOOL_LEARN_LIMIT       0
 #define RATEPOOL_LEARN_REMAINING   1
 #define RATEPOOL_LEARN_RESET       2
+#define RATEPOOL_LEARN_RESET_IN    3       /* a duration: OpenAI's */
 
 
 typedef struct {
@@ -56,6 +57,8 @@ static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
       ratepool_learned(requests), RATEPOOL_LEARN_LIMIT },
     { ngx_string("x-ratelimit-remaining-requests"),
       ratepool_learned(requests), RATEPOOL_LEARN_REMAINING },
+    { ngx_string("x-ratelimit-reset-requests"),
+      ratepool_learned(requests), RATEPOOL_LEARN_RESET_IN },
 
     { ngx_null_string, 0, 0 }
 };
@@ -373,6 +376,7 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
 {
     u_char                            *key;
     time_t                             t;
+    uint64_t                           ms;
     ngx_uint_t                         i, set;
     ngx_list_part_t                   *part;
     ngx_table_elt_t                   *header;
@@ -440,6 +444,17 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
                 {
                     a->value[set][lh->field] = (uint64_t) t;
                     a->seen[set][lh->field] = 1;
+                }
+
+            } else if (lh->field == RATEPOOL_LEARN_RESET_IN) {
+                if (ratepool_parse_duration_ms(header[i].value.data,
+                                               header[i].value.len, &ms)
+                    == 0)
+                {
+                    /* "6m0s" from now, rounded up to whole seconds */
+                    a->value[set][RATEPOOL_LEARN_RESET] =
+                                    (uint64_t) ngx_time() + (ms + 999) / 1000;
+                    a->seen[set][RATEPOOL_LEARN_RESET] = 1;
                 }
 
             } else if (ratepool_parse_uint(header[i].value.data,

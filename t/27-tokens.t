@@ -150,6 +150,24 @@ is($r->{status}, 429, 'which used 1500: the one after waits');
 like($err->{error}{message}, qr/1000 input tokens per minute/,
     'for input tokens');
 
+# OpenAI's headers: counts, and a reset as a duration
+
+$mock->script($KEY{w1}, [ { status => 200, headers => {
+    'x-ratelimit-limit-requests'     => 77,
+    'x-ratelimit-remaining-requests' => 70,
+    'x-ratelimit-reset-requests'     => '6m0s',
+} } ]);
+is(ask('route', '/solo/v1/messages', output_tokens => 1)->{status}, 200,
+    'an answer with OpenAI\'s rate limit headers');
+
+my $w = Ratepool::Test::by_name($t->status->{pools}[1]{orgs})->{'org-w'};
+is($w->{rpm_limit}, 77, 'teaches the limit of requests');
+ok($w->{rpm_available} <= 70, 'and what is left of it');
+ok($w->{learned}{requests}{reset_in_sec} >= 358
+   && $w->{learned}{requests}{reset_in_sec} <= 360,
+   'and when it resets, read from "6m0s"')
+    or diag explain $w->{learned};
+
 $t->stop;
 $t->check_log;
 
