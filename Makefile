@@ -27,7 +27,7 @@ PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
                src/ratepool_request.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
-.PHONY: all deps module unit fuzz test demo bench clean
+.PHONY: all deps module unit fuzz test demo bench capacity clean
 
 # the Debian 12 packages ratepool builds and tests with
 DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev perl wrk \
@@ -90,6 +90,9 @@ demo: module
 
 bench: module
 	./bench/run
+
+capacity: module
+	./bench/capacity
 
 clean:
 	rm -rf $(BUILD)

@@ -186,7 +186,8 @@ ok($ws->{reserved_output_tokens} == 0 && $ws->{otpm_available} >= 985,
    'is charged nothing, and gives back its reservation')
     or diag explain $ws;
 
-# a body that can never fit its workspace
+# a body that can never fit its workspace (40 kB is more than nginx keeps
+# in memory: the body is read from its temporary file)
 
 my $long = { messages => [ { role => 'user', content => 'x' x 40000 } ] };
 
