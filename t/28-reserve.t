@@ -21,7 +21,7 @@ use Ratepool::Test;
 my $t = Ratepool::Test->new;
 
 my %KEY = map { $_ => "sk-ant-mock-$_-" . Ratepool::Test::random_hex(8) }
-          qw(a1 b1 c1 w1);
+          qw(a1 b1 c1 d1 e1 w1);
 my %TOKEN = map { $_ => "gw-$_-" . Ratepool::Test::random_hex(8) }
             qw(route resv big learn);
 
@@ -30,6 +30,8 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
         $KEY{a1} => { org => 'org-a', name => 'a1' },
         $KEY{b1} => { org => 'org-b', name => 'b1' },
         $KEY{c1} => { org => 'org-c', name => 'c1' },
+        $KEY{d1} => { org => 'org-d', name => 'd1' },
+        $KEY{e1} => { org => 'org-e', name => 'e1' },
         $KEY{w1} => { org => 'org-w', name => 'w1' },
     },
 });
@@ -62,6 +64,14 @@ http {
         ratepool_key c1 org=org-c server=127.0.0.1:%%PORT_1%% key=$KEY{c1};
     }
 
+    upstream input {
+        ratepool zone=llm;
+        ratepool_org org-d itpm=1000;
+        ratepool_org org-e itpm=1000;
+        ratepool_key d1 org=org-d server=127.0.0.1:%%PORT_1%% key=$KEY{d1};
+        ratepool_key e1 org=org-e server=127.0.0.1:%%PORT_1%% key=$KEY{e1};
+    }
+
     upstream solo {
         ratepool zone=llm;
         ratepool_key w1 org=org-w server=127.0.0.1:%%PORT_1%% key=$KEY{w1};
@@ -87,6 +97,11 @@ http {
         location /classes/v1/ {
             rewrite ^/classes(/.*)\$ \$1 break;
             ratepool_pass http://classes;
+        }
+
+        location /input/v1/ {
+            rewrite ^/input(/.*)\$ \$1 break;
+            ratepool_pass http://input;
         }
 
         location /solo/v1/ {
@@ -219,6 +234,28 @@ ok(workspace('learn')->{input_bytes_per_token} >= 10,
     or diag explain workspace('learn');
 is(ask('learn', '/solo/v1/messages', body => $long)->{status}, 200,
    'so the 40 kB request is admitted in that workspace');
+
+# input tokens bind: each request goes where its input fits
+
+$mock->reset;
+my $prompt = { messages => [ { role => 'user', content => 'z' x 2400 } ] };
+my @input;
+
+for (1 .. 3) {
+    $r = ask('route', '/input/v1/messages', body => $prompt,
+             usage => { input_tokens => 700, output_tokens => 1 });
+    push @input, $r;
+}
+
+is_deeply([ map { $_->{status} } @input[0, 1] ], [ 200, 200 ],
+    'two requests of 700 input tokens, one after the other');
+is_deeply([ sort @{ names() } ], [ 'd1', 'e1' ],
+    'went to two orgs of 1000 input tokens a minute');
+is($input[2]{status}, 429, 'a third finds no org with room for it');
+ok($input[2]{headers}{'retry-after'} >= 19
+   && $input[2]{headers}{'retry-after'} <= 25,
+   'and is told to come back when the 300 left have grown to its 625-odd')
+    or diag "retry-after: $input[2]{headers}{'retry-after'}";
 
 # model classes: each has buckets of its own in its org
 
