@@ -23,9 +23,8 @@ static ngx_int_t ngx_http_ratepool_read_body(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
-static ngx_int_t ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms, const char **what,
-    ngx_uint_t *limit);
+static ngx_int_t ngx_http_ratepool_admit_workspace(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
 static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws);
 static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
@@ -35,7 +34,7 @@ static ngx_int_t ngx_http_ratepool_reject(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
     ngx_str_t *message, uint64_t wait_ms);
 static ngx_int_t ngx_http_ratepool_first_key(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, ngx_uint_t refund);
+    ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_cleanup(void *data);
 
 
@@ -85,7 +84,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
-        return ngx_http_ratepool_first_key(r, ctx, 0);
+        return ngx_http_ratepool_first_key(r, ctx);
     }
 
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
@@ -263,20 +262,17 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
 }
 
 
-/* with the body in: the workspace's buckets, then the first key */
+/*
+ * With the body in: admitted, waiting for room (ratepool_wait), or
+ * answered.
+ */
 
 static ngx_int_t
 ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 {
-    ngx_int_t                       rc;
-    uint64_t                        wait_ms;
-    ngx_str_t                       msg;
-    ngx_uint_t                      limit;
-    const char                     *what;
-    ngx_http_ratepool_workspace_t  *ws;
-    u_char                          buf[320];
-
-    ws = ctx->workspace;
+    uint64_t                       wait_ms;
+    ngx_int_t                      rc;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
 
     if (ngx_http_ratepool_read_body(r, ctx) != NGX_OK
         || ngx_http_ratepool_resolve_classes(ctx) != NGX_OK)
@@ -284,53 +280,80 @@ ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
-    rc = ngx_http_ratepool_admit_workspace(r, ctx, &wait_ms, &what, &limit);
+    rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
 
     if (rc == NGX_OK) {
-        return ngx_http_ratepool_first_key(r, ctx, 1);
+        return NGX_DECLINED;
     }
 
-    msg.data = buf;
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
-    if (rc == NGX_ABORT) {
-        msg.len = ngx_snprintf(buf, sizeof(buf),
-                               "this request is estimated at %uL input "
-                               "tokens, more than the %ui per minute that "
-                               "workspace \"%V\" may use: shorten it, or "
-                               "raise the workspace's itpm",
-                               ctx->input_cost, limit, &ws->name)
-                  - buf;
-
-        return ngx_http_ratepool_reject(r, NGX_HTTP_BAD_REQUEST,
-                                        "invalid_request_error", &msg, NULL,
-                                        0, 0);
+    if (rc == NGX_AGAIN && wait_ms <= rlcf->wait
+        && ngx_http_ratepool_wait(r, ctx, wait_ms) == NGX_OK)
+    {
+        return NGX_DONE;
     }
 
-    msg.len = ngx_snprintf(buf, sizeof(buf),
-                           "workspace \"%V\" is over its budget of %ui "
-                           "%s per minute", &ws->name, limit, what)
-              - buf;
-
-    return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
+    return ngx_http_ratepool_refuse(r, ctx, rc, wait_ms);
 }
 
 
 /*
- * The proxy builds the request with the first key's headers before it
- * asks the balancer for a peer, so the first key is chosen here.
+ * The workspace's buckets, then a key.  NGX_OK: a key is held.
+ * NGX_AGAIN: the request may fit in *wait_ms.  NGX_ABORT: its input never
+ * fits its workspace.  NGX_DECLINED: no key of the pool will take it.
+ */
+
+ngx_int_t
+ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
+{
+    uint64_t                  soonest_ms, now_ms;
+    ngx_int_t                 rc;
+    ngx_http_ratepool_key_t  *key;
+
+    ctx->limited_pool = 0;
+
+    rc = ngx_http_ratepool_admit_workspace(ctx, wait_ms);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+
+    if (key) {
+        ctx->key = key;
+        ctx->held = key;
+        return NGX_OK;
+    }
+
+    /* the pool has nothing now: the workspace did not use its request */
+    ngx_http_ratepool_refund_workspace(ctx, 1);
+
+    ctx->limited_pool = 1;
+
+    if (soonest_ms == 0) {
+        return NGX_DECLINED;
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+    *wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * After an internal redirect to another pool: the workspace admitted the
+ * request already, the new pool's keys have yet to.
  */
 
 static ngx_int_t
 ngx_http_ratepool_first_key(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, ngx_uint_t refund)
+    ngx_http_ratepool_ctx_t *ctx)
 {
-    uint64_t                   soonest_ms, now_ms, wait_ms;
-    ngx_str_t                  msg;
-    ngx_http_ratepool_key_t   *key;
-    ngx_http_ratepool_pool_t  *pool;
-    u_char                     buf[256];
-
-    pool = ctx->pool;
+    uint64_t                  soonest_ms, now_ms;
+    ngx_http_ratepool_key_t  *key;
 
     key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
 
@@ -340,13 +363,67 @@ ngx_http_ratepool_first_key(ngx_http_request_t *r,
         return NGX_DECLINED;
     }
 
-    /* the pool has nothing now: the workspace did not use its request */
-    ngx_http_ratepool_refund_workspace(ctx, refund);
-
-    (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
+    ctx->limited_pool = 1;
 
     if (soonest_ms == 0) {
-        msg.data = buf;
+        return ngx_http_ratepool_refuse(r, ctx, NGX_DECLINED, 0);
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+
+    return ngx_http_ratepool_refuse(r, ctx, NGX_AGAIN,
+                                    soonest_ms > now_ms ? soonest_ms - now_ms
+                                                        : 0);
+}
+
+
+/* answers a request that cannot go, the way try_admit() said */
+
+ngx_int_t
+ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t wait_ms)
+{
+    ngx_str_t                       msg;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_workspace_t  *ws;
+    u_char                          buf[320];
+
+    pool = ctx->pool;
+    ws = ctx->workspace;
+    shpool = pool->zone->shpool;
+    msg.data = buf;
+
+    if (ctx->limited_pool) {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
+
+    } else {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
+        ngx_shmtx_lock(&shpool->mutex);
+        ws->sh->rejected++;
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "ratepool: workspace \"%V\" is over %ui %s per minute",
+                      &ws->name, ctx->limited_limit, ctx->limited_what);
+    }
+
+    if (rc == NGX_ABORT) {
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "this request is estimated at %uL input "
+                               "tokens, more than the %ui per minute that "
+                               "workspace \"%V\" may use: shorten it, or "
+                               "raise the workspace's itpm",
+                               ctx->input_cost, ctx->limited_limit, &ws->name)
+                  - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_BAD_REQUEST,
+                                        "invalid_request_error", &msg, NULL,
+                                        0, 0);
+    }
+
+    if (rc == NGX_DECLINED) {
         msg.len = ngx_snprintf(buf, sizeof(buf),
                                "no key of pool \"%V\" is accepted by the "
                                "provider any more; see the gateway's error "
@@ -357,15 +434,20 @@ ngx_http_ratepool_first_key(ngx_http_request_t *r,
                                         "api_error", &msg, NULL, 0, 0);
     }
 
-    now_ms = ngx_http_ratepool_now_ms();
-    wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
+    if (ctx->limited_pool) {
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "every key of pool \"%V\" is at its rate "
+                               "limit; the first frees up in %uL ms",
+                               &pool->upstream->host, wait_ms)
+                  - buf;
 
-    msg.data = buf;
-    msg.len = ngx_snprintf(buf, sizeof(buf),
-                           "every key of pool \"%V\" is at its rate limit; "
-                           "the first frees up in %uL ms",
-                           &pool->upstream->host, wait_ms)
-              - buf;
+    } else {
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "workspace \"%V\" is over its budget of %ui "
+                               "%s per minute", &ws->name, ctx->limited_limit,
+                               ctx->limited_what)
+                  - buf;
+    }
 
     return ngx_http_ratepool_reject_limited(r, &msg, wait_ms);
 }
@@ -498,24 +580,22 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
  * A request takes one from the workspace's requests and reserves its
  * estimated tokens until it ends, when what it really used is charged:
  * it is admitted if its cost fits beside the reservations of the
- * workspace's requests in flight.  NGX_ABORT: its input can never fit.
+ * workspace's requests in flight.  NGX_AGAIN: not now, NGX_ABORT: its
+ * input never fits.
  */
 
 static ngx_int_t
-ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms, const char **what,
-    ngx_uint_t *limit)
+ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *wait_ms)
 {
     uint64_t                           now_ms, wait_in, wait_out;
     ngx_int_t                          rc;
     ngx_slab_pool_t                   *shpool;
-    ngx_http_ratepool_pool_t          *pool;
     ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_workspace_sh_t  *sh;
 
-    pool = ctx->pool;
     ws = ctx->workspace;
-    shpool = pool->zone->shpool;
+    shpool = ctx->pool->zone->shpool;
     sh = ws->sh;
     now_ms = ngx_http_ratepool_now_ms();
 
@@ -527,11 +607,11 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
     }
 
     *wait_ms = 0;
+    ctx->limited_what = "input tokens";
+    ctx->limited_limit = ws->itpm;
 
     if (ws->itpm && ctx->input_cost > ws->itpm) {
         rc = NGX_ABORT;
-        *what = "input tokens";
-        *limit = ws->itpm;
         goto done;
     }
 
@@ -543,55 +623,39 @@ ngx_http_ratepool_admit_workspace(ngx_http_request_t *r,
                                       now_ms);
 
     if (wait_in || wait_out) {
-        rc = NGX_DECLINED;
+        rc = NGX_AGAIN;
 
         if (wait_in >= wait_out) {
             *wait_ms = wait_in;
-            *what = "input tokens";
-            *limit = ws->itpm;
 
         } else {
             *wait_ms = wait_out;
-            *what = "output tokens";
-            *limit = ws->otpm;
+            ctx->limited_what = "output tokens";
+            ctx->limited_limit = ws->otpm;
         }
 
         goto done;
     }
 
-    *what = "requests";
-    *limit = ws->rpm;
+    ctx->limited_what = "requests";
+    ctx->limited_limit = ws->rpm;
 
     if (ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms, wait_ms)
         != RATEPOOL_BUCKET_OK)
     {
-        rc = NGX_DECLINED;
+        rc = NGX_AGAIN;
         goto done;
     }
 
     rc = NGX_OK;
+    sh->admitted++;
     sh->reserved_input += ctx->input_cost;
     sh->reserved_output += ctx->output_cost;
     ctx->ws_reserved = 1;
 
 done:
 
-    if (rc == NGX_OK) {
-        sh->admitted++;
-
-    } else {
-        sh->rejected++;
-    }
-
     ngx_shmtx_unlock(&shpool->mutex);
-
-    if (rc != NGX_OK) {
-        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
-
-        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "ratepool: workspace \"%V\" is over %ui %s per minute",
-                      &ws->name, *limit, *what);
-    }
 
     return rc;
 }
@@ -715,6 +779,10 @@ ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_shmtx_unlock(&shpool->mutex);
 
     ctx->ws_reserved = 0;
+
+    if (!request) {
+        ngx_http_ratepool_wake(ctx->pool);
+    }
 }
 
 
@@ -723,6 +791,7 @@ ngx_http_ratepool_cleanup(void *data)
 {
     ngx_http_ratepool_ctx_t  *ctx = data;
 
+    ngx_http_ratepool_unwait(ctx);
     ngx_http_ratepool_release(ctx, &ctx->held, 0);
     ngx_http_ratepool_release(ctx, &ctx->next, 0);
     ngx_http_ratepool_refund_workspace(ctx, 0);

@@ -458,6 +458,7 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     u_char                           c;
     ngx_str_t                       *value;
+    ngx_int_t                        n;
     ngx_uint_t                       i;
     ngx_http_ratepool_pool_t       **pp;
     ngx_http_upstream_srv_conf_t    *uscf;
@@ -498,6 +499,23 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     pool->zone_name.data = value[1].data + 5;
     pool->zone_name.len = value[1].len - 5;
     pool->upstream = uscf;
+    pool->queue_max = RATEPOOL_QUEUE_DEFAULT;
+
+    if (cf->args->nelts == 3) {
+        if (value[2].len <= 6 || ngx_strncmp(value[2].data, "queue=", 6) != 0
+            || (n = ngx_atoi(value[2].data + 6, value[2].len - 6))
+               == NGX_ERROR)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\", use \"queue=N\" "
+                               "with the number of requests that may wait "
+                               "for the pool (see ratepool_wait)",
+                               &value[2]);
+            return NGX_CONF_ERROR;
+        }
+
+        pool->queue_max = (ngx_uint_t) n;
+    }
 
     uscf->peer.init_upstream = ngx_http_ratepool_init_upstream;
 

@@ -82,7 +82,7 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NULL },
 
     { ngx_string("ratepool"),
-      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE1,
+      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE12,
       ngx_http_ratepool_upstream,
       NGX_HTTP_SRV_CONF_OFFSET,
       0,
@@ -129,6 +129,13 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_ratepool_loc_conf_t, output_reserve),
       &ngx_http_ratepool_output_reserve_bounds },
+
+    { ngx_string("ratepool_wait"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_ratepool_loc_conf_t, wait),
+      NULL },
 
     { ngx_string("ratepool_status"),
       NGX_HTTP_LOC_CONF|NGX_CONF_NOARGS,
@@ -207,6 +214,10 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 
     { ngx_string("ratepool_tries"), NULL,
       ngx_http_ratepool_tries_variable, 0,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_wait_ms"), NULL,
+      ngx_http_ratepool_tries_variable, 1,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     /* as the provider reported them, read from its answer */
@@ -364,7 +375,10 @@ ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    v->len = ngx_sprintf(p, "%ui", ctx->tries) - p;
+    /* data 1: how long the request waited for room, in ms */
+    v->len = ngx_sprintf(p, "%uL", data ? ctx->waited_ms
+                                        : (uint64_t) ctx->tries)
+             - p;
     v->valid = 1;
     v->no_cacheable = 1;
     v->not_found = 0;
@@ -736,6 +750,7 @@ ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf)
     }
 
     rlcf->output_reserve = NGX_CONF_UNSET;
+    rlcf->wait = NGX_CONF_UNSET_MSEC;
 
     return rlcf;
 }
@@ -758,6 +773,7 @@ ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
 
     ngx_conf_merge_value(conf->output_reserve, prev->output_reserve,
                          RATEPOOL_OUTPUT_RESERVE);
+    ngx_conf_merge_msec_value(conf->wait, prev->wait, 0);
 
     clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
 
@@ -1866,7 +1882,11 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
             return NGX_ERROR;
         }
 
-        if (ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK) {
+        if (ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK
+            || ngx_http_ratepool_init_waiting(cf, pools[i],
+                                              rmcf->workspaces.nelts)
+               != NGX_OK)
+        {
             return NGX_ERROR;
         }
     }

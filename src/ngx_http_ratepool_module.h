@@ -34,6 +34,10 @@
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
 #define RATEPOOL_ENTRY_WORKSPACE    3
+#define RATEPOOL_ENTRY_POOL         4
+
+#define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
+#define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
 
 
 /* shared memory: one entry per org, key and workspace, found by name */
@@ -116,11 +120,27 @@ typedef struct {
                                                    ratepool_estimate_learn() */
     uint64_t                        admitted;
     uint64_t                        rejected;
+    ngx_uint_t                      waiting;
+    uint64_t                        waited;
 
     ngx_http_ratepool_tokens_t      used;
     ratepool_budget_t               today;      /* all tokens, UTC day */
     ratepool_budget_t               this_month;
 } ngx_http_ratepool_workspace_sh_t;
+
+
+/* requests waiting for a pool, in all workers */
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+
+    ngx_uint_t                      waiting;
+    uint64_t                        waited;     /* entered the queue */
+    uint64_t                        served;     /* left it with a key */
+    uint64_t                        timed_out;  /* left it with a 429 */
+    uint64_t                        oldest_ms[RATEPOOL_WORKER_SLOTS];
+                                                /* per worker, 0: none */
+} ngx_http_ratepool_pool_sh_t;
 
 
 /* the zone's counters are atomics, counted without the lock */
@@ -196,6 +216,14 @@ typedef struct {
     ngx_uint_t                      classes;    /* patterns among them */
     ngx_array_t                    *keys;       /* ngx_http_ratepool_key_t */
     ngx_http_upstream_srv_conf_t   *upstream;
+    ngx_uint_t                      queue_max;
+    ngx_http_ratepool_pool_sh_t    *sh;
+
+    /* this worker's requests waiting for the pool, a queue a workspace */
+    ngx_queue_t                    *waiting;
+    ngx_uint_t                      nwaiting;
+    ngx_uint_t                      next_workspace;     /* round-robin */
+    ngx_event_t                     wake;
 } ngx_http_ratepool_pool_t;
 
 
@@ -233,6 +261,7 @@ typedef struct {
     ngx_http_upstream_srv_conf_t   *upstream;    /* from ratepool_pass */
     ngx_http_ratepool_pool_t       *pool;
     ngx_int_t                       output_reserve;     /* tokens */
+    ngx_msec_t                      wait;
     ngx_str_t                       url;
     ngx_uint_t                      line;
     ngx_str_t                       file;
@@ -260,6 +289,16 @@ typedef struct {
     uint64_t                        output_cost;    /* reserved */
     ngx_int_t                       phase_rc;   /* once the body is read */
 
+    /* why the request could not go now, and when it might */
+    const char                     *limited_what;
+    ngx_uint_t                      limited_limit;
+
+    ngx_queue_t                     queue;      /* while waiting */
+    ngx_event_t                     wait_timer;
+    uint64_t                        wait_start_ms;
+    uint64_t                        wait_until_ms;
+    uint64_t                        waited_ms;
+
     ngx_int_t                     (*process_header)(ngx_http_request_t *r);
     ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
 
@@ -273,6 +312,8 @@ typedef struct {
     unsigned                        own_error_sent:1;
     unsigned                        ws_reserved:1;  /* tokens, until the
                                                        request ends */
+    unsigned                        waiting:1;
+    unsigned                        limited_pool:1; /* not the workspace */
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */
@@ -314,6 +355,18 @@ ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
 ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
 void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_uint_t request);
+ngx_int_t ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *wait_ms);
+ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+
+/* ngx_http_ratepool_wait.c */
+ngx_int_t ngx_http_ratepool_init_waiting(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool, ngx_uint_t nworkspaces);
+ngx_int_t ngx_http_ratepool_wait(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, uint64_t wait_ms);
+void ngx_http_ratepool_unwait(ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_wake(ngx_http_ratepool_pool_t *pool);
 ngx_buf_t *ngx_http_ratepool_error_body(ngx_http_request_t *r,
     const char *type, ngx_str_t *message, const char *error_code);
 ngx_int_t ngx_http_ratepool_error_headers(ngx_http_request_t *r,

@@ -367,6 +367,8 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight,
                                 (ngx_atomic_int_t) -1);
+
+    ngx_http_ratepool_wake(ctx->pool);
 }
 
 

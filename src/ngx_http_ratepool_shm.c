@@ -16,7 +16,8 @@
     (1 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
      + (sizeof(ngx_http_ratepool_org_sh_t) << 12)                             \
      + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
-     + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28))
+     + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28)                       \
+     + (sizeof(ngx_http_ratepool_pool_sh_t) << 40))
 
 
 static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,
@@ -106,6 +107,13 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
     pools = rmcf->pools.elts;
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
+
+        pools[i]->sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_POOL,
+                                          &pools[i]->upstream->host,
+                                          sizeof(ngx_http_ratepool_pool_sh_t));
+        if (pools[i]->sh == NULL) {
+            return NGX_ERROR;
+        }
 
         org = pools[i]->orgs->elts;
 

@@ -1,0 +1,382 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool_module.h"
+
+
+/* a wait whose end is this close is not worth a timer of its own */
+#define RATEPOOL_WAKE_MIN_MS   5
+
+
+static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
+static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
+static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t served);
+static void ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool,
+    uint64_t at_ms);
+static void ngx_http_ratepool_note_oldest(ngx_http_ratepool_pool_t *pool);
+
+
+/*
+ * Each worker keeps its own waiting requests, a FIFO queue a workspace,
+ * and serves the queues in turn; the pool's state they wait on is the
+ * zone's, shared by all workers.
+ */
+
+ngx_int_t
+ngx_http_ratepool_init_waiting(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
+    ngx_uint_t nworkspaces)
+{
+    ngx_uint_t  i;
+
+    pool->waiting = ngx_palloc(cf->pool,
+                               ngx_max(nworkspaces, 1) * sizeof(ngx_queue_t));
+    if (pool->waiting == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < ngx_max(nworkspaces, 1); i++) {
+        ngx_queue_init(&pool->waiting[i]);
+    }
+
+    pool->wake.handler = ngx_http_ratepool_wake_handler;
+    pool->wake.data = pool;
+    pool->wake.log = cf->cycle->log;
+    pool->wake.cancelable = 1;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Queues a request that may fit in wait_ms, which is within its
+ * ratepool_wait.  NGX_DECLINED: the pool's queue is full.
+ */
+
+ngx_int_t
+ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    uint64_t wait_ms)
+{
+    uint64_t                       now_ms;
+    ngx_uint_t                     full, index;
+    ngx_slab_pool_t               *shpool;
+    ngx_http_ratepool_pool_t      *pool;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+    ngx_http_ratepool_main_conf_t *rmcf;
+
+    pool = ctx->pool;
+    shpool = pool->zone->shpool;
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    full = (pool->sh->waiting >= pool->queue_max);
+
+    if (!full) {
+        pool->sh->waiting++;
+        pool->sh->waited++;
+        ctx->workspace->sh->waiting++;
+        ctx->workspace->sh->waited++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    if (full) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: the queue of pool \"%V\" is full "
+                      "(queue=%ui)", &pool->upstream->host, pool->queue_max);
+        return NGX_DECLINED;
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+    index = ctx->workspace - (ngx_http_ratepool_workspace_t *)
+                             rmcf->workspaces.elts;
+
+    ctx->waiting = 1;
+    ctx->wait_start_ms = now_ms;
+    ctx->wait_until_ms = now_ms + rlcf->wait;
+
+    ngx_queue_insert_tail(&pool->waiting[index], &ctx->queue);
+    pool->nwaiting++;
+
+    ctx->wait_timer.handler = ngx_http_ratepool_wait_timeout;
+    ctx->wait_timer.data = ctx;
+    ctx->wait_timer.log = r->connection->log;
+    ngx_add_timer(&ctx->wait_timer, rlcf->wait);
+
+    /* a client that leaves while it waits ends the request */
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_request_empty_handler;
+
+    ngx_http_ratepool_schedule(pool, now_ms + wait_ms);
+    ngx_http_ratepool_note_oldest(pool);
+
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "ratepool: waits, may fit in %uL ms of %M",
+                   wait_ms, rlcf->wait);
+
+    return NGX_OK;
+}
+
+
+/* out of the queue: served, refused, or gone (request cleanup) */
+
+static void
+ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t served)
+{
+    ngx_slab_pool_t           *shpool;
+    ngx_http_ratepool_pool_t  *pool;
+
+    pool = ctx->pool;
+    shpool = pool->zone->shpool;
+
+    ngx_queue_remove(&ctx->queue);
+    pool->nwaiting--;
+    ctx->waiting = 0;
+    ctx->waited_ms = ngx_http_ratepool_now_ms() - ctx->wait_start_ms;
+
+    if (ctx->wait_timer.timer_set) {
+        ngx_del_timer(&ctx->wait_timer);
+    }
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    pool->sh->waiting--;
+    ctx->workspace->sh->waiting--;
+
+    if (served == 1) {
+        pool->sh->served++;
+
+    } else if (served == 0) {
+        pool->sh->timed_out++;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_http_ratepool_note_oldest(pool);
+}
+
+
+void
+ngx_http_ratepool_unwait(ngx_http_ratepool_ctx_t *ctx)
+{
+    if (ctx->waiting) {
+        ngx_http_ratepool_leave(ctx, 2);
+    }
+}
+
+
+/*
+ * Something was given back in this worker: what waits may fit now, in
+ * any pool, since pools may share orgs.
+ */
+
+void
+ngx_http_ratepool_wake(ngx_http_ratepool_pool_t *pool)
+{
+    ngx_uint_t                      i;
+    ngx_http_ratepool_pool_t      **pools;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = pool->zone->conf;
+    pools = rmcf->pools.elts;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        if (pools[i]->nwaiting && !pools[i]->wake.posted) {
+            ngx_post_event(&pools[i]->wake, &ngx_posted_events);
+        }
+    }
+}
+
+
+static void
+ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool, uint64_t at_ms)
+{
+    uint64_t    now_ms;
+    ngx_msec_t  delay;
+
+    now_ms = ngx_http_ratepool_now_ms();
+    delay = (ngx_msec_t) (at_ms > now_ms ? at_ms - now_ms : 0);
+
+    if (delay < RATEPOOL_WAKE_MIN_MS) {
+        delay = RATEPOOL_WAKE_MIN_MS;
+    }
+
+    /* the sooner of the two */
+    if (pool->wake.timer_set
+        && (ngx_msec_int_t) (pool->wake.timer.key
+                             - (ngx_current_msec + delay)) <= 0)
+    {
+        return;
+    }
+
+    ngx_add_timer(&pool->wake, delay);
+}
+
+
+/*
+ * The queues' heads, in turn from where the last round stopped: each
+ * that fits now goes, one a workspace a turn; the others say when they
+ * may, and the soonest of those is the next wake-up.  A request that
+ * cannot fit before its wait is over is answered now.
+ */
+
+static void
+ngx_http_ratepool_wake_handler(ngx_event_t *ev)
+{
+    ngx_http_ratepool_pool_t *pool = ev->data;
+
+    uint64_t                        now_ms, wait_ms, next_ms;
+    ngx_int_t                       rc;
+    ngx_uint_t                      n, k, i, moved;
+    ngx_queue_t                    *q;
+    ngx_connection_t               *c;
+    ngx_http_request_t             *r;
+    ngx_http_ratepool_ctx_t        *ctx;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    if (pool->wake.timer_set) {
+        ngx_del_timer(&pool->wake);
+    }
+
+    if (pool->nwaiting == 0) {
+        return;
+    }
+
+    rmcf = pool->zone->conf;
+    n = ngx_max(rmcf->workspaces.nelts, 1);
+
+    /* until a round in which no request goes or is answered */
+
+    do {
+        moved = 0;
+        next_ms = 0;
+        now_ms = ngx_http_ratepool_now_ms();
+
+        for (k = 0; k < n && pool->nwaiting; k++) {
+            i = (pool->next_workspace + k) % n;
+            q = &pool->waiting[i];
+
+            if (ngx_queue_empty(q)) {
+                continue;
+            }
+
+            ctx = ngx_queue_data(ngx_queue_head(q), ngx_http_ratepool_ctx_t,
+                                 queue);
+            r = ctx->request;
+            c = r->connection;
+
+            rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+
+            if (rc == NGX_AGAIN && now_ms + wait_ms <= ctx->wait_until_ms) {
+                if (next_ms == 0 || now_ms + wait_ms < next_ms) {
+                    next_ms = now_ms + wait_ms;
+                }
+
+                continue;
+            }
+
+            ngx_http_ratepool_leave(ctx, rc == NGX_OK);
+
+            if (rc == NGX_OK) {
+                /* on with the phases, from where the request stopped */
+                ctx->phase_rc = NGX_DECLINED;
+                r->read_event_handler = ngx_http_block_reading;
+                r->write_event_handler = ngx_http_core_run_phases;
+                ngx_http_core_run_phases(r);
+
+                pool->next_workspace = (i + 1) % n;
+
+            } else {
+                ngx_http_finalize_request(r,
+                                   ngx_http_ratepool_refuse(r, ctx, rc,
+                                                            wait_ms));
+            }
+
+            ngx_http_run_posted_requests(c);
+
+            moved = 1;
+            break;
+        }
+
+    } while (moved && pool->nwaiting);
+
+    if (pool->nwaiting && next_ms) {
+        ngx_http_ratepool_schedule(pool, next_ms);
+    }
+}
+
+
+/* the request waited as long as it may */
+
+static void
+ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
+{
+    ngx_http_ratepool_ctx_t *ctx = ev->data;
+
+    uint64_t             wait_ms;
+    ngx_int_t            rc;
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+    c = r->connection;
+
+    /* one last look: it may just fit */
+    rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+
+    ngx_http_ratepool_leave(ctx, rc == NGX_OK);
+
+    if (rc == NGX_OK) {
+        ctx->phase_rc = NGX_DECLINED;
+        r->read_event_handler = ngx_http_block_reading;
+        r->write_event_handler = ngx_http_core_run_phases;
+        ngx_http_core_run_phases(r);
+
+    } else {
+        ngx_http_finalize_request(r, ngx_http_ratepool_refuse(r, ctx, rc,
+                                                               wait_ms));
+    }
+
+    ngx_http_run_posted_requests(c);
+}
+
+
+/* when this worker's longest wait began, for the status */
+
+static void
+ngx_http_ratepool_note_oldest(ngx_http_ratepool_pool_t *pool)
+{
+    uint64_t                        oldest_ms;
+    ngx_uint_t                      i, n;
+    ngx_http_ratepool_ctx_t        *ctx;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = pool->zone->conf;
+    n = ngx_max(rmcf->workspaces.nelts, 1);
+    oldest_ms = 0;
+
+    for (i = 0; i < n && pool->nwaiting; i++) {
+        if (ngx_queue_empty(&pool->waiting[i])) {
+            continue;
+        }
+
+        ctx = ngx_queue_data(ngx_queue_head(&pool->waiting[i]),
+                             ngx_http_ratepool_ctx_t, queue);
+
+        if (oldest_ms == 0 || ctx->wait_start_ms < oldest_ms) {
+            oldest_ms = ctx->wait_start_ms;
+        }
+    }
+
+    /* one aligned word, read by the status without the lock */
+    pool->sh->oldest_ms[ngx_worker % RATEPOOL_WORKER_SLOTS] = oldest_ms;
+}
