@@ -13,13 +13,13 @@
 
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
-#define RATEPOOL_STATUS_POOL     128
+#define RATEPOOL_STATUS_POOL     384
 #define RATEPOOL_STATUS_TOKENS   192
 #define RATEPOOL_PROM_HEAD       4096   /* the totals and HELP/TYPE lines */
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_WS       (384 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_WS       (512 + RATEPOOL_STATUS_TOKENS)
 
 
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
@@ -159,6 +159,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                         (uint64_t) 1024 * 1000
                         / ratepool_estimate_input(1024 * 1000,
                                                   ws[i].sh->input_rate));
+        p = ngx_sprintf(p, "\"waiting\":%ui,\"waited\":%uL,",
+                        ws[i].sh->waiting, ws[i].sh->waited);
         p = ngx_sprintf(p, "\"admitted\":%uL,"
                         "\"rejected\":%uL,\"daily_tokens\":%ui,"
                         "\"tokens_today\":%uL,\"monthly_tokens\":%ui,"
@@ -205,7 +207,8 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
         for (i = 0; i < rmcf->pools.nelts; i++) {
             host = pools[i]->upstream->host.len;
 
-            size += pools[i]->keys->nelts * 9
+            size += 3 * (RATEPOOL_PROM_LINE + host)
+                    + pools[i]->keys->nelts * 9
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
                     + pools[i]->orgs->nelts * 8
                       * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
@@ -238,7 +241,8 @@ static u_char *
 ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
-    uint64_t                     limits[3], cooldown_ms, refused_ms;
+    uint64_t                     limits[3], cooldown_ms, refused_ms,
+                                 oldest_ms;
     ratepool_bucket_t           *bucket[3];
     ngx_uint_t                   j;
     const char                  *state;
@@ -252,7 +256,22 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     orgs = pool->orgs->elts;
     keys = pool->keys->elts;
 
-    p = ngx_sprintf(p, "{\"name\":\"%V\",\"orgs\":[", &pool->upstream->host);
+    oldest_ms = 0;
+
+    for (j = 0; j < RATEPOOL_WORKER_SLOTS; j++) {
+        if (pool->sh->oldest_ms[j]
+            && (oldest_ms == 0 || pool->sh->oldest_ms[j] < oldest_ms))
+        {
+            oldest_ms = pool->sh->oldest_ms[j];
+        }
+    }
+
+    p = ngx_sprintf(p, "{\"name\":\"%V\",\"queue\":{\"limit\":%ui,"
+                    "\"waiting\":%ui,\"oldest_wait_ms\":%uL,\"waited\":%uL,"
+                    "\"served\":%uL,\"timed_out\":%uL},\"orgs\":[",
+                    &pool->upstream->host, pool->queue_max, pool->sh->waiting,
+                    oldest_ms ? now_ms - oldest_ms : 0, pool->sh->waited,
+                    pool->sh->served, pool->sh->timed_out);
 
     for (j = 0; j < pool->orgs->nelts; j++) {
         org = &orgs[j];
@@ -585,6 +604,28 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                 }
             }
         }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_waiting",
+                                    "Requests waiting for room in the pool.",
+                                    "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_pool_waiting{pool=\"%V\"} %ui\n",
+                        &pools[i]->upstream->host, pools[i]->sh->waiting);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_waited_total",
+                                    "Requests that waited, by how it ended.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_pool_waited_total{pool=\"%V\","
+                        "result=\"served\"} %uL\n"
+                        "ratepool_pool_waited_total{pool=\"%V\","
+                        "result=\"timed_out\"} %uL\n",
+                        &pools[i]->upstream->host, pools[i]->sh->served,
+                        &pools[i]->upstream->host, pools[i]->sh->timed_out);
     }
 
     p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_requests_total",

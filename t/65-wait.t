@@ -1,0 +1,276 @@
+#!/usr/bin/perl
+
+# ratepool_wait: a request that finds no room waits for it, up to a bound,
+# instead of getting a 429; it goes the moment it fits, released at the
+# refill rate; workspaces take turns; a request that cannot fit within
+# the bound is answered at once; a client that leaves while it waits
+# takes nothing; a full queue answers at once; other requests flow.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use JSON::PP;
+use Test::More;
+use Time::HiRes qw(sleep time);
+
+use Ratepool::Test;
+
+my $t = Ratepool::Test->new;
+
+my %KEY = map { $_ => "sk-ant-mock-$_-" . Ratepool::Test::random_hex(8) }
+          qw(a1 f1 q1);
+my %TOKEN = map { $_ => "gw-$_-" . Ratepool::Test::random_hex(8) }
+            qw(burst short heavy light other spent);
+
+my $mock = $t->start_mock(port => 1, log => 1, config => {
+    keys => {
+        $KEY{a1} => { org => 'org-a', name => 'a1' },
+        $KEY{f1} => { org => 'org-f', name => 'f1' },
+        $KEY{q1} => { org => 'org-q', name => 'q1' },
+    },
+});
+
+$t->write_config(<<"EOF");
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    log_format waits '\$ratepool_workspace \$status \$ratepool_wait_ms';
+    access_log %%TESTDIR%%/waits.log waits;
+
+    ratepool_zone llm:1m;
+
+    upstream solo {
+        ratepool zone=llm;
+        ratepool_key a1 org=org-a server=127.0.0.1:%%PORT_1%% key=$KEY{a1};
+    }
+
+    upstream fair {
+        ratepool zone=llm;
+        ratepool_org org-f rpm=60;
+        ratepool_key f1 org=org-f server=127.0.0.1:%%PORT_1%% key=$KEY{f1};
+    }
+
+    upstream small {
+        ratepool zone=llm queue=2;
+        ratepool_org org-q rpm=6;
+        ratepool_key q1 org=org-q server=127.0.0.1:%%PORT_1%% key=$KEY{q1};
+    }
+
+    ratepool_workspace burst rpm=60;
+    ratepool_workspace short rpm=6;
+    ratepool_workspace heavy;
+    ratepool_workspace light;
+    ratepool_workspace other;
+    ratepool_workspace spent daily_tokens=10;
+    ratepool_client burst ${\ $t->token_hash($TOKEN{burst})};
+    ratepool_client short ${\ $t->token_hash($TOKEN{short})};
+    ratepool_client heavy ${\ $t->token_hash($TOKEN{heavy})};
+    ratepool_client light ${\ $t->token_hash($TOKEN{light})};
+    ratepool_client other ${\ $t->token_hash($TOKEN{other})};
+    ratepool_client spent ${\ $t->token_hash($TOKEN{spent})};
+
+    ratepool_wait 10s;
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+
+        location /v1/ {
+            ratepool_pass http://solo;
+        }
+
+        location /nowait/v1/ {
+            rewrite ^/nowait(/.*)\$ \$1 break;
+            ratepool_pass http://solo;
+            ratepool_wait 0;
+        }
+
+        location /brief/v1/ {
+            rewrite ^/brief(/.*)\$ \$1 break;
+            ratepool_pass http://solo;
+            ratepool_wait 2s;
+        }
+
+        location /fair/v1/ {
+            rewrite ^/fair(/.*)\$ \$1 break;
+            ratepool_pass http://fair;
+        }
+
+        location /fairnow/v1/ {
+            rewrite ^/fairnow(/.*)\$ \$1 break;
+            ratepool_pass http://fair;
+            ratepool_wait 0;
+        }
+
+        location /small/v1/ {
+            rewrite ^/small(/.*)\$ \$1 break;
+            ratepool_pass http://small;
+        }
+
+        location /smallnow/v1/ {
+            rewrite ^/smallnow(/.*)\$ \$1 break;
+            ratepool_pass http://small;
+            ratepool_wait 0;
+        }
+
+        location = /ratepool/status {
+            ratepool_status;
+        }
+    }
+}
+EOF
+
+$t->run;
+
+sub ask {
+    my ($who, $path, %opt) = @_;
+    return $t->messages(token => $TOKEN{$who}, path => $path, %opt);
+}
+
+# runs $n requests at once; each returns [status, ms it took, retry-after]
+sub burst {
+    my ($n, $code) = @_;
+    return $t->parallel($n, sub {
+        my $t0 = time;
+        my $r = $code->(@_);
+        return [ $r->{status}, int((time - $t0) * 1000),
+                 $r->{headers}{'retry-after'} ];
+    });
+}
+
+sub drain {
+    my ($who, $path) = @_;
+    my $n = 0;
+    $n++ while ask($who, $path)->{status} == 200 && $n < 200;
+    return $n;
+}
+
+sub upstream_times {
+    my ($key) = @_;
+    return [ map { $_->{t_ms} } grep { ($_->{key_name} // '') eq $key }
+             @{ $mock->log } ];
+}
+
+sub queue { $t->status->{pools}[$_[0]]{queue} }
+
+# a burst larger than the workspace's room: every request is served, in
+# turn, one a second as the workspace's bucket refills
+
+is(drain('burst', '/nowait/v1/messages'), 60,
+   'a workspace of 60 requests a minute takes 60 at once');
+$mock->reset;
+
+my $got = burst(4, sub { ask('burst', '/v1/messages') });
+
+is_deeply([ map { $_->[0] } @$got ], [ 200, 200, 200, 200 ],
+    'four more at once all get answers, none a 429');
+my @times = sort { $a <=> $b } @{ upstream_times('a1') };
+my @gaps = map { $times[$_] - $times[$_ - 1] } 1 .. $#times;
+ok(@gaps == 3 && !grep({ $_ < 800 || $_ > 1300 } @gaps),
+   'released a second apart, at the bucket\'s refill rate')
+    or diag "gaps between releases: @gaps";
+
+my $q = queue(0);
+is($q->{waited}, 4, 'the status counts the requests that waited');
+is($q->{served}, 4, 'and that were served');
+is($q->{waiting}, 0, 'and none waits now');
+
+my @logged = grep { /^burst 200 (\d+)$/ && $1 > 0 }
+             split /\n/, $t->read_file('waits.log');
+cmp_ok(scalar @logged, '>=', 3, '$ratepool_wait_ms says how long they waited');
+
+# a wait that cannot be long enough is answered at once
+
+is(drain('short', '/nowait/v1/messages'), 6,
+   'a workspace of 6 requests a minute takes 6');
+my $t0 = time;
+my $r = ask('short', '/brief/v1/messages');
+my $took = time - $t0;
+
+is($r->{status}, 429, 'the next, which could go in 10 s, may wait 2 s');
+ok($took < 0.5, 'and is told so at once, not after waiting')
+    or diag "took $took s";
+ok($r->{headers}{'retry-after'} >= 9 && $r->{headers}{'retry-after'} <= 12,
+   'with the retry-after of its bucket')
+    or diag "retry-after: $r->{headers}{'retry-after'}";
+
+# budgets are not waited for
+
+$mock->reset;
+is(ask('spent', '/v1/messages', headers => [
+       'x-mock-usage' => encode_json({ output_tokens => 50 }) ])->{status},
+   200, 'a workspace uses up its daily budget');
+$t0 = time;
+$r = ask('spent', '/v1/messages');
+ok($r->{status} == 429 && time - $t0 < 0.5,
+   'the next request is refused at once: a budget is not waited for');
+
+# workspaces take turns: one that queued many does not starve one that
+# queued one
+
+is(drain('other', '/fairnow/v1/messages'), 60,
+   'the pool\'s org takes 60 requests at once');
+$mock->reset;
+
+$got = burst(6, sub {
+    my ($i) = @_;
+    sleep 0.3 if $i == 5;       # the light one comes last
+    ask($i == 5 ? 'light' : 'heavy', '/fair/v1/messages');
+});
+
+is_deeply([ map { $_->[0] } @$got ], [ (200) x 6 ],
+    'five heavy requests and one light one are all served');
+my @heavy = sort { $a <=> $b } map { $_->[1] } @$got[0 .. 4];
+ok($got->[5][1] < 2600 && $heavy[-1] > 4000,
+   'the light one waited at most two turns, not behind all the heavy ones')
+    or diag "light: $got->[5][1] ms, heavy: @heavy ms";
+
+# a client that leaves while it waits takes nothing with it
+
+is(drain('other', '/fairnow/v1/messages') <= 2, 1, 'the org is used up');
+$mock->reset;
+
+$r = ask('other', '/fair/v1/messages', timeout => 0.3);
+is($r->{error}, 'timeout', 'a client gives up while it waits');
+sleep 0.3;
+is(queue(1)->{waiting}, 0, 'and leaves the queue');
+sleep 1.2;
+is(scalar @{ $mock->log }, 0, 'its request never reaches the provider');
+is(ask('other', '/fair/v1/messages')->{status}, 200,
+   'and the room it would have had goes to the next request');
+
+# a full queue answers at once; other requests flow meanwhile
+
+is(drain('other', '/smallnow/v1/messages'), 6, 'a pool of 6 a minute');
+$got = $t->parallel(4, sub {
+    my ($i) = @_;
+    if ($i == 3) {
+        sleep 0.5;
+        my $t0 = time;
+        my $s = $t->http(port => $t->port(0), path => '/ratepool/status');
+        my $ok = ask('heavy', '/v1/messages');
+        return [ $s->{status}, $ok->{status}, int((time - $t0) * 1000) ];
+    }
+    sleep 0.1 * $i;
+    my $t0 = time;
+    my $r = ask('other', '/small/v1/messages', timeout => 3);
+    return [ $r->{status} // 0, int((time - $t0) * 1000) ];
+});
+
+my @small = sort { $a->[1] <=> $b->[1] } @$got[0 .. 2];
+is($small[0][0], 429, 'with two waiting, a third is refused');
+ok($small[0][1] < 500, 'at once');
+ok($got->[3][0] == 200 && $got->[3][1] == 200 && $got->[3][2] < 500,
+   'while they wait, the status and another pool answer at once')
+    or diag explain $got->[3];
+
+$t->stop;
+$t->check_log;
+
+done_testing;
