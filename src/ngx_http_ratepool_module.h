@@ -122,6 +122,8 @@ typedef struct {
     uint64_t                        rejected;
     ngx_uint_t                      waiting;
     uint64_t                        waited;
+    uint64_t                        turns;      /* served from a queue */
+    uint64_t                        wants_ms;   /* last found a pool full */
 
     ngx_http_ratepool_tokens_t      used;
     ratepool_budget_t               today;      /* all tokens, UTC day */

@@ -14,6 +14,14 @@
 /* a wait whose end is this close is not worth a timer of its own */
 #define RATEPOOL_WAKE_MIN_MS   5
 
+/*
+ * A workspace whose waiting request found the pool full this recently
+ * is owed its turn; a worker that holds none of its requests lets the
+ * room go to the worker that does, and looks again this much later.
+ */
+#define RATEPOOL_WANTS_MS      1500
+#define RATEPOOL_DEFER_MS      20
+
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
 static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
@@ -22,6 +30,12 @@ static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
 static void ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool,
     uint64_t at_ms);
 static void ngx_http_ratepool_note_oldest(ngx_http_ratepool_pool_t *pool);
+static void ngx_http_ratepool_catch_up(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws, uint64_t now_ms);
+static ngx_int_t ngx_http_ratepool_my_turn(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms);
+static void ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t now_ms);
 
 
 /*
@@ -48,7 +62,8 @@ ngx_http_ratepool_init_waiting(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
 
     pool->wake.handler = ngx_http_ratepool_wake_handler;
     pool->wake.data = pool;
-    pool->wake.log = cf->cycle->log;
+    /* cycle->log is still the previous cycle's while it is configured */
+    pool->wake.log = &cf->cycle->new_log;
     pool->wake.cancelable = 1;
 
     return NGX_OK;
@@ -85,6 +100,11 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
         pool->sh->waited++;
         ctx->workspace->sh->waiting++;
         ctx->workspace->sh->waited++;
+
+        if (ctx->limited_pool) {
+            ngx_http_ratepool_catch_up(rmcf, ctx->workspace,
+                                       ngx_http_ratepool_now_ms());
+        }
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -274,7 +294,16 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
             r = ctx->request;
             c = r->connection;
 
+            if (!ngx_http_ratepool_my_turn(ctx, now_ms)) {
+                if (next_ms == 0 || now_ms + RATEPOOL_DEFER_MS < next_ms) {
+                    next_ms = now_ms + RATEPOOL_DEFER_MS;
+                }
+
+                continue;
+            }
+
             rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+            ngx_http_ratepool_took_turn(ctx, rc, now_ms);
 
             if (rc == NGX_AGAIN && now_ms + wait_ms <= ctx->wait_until_ms) {
                 if (next_ms == 0 || now_ms + wait_ms < next_ms) {
@@ -347,6 +376,116 @@ ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
     }
 
     ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * Fair turns across workers: workspaces whose requests wait for the
+ * pool are served in turn, the one served fewest times first.  With the
+ * zone locked: a workspace that starts to want the pool starts level
+ * with those that want it already, so it cannot have saved up turns.
+ */
+
+static void
+ngx_http_ratepool_catch_up(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws, uint64_t now_ms)
+{
+    uint64_t                        least;
+    ngx_uint_t                      i, found;
+    ngx_http_ratepool_workspace_t  *all;
+
+    if (ws->sh->wants_ms + RATEPOOL_WANTS_MS > now_ms
+        && ws->sh->wants_ms)
+    {
+        ws->sh->wants_ms = now_ms;
+        return;
+    }
+
+    all = rmcf->workspaces.elts;
+    least = 0;
+    found = 0;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        if (&all[i] == ws || all[i].sh->wants_ms == 0
+            || all[i].sh->wants_ms + RATEPOOL_WANTS_MS <= now_ms)
+        {
+            continue;
+        }
+
+        if (!found || all[i].sh->turns < least) {
+            least = all[i].sh->turns;
+            found = 1;
+        }
+    }
+
+    if (found && ws->sh->turns < least) {
+        ws->sh->turns = least;
+    }
+
+    ws->sh->wants_ms = now_ms;
+}
+
+
+/* may this request's workspace take the room now, or is another owed it */
+
+static ngx_int_t
+ngx_http_ratepool_my_turn(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms)
+{
+    uint64_t                        turns;
+    ngx_uint_t                      i, mine;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_workspace_t  *all;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ctx->pool->zone->conf;
+    all = rmcf->workspaces.elts;
+    shpool = ctx->pool->zone->shpool;
+    mine = 1;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    turns = ctx->workspace->sh->turns;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        if (&all[i] != ctx->workspace && all[i].sh->waiting
+            && all[i].sh->wants_ms + RATEPOOL_WANTS_MS > now_ms
+            && all[i].sh->turns < turns)
+        {
+            mine = 0;
+            break;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return mine;
+}
+
+
+static void
+ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
+    uint64_t now_ms)
+{
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    if (rc != NGX_OK && !(rc == NGX_AGAIN && ctx->limited_pool)) {
+        return;
+    }
+
+    rmcf = ctx->pool->zone->conf;
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (rc == NGX_OK) {
+        ctx->workspace->sh->turns++;
+
+    } else {
+        ngx_http_ratepool_catch_up(rmcf, ctx->workspace, now_ms);
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
 }
 
 

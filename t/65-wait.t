@@ -245,6 +245,20 @@ is(scalar @{ $mock->log }, 0, 'its request never reaches the provider');
 is(ask('other', '/fair/v1/messages')->{status}, 200,
    'and the room it would have had goes to the next request');
 
+# a reload while requests wait: the old worker serves them before it goes
+
+drain('other', '/fairnow/v1/messages');
+$got = $t->parallel(3, sub {
+    my ($i) = @_;
+    return $t->reload ? 'reloaded' : 'slow reload' if $i == 2;
+    sleep 0.1 * $i;
+    return ask('other', '/fair/v1/messages')->{status};
+});
+
+is_deeply($got, [ 200, 200, 'reloaded' ],
+    'requests waiting across a reload are served');
+is(queue(1)->{waiting}, 0, 'and nothing waits after it');
+
 # a full queue answers at once; other requests flow meanwhile
 
 is(drain('other', '/smallnow/v1/messages'), 6, 'a pool of 6 a minute');
