@@ -138,6 +138,17 @@ my @cases = (
       . "key=$SECRET; }",
       qr/invalid limit "rpm=lots", use a positive number per minute/ ],
 
+    [ 'a queue that is not a number',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm queue=many; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid parameter "queue=many", use "queue=N" with the number of requests that may wait for the pool/ ],
+
+    [ 'a wait that is not a time',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; } "
+      . "server { location / { ratepool_wait forever; } }",
+      qr/"ratepool_wait" directive invalid value/ ],
+
     [ 'a model pattern with a space in it',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o 'model=claude opus' rpm=5; ratepool_key k org=o "
