@@ -1500,10 +1500,19 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_memzero(ws, sizeof(ngx_http_ratepool_workspace_t));
     ws->name = value[1];
+    ws->weight = 1;
 
     for (i = 2; i < cf->args->nelts; i++) {
 
-        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
+        rc = ngx_http_ratepool_parse_limit(&value[i], "weight", &ws->weight);
+
+        if (rc == NGX_OK && ws->weight > 100) {
+            rc = NGX_ERROR;
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
+        }
 
         if (rc == NGX_DECLINED) {
             rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &ws->itpm);
@@ -1531,14 +1540,15 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid limit \"%V\", use a positive number, "
                                "for example \"rpm=200\" or "
-                               "\"daily_tokens=5000000\"", &value[i]);
+                               "\"daily_tokens=5000000\", and a weight of "
+                               "1 to 100", &value[i]);
             return NGX_CONF_ERROR;
         }
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter \"%V\", use \"rpm=\", "
-                           "\"itpm=\", \"otpm=\", \"daily_tokens=\" or "
-                           "\"monthly_tokens=\"",
+                           "\"itpm=\", \"otpm=\", \"daily_tokens=\", "
+                           "\"monthly_tokens=\" or \"weight=\"",
                            &value[i]);
         return NGX_CONF_ERROR;
     }

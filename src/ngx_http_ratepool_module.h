@@ -236,6 +236,7 @@ typedef struct {
     ngx_uint_t                         otpm;
     ngx_uint_t                         daily_tokens;     /* 0: none */
     ngx_uint_t                         monthly_tokens;
+    ngx_uint_t                         weight;      /* of its turns */
     ngx_http_ratepool_workspace_sh_t  *sh;
 } ngx_http_ratepool_workspace_t;
 

@@ -22,6 +22,8 @@
 #define RATEPOOL_WANTS_MS      1500
 #define RATEPOOL_DEFER_MS      20
 
+#define RATEPOOL_TURN          100800     /* divides by 1 to 10, 12, ... */
+
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
 static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
@@ -381,7 +383,8 @@ ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
 
 /*
  * Fair turns across workers: workspaces whose requests wait for the
- * pool are served in turn, the one served fewest times first.  With the
+ * pool are served in turn, the one served fewest times (for its weight)
+ * first.  With the
  * zone locked: a workspace that starts to want the pool starts level
  * with those that want it already, so it cannot have saved up turns.
  */
@@ -479,7 +482,8 @@ ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
     ngx_shmtx_lock(&shpool->mutex);
 
     if (rc == NGX_OK) {
-        ctx->workspace->sh->turns++;
+        /* a workspace of weight 2 is served twice as often */
+        ctx->workspace->sh->turns += RATEPOOL_TURN / ctx->workspace->weight;
 
     } else {
         ngx_http_ratepool_catch_up(rmcf, ctx->workspace, now_ms);

@@ -138,6 +138,10 @@ my @cases = (
       . "key=$SECRET; }",
       qr/invalid limit "rpm=lots", use a positive number per minute/ ],
 
+    [ 'a workspace weight over 100',
+      'ratepool_workspace w weight=1000;',
+      qr/invalid limit "weight=1000", use a positive number, for example "rpm=200" or "daily_tokens=5000000", and a weight of 1 to 100/ ],
+
     [ 'a queue that is not a number',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm queue=many; "
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",

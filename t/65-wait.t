@@ -22,7 +22,7 @@ my $t = Ratepool::Test->new;
 my %KEY = map { $_ => "sk-ant-mock-$_-" . Ratepool::Test::random_hex(8) }
           qw(a1 f1 q1);
 my %TOKEN = map { $_ => "gw-$_-" . Ratepool::Test::random_hex(8) }
-            qw(burst short heavy light other spent);
+            qw(burst short heavy light other spent wa wb);
 
 my $mock = $t->start_mock(port => 1, log => 1, config => {
     keys => {
@@ -69,12 +69,16 @@ http {
     ratepool_workspace light;
     ratepool_workspace other;
     ratepool_workspace spent daily_tokens=10;
+    ratepool_workspace wa weight=2;
+    ratepool_workspace wb;
     ratepool_client burst ${\ $t->token_hash($TOKEN{burst})};
     ratepool_client short ${\ $t->token_hash($TOKEN{short})};
     ratepool_client heavy ${\ $t->token_hash($TOKEN{heavy})};
     ratepool_client light ${\ $t->token_hash($TOKEN{light})};
     ratepool_client other ${\ $t->token_hash($TOKEN{other})};
     ratepool_client spent ${\ $t->token_hash($TOKEN{spent})};
+    ratepool_client wa ${\ $t->token_hash($TOKEN{wa})};
+    ratepool_client wb ${\ $t->token_hash($TOKEN{wb})};
 
     ratepool_wait 10s;
 
@@ -230,6 +234,22 @@ my @heavy = sort { $a <=> $b } map { $_->[1] } @$got[0 .. 4];
 ok($got->[5][1] < 2600 && $heavy[-1] > 4000,
    'the light one waited at most two turns, not behind all the heavy ones')
     or diag "light: $got->[5][1] ms, heavy: @heavy ms";
+
+# a workspace of weight 2 has two turns for one
+
+drain('other', '/fairnow/v1/messages');
+$got = burst(6, sub {
+    my ($i) = @_;
+    sleep 0.2 if $i >= 3;
+    ask($i < 3 ? 'wa' : 'wb', '/fair/v1/messages');
+});
+
+my @order = map { $_->[1] < 3 ? 'wa' : 'wb' }
+            sort { $a->[0] <=> $b->[0] }
+            map { [ $got->[$_][1], $_ ] } 0 .. 5;
+is(scalar(grep { $_ eq 'wa' } @order[0 .. 2]), 2,
+   'of the first three served, two are of the workspace of weight 2')
+    or diag "order: @order";
 
 # a client that leaves while it waits takes nothing with it
 
