@@ -409,7 +409,7 @@ ngx_http_ratepool_catch_up(ngx_http_ratepool_main_conf_t *rmcf,
     found = 0;
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
-        if (&all[i] == ws || all[i].sh->wants_ms == 0
+        if (&all[i] == ws || all[i].sh->waiting == 0
             || all[i].sh->wants_ms + RATEPOOL_WANTS_MS <= now_ms)
         {
             continue;
@@ -459,6 +459,11 @@ ngx_http_ratepool_my_turn(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms)
         }
     }
 
+    if (!mine) {
+        /* it still wants the pool, after the one owed a turn */
+        ctx->workspace->sh->wants_ms = now_ms;
+    }
+
     ngx_shmtx_unlock(&shpool->mutex);
 
     return mine;
@@ -484,6 +489,7 @@ ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
     if (rc == NGX_OK) {
         /* a workspace of weight 2 is served twice as often */
         ctx->workspace->sh->turns += RATEPOOL_TURN / ctx->workspace->weight;
+        ctx->workspace->sh->wants_ms = now_ms;
 
     } else {
         ngx_http_ratepool_catch_up(rmcf, ctx->workspace, now_ms);

@@ -235,6 +235,24 @@ ok($got->[5][1] < 2600 && $heavy[-1] > 4000,
    'the light one waited at most two turns, not behind all the heavy ones')
     or diag "light: $got->[5][1] ms, heavy: @heavy ms";
 
+# after a cooldown, the waiting are released at the refill rate, not all
+# at once: the 429 that began the cooldown emptied the org's bucket
+
+$mock->reset;
+$mock->script($KEY{f1}, [ { status => 429, retry_after => '1' } ]);
+is(ask('other', '/fair/v1/messages')->{status}, 429,
+   'a 429 from the provider cools the org down');
+
+$got = burst(3, sub { ask('other', '/fair/v1/messages') });
+is_deeply([ map { $_->[0] } @$got ], [ 200, 200, 200 ],
+    'three requests wait through the cooldown and are served');
+@times = sort { $a <=> $b } @{ upstream_times('f1') };
+shift @times;       # the 429
+@gaps = map { $times[$_] - $times[$_ - 1] } 1 .. $#times;
+ok(@gaps == 2 && !grep({ $_ < 600 } @gaps),
+   'not at once, but as the org\'s bucket refills, about a second apart')
+    or diag "gaps between releases: @gaps";
+
 # a workspace of weight 2 has two turns for one
 
 drain('other', '/fairnow/v1/messages');
