@@ -343,6 +343,40 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
 }
 
 
+/* when try_admit() might succeed, found without taking anything */
+
+uint64_t
+ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                           now_ms, wait_ms, soonest_ms;
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    wait_ms = ngx_max(ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
+                                             ctx->input_cost,
+                                             sh->reserved_input, now_ms),
+                      ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
+                                             ctx->output_cost,
+                                             sh->reserved_output, now_ms));
+    wait_ms = ngx_max(wait_ms, ratepool_bucket_wait_ms(&sh->rpm_bucket,
+                                                       ws->rpm, 1, now_ms));
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    soonest_ms = ngx_http_ratepool_soonest(ctx);
+
+    return ngx_max(now_ms + wait_ms, soonest_ms);
+}
+
+
 /*
  * After an internal redirect to another pool: the workspace admitted the
  * request already, the new pool's keys have yet to.

@@ -470,6 +470,10 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
 
+    if (uscf->host.len > RATEPOOL_NAME_MAX) {
+        return "needs an upstream name of up to 64 characters";
+    }
+
     /* the name goes into JSON and log lines as it is */
     for (i = 0; i < uscf->host.len; i++) {
         c = uscf->host.data[i];

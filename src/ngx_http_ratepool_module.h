@@ -35,6 +35,7 @@
 #define RATEPOOL_ENTRY_KEY          2
 #define RATEPOOL_ENTRY_WORKSPACE    3
 #define RATEPOOL_ENTRY_POOL         4
+#define RATEPOOL_ENTRY_QUEUE        5
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
@@ -145,6 +146,15 @@ typedef struct {
 } ngx_http_ratepool_pool_sh_t;
 
 
+/* one workspace's requests waiting for one pool: when each worker's
+   oldest began, so that workers serve them first come, first served */
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+    uint64_t                        oldest_ms[RATEPOOL_WORKER_SLOTS];
+} ngx_http_ratepool_queue_sh_t;
+
+
 /* the zone's counters are atomics, counted without the lock */
 
 typedef struct {
@@ -223,6 +233,7 @@ typedef struct {
 
     /* this worker's requests waiting for the pool, a queue a workspace */
     ngx_queue_t                    *waiting;
+    ngx_http_ratepool_queue_sh_t  **queues;     /* the same, in all */
     ngx_uint_t                      nwaiting;
     ngx_uint_t                      next_workspace;     /* round-robin */
     ngx_event_t                     wake;
@@ -360,6 +371,7 @@ void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_uint_t request);
 ngx_int_t ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx,
     uint64_t *wait_ms);
+uint64_t ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx);
 ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 

@@ -17,7 +17,8 @@
      + (sizeof(ngx_http_ratepool_org_sh_t) << 12)                             \
      + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
      + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28)                       \
-     + (sizeof(ngx_http_ratepool_pool_sh_t) << 40))
+     + (sizeof(ngx_http_ratepool_pool_sh_t) << 40)                            \
+     + (sizeof(ngx_http_ratepool_queue_sh_t) << 52))
 
 
 static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,
@@ -96,12 +97,15 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 static ngx_int_t
 ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
 {
+    u_char                          *p;
+    ngx_str_t                        entry;
     ngx_uint_t                       i, j;
     ngx_http_ratepool_org_t         *org;
     ngx_http_ratepool_key_t         *key;
     ngx_http_ratepool_pool_t       **pools;
     ngx_http_ratepool_workspace_t   *ws;
     ngx_http_ratepool_main_conf_t   *rmcf;
+    u_char                           name[RATEPOOL_ENTRY_NAME_MAX];
 
     rmcf = zone->conf;
     pools = rmcf->pools.elts;
@@ -113,6 +117,25 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
                                           sizeof(ngx_http_ratepool_pool_sh_t));
         if (pools[i]->sh == NULL) {
             return NGX_ERROR;
+        }
+
+        ws = rmcf->workspaces.elts;
+
+        for (j = 0; j < rmcf->workspaces.nelts; j++) {
+            p = ngx_cpymem(name, pools[i]->upstream->host.data,
+                           pools[i]->upstream->host.len);
+            *p++ = '/';
+            p = ngx_cpymem(p, ws[j].name.data, ws[j].name.len);
+
+            entry.data = name;
+            entry.len = p - name;
+
+            pools[i]->queues[j] = ngx_http_ratepool_entry(zone,
+                                         RATEPOOL_ENTRY_QUEUE, &entry,
+                                         sizeof(ngx_http_ratepool_queue_sh_t));
+            if (pools[i]->queues[j] == NULL) {
+                return NGX_ERROR;
+            }
         }
 
         org = pools[i]->orgs->elts;

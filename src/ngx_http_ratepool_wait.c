@@ -58,6 +58,14 @@ ngx_http_ratepool_init_waiting(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
         return NGX_ERROR;
     }
 
+    /* set when the zone is, see ngx_http_ratepool_attach() */
+    pool->queues = ngx_pcalloc(cf->pool,
+                               ngx_max(nworkspaces, 1)
+                               * sizeof(ngx_http_ratepool_queue_sh_t *));
+    if (pool->queues == NULL) {
+        return NGX_ERROR;
+    }
+
     for (i = 0; i < ngx_max(nworkspaces, 1); i++) {
         ngx_queue_init(&pool->waiting[i]);
     }
@@ -297,8 +305,16 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
             c = r->connection;
 
             if (!ngx_http_ratepool_my_turn(ctx, now_ms)) {
-                if (next_ms == 0 || now_ms + RATEPOOL_DEFER_MS < next_ms) {
-                    next_ms = now_ms + RATEPOOL_DEFER_MS;
+                /*
+                 * Another worker's request is owed the room: look again
+                 * once it had the time to take it, or once there is room
+                 * for this one too.
+                 */
+                wait_ms = ngx_max(ngx_http_ratepool_peek(ctx),
+                                  now_ms + RATEPOOL_DEFER_MS);
+
+                if (next_ms == 0 || wait_ms < next_ms) {
+                    next_ms = wait_ms;
                 }
 
                 continue;
@@ -434,8 +450,8 @@ ngx_http_ratepool_catch_up(ngx_http_ratepool_main_conf_t *rmcf,
 static ngx_int_t
 ngx_http_ratepool_my_turn(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms)
 {
-    uint64_t                        turns;
-    ngx_uint_t                      i, mine;
+    uint64_t                        turns, stale_ms, *oldest;
+    ngx_uint_t                      i, mine, slot;
     ngx_slab_pool_t                *shpool;
     ngx_http_ratepool_workspace_t  *all;
     ngx_http_ratepool_main_conf_t  *rmcf;
@@ -444,6 +460,25 @@ ngx_http_ratepool_my_turn(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms)
     all = rmcf->workspaces.elts;
     shpool = ctx->pool->zone->shpool;
     mine = 1;
+
+    /*
+     * First come, first served within a workspace: another worker's
+     * request of the same workspace that has waited longer goes first.
+     * One that began longer ago than this request may wait is the trace
+     * of a worker that is gone, and is not waited for.
+     */
+
+    oldest = ctx->pool->queues[ctx->workspace - all]->oldest_ms;
+    slot = ngx_worker % RATEPOOL_WORKER_SLOTS;
+    stale_ms = ctx->wait_until_ms - ctx->wait_start_ms + 1000;
+
+    for (i = 0; i < RATEPOOL_WORKER_SLOTS; i++) {
+        if (i != slot && oldest[i] && oldest[i] < ctx->wait_start_ms
+            && oldest[i] + stale_ms > now_ms)
+        {
+            return 0;
+        }
+    }
 
     ngx_shmtx_lock(&shpool->mutex);
 
@@ -499,33 +534,40 @@ ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
 }
 
 
-/* when this worker's longest wait began, for the status */
+/*
+ * When this worker's longest wait began, in all and per workspace: for
+ * the status, and for first come, first served across workers.
+ */
 
 static void
 ngx_http_ratepool_note_oldest(ngx_http_ratepool_pool_t *pool)
 {
-    uint64_t                        oldest_ms;
-    ngx_uint_t                      i, n;
+    uint64_t                        oldest_ms, head_ms;
+    ngx_uint_t                      i, n, slot;
     ngx_http_ratepool_ctx_t        *ctx;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = pool->zone->conf;
-    n = ngx_max(rmcf->workspaces.nelts, 1);
+    n = rmcf->workspaces.nelts;
+    slot = ngx_worker % RATEPOOL_WORKER_SLOTS;
     oldest_ms = 0;
 
-    for (i = 0; i < n && pool->nwaiting; i++) {
-        if (ngx_queue_empty(&pool->waiting[i])) {
-            continue;
+    for (i = 0; i < n; i++) {
+        head_ms = 0;
+
+        if (!ngx_queue_empty(&pool->waiting[i])) {
+            ctx = ngx_queue_data(ngx_queue_head(&pool->waiting[i]),
+                                 ngx_http_ratepool_ctx_t, queue);
+            head_ms = ctx->wait_start_ms;
         }
 
-        ctx = ngx_queue_data(ngx_queue_head(&pool->waiting[i]),
-                             ngx_http_ratepool_ctx_t, queue);
+        /* aligned words, read by other workers without the lock */
+        pool->queues[i]->oldest_ms[slot] = head_ms;
 
-        if (oldest_ms == 0 || ctx->wait_start_ms < oldest_ms) {
-            oldest_ms = ctx->wait_start_ms;
+        if (head_ms && (oldest_ms == 0 || head_ms < oldest_ms)) {
+            oldest_ms = head_ms;
         }
     }
 
-    /* one aligned word, read by the status without the lock */
-    pool->sh->oldest_ms[ngx_worker % RATEPOOL_WORKER_SLOTS] = oldest_ms;
+    pool->sh->oldest_ms[slot] = oldest_ms;
 }

@@ -142,6 +142,11 @@ my @cases = (
       'ratepool_workspace w weight=1000;',
       qr/invalid limit "weight=1000", use a positive number, for example "rpm=200" or "daily_tokens=5000000", and a weight of 1 to 100/ ],
 
+    [ 'a pool name too long to keep',
+      "ratepool_zone llm:1m; upstream " . ('p' x 65) . " { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/"ratepool" directive needs an upstream name of up to 64 characters/ ],
+
     [ 'a queue that is not a number',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm queue=many; "
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
