@@ -27,6 +27,8 @@
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
 static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
+static void ngx_http_ratepool_answer(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
     ngx_uint_t served);
 static void ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool,
@@ -343,9 +345,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
                 pool->next_workspace = (i + 1) % n;
 
             } else {
-                ngx_http_finalize_request(r,
-                                   ngx_http_ratepool_refuse(r, ctx, rc,
-                                                            wait_ms));
+                ngx_http_ratepool_answer(r, ctx, rc, wait_ms);
             }
 
             ngx_http_run_posted_requests(c);
@@ -358,6 +358,23 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
 
     if (pool->nwaiting && next_ms) {
         ngx_http_ratepool_schedule(pool, next_ms);
+    }
+}
+
+
+/*
+ * A waiting request that cannot go is answered; the answer finalizes
+ * it, unless it could not be made.
+ */
+
+static void
+ngx_http_ratepool_answer(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t wait_ms)
+{
+    rc = ngx_http_ratepool_refuse(r, ctx, rc, wait_ms);
+
+    if (rc != NGX_DONE) {
+        ngx_http_finalize_request(r, rc);
     }
 }
 
@@ -389,8 +406,7 @@ ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
         ngx_http_core_run_phases(r);
 
     } else {
-        ngx_http_finalize_request(r, ngx_http_ratepool_refuse(r, ctx, rc,
-                                                               wait_ms));
+        ngx_http_ratepool_answer(r, ctx, rc, wait_ms);
     }
 
     ngx_http_run_posted_requests(c);

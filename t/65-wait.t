@@ -22,7 +22,7 @@ my $t = Ratepool::Test->new;
 my %KEY = map { $_ => "sk-ant-mock-$_-" . Ratepool::Test::random_hex(8) }
           qw(a1 f1 q1);
 my %TOKEN = map { $_ => "gw-$_-" . Ratepool::Test::random_hex(8) }
-            qw(burst short heavy light other spent wa wb);
+            qw(burst short heavy light other spent wa wb held);
 
 my $mock = $t->start_mock(port => 1, log => 1, config => {
     keys => {
@@ -71,6 +71,7 @@ http {
     ratepool_workspace spent daily_tokens=10;
     ratepool_workspace wa weight=2;
     ratepool_workspace wb;
+    ratepool_workspace held otpm=1000;
     ratepool_client burst ${\ $t->token_hash($TOKEN{burst})};
     ratepool_client short ${\ $t->token_hash($TOKEN{short})};
     ratepool_client heavy ${\ $t->token_hash($TOKEN{heavy})};
@@ -79,6 +80,7 @@ http {
     ratepool_client spent ${\ $t->token_hash($TOKEN{spent})};
     ratepool_client wa ${\ $t->token_hash($TOKEN{wa})};
     ratepool_client wb ${\ $t->token_hash($TOKEN{wb})};
+    ratepool_client held ${\ $t->token_hash($TOKEN{held})};
 
     ratepool_wait 10s;
 
@@ -203,6 +205,30 @@ ok($took < 0.5, 'and is told so at once, not after waiting')
 ok($r->{headers}{'retry-after'} >= 9 && $r->{headers}{'retry-after'} <= 12,
    'with the retry-after of its bucket')
     or diag "retry-after: $r->{headers}{'retry-after'}";
+
+# a request that waited and still cannot fit when its wait is over gets
+# its 429 then: the room it waited for is held by a long request
+
+$got = $t->parallel(2, sub {
+    my ($i) = @_;
+    my $t0 = time;
+    my $r = $i == 0
+        ? ask('held', '/v1/messages', stream => 1,
+              body => { max_tokens => 600, stream => JSON::PP::true },
+              headers => [ 'x-mock-stream-delay-ms' => 250 ])
+        : do { sleep 0.3;
+               ask('held', '/brief/v1/messages',
+                   body => { max_tokens => 600 }) };
+    return [ $r->{status}, int((time - $t0) * 1000) ];
+});
+
+is($got->[0][0], 200, 'a long stream holds 600 of a workspace\'s 1000 '
+   . 'output tokens');
+is($got->[1][0], 429, 'a second request of 600 waits, and gets a 429');
+ok($got->[1][1] >= 1500 && $got->[1][1] < 3500,
+   'when its 2 s wait is over')
+    or diag "took $got->[1][1] ms";
+is(queue(0)->{timed_out}, 1, 'the status counts it as timed out');
 
 # budgets are not waited for
 
