@@ -225,8 +225,8 @@ $got = $t->parallel(2, sub {
 is($got->[0][0], 200, 'a long stream holds 600 of a workspace\'s 1000 '
    . 'output tokens');
 is($got->[1][0], 429, 'a second request of 600 waits, and gets a 429');
-ok($got->[1][1] >= 1500 && $got->[1][1] < 3500,
-   'when its 2 s wait is over')
+ok($got->[1][1] >= 1000 && $got->[1][1] < 3500,
+   'once its 2 s wait is over, or can no longer end in time')
     or diag "took $got->[1][1] ms";
 is(queue(0)->{timed_out}, 1, 'the status counts it as timed out');
 
