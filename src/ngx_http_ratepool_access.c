@@ -67,8 +67,19 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
          * and starts afresh in the new one.
          */
 
+        if (ctx->phase_rc != NGX_DECLINED) {
+            /*
+             * An error page of a request that was never admitted (its
+             * body could not be read, say): no key is chosen for it.
+             */
+            ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                          "ratepool: a request that was not admitted was "
+                          "redirected to a pool");
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
         if (ctx->pool == pool) {
-            return ctx->phase_rc;
+            return NGX_DECLINED;
         }
 
         ngx_http_ratepool_release(ctx, &ctx->held, 0);
@@ -79,6 +90,10 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->tried = 0;
         ctx->tries = 0;
         ctx->retry_same = 0;
+        ctx->answered = 0;
+        ctx->exhausted = 0;
+        ctx->refused = 0;
+        ctx->soonest_ms = 0;
 
         if (ngx_http_ratepool_resolve_classes(ctx) != NGX_OK) {
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
@@ -124,10 +139,13 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
 
-    if ((ws->daily_tokens || ws->monthly_tokens)
-        && ngx_http_ratepool_check_budgets(r, pool, ws) != NGX_OK)
-    {
-        return NGX_DONE;
+    if (ws->daily_tokens || ws->monthly_tokens) {
+        rc = ngx_http_ratepool_check_budgets(r, pool, ws);
+
+        if (rc != NGX_OK) {
+            /* NGX_DONE: answered; else the body could not be discarded */
+            return rc;
+        }
     }
 
     /*
@@ -765,11 +783,9 @@ ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
                   "ratepool: workspace \"%V\" is over its %s token budget",
                   &ws->name, kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly");
 
-    (void) ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+    return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
                                     "rate_limit_error", &msg,
                                     "enforced_spend_limit_reached", 0, 0);
-
-    return NGX_DONE;
 }
 
 

@@ -103,6 +103,11 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
+    /* a client that leaves while it waits must be seen to leave */
+    if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+        return NGX_DECLINED;
+    }
+
     ngx_shmtx_lock(&shpool->mutex);
 
     full = (pool->sh->waiting >= pool->queue_max);
@@ -248,6 +253,11 @@ ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool, uint64_t at_ms)
                              - (ngx_current_msec + delay)) <= 0)
     {
         return;
+    }
+
+    /* ngx_add_timer() would keep a timer that is up to 300 ms later */
+    if (pool->wake.timer_set) {
+        ngx_del_timer(&pool->wake);
     }
 
     ngx_add_timer(&pool->wake, delay);

@@ -118,6 +118,29 @@ is($ws->{monthly}{tokens_this_month}, 5400,
     'and the tokens of this month');
 is($ws->{daily}{rejected}, 1, 'and the request refused for the budget');
 
+# a spent budget and a body that cannot be read: an answer, not a hang
+
+{
+    use IO::Socket::INET;
+
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+                                  PeerPort => $t->port(0), Timeout => 5)
+        or die "connect: $@";
+    print $s "POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+        . "x-api-key: $TOKEN{daily}\r\nTransfer-Encoding: chunked\r\n"
+        . "Connection: close\r\n\r\nzz\r\n";
+
+    my $answer = '';
+    my $sel = IO::Select->new($s);
+    while ($sel->can_read(3)) {
+        last unless sysread($s, my $buf, 4096);
+        $answer .= $buf;
+    }
+
+    like($answer, qr{^HTTP/1\.1 4\d\d },
+         'a spent workspace sending a broken chunked body gets an answer');
+}
+
 $t->stop;
 $t->check_log;
 
