@@ -23,6 +23,8 @@ static ngx_int_t ngx_http_ratepool_read_body(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+static uint64_t ngx_http_ratepool_workspace_wait(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms);
 static ngx_int_t ngx_http_ratepool_admit_workspace(
     ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
 static ngx_int_t ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
@@ -366,27 +368,14 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
 uint64_t
 ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx)
 {
-    uint64_t                           now_ms, wait_ms, soonest_ms;
-    ngx_slab_pool_t                   *shpool;
-    ngx_http_ratepool_workspace_t     *ws;
-    ngx_http_ratepool_workspace_sh_t  *sh;
+    uint64_t          now_ms, wait_ms, soonest_ms;
+    ngx_slab_pool_t  *shpool;
 
-    ws = ctx->workspace;
-    sh = ws->sh;
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
     ngx_shmtx_lock(&shpool->mutex);
-
-    wait_ms = ngx_max(ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
-                                             ctx->input_cost,
-                                             sh->reserved_input, now_ms),
-                      ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
-                                             ctx->output_cost,
-                                             sh->reserved_output, now_ms));
-    wait_ms = ngx_max(wait_ms, ratepool_bucket_wait_ms(&sh->rpm_bucket,
-                                                       ws->rpm, 1, now_ms));
-
+    wait_ms = ngx_http_ratepool_workspace_wait(ctx, now_ms);
     ngx_shmtx_unlock(&shpool->mutex);
 
     soonest_ms = ngx_http_ratepool_soonest(ctx);
@@ -629,6 +618,49 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
 
 
 /*
+ * With the zone locked: how long until the request's tokens fit beside
+ * the workspace's reservations and it has a request in its bucket, and
+ * which bucket it waits for.
+ */
+
+static uint64_t
+ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms)
+{
+    uint64_t                           wait_in, wait_out;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+
+    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
+                                     ctx->input_cost, sh->reserved_input,
+                                     now_ms);
+    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
+                                      ctx->output_cost, sh->reserved_output,
+                                      now_ms);
+
+    if (wait_in || wait_out) {
+        if (wait_in >= wait_out) {
+            ctx->limited_what = "input tokens";
+            ctx->limited_limit = ws->itpm;
+            return wait_in;
+        }
+
+        ctx->limited_what = "output tokens";
+        ctx->limited_limit = ws->otpm;
+        return wait_out;
+    }
+
+    ctx->limited_what = "requests";
+    ctx->limited_limit = ws->rpm;
+
+    return ratepool_bucket_wait_ms(&sh->rpm_bucket, ws->rpm, 1, now_ms);
+}
+
+
+/*
  * A request takes one from the workspace's requests and reserves its
  * estimated tokens until it ends, when what it really used is charged:
  * it is admitted if its cost fits beside the reservations of the
@@ -640,7 +672,7 @@ static ngx_int_t
 ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     uint64_t *wait_ms)
 {
-    uint64_t                           now_ms, wait_in, wait_out;
+    uint64_t                           now_ms, taken_ms;
     ngx_int_t                          rc;
     ngx_slab_pool_t                   *shpool;
     ngx_http_ratepool_workspace_t     *ws;
@@ -667,37 +699,16 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
         goto done;
     }
 
-    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
-                                     ctx->input_cost, sh->reserved_input,
-                                     now_ms);
-    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
-                                      ctx->output_cost, sh->reserved_output,
-                                      now_ms);
+    *wait_ms = ngx_http_ratepool_workspace_wait(ctx, now_ms);
 
-    if (wait_in || wait_out) {
-        rc = NGX_AGAIN;
-
-        if (wait_in >= wait_out) {
-            *wait_ms = wait_in;
-
-        } else {
-            *wait_ms = wait_out;
-            ctx->limited_what = "output tokens";
-            ctx->limited_limit = ws->otpm;
-        }
-
-        goto done;
-    }
-
-    ctx->limited_what = "requests";
-    ctx->limited_limit = ws->rpm;
-
-    if (ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms, wait_ms)
-        != RATEPOOL_BUCKET_OK)
-    {
+    if (*wait_ms) {
         rc = NGX_AGAIN;
         goto done;
     }
+
+    /* there is a request in the bucket: the wait above says so */
+    (void) ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms,
+                                &taken_ms);
 
     rc = NGX_OK;
     sh->admitted++;

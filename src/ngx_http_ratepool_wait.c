@@ -27,6 +27,8 @@
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
 static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
+static void ngx_http_ratepool_resume(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_answer(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
@@ -346,11 +348,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
             ngx_http_ratepool_leave(ctx, rc == NGX_OK);
 
             if (rc == NGX_OK) {
-                /* on with the phases, from where the request stopped */
-                ctx->phase_rc = NGX_DECLINED;
-                r->read_event_handler = ngx_http_block_reading;
-                r->write_event_handler = ngx_http_core_run_phases;
-                ngx_http_core_run_phases(r);
+                ngx_http_ratepool_resume(r, ctx);
 
                 pool->next_workspace = (i + 1) % n;
 
@@ -369,6 +367,18 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
     if (pool->nwaiting && next_ms) {
         ngx_http_ratepool_schedule(pool, next_ms);
     }
+}
+
+
+/* admitted: on with the phases, from where the request stopped */
+
+static void
+ngx_http_ratepool_resume(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    ctx->phase_rc = NGX_DECLINED;
+    r->read_event_handler = ngx_http_block_reading;
+    r->write_event_handler = ngx_http_core_run_phases;
+    ngx_http_core_run_phases(r);
 }
 
 
@@ -410,10 +420,7 @@ ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
     ngx_http_ratepool_leave(ctx, rc == NGX_OK);
 
     if (rc == NGX_OK) {
-        ctx->phase_rc = NGX_DECLINED;
-        r->read_event_handler = ngx_http_block_reading;
-        r->write_event_handler = ngx_http_core_run_phases;
-        ngx_http_core_run_phases(r);
+        ngx_http_ratepool_resume(r, ctx);
 
     } else {
         ngx_http_ratepool_answer(r, ctx, rc, wait_ms);
