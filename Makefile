@@ -23,6 +23,7 @@ endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
+               src/ratepool_resp.c \
                src/ratepool_usage.c src/ratepool_budget.c \
                src/ratepool_request.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
@@ -30,7 +31,8 @@ MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 .PHONY: all deps module unit fuzz test demo bench capacity clean
 
 # the Debian 12 packages ratepool builds and tests with
-DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev perl wrk \
+DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev libhiredis-dev \
+               redis-server perl wrk \
                ca-certificates clang libclang-rt-14-dev
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

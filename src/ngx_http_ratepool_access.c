@@ -21,6 +21,12 @@ static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
 static void ngx_http_ratepool_body_read(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_read_body(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_decide(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+static ngx_int_t ngx_http_ratepool_unshared(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static uint64_t ngx_http_ratepool_workspace_wait(
@@ -170,15 +176,27 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 static void
 ngx_http_ratepool_body_read(ngx_http_request_t *r)
 {
-    ngx_int_t                 rc;
     ngx_http_ratepool_ctx_t  *ctx;
 
     ctx = ngx_http_ratepool_get_ctx(r);
 
-    rc = ngx_http_ratepool_admit(r, ctx);
+    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_admit(r, ctx));
+}
 
+
+/*
+ * On from a stop (the body read, a wait, Redis's answer): NGX_DECLINED
+ * runs the phases on, NGX_DONE leaves the request to what it waits for,
+ * anything else finalizes it.
+ */
+
+void
+ngx_http_ratepool_proceed(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc)
+{
     if (rc == NGX_DECLINED) {
         ctx->phase_rc = NGX_DECLINED;
+        r->read_event_handler = ngx_http_block_reading;
         r->write_event_handler = ngx_http_core_run_phases;
         ngx_http_core_run_phases(r);
         return;
@@ -290,21 +308,39 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
 static ngx_int_t
 ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 {
-    uint64_t                       wait_ms;
-    ngx_int_t                      rc;
-    ngx_http_ratepool_loc_conf_t  *rlcf;
-
     if (ngx_http_ratepool_read_body(r, ctx) != NGX_OK
         || ngx_http_ratepool_resolve_classes(ctx) != NGX_OK)
     {
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    return ngx_http_ratepool_decide(r, ctx);
+}
+
+
+/* admitted here (and by Redis), waiting, or answered */
+
+static ngx_int_t
+ngx_http_ratepool_decide(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                       wait_ms;
+    ngx_int_t                      rc;
+
     rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
 
     if (rc == NGX_OK) {
-        return NGX_DECLINED;
+        return ngx_http_ratepool_go(r, ctx);
     }
+
+    return ngx_http_ratepool_wait_or_refuse(r, ctx, rc, wait_ms);
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms)
+{
+    ngx_http_ratepool_loc_conf_t  *rlcf;
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
@@ -315,6 +351,115 @@ ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
     }
 
     return ngx_http_ratepool_refuse(r, ctx, rc, wait_ms);
+}
+
+
+/*
+ * Admitted by this gateway: with a Redis store, by every gateway too.
+ * NGX_DECLINED: on with the phases; NGX_DONE: Redis is asked.
+ */
+
+ngx_int_t
+ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    if (rmcf->redis == NULL) {
+        return NGX_DECLINED;
+    }
+
+    if (ngx_http_ratepool_shared_take(ctx) == NGX_AGAIN) {
+        /* a client that leaves meanwhile ends the request */
+        r->read_event_handler = ngx_http_test_reading;
+        r->write_event_handler = ngx_http_request_empty_handler;
+
+        if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return NGX_DONE;
+    }
+
+    return ngx_http_ratepool_unshared(r, ctx);
+}
+
+
+/* Redis did not answer for this request: redis_fail= says what follows */
+
+static ngx_int_t
+ngx_http_ratepool_unshared(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_str_t                       msg;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fallbacks, 1);
+
+    if (rmcf->redis->fail != RATEPOOL_REDIS_FAIL_CLOSED) {
+        return NGX_DECLINED;
+    }
+
+    ngx_http_ratepool_release(ctx, &ctx->held, 0);
+    ctx->key = NULL;
+    ngx_http_ratepool_refund_workspace(ctx, 1);
+
+    ngx_str_set(&msg, "the gateway cannot reach the rate-limit store it "
+                      "shares with other gateways; try again shortly");
+
+    return ngx_http_ratepool_reject(r, NGX_HTTP_SERVICE_UNAVAILABLE,
+                                    "api_error", &msg, NULL, 5, 1);
+}
+
+
+/* Redis answered the request's take (ngx_http_ratepool_shared.c) */
+
+void
+ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
+    uint64_t wait_ms, ngx_uint_t mask)
+{
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+    c = r->connection;
+
+    if (rc == NGX_OK) {
+        rc = NGX_DECLINED;
+
+    } else if (rc == NGX_ERROR) {
+        rc = ngx_http_ratepool_unshared(r, ctx);
+
+    } else {
+        /*
+         * Other gateways used the room: given back here, and decided
+         * again, now that the zone knows what Redis said.
+         */
+
+        ngx_http_ratepool_release(ctx, &ctx->held, 0);
+        ctx->key = NULL;
+        ngx_http_ratepool_refund_workspace(ctx, 1);
+
+        rc = NGX_OK;
+
+        if (mask & RATEPOOL_DENY_BUDGET) {
+            rc = ngx_http_ratepool_check_budgets(r, ctx->pool,
+                                                 ctx->workspace);
+        }
+
+        if (rc == NGX_OK) {
+            rc = (ctx->shared_asks < RATEPOOL_SHARED_ASKS_MAX)
+                 ? ngx_http_ratepool_decide(r, ctx)
+                 : ngx_http_ratepool_wait_or_refuse(r, ctx, NGX_AGAIN,
+                                                    wait_ms);
+        }
+    }
+
+    ngx_http_ratepool_proceed(r, ctx, rc);
+    ngx_http_run_posted_requests(c);
 }
 
 
@@ -627,17 +772,21 @@ static uint64_t
 ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms)
 {
-    uint64_t                           wait_in, wait_out;
+    uint64_t                           wait_in, wait_out, wait_rpm;
+    ngx_http_ratepool_zone_t          *zone;
     ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_workspace_sh_t  *sh;
 
     ws = ctx->workspace;
     sh = ws->sh;
+    zone = ctx->pool->zone;
 
-    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket, ws->itpm,
+    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket,
+                                     ngx_http_ratepool_share(zone, ws->itpm),
                                      ctx->input_cost, sh->reserved_input,
                                      now_ms);
-    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket, ws->otpm,
+    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket,
+                                      ngx_http_ratepool_share(zone, ws->otpm),
                                       ctx->output_cost, sh->reserved_output,
                                       now_ms);
 
@@ -656,7 +805,16 @@ ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
     ctx->limited_what = "requests";
     ctx->limited_limit = ws->rpm;
 
-    return ratepool_bucket_wait_ms(&sh->rpm_bucket, ws->rpm, 1, now_ms);
+    wait_rpm = ratepool_bucket_wait_ms(&sh->rpm_bucket,
+                                       ngx_http_ratepool_share(zone, ws->rpm),
+                                       1, now_ms);
+
+    /* other gateways used the workspace's room, as Redis said */
+    if (sh->busy_until_ms > now_ms + wait_rpm) {
+        wait_rpm = sh->busy_until_ms - now_ms;
+    }
+
+    return wait_rpm;
 }
 
 
@@ -707,8 +865,10 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     }
 
     /* there is a request in the bucket: the wait above says so */
-    (void) ratepool_bucket_take(&sh->rpm_bucket, ws->rpm, 1, now_ms,
-                                &taken_ms);
+    (void) ratepool_bucket_take(&sh->rpm_bucket,
+                                ngx_http_ratepool_share(ctx->pool->zone,
+                                                        ws->rpm),
+                                1, now_ms, &taken_ms);
 
     rc = NGX_OK;
     sh->admitted++;
@@ -853,6 +1013,7 @@ ngx_http_ratepool_cleanup(void *data)
     ngx_http_ratepool_ctx_t  *ctx = data;
 
     ngx_http_ratepool_unwait(ctx);
+    ngx_http_ratepool_shared_end(ctx);
     ngx_http_ratepool_release(ctx, &ctx->held, 0);
     ngx_http_ratepool_release(ctx, &ctx->next, 0);
     ngx_http_ratepool_refund_workspace(ctx, 0);

@@ -76,6 +76,8 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
         ctx->key = key;
         ctx->held = key;
 
+        ngx_http_ratepool_shared_move(ctx);
+
         /* the same body, under the new key's headers */
         u->request_bufs = r->request_body ? r->request_body->bufs : NULL;
 

@@ -56,6 +56,10 @@ static ngx_int_t ngx_http_ratepool_valid_model(ngx_str_t *model);
 static ngx_http_ratepool_org_t *ngx_http_ratepool_find_org(ngx_conf_t *cf,
     ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_str_t *model,
     ngx_uint_t *index);
+static char *ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_str_t *zone_name);
+static ngx_int_t ngx_http_ratepool_init_process(ngx_cycle_t *cycle);
+static void ngx_http_ratepool_exit_process(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
     ngx_str_t *path, ngx_str_t *secret);
 static void ngx_http_ratepool_sha256(u_char *data, size_t len,
@@ -75,7 +79,7 @@ static ngx_conf_num_bounds_t  ngx_http_ratepool_output_reserve_bounds = {
 static ngx_command_t  ngx_http_ratepool_commands[] = {
 
     { ngx_string("ratepool_zone"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE1,
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
       ngx_http_ratepool_zone,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
@@ -170,10 +174,10 @@ ngx_module_t  ngx_http_ratepool_module = {
     NGX_HTTP_MODULE,                       /* module type */
     NULL,                                  /* init master */
     NULL,                                  /* init module */
-    NULL,                                  /* init process */
+    ngx_http_ratepool_init_process,        /* init process */
     NULL,                                  /* init thread */
     NULL,                                  /* exit thread */
-    NULL,                                  /* exit process */
+    ngx_http_ratepool_exit_process,        /* exit process */
     NULL,                                  /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -938,7 +942,213 @@ ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     rmcf->shm_zone->init = ngx_http_ratepool_init_zone;
     rmcf->shm_zone->data = zone;
 
+    if (cf->args->nelts > 2) {
+        return ngx_http_ratepool_zone_redis(cf, rmcf, &name);
+    }
+
     return NGX_CONF_OK;
+}
+
+
+/*
+ * ratepool_zone NAME:SIZE redis=HOST:PORT|unix:PATH [redis_db=N]
+ *               [redis_user=NAME] [redis_password_file=PATH]
+ *               [redis_timeout=TIME] [redis_fail=local|open|closed]
+ */
+
+static char *
+ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_str_t *zone_name)
+{
+    u_char                          *p;
+    ngx_str_t                       *value, v, path;
+    ngx_url_t                        u;
+    ngx_int_t                        n;
+    ngx_uint_t                       i;
+    ngx_http_ratepool_redis_conf_t  *redis;
+    u_char                           digest[20];
+    unsigned int                     len;
+
+    value = cf->args->elts;
+
+    redis = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_redis_conf_t));
+    if (redis == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    redis->timeout = 5;
+    redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "redis=", 6) == 0) {
+            redis->server.data = value[i].data + 6;
+            redis->server.len = value[i].len - 6;
+
+            ngx_memzero(&u, sizeof(ngx_url_t));
+            u.url = redis->server;
+            u.default_port = 6379;
+            u.no_resolve = 0;
+
+            if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": %s; use "
+                                   "\"redis=HOST:PORT\" or "
+                                   "\"redis=unix:/path/to/redis.sock\"",
+                                   &value[i],
+                                   u.err ? u.err : "no address");
+                return NGX_CONF_ERROR;
+            }
+
+            redis->addrs = u.addrs;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_db=", 9) == 0) {
+            n = ngx_atoi(value[i].data + 9, value[i].len - 9);
+
+            if (n == NGX_ERROR || n > 15) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use a database number "
+                                   "of 0 to 15", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            redis->db = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_user=", 11) == 0) {
+            redis->user.data = value[i].data + 11;
+            redis->user.len = value[i].len - 11;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_password_file=", 20) == 0) {
+            path.data = value[i].data + 20;
+            path.len = value[i].len - 20;
+
+            if (ngx_http_ratepool_read_secret(cf, &path, &redis->password)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_timeout=", 14) == 0) {
+            v.data = value[i].data + 14;
+            v.len = value[i].len - 14;
+
+            n = ngx_parse_time(&v, 0);
+
+            if (n == NGX_ERROR || n == 0 || n > 10000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use a time from 1ms "
+                                   "to 10s, for example "
+                                   "\"redis_timeout=5ms\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            redis->timeout = (ngx_msec_t) n;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=local") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=open") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_OPEN;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=closed") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_CLOSED;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"redis=\", "
+                           "\"redis_db=\", \"redis_user=\", "
+                           "\"redis_password_file=\", \"redis_timeout=\" "
+                           "or \"redis_fail=local|open|closed\"",
+                           &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->addrs == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" has Redis parameters but no server, "
+                           "add \"redis=HOST:PORT\"", zone_name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->user.len && redis->password.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_user=\" needs "
+                           "\"redis_password_file=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    /* every gateway sharing the pool names the zone the same way */
+
+    redis->prefix.len = sizeof("ratepool:{}:") - 1 + zone_name->len;
+    redis->prefix.data = ngx_pnalloc(cf->pool, redis->prefix.len);
+    if (redis->prefix.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_cpymem(redis->prefix.data, "ratepool:{", 10);
+    p = ngx_cpymem(p, zone_name->data, zone_name->len);
+    ngx_memcpy(p, "}:", 2);
+
+    len = sizeof(digest);
+
+    if (EVP_Digest(ratepool_script, ngx_strlen(ratepool_script), digest,
+                   &len, EVP_sha1(), NULL)
+        != 1)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_hex_dump(redis->sha, digest, sizeof(digest));
+
+    rmcf->redis = redis;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
+{
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_ratepool_module);
+
+    if (rmcf == NULL || rmcf->redis == NULL || rmcf->shm_zone == NULL) {
+        return NGX_OK;
+    }
+
+    return ngx_http_ratepool_redis_init_process(cycle, rmcf);
+}
+
+
+static void
+ngx_http_ratepool_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_cycle_get_module_main_conf(cycle,
+                                               ngx_http_ratepool_module);
+
+    if (rmcf && rmcf->redis) {
+        ngx_http_ratepool_redis_exit_process(rmcf);
+    }
 }
 
 

@@ -20,6 +20,8 @@
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"
+#include "ratepool_resp.h"
+#include "ratepool_script.h"
 
 
 #define RATEPOOL_NAME_MAX           64
@@ -27,6 +29,7 @@
 #define RATEPOOL_KEYS_MAX           64      /* per pool: a bitmap of tries */
 #define RATEPOOL_FINGERPRINT_LEN    12      /* hex digits of sha256 */
 #define RATEPOOL_OUTPUT_RESERVE     4096    /* default output reservation */
+#define RATEPOOL_COOLDOWN_MAX_MS    3600000 /* an hour, at most */
 
 #define RATEPOOL_PROVIDER_ANTHROPIC 0
 #define RATEPOOL_PROVIDER_OPENAI    1
@@ -36,6 +39,12 @@
 #define RATEPOOL_ENTRY_WORKSPACE    3
 #define RATEPOOL_ENTRY_POOL         4
 #define RATEPOOL_ENTRY_QUEUE        5
+
+#define RATEPOOL_REDIS_FAIL_LOCAL   0     /* redis_fail=: while Redis is */
+#define RATEPOOL_REDIS_FAIL_OPEN    1     /* down, this gateway's share, */
+#define RATEPOOL_REDIS_FAIL_CLOSED  2     /* the whole limit, or 503 */
+
+#define RATEPOOL_SHARED_ASKS_MAX    8     /* takes in Redis a request tries */
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
@@ -75,6 +84,8 @@ typedef struct {
     ratepool_bucket_t               itpm_bucket;        /* input tokens */
     ratepool_bucket_t               otpm_bucket;        /* output tokens */
     uint64_t                        cooldown_until_ms;  /* monotonic */
+    uint64_t                        busy_until_ms;      /* full, as other
+                                                           gateways used it */
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
     ngx_uint_t                      inflight;
@@ -117,6 +128,7 @@ typedef struct {
     ratepool_bucket_t               otpm_bucket;
     uint64_t                        reserved_input;
     uint64_t                        reserved_output;
+    uint64_t                        busy_until_ms;      /* as the org's */
     uint32_t                        input_rate;         /* learned, see
                                                    ratepool_estimate_learn() */
     uint64_t                        admitted;
@@ -167,6 +179,21 @@ typedef struct {
     ngx_atomic_t                    rejected_workspace;
     ngx_atomic_t                    rejected_pool;
     ngx_atomic_t                    rerouted;
+
+    /* the Redis store, as all workers see it */
+    ngx_atomic_t                    redis_down;     /* the breaker is open */
+    ngx_atomic_t                    redis_since;    /* of that, wall clock */
+    ngx_atomic_t                    redis_connected;    /* workers */
+    ngx_atomic_t                    redis_calls;
+    ngx_atomic_t                    redis_errors;
+    ngx_atomic_t                    redis_timeouts;
+    ngx_atomic_t                    redis_fallbacks;
+    ngx_atomic_t                    redis_noscript;
+    ngx_atomic_t                    redis_latency_us;   /* moving average */
+    ngx_atomic_t                    gateways;       /* alive, by heartbeat */
+    ngx_atomic_t                    local_share;    /* limits divided by
+                                                       this while down */
+    u_char                          gateway[16];    /* this one's id */
 } ngx_http_ratepool_shctx_t;
 
 
@@ -196,6 +223,7 @@ typedef struct {
     unsigned                        declared:1;
     unsigned                        cache_reads:1;  /* count toward ITPM */
     ngx_http_ratepool_org_sh_t     *sh;
+    ngx_http_ratepool_zone_t       *zone;
 } ngx_http_ratepool_org_t;
 
 
@@ -259,8 +287,47 @@ typedef struct {
 } ngx_http_ratepool_client_t;
 
 
+/* the Redis store: ratepool_zone ... redis= */
+
+typedef struct ngx_http_ratepool_redis_cmd_s  ngx_http_ratepool_redis_cmd_t;
+typedef struct ngx_http_ratepool_redis_s  ngx_http_ratepool_redis_t;
+
+/* reply is a redisReply, NULL if the command failed */
+typedef void (*ngx_http_ratepool_redis_pt)(ngx_http_ratepool_redis_cmd_t *cmd,
+    void *reply);
+
+#define RATEPOOL_REDIS_TAIL_MAX     768
+
+struct ngx_http_ratepool_redis_cmd_s {
+    ngx_queue_t                     queue;
+    ngx_http_ratepool_redis_pt      handler;
+    void                           *data;       /* NULL: nobody waits */
+    uint64_t                        sent;       /* microseconds */
+    ngx_uint_t                      nargs;      /* after the script */
+    size_t                          op;         /* offset of the op letter */
+    size_t                          tail_len;
+    u_char                          tail[RATEPOOL_REDIS_TAIL_MAX];
+    unsigned                        script:1;
+    unsigned                        resent:1;   /* as EVAL, once */
+};
+
+typedef struct {
+    ngx_str_t                       server;     /* as configured */
+    ngx_addr_t                     *addrs;
+    ngx_str_t                       user;
+    ngx_str_t                       password;
+    ngx_uint_t                      db;
+    ngx_msec_t                      timeout;    /* per request */
+    ngx_uint_t                      fail;       /* RATEPOOL_REDIS_FAIL_* */
+    ngx_str_t                       prefix;     /* "ratepool:{zone}:" */
+    u_char                          sha[40];    /* of ratepool_script */
+    ngx_http_ratepool_redis_t      *conn;       /* this worker's */
+} ngx_http_ratepool_redis_conf_t;
+
+
 typedef struct {
     ngx_shm_zone_t                 *shm_zone;
+    ngx_http_ratepool_redis_conf_t *redis;      /* NULL: shared memory */
     ngx_array_t                     pools;       /* ..._pool_t * */
     ngx_array_t                     workspaces;  /* ..._workspace_t */
     ngx_array_t                     clients;     /* ..._client_t */
@@ -313,6 +380,14 @@ typedef struct {
     uint64_t                        wait_until_ms;
     uint64_t                        waited_ms;
 
+    /* what the Redis store charged for the request */
+    ngx_http_ratepool_redis_cmd_t  *cmd;        /* a take, until its reply */
+    ngx_event_t                     shared_timer;
+    ngx_http_ratepool_org_t        *shared_org;     /* charged there */
+    uint64_t                        shared_input;
+    uint64_t                        shared_output;
+    ngx_uint_t                      shared_asks;
+
     ngx_int_t                     (*process_header)(ngx_http_request_t *r);
     ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
 
@@ -328,6 +403,9 @@ typedef struct {
                                                        request ends */
     unsigned                        waiting:1;
     unsigned                        limited_pool:1; /* not the workspace */
+    unsigned                        shared:1;       /* Redis took it */
+    unsigned                        shared_late:1;  /* went on without
+                                                       the take's reply */
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */
@@ -391,6 +469,56 @@ void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
 ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
     ngx_uint_t status, ngx_buf_t *b);
 ngx_int_t ngx_http_ratepool_send_buf(ngx_http_request_t *r, ngx_buf_t *b);
+
+/* ngx_http_ratepool_redis.c: this worker's connection to Redis */
+ngx_int_t ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf);
+void ngx_http_ratepool_redis_exit_process(
+    ngx_http_ratepool_main_conf_t *rmcf);
+ngx_int_t ngx_http_ratepool_redis_usable(ngx_http_ratepool_redis_t *redis);
+ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_redis_script(
+    ngx_http_ratepool_redis_t *redis, ratepool_resp_arg_t *args,
+    ngx_uint_t nargs, ngx_uint_t op, ngx_http_ratepool_redis_pt handler,
+    void *data);
+void ngx_http_ratepool_redis_resend(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_redis_cmd_t *cmd, u_char op);
+void ngx_http_ratepool_redis_timed_out(ngx_http_ratepool_redis_t *redis);
+void ngx_http_ratepool_redis_beat_later(ngx_http_ratepool_redis_t *redis);
+ngx_http_ratepool_redis_t *ngx_http_ratepool_redis_get(
+    ngx_http_ratepool_main_conf_t *rmcf);
+
+/* ngx_http_ratepool_shared.c: decisions shared through Redis */
+ngx_int_t ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t input, uint64_t output, uint64_t total);
+void ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t cooldown_ms);
+void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
+    int64_t *remaining);
+void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf);
+
+/* ngx_http_ratepool_access.c, once the store has answered */
+void ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t wait_ms, ngx_uint_t mask);
+ngx_int_t ngx_http_ratepool_go(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_proceed(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc);
+
+/* this gateway's share of a limit while the Redis store is down */
+static ngx_inline uint64_t
+ngx_http_ratepool_share(ngx_http_ratepool_zone_t *zone, uint64_t limit)
+{
+    ngx_atomic_uint_t  n;
+
+    n = zone->sh->local_share;
+
+    return (n > 1 && limit) ? ngx_max(limit / n, 1) : limit;
+}
 
 /* ngx_http_ratepool_balancer.c */
 char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,

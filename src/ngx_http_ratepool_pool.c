@@ -11,7 +11,6 @@
 #include "ngx_http_ratepool_module.h"
 
 
-#define RATEPOOL_COOLDOWN_MAX_MS   3600000
 
 /* a 403 may concern the key or only the request: the key sits out a while */
 #define RATEPOOL_REFUSED_MS        300000
@@ -124,6 +123,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         c[i].usable = (keys[i].sh->dead_status == 0);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
+        c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->busy_until_ms);
 
         /*
          * Free when the request's cost fits every known bucket of the org
@@ -179,7 +179,10 @@ ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
 
     osh = org->sh;
 
-    /* what the provider says wins over what was configured */
+    /*
+     * What the provider says wins over what was configured; while a
+     * shared store is down, this gateway has its share of it.
+     */
 
     bucket[0] = &osh->rpm_bucket;
     limit[0] = osh->requests.limit ? osh->requests.limit : org->rpm;
@@ -190,6 +193,10 @@ ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     bucket[2] = &osh->otpm_bucket;
     limit[2] = osh->output_tokens.limit ? osh->output_tokens.limit
                                         : org->otpm;
+
+    limit[0] = ngx_http_ratepool_share(org->zone, limit[0]);
+    limit[1] = ngx_http_ratepool_share(org->zone, limit[1]);
+    limit[2] = ngx_http_ratepool_share(org->zone, limit[2]);
 }
 
 
@@ -482,8 +489,10 @@ void
 ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h)
 {
-    uint64_t                      now_ms, floor_ms, limit, limits[3];
-    ngx_uint_t                    status, set;
+    int64_t                       remaining[3];
+    uint64_t                      now_ms, floor_ms, limit, limits[3],
+                                  seen[3], cooldown_ms;
+    ngx_uint_t                    status, set, shared;
     ratepool_bucket_t            *bucket[3];
     ngx_slab_pool_t              *shpool;
     ngx_http_request_t           *r;
@@ -586,7 +595,33 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         }
     }
 
+    cooldown_ms = osh->cooldown_until_ms > now_ms
+                  ? osh->cooldown_until_ms - now_ms : 0;
+
     ngx_shmtx_unlock(&shpool->mutex);
+
+    /* other gateways learn it too */
+
+    if (((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)->redis) {
+        shared = 0;
+
+        for (set = 0; set < 3; set++) {
+            seen[set] = a.seen[set][RATEPOOL_LEARN_LIMIT]
+                        ? a.value[set][RATEPOOL_LEARN_LIMIT] : 0;
+            remaining[set] = a.seen[set][RATEPOOL_LEARN_REMAINING]
+                             ? (int64_t) a.value[set][RATEPOOL_LEARN_REMAINING]
+                             : -1;
+            shared |= (seen[set] || remaining[set] >= 0);
+        }
+
+        if (shared) {
+            ngx_http_ratepool_shared_learn(ctx, org, seen, limits, remaining);
+        }
+
+        if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+            ngx_http_ratepool_shared_cool(ctx, org, cooldown_ms);
+        }
+    }
 
     if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
@@ -695,4 +730,9 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    if (((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)->redis) {
+        total = add.input + add.output + add.cache_read + add.cache_creation;
+        ngx_http_ratepool_shared_usage(ctx, counted, add.output, total);
+    }
 }

@@ -69,6 +69,11 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         ngx_queue_init(&zone->sh->entries);
         zone->sh->started = ngx_time();
 
+        /* this gateway, among those sharing a Redis store */
+        ngx_sprintf(zone->sh->gateway, "%08xD%08xD",
+                    (uint32_t) ngx_random() ^ (uint32_t) ngx_pid,
+                    (uint32_t) ngx_random() ^ (uint32_t) ngx_time());
+
         len = sizeof(" in ratepool zone \"\"") + shm_zone->shm.name.len;
 
         zone->shpool->log_ctx = ngx_slab_alloc(zone->shpool, len);
@@ -147,6 +152,8 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
             if (org[j].sh == NULL) {
                 return NGX_ERROR;
             }
+
+            org[j].zone = zone;
         }
 
         key = pools[i]->keys->elts;

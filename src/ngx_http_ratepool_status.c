@@ -13,6 +13,7 @@
 
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
+#define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */
 #define RATEPOOL_STATUS_POOL     384
 #define RATEPOOL_STATUS_TOKENS   192
 #define RATEPOOL_PROM_HEAD       4096   /* the totals and HELP/TYPE lines */
@@ -26,6 +27,8 @@ static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
     uint64_t now_ms);
 static size_t ngx_http_ratepool_status_size(
     ngx_http_ratepool_main_conf_t *rmcf, ngx_uint_t prometheus);
+static u_char *ngx_http_ratepool_status_store(u_char *p,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_zone_t *zone);
 static u_char *ngx_http_ratepool_status_pool(u_char *p,
     ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
 static u_char *ngx_http_ratepool_status_learned(u_char *p, const char *name,
@@ -122,7 +125,7 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     p = ngx_sprintf(p, "{\"zone\":\"%V\",\"uptime_sec\":%T,"
                     "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
                     "\"rejected_auth\":%uL,\"rejected_workspace\":%uL,"
-                    "\"rejected_pool\":%uL,\"rerouted\":%uL},\"pools\":[",
+                    "\"rejected_pool\":%uL,\"rerouted\":%uL},",
                     &rmcf->shm_zone->shm.name, ngx_time() - zone->sh->started,
                     (uint64_t) zone->sh->requests,
                     (uint64_t) zone->sh->in_flight,
@@ -130,6 +133,9 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                     (uint64_t) zone->sh->rejected_workspace,
                     (uint64_t) zone->sh->rejected_pool,
                     (uint64_t) zone->sh->rerouted);
+
+    p = ngx_http_ratepool_status_store(p, rmcf, zone);
+    p = ngx_cpymem(p, ",\"pools\":[", sizeof(",\"pools\":[") - 1);
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
         if (i) {
@@ -214,10 +220,13 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
                       * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
         }
 
-        return size;
+        return size + RATEPOOL_STATUS_STORE
+               + (rmcf->redis ? rmcf->redis->server.len : 0);
     }
 
-    size = RATEPOOL_STATUS_HEAD + rmcf->shm_zone->shm.name.len
+    size = RATEPOOL_STATUS_HEAD + RATEPOOL_STATUS_STORE
+           + (rmcf->redis ? rmcf->redis->server.len : 0)
+           + rmcf->shm_zone->shm.name.len
            + rmcf->workspaces.nelts * (RATEPOOL_STATUS_WS + RATEPOOL_NAME_MAX);
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
@@ -234,6 +243,47 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
     }
 
     return size;
+}
+
+
+/* where the limits are kept, and how that store is doing */
+
+static u_char *
+ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_zone_t *zone)
+{
+    ngx_http_ratepool_shctx_t  *sh;
+    static const char          *policy[] = { "local", "open", "closed" };
+
+    if (rmcf->redis == NULL) {
+        return ngx_sprintf(p, "\"store\":{\"kind\":\"shared_memory\","
+                           "\"shared\":false}");
+    }
+
+    sh = zone->sh;
+
+    return ngx_sprintf(p, "\"store\":{\"kind\":\"redis\",\"server\":\"%V\","
+                       "\"state\":\"%s\",\"shared\":%s,"
+                       "\"redis_fail\":\"%s\",\"down_since\":%T,"
+                       "\"connected_workers\":%uL,\"latency_us\":%uL,"
+                       "\"calls\":%uL,\"errors\":%uL,\"timeouts\":%uL,"
+                       "\"noscript\":%uL,\"fallbacks\":%uL,"
+                       "\"gateways\":%uL,\"local_share\":%uL}",
+                       &rmcf->redis->server,
+                       sh->redis_down ? "down" : "up",
+                       sh->redis_down ? "false" : "true",
+                       policy[rmcf->redis->fail],
+                       sh->redis_down ? (time_t) sh->redis_since : 0,
+                       (uint64_t) sh->redis_connected,
+                       (uint64_t) sh->redis_latency_us,
+                       (uint64_t) sh->redis_calls,
+                       (uint64_t) sh->redis_errors,
+                       (uint64_t) sh->redis_timeouts,
+                       (uint64_t) sh->redis_noscript,
+                       (uint64_t) sh->redis_fallbacks,
+                       (uint64_t) sh->gateways,
+                       (uint64_t) (sh->local_share > 1 ? sh->local_share
+                                                       : 1));
 }
 
 
@@ -514,6 +564,42 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                     "counter");
     p = ngx_sprintf(p, "ratepool_rerouted_total %uL\n",
                     (uint64_t) zone->sh->rerouted);
+
+    if (rmcf->redis) {
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_up",
+                                        "1 while limits are shared through "
+                                        "Redis, 0 while it is down.",
+                                        "gauge");
+        p = ngx_sprintf(p, "ratepool_redis_up %d\n",
+                        zone->sh->redis_down ? 0 : 1);
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_calls_total",
+                                        "Script calls to Redis, and how "
+                                        "they ended.", "counter");
+        p = ngx_sprintf(p, "ratepool_redis_calls_total{result=\"sent\"} %uL\n"
+                        "ratepool_redis_calls_total{result=\"error\"} %uL\n"
+                        "ratepool_redis_calls_total{result=\"timeout\"} "
+                        "%uL\n"
+                        "ratepool_redis_calls_total{result=\"noscript\"} "
+                        "%uL\n",
+                        (uint64_t) zone->sh->redis_calls,
+                        (uint64_t) zone->sh->redis_errors,
+                        (uint64_t) zone->sh->redis_timeouts,
+                        (uint64_t) zone->sh->redis_noscript);
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_fallbacks_total",
+                                        "Requests decided without Redis.",
+                                        "counter");
+        p = ngx_sprintf(p, "ratepool_redis_fallbacks_total %uL\n",
+                        (uint64_t) zone->sh->redis_fallbacks);
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_latency_seconds",
+                                        "Moving average of a call's round "
+                                        "trip.", "gauge");
+        p = ngx_sprintf(p, "ratepool_redis_latency_seconds %uL.%06uL\n",
+                        (uint64_t) zone->sh->redis_latency_us / 1000000,
+                        (uint64_t) zone->sh->redis_latency_us % 1000000);
+    }
 
     for (m = ngx_http_ratepool_prom_keys; m->name; m++) {
         p = ngx_http_ratepool_prom_head(p, m->name, m->help, m->type);

@@ -375,10 +375,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
 static void
 ngx_http_ratepool_resume(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 {
-    ctx->phase_rc = NGX_DECLINED;
-    r->read_event_handler = ngx_http_block_reading;
-    r->write_event_handler = ngx_http_core_run_phases;
-    ngx_http_core_run_phases(r);
+    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_go(r, ctx));
 }
 
 

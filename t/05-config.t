@@ -152,6 +152,31 @@ my @cases = (
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
       qr/invalid parameter "queue=many", use "queue=N" with the number of requests that may wait for the pool/ ],
 
+    [ 'a Redis store with a bad address',
+      'ratepool_zone llm:1m redis=127.0.0.1:notaport;',
+      qr/invalid "redis=127.0.0.1:notaport": invalid port; use "redis=HOST:PORT" or "redis=unix:\/path\/to\/redis.sock"/ ],
+
+    [ 'a Redis store without a server',
+      'ratepool_zone llm:1m redis_fail=closed;',
+      qr/zone "llm" has Redis parameters but no server, add "redis=HOST:PORT"/ ],
+
+    [ 'an unknown redis_fail policy',
+      'ratepool_zone llm:1m redis=127.0.0.1 redis_fail=maybe;',
+      qr/invalid parameter "redis_fail=maybe", use .*"redis_fail=local\|open\|closed"/ ],
+
+    [ 'a Redis time budget of nothing',
+      'ratepool_zone llm:1m redis=127.0.0.1 redis_timeout=0;',
+      qr/invalid "redis_timeout=0", use a time from 1ms to 10s/ ],
+
+    [ 'a Redis database out of range',
+      'ratepool_zone llm:1m redis=127.0.0.1 redis_db=16;',
+      qr/invalid "redis_db=16", use a database number of 0 to 15/ ],
+
+    [ 'a Redis password file that is not there',
+      'ratepool_zone llm:1m redis=127.0.0.1 '
+      . 'redis_password_file=missing.pass;',
+      qr/open\(\) ".*missing.pass" failed/ ],
+
     [ 'a wait that is not a time',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; } "

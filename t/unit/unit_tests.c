@@ -13,6 +13,7 @@
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"
+#include "ratepool_resp.h"
 
 
 static int  tests, failures;
@@ -696,6 +697,38 @@ test_reserve(void)
 }
 
 
+static void
+test_resp(void)
+{
+    size_t               n;
+    unsigned char        buf[64], *p;
+    ratepool_resp_arg_t  args[3];
+
+    args[0].data = (const unsigned char *) "HGET";
+    args[0].len = 4;
+    args[1].data = (const unsigned char *) "ratepool:{llm}:w:ci";
+    args[1].len = 19;
+    args[2].data = (const unsigned char *) "";
+    args[2].len = 0;
+
+    n = ratepool_resp_format(buf, sizeof(buf), args, 3);
+    check(n == 46 && memcmp(buf, "*3\r\n$4\r\nHGET\r\n$19\r\n"
+                                 "ratepool:{llm}:w:ci\r\n$0\r\n\r\n", 46) == 0,
+          "a command is an array of bulk strings, empty ones too");
+
+    check(ratepool_resp_format(buf, 45, args, 3) == 0,
+          "a command that does not fit is not written at all");
+
+    p = ratepool_resp_uint(buf, 18446744073709551615ULL);
+    check(p - buf == 20 && memcmp(buf, "18446744073709551615", 20) == 0,
+          "the largest count is written in full");
+
+    check(ratepool_resp_header_size(12) == 5
+          && ratepool_resp_arg_size(100) == 108,
+          "sizes count the digits of the lengths");
+}
+
+
 int
 main(void)
 {
@@ -707,6 +740,7 @@ main(void)
     test_budget();
     test_request();
     test_reserve();
+    test_resp();
 
     printf("1..%d\n", tests);
 

@@ -291,6 +291,29 @@ sub start_mock {
     die "mock provider did not start on port $port:\n" . _slurp($stderr);
 }
 
+# --- redis ---------------------------------------------------------------------
+
+# A real redis-server of its own, on 127.0.0.1 (port => n as for mocks),
+# with password => P if given.  Skips the test when there is none.
+sub start_redis {
+    my ($self, %opt) = @_;
+
+    my $server = $ENV{RATEPOOL_REDIS_SERVER} // '/usr/bin/redis-server';
+    plan skip_all => "no redis-server at $server" unless -x $server;
+
+    my $port = !defined $opt{port} ? $self->_anonymous_port
+             : $opt{port} < 1024   ? $self->port($opt{port})
+             :                       $opt{port};
+
+    my $redis = Ratepool::Test::Redis->new(server => $server, port => $port,
+        password => $opt{password}, dir => $self->{testdir},
+        n => scalar @{ $self->{redis} ||= [] });
+    push @{ $self->{redis} }, $redis;
+
+    $redis->start;
+    return $redis;
+}
+
 sub _anonymous_port {
     my ($self) = @_;
     my $port = $self->_free_port;
@@ -584,6 +607,7 @@ sub _shutdown {
     local ($?, $!, $@);
     $self->stop;
     $_ && $_->stop for @{ $self->{mocks} };
+    $_ && $_->stop for @{ $self->{redis} || [] };
 }
 
 sub DESTROY { $_[0]->_shutdown }
@@ -713,6 +737,74 @@ sub _control {
     die "mock $path: status $r->{status}: $r->{body}\n"
         unless $r->{status} == 200;
     return 1;
+}
+
+sub stop {
+    my ($self) = @_;
+    my $pid = delete $self->{pid} or return;
+
+    return unless $$ == $self->{owner};
+    kill TERM => $pid;
+    return if Ratepool::Test::_reap($pid, 3);
+    kill KILL => $pid;
+    Ratepool::Test::_reap($pid, 1);
+}
+
+sub DESTROY {
+    local ($?, $!, $@);
+    $_[0]->stop;
+}
+
+package Ratepool::Test::Redis;
+
+# A redis-server that a test may stop and start again on the same port.
+
+use strict;
+use warnings;
+
+use Time::HiRes qw(sleep);
+
+sub new {
+    my ($class, %fields) = @_;
+    return bless { %fields, owner => $$ }, $class;
+}
+
+sub port { $_[0]{port} }
+
+sub start {
+    my ($self) = @_;
+
+    my @args = ('--port', $self->{port}, '--bind', '127.0.0.1',
+                '--save', '', '--appendonly', 'no',
+                '--dir', $self->{dir}, '--daemonize', 'no');
+    push @args, '--requirepass', $self->{password}
+        if defined $self->{password};
+
+    my $log = "$self->{dir}/redis$self->{n}.log";
+    $self->{pid} = Ratepool::Test::_spawn($log, $self->{server}, @args);
+
+    for (1 .. 100) {
+        return $self if Ratepool::Test::_accepts($self->{port});
+        last if defined Ratepool::Test::_exited($self->{pid});
+        sleep 0.05;
+    }
+
+    die "redis-server did not start on port $self->{port}:\n"
+        . Ratepool::Test::_slurp($log);
+}
+
+# redis-cli's answer to a command, as text
+sub cli {
+    my ($self, @cmd) = @_;
+
+    my @auth = defined $self->{password}
+             ? ('--no-auth-warning', '-a', $self->{password}) : ();
+    open my $fh, '-|', 'redis-cli', '-p', $self->{port}, @auth, @cmd
+        or die "redis-cli: $!\n";
+    local $/;
+    my $out = <$fh>;
+    close $fh;
+    return $out // '';
 }
 
 sub stop {

@@ -1,0 +1,259 @@
+#!/usr/bin/perl
+
+# A fleet of gateways on one Redis: one set of limits for all of them,
+# cooldowns shared, and a defined answer while Redis is down, slow,
+# flushed or refuses the password.  Real redis-server, real nginx.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use Digest::SHA;
+use JSON::PP;
+use Test::More;
+use Time::HiRes qw(sleep time);
+
+use Ratepool::Test;
+
+my $a = Ratepool::Test->new;
+my $b = Ratepool::Test->new;
+
+my $redis = $a->start_redis;
+my $mock = $a->start_mock(port => 1, log => 1);
+
+my $KEY = 'sk-ant-mock-r1-' . int(rand(1e9));
+my $KEY2 = 'sk-ant-mock-r2-' . int(rand(1e9));
+my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend);
+
+sub config {
+    my ($t, %opt) = @_;
+    my $redis_port = $opt{redis_port} // $redis->port;
+    my $extra = $opt{zone} // '';
+
+    return <<"EOF";
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    ratepool_zone llm:1m redis=127.0.0.1:$redis_port redis_timeout=200ms
+                  $extra;
+
+    upstream claude {
+        ratepool zone=llm;
+        ratepool_org acme rpm=6;
+        ratepool_key r1 org=acme server=127.0.0.1:${\ $mock->port } key=$KEY;
+    }
+
+    upstream big {
+        ratepool zone=llm;
+        ratepool_org wide rpm=1000;
+        ratepool_key r2 org=wide server=127.0.0.1:${\ $mock->port } key=$KEY2;
+    }
+
+    ratepool_workspace ci rpm=3;
+    ratepool_client ci ${\ $t->token_hash($TOKEN{ci})};
+    ratepool_workspace backend rpm=1000 daily_tokens=100000;
+    ratepool_client backend ${\ $t->token_hash($TOKEN{backend})};
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+
+        location /v1/ {
+            ratepool_pass http://claude;
+        }
+
+        location /big/ {
+            rewrite ^/big(/.*)\$ \$1 break;
+            ratepool_pass http://big;
+        }
+
+        location = /ratepool/status {
+            ratepool_status;
+        }
+    }
+}
+EOF
+}
+
+# until every worker of the gateways has its connection
+sub connected {
+    my $deadline = time + 10;
+
+    while (time < $deadline) {
+        return 1 unless grep {
+            my $store = $_->status->{store};
+            ($store->{state} // '') ne 'up'
+                || ($store->{connected_workers} // 0) < 2
+                || ($store->{gateways} // 0) < 2
+        } @_;
+        sleep 0.1;
+    }
+
+    return 0;
+}
+
+$a->write_config(config($a));
+$b->write_config(config($b));
+$a->run;
+$b->run;
+
+ok(connected($a, $b), 'both gateways connect to Redis');
+
+my $store = $a->status->{store};
+is($store->{kind}, 'redis', 'status names the store: redis');
+is($store->{state}, 'up', 'Redis is up');
+ok($store->{shared}, 'numbers are shared');
+is($store->{gateways}, 2, 'both gateways are seen alive');
+
+# --- one workspace limit for the fleet ---------------------------------------
+
+my @codes;
+push @codes, $a->messages(token => $TOKEN{ci})->{status} for 1 .. 2;
+push @codes, $b->messages(token => $TOKEN{ci})->{status} for 1 .. 2;
+
+is(join(',', @codes), '200,200,200,429',
+    'a workspace of 3 rpm gets 3 requests across two gateways, not 6');
+
+my $r = $b->messages(token => $TOKEN{ci});
+my $err = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 429, 'the next one on the second gateway is refused too');
+like($err->{error}{message}, qr/workspace "ci"/,
+    'as the workspace\'s limit, in the provider\'s error format');
+ok($r->{headers}{'retry-after'} >= 15, 'retry-after is the refill time')
+    or diag explain $r->{headers};
+
+is(scalar @{ $mock->log }, 3, 'the refused requests never reached the provider');
+
+# --- one org limit for the fleet ---------------------------------------------
+
+@codes = ();
+push @codes, $a->messages(token => $TOKEN{backend})->{status} for 1 .. 2;
+push @codes, $b->messages(token => $TOKEN{backend})->{status} for 1 .. 2;
+
+is(join(',', @codes), '200,200,200,429',
+    'the org of 6 rpm, 3 used, gives 3 more across both gateways');
+is(scalar @{ $mock->log }, 6, 'the provider saw exactly the org\'s limit');
+
+# parallel: the sum stays within the limit
+$mock->reset;
+my $N = 12;
+my $par = $a->parallel($N, sub {
+    my $t = $_[0] % 2 ? $a : $b;
+    $t->messages(token => $TOKEN{backend}, path => '/big/v1/messages')
+        ->{status};
+});
+is(scalar(grep { ($_ // 0) == 200 } @$par), $N,
+    'a pool with room serves every request from both gateways');
+
+# --- secrets stay out of Redis -----------------------------------------------
+
+my @keys = split /\n/, $redis->cli('--scan');
+ok(@keys >= 4, 'Redis holds the pool\'s state (' . scalar(@keys) . ' keys)');
+is(scalar(grep { !/^ratepool:\{llm\}:/ } @keys), 0,
+    'every key is under ratepool:{llm}: (one hash tag)');
+
+my $dump = join "\n", @keys, map { $redis->cli('--no-raw', 'DUMP', $_) } @keys;
+my @secrets = ($KEY, $KEY2, values %TOKEN,
+               map { Digest::SHA::sha256_hex($_) } $KEY, $KEY2, values %TOKEN);
+is(scalar(grep { index($dump, $_) >= 0 } @secrets), 0,
+    'no key, token or token hash in any Redis key name or value');
+ok(grep({ $_ eq 'ratepool:{llm}:w:backend' } @keys),
+    'workspaces are named by their configured name');
+
+# --- NOSCRIPT after SCRIPT FLUSH ----------------------------------------------
+
+$redis->cli('SCRIPT', 'FLUSH');
+$r = $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages');
+is($r->{status}, 200, 'after SCRIPT FLUSH the next request is served');
+ok($a->status->{store}{noscript} >= 1, 'the script was sent again (noscript)');
+is($a->status->{store}{fallbacks}, 0, 'and not decided without Redis');
+
+# --- Redis goes away ------------------------------------------------------------
+
+$redis->stop;
+
+my $t0 = time;
+my $down = $a->parallel(6, sub {
+    $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages',
+                 timeout => 10)->{status};
+});
+my $took = time - $t0;
+
+is(scalar(grep { ($_ // 0) == 200 } @$down), 6,
+    'with Redis stopped, redis_fail=local serves a pool with room');
+ok($took < 3, sprintf('and no request hangs (%.2f s for all)', $took));
+
+$store = $a->status->{store};
+is($store->{state}, 'down', 'status says Redis is down');
+ok(!$store->{shared}, 'and that numbers are local');
+is($store->{local_share}, 2, 'each gateway keeps half of every limit');
+
+# the org of 6 rpm is halved: the workspace budget is shared no more
+my $log = $a->error_log;
+my @said = $log =~ /redis at "127.0.0.1:\d+" is down/g;
+is(scalar @said, 1, 'the error log says once that Redis is down');
+like($log, qr/redis_fail=local/, 'and what applies meanwhile');
+
+# --- and comes back -------------------------------------------------------------
+
+$redis->start;
+
+ok(connected($a, $b), 'the gateways reconnect by themselves');
+like($a->error_log, qr/redis at "127.0.0.1:\d+" is back/,
+    'and says Redis is back');
+
+$r = $a->messages(token => $TOKEN{ci});
+is($r->{status}, 200, 'a request after the restart is served');
+like($redis->cli('HGET', 'ratepool:{llm}:w:ci', 'r'), qr/^\d{10,}/,
+    'and counted in Redis again');
+
+# --- cooldowns are shared -----------------------------------------------------
+
+$mock->reset;
+$mock->script($KEY2, [ { status => 429, retry_after => '30' } ]);
+$r = $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages');
+is($r->{status}, 429, 'a 429 from the provider on the first gateway');
+
+$r = $b->messages(token => $TOKEN{backend}, path => '/big/v1/messages');
+is($r->{status}, 429, 'the second gateway knows the org cools down');
+ok($r->{headers}{'retry-after'} >= 30 && $r->{headers}{'retry-after'} <= 40,
+    'and says for how long (retry-after ' . ($r->{headers}{'retry-after'} // '')
+    . ')');
+is(scalar @{ $mock->log }, 1, 'without sending the request');
+
+my $org = Ratepool::Test::by_name(
+    Ratepool::Test::by_name($b->status->{pools})->{big}{orgs})->{wide};
+ok($org->{cooldown_ms} > 20000, 'its status shows the cooldown');
+
+# --- closed policy, wrong password ------------------------------------------
+
+my $c = Ratepool::Test->new;
+my $locked = $c->start_redis(password => 'right-' . int(rand(1e9)));
+$c->write_file('redis.pass', 'wrong-horse-battery');
+$c->write_config(config($c, redis_port => $locked->port,
+    zone => "redis_fail=closed redis_password_file=redis.pass"));
+$c->run;
+
+my $deadline = time + 5;
+while (time < $deadline) {
+    last if $c->error_log =~ /is down/;
+    sleep 0.1;
+}
+
+like($c->error_log, qr/refused the handshake: check redis_password_file=.*WRONGPASS/,
+    'a wrong password gets a clear error log line');
+unlike($c->error_log, qr/wrong-horse-battery/, 'that does not show the password');
+
+$r = $c->messages(token => $TOKEN{backend}, path => '/big/v1/messages');
+$err = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 503, 'redis_fail=closed answers 503 while Redis is unusable');
+is($err->{type}, 'error', 'in the provider\'s error format');
+is($err->{error}{type}, 'api_error', 'as an api_error');
+is($r->{headers}{'x-should-retry'}, 'true', 'that may be retried');
+
+done_testing;
