@@ -362,6 +362,7 @@ ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
 ngx_int_t
 ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 {
+    ngx_int_t                       rc;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
@@ -370,7 +371,14 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
         return NGX_DECLINED;
     }
 
-    if (ngx_http_ratepool_shared_take(ctx) == NGX_AGAIN) {
+    rc = ngx_http_ratepool_shared_take(ctx);
+
+    if (rc == NGX_OK) {
+        /* on the copy of Redis's buckets */
+        return NGX_DECLINED;
+    }
+
+    if (rc == NGX_AGAIN) {
         /* a client that leaves meanwhile ends the request */
         r->read_event_handler = ngx_http_test_reading;
         r->write_event_handler = ngx_http_request_empty_handler;

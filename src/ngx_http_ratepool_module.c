@@ -1134,7 +1134,11 @@ ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
-    return ngx_http_ratepool_redis_init_process(cycle, rmcf);
+    if (ngx_http_ratepool_redis_init_process(cycle, rmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_ratepool_shared_init_process(cycle, rmcf);
 }
 
 
@@ -1147,6 +1151,7 @@ ngx_http_ratepool_exit_process(ngx_cycle_t *cycle)
                                                ngx_http_ratepool_module);
 
     if (rmcf && rmcf->redis) {
+        ngx_http_ratepool_shared_exit_process(rmcf);
         ngx_http_ratepool_redis_exit_process(rmcf);
     }
 }

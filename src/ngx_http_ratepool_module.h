@@ -86,6 +86,13 @@ typedef struct {
     uint64_t                        cooldown_until_ms;  /* monotonic */
     uint64_t                        busy_until_ms;      /* full, as other
                                                            gateways used it */
+    ratepool_bucket_t               shared_left[3];     /* in Redis, as its
+                                                           last answer said */
+    uint64_t                        shared_seen_ms;     /* that answer */
+    uint64_t                        lease[3];           /* taken in Redis,
+                                                           not yet used */
+    uint64_t                        lease_until_ms;
+    uint64_t                        lease_asked_ms;     /* one at a time */
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
     ngx_uint_t                      inflight;
@@ -129,6 +136,11 @@ typedef struct {
     uint64_t                        reserved_input;
     uint64_t                        reserved_output;
     uint64_t                        busy_until_ms;      /* as the org's */
+    ratepool_bucket_t               shared_left[3];
+    uint64_t                        shared_seen_ms;
+    uint64_t                        lease[3];
+    uint64_t                        lease_until_ms;
+    uint64_t                        lease_asked_ms;
     uint32_t                        input_rate;         /* learned, see
                                                    ratepool_estimate_learn() */
     uint64_t                        admitted;
@@ -185,6 +197,7 @@ typedef struct {
     ngx_atomic_t                    redis_since;    /* of that, wall clock */
     ngx_atomic_t                    redis_connected;    /* workers */
     ngx_atomic_t                    redis_calls;
+    ngx_atomic_t                    redis_fast;     /* admitted on a copy */
     ngx_atomic_t                    redis_errors;
     ngx_atomic_t                    redis_timeouts;
     ngx_atomic_t                    redis_fallbacks;
@@ -224,6 +237,7 @@ typedef struct {
     unsigned                        cache_reads:1;  /* count toward ITPM */
     ngx_http_ratepool_org_sh_t     *sh;
     ngx_http_ratepool_zone_t       *zone;
+    ngx_uint_t                      ledger;     /* index, in a worker */
 } ngx_http_ratepool_org_t;
 
 
@@ -322,6 +336,8 @@ typedef struct {
     ngx_str_t                       prefix;     /* "ratepool:{zone}:" */
     u_char                          sha[40];    /* of ratepool_script */
     ngx_http_ratepool_redis_t      *conn;       /* this worker's */
+    void                           *ledger;     /* this worker's, of
+                                                   charges not yet sent */
 } ngx_http_ratepool_redis_conf_t;
 
 
@@ -386,6 +402,8 @@ typedef struct {
     ngx_http_ratepool_org_t        *shared_org;     /* charged there */
     uint64_t                        shared_input;
     uint64_t                        shared_output;
+    uint64_t                        shared_block[6];    /* a take's lease:
+                                                   workspace's, org's */
     ngx_uint_t                      shared_asks;
 
     ngx_int_t                     (*process_header)(ngx_http_request_t *r);
@@ -488,6 +506,10 @@ ngx_http_ratepool_redis_t *ngx_http_ratepool_redis_get(
     ngx_http_ratepool_main_conf_t *rmcf);
 
 /* ngx_http_ratepool_shared.c: decisions shared through Redis */
+ngx_int_t ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf);
+void ngx_http_ratepool_shared_exit_process(
+    ngx_http_ratepool_main_conf_t *rmcf);
 ngx_int_t ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,

@@ -518,10 +518,19 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    shared = 0;
+
     for (set = 0; set < 3; set++) {
         learned = &osh->requests + set;
+        seen[set] = 0;
 
         if (a.seen[set][RATEPOOL_LEARN_LIMIT]) {
+            if (learned->limit != a.value[set][RATEPOOL_LEARN_LIMIT]) {
+                /* a limit new to this gateway is news to the others */
+                seen[set] = a.value[set][RATEPOOL_LEARN_LIMIT];
+                shared = 1;
+            }
+
             learned->limit = a.value[set][RATEPOOL_LEARN_LIMIT];
         }
 
@@ -544,11 +553,28 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
      */
 
     for (set = 0; set < 3; set++) {
-        if (limits[set] && a.seen[set][RATEPOOL_LEARN_REMAINING]) {
-            ratepool_bucket_clamp(bucket[set], limits[set],
-                                  a.value[set][RATEPOOL_LEARN_REMAINING]
-                                  + (set == 1 ? ctx->input_cost : 0),
-                                  now_ms);
+        remaining[set] = -1;
+
+        if (limits[set] == 0 || !a.seen[set][RATEPOOL_LEARN_REMAINING]) {
+            continue;
+        }
+
+        ratepool_bucket_clamp(bucket[set], limits[set],
+                              a.value[set][RATEPOOL_LEARN_REMAINING]
+                              + (set == 1 ? ctx->input_cost : 0),
+                              now_ms);
+
+        /*
+         * Redis counts what every gateway sent; the provider's count
+         * matters to it only where it is well below Redis's, as when
+         * others use the org too.
+         */
+
+        if (ratepool_bucket_level(&osh->shared_left[set], limits[set], now_ms)
+            > a.value[set][RATEPOOL_LEARN_REMAINING] + limits[set] / 10)
+        {
+            remaining[set] = (int64_t) a.value[set][RATEPOOL_LEARN_REMAINING];
+            shared = 1;
         }
     }
 
@@ -603,16 +629,6 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     /* other gateways learn it too */
 
     if (((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)->redis) {
-        shared = 0;
-
-        for (set = 0; set < 3; set++) {
-            seen[set] = a.seen[set][RATEPOOL_LEARN_LIMIT]
-                        ? a.value[set][RATEPOOL_LEARN_LIMIT] : 0;
-            remaining[set] = a.seen[set][RATEPOOL_LEARN_REMAINING]
-                             ? (int64_t) a.value[set][RATEPOOL_LEARN_REMAINING]
-                             : -1;
-            shared |= (seen[set] || remaining[set] >= 0);
-        }
 
         if (shared) {
             ngx_http_ratepool_shared_learn(ctx, org, seen, limits, remaining);

@@ -204,6 +204,11 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
 
     c = redis->peer.connection;
     c->data = redis;
+
+    if (redis->peer.sockaddr->sa_family != AF_UNIX) {
+        /* small commands, each awaited: never held back for an ACK */
+        (void) ngx_tcp_nodelay(c);
+    }
     c->read->handler = ngx_http_ratepool_redis_read;
     c->write->handler = ngx_http_ratepool_redis_write;
     c->log = redis->log;

@@ -13,22 +13,34 @@
  * Decisions shared by gateways through Redis (ratepool_zone ... redis=).
  *
  * A request is first admitted by this gateway's own buckets in the zone,
- * which count what this gateway sent; then one script call takes its
- * cost from the workspace and the chosen org in Redis, all or nothing,
- * where every gateway's requests are counted.  What Redis says is
- * mirrored into the zone: an org or workspace Redis found full is marked
- * busy, cooldowns and learned limits are copied, so that the next
- * request that cannot go is answered here without asking.
+ * which count what this gateway sent.  Then Redis, where every gateway's
+ * requests are counted, takes its cost from the workspace and the chosen
+ * org, all or nothing, in one script call; what it answers is copied into
+ * the zone: an org or workspace found full is marked busy, cooldowns,
+ * learned limits, budgets and what is left in each bucket are copied, so
+ * that the next request that cannot go is answered here without asking.
  *
- * Redis is charged the estimate at the take and the difference once the
- * usage is known; a request that ends without usage gives its tokens
- * back.  Cooldowns and learned limits are sent as they are seen, and
- * nobody waits for those.
+ * The fast path: while Redis's last word (at most a second old) leaves a
+ * bucket nearly full, so full that every live gateway could take its
+ * share of what is missing, and more, before Redis is asked again, a
+ * request is admitted on the copy, and its cost is sent afterwards.
+ * Near a limit every request asks, so limits hold exactly there.
+ *
+ * Costs admitted on the copy, usage that replaces an estimate, and
+ * tokens given back are gathered per workspace and org in each worker
+ * (the ledger) and sent as one adjustment every RATEPOOL_SHARED_FLUSH_MS;
+ * nobody waits for those, and their answers refresh the copy.
  *
  * Keys are "ratepool:{zone}:w:<workspace>", "ratepool:{zone}:o:<org>" and
  * "ratepool:{zone}:gateways": names from nginx.conf, never a secret, all
  * with one hash tag, so that one script may touch them on Redis Cluster.
  */
+
+#define RATEPOOL_SHARED_FLUSH_MS    20
+#define RATEPOOL_SHARED_FRESH_MS    1000
+#define RATEPOOL_SHARED_LEASE_MS    1000
+#define RATEPOOL_SHARED_ASK_MS      100     /* for a lease, at most */
+
 
 typedef struct {
     ratepool_resp_arg_t     args[RATEPOOL_RESP_ARGS_MAX];
@@ -38,13 +50,124 @@ typedef struct {
 } ngx_http_ratepool_call_t;
 
 
+/* charges of one workspace (or none) and org, not yet sent */
+
+typedef struct {
+    ngx_queue_t                     queue;      /* while there are some */
+    ngx_http_ratepool_workspace_t  *workspace;
+    ngx_http_ratepool_org_t        *org;
+    int64_t                         delta[3];
+    uint64_t                        tokens;     /* toward budgets */
+    unsigned                        dirty:1;
+} ngx_http_ratepool_entry_ledger_t;
+
+
+typedef struct {
+    ngx_http_ratepool_entry_ledger_t  *entries;
+    ngx_uint_t                         norgs;
+    ngx_queue_t                        dirty;
+    ngx_event_t                        flush;
+    ngx_event_t                        expire;     /* unused leases */
+    ngx_http_ratepool_main_conf_t     *rmcf;
+    ngx_http_ratepool_zone_t          *zone;
+} ngx_http_ratepool_ledger_t;
+
+
+static ngx_int_t ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org);
 static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
 static void ngx_http_ratepool_shared_timeout(ngx_event_t *ev);
-static void ngx_http_ratepool_shared_mirror(ngx_http_ratepool_ctx_t *ctx,
+static void ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx);
+static ngx_uint_t ngx_http_ratepool_shared_expire(
+    ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_lease_timer(ngx_event_t *ev);
+static ngx_int_t ngx_http_ratepool_take_reply(redisReply *reply);
+static void ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
+    ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
     redisReply *reply);
+static void ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
+    int64_t requests, int64_t input, int64_t output, uint64_t tokens);
+static void ngx_http_ratepool_ledger_flush(ngx_event_t *ev);
+static void ngx_http_ratepool_shared_adjusted(
+    ngx_http_ratepool_redis_cmd_t *cmd, void *reply);
 static void ngx_http_ratepool_shared_beaten(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
+
+
+ngx_int_t
+ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    ngx_uint_t                   i, j, n;
+    ngx_http_ratepool_org_t     *orgs;
+    ngx_http_ratepool_pool_t   **pools;
+    ngx_http_ratepool_ledger_t  *ledger;
+
+    ledger = ngx_pcalloc(cycle->pool, sizeof(ngx_http_ratepool_ledger_t));
+    if (ledger == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* every org class of every pool gets its entries, in this worker */
+
+    pools = rmcf->pools.elts;
+    n = 0;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            orgs[j].ledger = n++;
+        }
+    }
+
+    /* a column more, for a workspace alone */
+    ledger->norgs = n + 1;
+    ledger->entries = ngx_pcalloc(cycle->pool,
+                                  (n + 1) * (rmcf->workspaces.nelts + 1)
+                                  * sizeof(ngx_http_ratepool_entry_ledger_t));
+    if (ledger->entries == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_queue_init(&ledger->dirty);
+
+    ledger->rmcf = rmcf;
+    ledger->zone = rmcf->shm_zone->data;
+    ledger->flush.handler = ngx_http_ratepool_ledger_flush;
+    ledger->flush.data = ledger;
+    ledger->flush.log = cycle->log;
+
+    ledger->expire.handler = ngx_http_ratepool_lease_timer;
+    ledger->expire.data = ledger;
+    ledger->expire.log = cycle->log;
+    ledger->expire.cancelable = 1;
+
+    rmcf->redis->ledger = ledger;
+
+    return NGX_OK;
+}
+
+
+/* a worker that exits sends what it has, as far as a write goes */
+
+void
+ngx_http_ratepool_shared_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
+{
+    ngx_http_ratepool_ledger_t  *ledger;
+
+    ledger = rmcf->redis->ledger;
+
+    if (ledger && !ngx_queue_empty(&ledger->dirty)) {
+        if (ledger->flush.timer_set) {
+            ngx_del_timer(&ledger->flush);
+        }
+
+        ngx_http_ratepool_ledger_flush(&ledger->flush);
+    }
+}
 
 
 static void
@@ -99,22 +222,27 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
     ngx_http_ratepool_redis_conf_t *conf, ngx_http_ratepool_workspace_t *ws,
     ngx_http_ratepool_org_t *org, const char *op)
 {
-    time_t     now;
-    uint64_t   limits[3];
-    ngx_uint_t i;
+    time_t              now;
+    uint64_t            limits[3];
+    ngx_uint_t          i;
     ratepool_bucket_t  *bucket[3];
 
     call->n = 0;
     call->p = call->buf;
 
-    ngx_http_ratepool_call_int(call, ws ? 2 : 1);
+    ngx_http_ratepool_call_int(call, (ws && org) ? 2 : 1);
 
     if (ws) {
         ngx_http_ratepool_call_key(call, conf, 'w', &ws->name);
     }
 
-    ngx_http_ratepool_call_key(call, conf, 'o', &org->entry);
-    ngx_http_ratepool_call_str(call, (u_char *) op, 1);
+    if (org) {
+        ngx_http_ratepool_call_key(call, conf, 'o', &org->entry);
+    }
+
+    /* "A": an adjustment of a workspace alone */
+    ngx_http_ratepool_call_str(call,
+                               (u_char *) (org == NULL ? "A" : op), 1);
 
     ngx_http_ratepool_call_int(call, ws ? (int64_t) ws->rpm : 0);
     ngx_http_ratepool_call_int(call, ws ? (int64_t) ws->itpm : 0);
@@ -128,7 +256,13 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
     ngx_http_ratepool_call_int(call,
                           ratepool_budget_period(RATEPOOL_BUDGET_MONTH, now));
 
-    ngx_http_ratepool_org_buckets(org, bucket, limits);
+    limits[0] = 0;
+    limits[1] = 0;
+    limits[2] = 0;
+
+    if (org) {
+        ngx_http_ratepool_org_buckets(org, bucket, limits);
+    }
 
     for (i = 0; i < 3; i++) {
         ngx_http_ratepool_call_int(call, (int64_t) limits[i]);
@@ -137,14 +271,220 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
 
 
 /*
- * Takes the admitted request's cost in Redis.  NGX_AGAIN: asked, the
- * answer goes to ngx_http_ratepool_shared_done().  NGX_DECLINED: Redis
- * cannot be asked now, the request is decided without it.
+ * A lease is capacity taken in Redis along with a request, for the
+ * gateway's next requests: a block of each limit, so small that all the
+ * live gateways (and one more, yet to beat) together lease at most a
+ * quarter of a bucket.  Redis grants it only while the bucket stays over
+ * half full, so near a limit every request asks, and limits hold exactly.
+ */
+
+static void
+ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t *block)
+{
+    uint64_t                        n, now_ms, limits[3], *lease[2],
+                                   *asked[2];
+    ngx_uint_t                      d, k, ask;
+    ngx_slab_pool_t                *shpool;
+    ratepool_bucket_t              *bucket[3];
+    ngx_http_ratepool_workspace_t  *ws;
+
+    ws = ctx->workspace;
+    n = 4 * (ngx_max(ctx->pool->zone->sh->gateways, 1) + 1);
+    now_ms = ngx_http_ratepool_now_ms();
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+
+    block[0] = ws->rpm / n;
+    block[1] = ws->itpm / n;
+    block[2] = ws->otpm / n;
+    block[3] = limits[0] / n;
+    block[4] = limits[1] / n;
+    block[5] = limits[2] / n;
+
+    /* a block that would not hold this request is no use */
+    for (d = 0; d < 3; d++) {
+        if (block[d] && block[d] < (d == 0 ? 1 : d == 1 ? ctx->input_cost
+                                                         : ctx->output_cost))
+        {
+            block[d] = 0;
+        }
+
+        if (block[3 + d] && block[3 + d] < (d == 0 ? 1
+                                            : d == 1 ? ctx->input_cost
+                                                     : ctx->output_cost))
+        {
+            block[3 + d] = 0;
+        }
+    }
+
+    /*
+     * One lease at a time, and none while one is held: a burst must not
+     * gather blocks it cannot use before they expire.
+     */
+
+    lease[0] = ws->sh->lease;
+    lease[1] = org->sh->lease;
+    asked[0] = &ws->sh->lease_asked_ms;
+    asked[1] = &org->sh->lease_asked_ms;
+
+    for (k = 0; k < 2; k++) {
+        ask = (*asked[k] == 0
+               || now_ms - *asked[k] > RATEPOOL_SHARED_ASK_MS);
+
+        for (d = 0; d < 3; d++) {
+            if (lease[k][d]) {
+                ask = 0;
+            }
+        }
+
+        if (!ask) {
+            block[3 * k] = 0;
+            block[3 * k + 1] = 0;
+            block[3 * k + 2] = 0;
+
+        } else if (block[3 * k] || block[3 * k + 1] || block[3 * k + 2]) {
+            *asked[k] = now_ms;
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+/*
+ * With the zone locked: a lease past its time goes back to Redis, once,
+ * through the ledger.
+ */
+
+static ngx_uint_t
+ngx_http_ratepool_lease_expire(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
+    uint64_t *lease, uint64_t until_ms, uint64_t now_ms)
+{
+    if (lease[0] == 0 && lease[1] == 0 && lease[2] == 0) {
+        return 0;
+    }
+
+    if (until_ms > now_ms) {
+        /* still held: look again later */
+        return 1;
+    }
+
+    ngx_http_ratepool_ledger_add(rmcf, ws, org, -(int64_t) lease[0],
+                                 -(int64_t) lease[1], -(int64_t) lease[2],
+                                 0);
+    lease[0] = 0;
+    lease[1] = 0;
+    lease[2] = 0;
+
+    return 0;
+}
+
+
+/*
+ * May the request go without asking Redis?  If the gateway's leases of
+ * the workspace and the org hold its cost, it is taken from them.  An org
+ * of no known limits needs no lease, only word from Redis (its
+ * cooldowns) at most a second old.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org)
+{
+    uint64_t                           now_ms, limits[3], ws_limits[3],
+                                       cost[3];
+    ngx_int_t                          rc;
+    ngx_uint_t                         d, k, leased;
+    ratepool_bucket_t                 *bucket[3];
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_org_sh_t        *osh;
+    ngx_http_ratepool_workspace_sh_t  *wsh;
+    uint64_t                          *limit[2], *lease[2];
+
+    ws = ctx->workspace;
+    wsh = ws->sh;
+    osh = org->sh;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    cost[0] = 1;
+    cost[1] = ctx->input_cost;
+    cost[2] = ctx->output_cost;
+
+    ws_limits[0] = ws->rpm;
+    ws_limits[1] = ws->itpm;
+    ws_limits[2] = ws->otpm;
+
+    rc = NGX_OK;
+    leased = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    /* a lease is used even late: Redis counted it when it was granted */
+
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+
+    limit[0] = ws_limits;
+    limit[1] = limits;
+    lease[0] = wsh->lease;
+    lease[1] = osh->lease;
+
+    for (k = 0; k < 2; k++) {
+        for (d = 0; d < 3; d++) {
+            if (limit[k][d] == 0) {
+                continue;
+            }
+
+            if (lease[k][d] < cost[d]) {
+                rc = NGX_DECLINED;
+                goto done;
+            }
+
+            leased |= (1 << k);
+        }
+    }
+
+    if (!(leased & 2)
+        && (osh->shared_seen_ms == 0
+            || now_ms - osh->shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
+    {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    for (k = 0; k < 2; k++) {
+        for (d = 0; d < 3; d++) {
+            if (limit[k][d]) {
+                lease[k][d] -= cost[d];
+            }
+        }
+    }
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return rc;
+}
+
+
+/*
+ * Takes the admitted request's cost in Redis.  NGX_OK: taken on the copy,
+ * sent later.  NGX_AGAIN: asked, the answer goes to
+ * ngx_http_ratepool_shared_done().  NGX_DECLINED: Redis cannot be asked
+ * now, the request is decided without it.
  */
 
 ngx_int_t
 ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
 {
+    ngx_uint_t                      i;
     ngx_http_request_t             *r;
     ngx_http_ratepool_org_t        *org;
     ngx_http_ratepool_redis_t      *redis;
@@ -163,12 +503,29 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
 
     org = ngx_http_ratepool_ctx_org(ctx, ctx->key);
 
+    if (ngx_http_ratepool_shared_fast(ctx, org) == NGX_OK) {
+        ctx->shared = 1;
+        ctx->shared_org = org;
+        ctx->shared_input = ctx->input_cost;
+        ctx->shared_output = ctx->output_cost;
+
+        (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fast, 1);
+
+        return NGX_OK;
+    }
+
     ngx_http_ratepool_call_start(&call, rmcf->redis, ctx->workspace, org,
                                  "t");
     ngx_http_ratepool_call_int(&call, 1);
     ngx_http_ratepool_call_int(&call, (int64_t) ctx->input_cost);
     ngx_http_ratepool_call_int(&call, (int64_t) ctx->output_cost);
     ngx_http_ratepool_call_int(&call, 0);
+
+    ngx_http_ratepool_blocks(ctx, org, ctx->shared_block);
+
+    for (i = 0; i < 6; i++) {
+        ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared_block[i]);
+    }
 
     ctx->cmd = ngx_http_ratepool_redis_script(redis, call.args, call.n, 3,
                                               ngx_http_ratepool_shared_taken,
@@ -238,7 +595,10 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
             rmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
                                                      ngx_http_ratepool_module);
             redis = ngx_http_ratepool_redis_get(rmcf);
-            ngx_http_ratepool_redis_resend(redis, cmd, 'u');
+            ngx_http_ratepool_redis_resend(redis, cmd,
+                         ngx_http_ratepool_reply_int(reply,
+                                                     RATEPOOL_SCRIPT_LEASED)
+                         ? 'U' : 'u');
         }
 
         return;
@@ -258,10 +618,15 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
         return;
     }
 
-    ngx_http_ratepool_shared_mirror(ctx, reply);
+    ngx_http_ratepool_shared_mirror(ctx->pool->zone, ctx->workspace,
+                                    ctx->shared_org, reply);
 
     if (ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_OK)) {
         ctx->shared = 1;
+
+        if (ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_LEASED)) {
+            ngx_http_ratepool_lease_grant(ctx);
+        }
 
         if (!ctx->shared_late) {
             ngx_http_ratepool_shared_done(ctx, NGX_OK, 0, 0);
@@ -276,6 +641,67 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
                                                    RATEPOOL_SCRIPT_WAIT_MS),
                        ngx_http_ratepool_reply_int(reply,
                                                    RATEPOOL_SCRIPT_MASK));
+    }
+}
+
+
+/*
+ * What Redis leased along with a take is the gateway's; what is left of
+ * it after a second goes back.
+ */
+
+static void
+ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                           now_ms, *block;
+    ngx_http_ratepool_ledger_t        *ledger;
+    ngx_uint_t                         d;
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_org_sh_t        *osh;
+    ngx_http_ratepool_workspace_sh_t  *wsh;
+
+    block = ctx->shared_block;
+    wsh = ctx->workspace->sh;
+    osh = ctx->shared_org->sh;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (d = 0; d < 3; d++) {
+        wsh->lease[d] += block[d];
+        osh->lease[d] += block[3 + d];
+    }
+
+    wsh->lease_asked_ms = 0;
+    osh->lease_asked_ms = 0;
+
+    if (block[0] || block[1] || block[2]) {
+        wsh->lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
+    }
+
+    if (block[3] || block[4] || block[5]) {
+        osh->lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ledger = ((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)
+             ->redis->ledger;
+
+    if (!ledger->expire.timer_set) {
+        ngx_add_timer(&ledger->expire, RATEPOOL_SHARED_LEASE_MS + 10);
+    }
+}
+
+
+static void
+ngx_http_ratepool_lease_timer(ngx_event_t *ev)
+{
+    ngx_http_ratepool_ledger_t *ledger = ev->data;
+
+    if (ngx_http_ratepool_shared_expire(ledger->rmcf)) {
+        ngx_add_timer(ev, RATEPOOL_SHARED_LEASE_MS);
     }
 }
 
@@ -313,20 +739,21 @@ ngx_http_ratepool_shared_timeout(ngx_event_t *ev)
  */
 
 static void
-ngx_http_ratepool_shared_mirror(ngx_http_ratepool_ctx_t *ctx,
+ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
+    ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
     redisReply *reply)
 {
     time_t                             now;
-    uint64_t                           now_ms, ms, mask, used, n;
+    uint64_t                           now_ms, ms, mask, used, n,
+                                       limits[3], ws_limits[3];
     ngx_uint_t                         i;
     ngx_slab_pool_t                   *shpool;
+    ratepool_bucket_t                 *bucket[3];
     ngx_http_ratepool_org_sh_t        *osh;
     ngx_http_ratepool_learned_t       *learned;
     ngx_http_ratepool_workspace_sh_t  *wsh;
 
-    osh = ctx->shared_org->sh;
-    wsh = ctx->workspace->sh;
-    shpool = ctx->pool->zone->shpool;
+    shpool = zone->shpool;
     now = ngx_time();
     now_ms = ngx_http_ratepool_now_ms();
 
@@ -335,6 +762,11 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    if (org == NULL) {
+        goto workspace;
+    }
+
+    osh = org->sh;
     n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_COOLDOWN_MS);
 
     if (n) {
@@ -351,6 +783,30 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_ctx_t *ctx,
             learned->limit = n;
         }
     }
+
+    /* what is left of the org's buckets, as Redis counts them */
+
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+
+    for (i = 0; i < 3; i++) {
+        n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_ORG_LEFT + i);
+        ratepool_bucket_init(&osh->shared_left[i], limits[i], now_ms);
+        ratepool_bucket_clamp(&osh->shared_left[i], limits[i], n, now_ms);
+    }
+
+    osh->shared_seen_ms = now_ms;
+
+    if (mask & RATEPOOL_DENY_ORG) {
+        osh->busy_until_ms = ngx_max(osh->busy_until_ms, now_ms + ms);
+    }
+
+workspace:
+
+    if (ws == NULL) {
+        goto done;
+    }
+
+    wsh = ws->sh;
 
     used = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_DAY_USED);
 
@@ -369,13 +825,23 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_ctx_t *ctx,
                                                         now);
     }
 
+    ws_limits[0] = ws->rpm;
+    ws_limits[1] = ws->itpm;
+    ws_limits[2] = ws->otpm;
+
+    for (i = 0; i < 3; i++) {
+        n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_WS_LEFT + i);
+        ratepool_bucket_init(&wsh->shared_left[i], ws_limits[i], now_ms);
+        ratepool_bucket_clamp(&wsh->shared_left[i], ws_limits[i], n, now_ms);
+    }
+
+    wsh->shared_seen_ms = now_ms;
+
     if (mask & RATEPOOL_DENY_WORKSPACE) {
         wsh->busy_until_ms = ngx_max(wsh->busy_until_ms, now_ms + ms);
     }
 
-    if (mask & RATEPOOL_DENY_ORG) {
-        osh->busy_until_ms = ngx_max(osh->busy_until_ms, now_ms + ms);
-    }
+done:
 
     ngx_shmtx_unlock(&shpool->mutex);
 }
@@ -387,8 +853,6 @@ void
 ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
 {
     ngx_http_ratepool_org_t        *org;
-    ngx_http_ratepool_redis_t      *redis;
-    ngx_http_ratepool_call_t        call;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     if (!ctx->shared) {
@@ -402,27 +866,14 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
     }
 
     rmcf = ctx->pool->zone->conf;
-    redis = ngx_http_ratepool_redis_get(rmcf);
 
     /* the org that refused counted the request, not its tokens */
-    ngx_http_ratepool_call_start(&call, rmcf->redis, NULL, ctx->shared_org,
-                                 "a");
-    ngx_http_ratepool_call_int(&call, 0);
-    ngx_http_ratepool_call_int(&call, -(int64_t) ctx->shared_input);
-    ngx_http_ratepool_call_int(&call, -(int64_t) ctx->shared_output);
-    ngx_http_ratepool_call_int(&call, 0);
-
-    (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
-                                          NULL);
-
-    ngx_http_ratepool_call_start(&call, rmcf->redis, NULL, org, "a");
-    ngx_http_ratepool_call_int(&call, 1);
-    ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared_input);
-    ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared_output);
-    ngx_http_ratepool_call_int(&call, 0);
-
-    (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
-                                          NULL);
+    ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared_org, 0,
+                                 -(int64_t) ctx->shared_input,
+                                 -(int64_t) ctx->shared_output, 0);
+    ngx_http_ratepool_ledger_add(rmcf, NULL, org, 1,
+                                 (int64_t) ctx->shared_input,
+                                 (int64_t) ctx->shared_output, 0);
 
     ctx->shared_org = org;
 }
@@ -434,10 +885,6 @@ void
 ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
     uint64_t output, uint64_t total)
 {
-    ngx_http_ratepool_redis_t      *redis;
-    ngx_http_ratepool_call_t        call;
-    ngx_http_ratepool_main_conf_t  *rmcf;
-
     if (ctx->cmd) {
         /* the take is still unanswered: it will be undone */
         ctx->cmd->data = NULL;
@@ -450,20 +897,12 @@ ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
 
     ctx->shared = 0;
 
-    rmcf = ctx->pool->zone->conf;
-    redis = ngx_http_ratepool_redis_get(rmcf);
-
-    ngx_http_ratepool_call_start(&call, rmcf->redis, ctx->workspace,
-                                 ctx->shared_org, "a");
-    ngx_http_ratepool_call_int(&call, 0);
-    ngx_http_ratepool_call_int(&call,
-                               (int64_t) input - (int64_t) ctx->shared_input);
-    ngx_http_ratepool_call_int(&call, (int64_t) output
-                                      - (int64_t) ctx->shared_output);
-    ngx_http_ratepool_call_int(&call, (int64_t) total);
-
-    (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 3, NULL,
-                                          NULL);
+    ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
+                                 ctx->shared_org, 0,
+                                 (int64_t) input - (int64_t) ctx->shared_input,
+                                 (int64_t) output
+                                 - (int64_t) ctx->shared_output,
+                                 total);
 }
 
 
@@ -481,6 +920,121 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
     }
 
     ngx_http_ratepool_shared_usage(ctx, 0, 0, 0);
+}
+
+
+/*
+ * Charges are gathered per workspace and org, and sent together: at
+ * most one adjustment per pair every RATEPOOL_SHARED_FLUSH_MS.
+ */
+
+static void
+ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
+    int64_t requests, int64_t input, int64_t output, uint64_t tokens)
+{
+    ngx_uint_t                         index;
+    ngx_http_ratepool_ledger_t        *ledger;
+    ngx_http_ratepool_entry_ledger_t  *e;
+
+    ledger = rmcf->redis->ledger;
+
+    if (ledger == NULL
+        || !ngx_http_ratepool_redis_usable(rmcf->redis->conn))
+    {
+        /* Redis is down: what it missed, it misses; nothing waits */
+        return;
+    }
+
+    index = ws ? (ngx_uint_t) (ws - (ngx_http_ratepool_workspace_t *)
+                                    rmcf->workspaces.elts) + 1
+               : 0;
+
+    e = &ledger->entries[index * ledger->norgs
+                         + (org ? org->ledger : ledger->norgs - 1)];
+
+    e->workspace = ws;
+    e->org = org;
+    e->delta[0] += requests;
+    e->delta[1] += input;
+    e->delta[2] += output;
+    e->tokens += tokens;
+
+    if (!e->dirty) {
+        e->dirty = 1;
+        ngx_queue_insert_tail(&ledger->dirty, &e->queue);
+    }
+
+    if (!ledger->flush.timer_set) {
+        ngx_add_timer(&ledger->flush, RATEPOOL_SHARED_FLUSH_MS);
+    }
+}
+
+
+static void
+ngx_http_ratepool_ledger_flush(ngx_event_t *ev)
+{
+    ngx_http_ratepool_ledger_t *ledger = ev->data;
+
+    ngx_uint_t                         i;
+    ngx_queue_t                       *q;
+    ngx_http_ratepool_call_t           call;
+    ngx_http_ratepool_main_conf_t     *rmcf;
+    ngx_http_ratepool_entry_ledger_t  *e;
+
+    rmcf = ledger->rmcf;
+
+    while (!ngx_queue_empty(&ledger->dirty)) {
+        q = ngx_queue_head(&ledger->dirty);
+        ngx_queue_remove(q);
+
+        e = ngx_queue_data(q, ngx_http_ratepool_entry_ledger_t, queue);
+        e->dirty = 0;
+
+        if (e->delta[0] == 0 && e->delta[1] == 0 && e->delta[2] == 0
+            && e->tokens == 0)
+        {
+            continue;
+        }
+
+        ngx_http_ratepool_call_start(&call, rmcf->redis, e->workspace,
+                                     e->org, "a");
+
+        for (i = 0; i < 3; i++) {
+            ngx_http_ratepool_call_int(&call, e->delta[i]);
+            e->delta[i] = 0;
+        }
+
+        ngx_http_ratepool_call_int(&call, (int64_t) e->tokens);
+        e->tokens = 0;
+
+        (void) ngx_http_ratepool_redis_script(rmcf->redis->conn, call.args,
+                                      call.n,
+                                      (e->workspace && e->org) ? 3 : 2,
+                                      ngx_http_ratepool_shared_adjusted, e);
+    }
+}
+
+
+/* an adjustment's answer refreshes the copy, as a take's does */
+
+static void
+ngx_http_ratepool_shared_adjusted(ngx_http_ratepool_redis_cmd_t *cmd,
+    void *reply)
+{
+    ngx_http_ratepool_entry_ledger_t *e = cmd->data;
+
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    if (ngx_http_ratepool_take_reply(reply) != NGX_OK) {
+        return;
+    }
+
+    rmcf = ngx_http_cycle_get_module_main_conf(ngx_cycle,
+                                               ngx_http_ratepool_module);
+
+    ngx_http_ratepool_shared_mirror(rmcf->shm_zone->data, e->workspace,
+                                    e->org, reply);
 }
 
 
@@ -562,6 +1116,53 @@ ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
 }
 
 
+/* leases nobody used, given back every few seconds */
+
+static ngx_uint_t
+ngx_http_ratepool_shared_expire(ngx_http_ratepool_main_conf_t *rmcf)
+{
+    uint64_t                        now_ms;
+    ngx_uint_t                      i, j, held;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_org_t        *orgs;
+    ngx_http_ratepool_zone_t       *zone;
+    ngx_http_ratepool_pool_t      **pools;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    zone = rmcf->shm_zone->data;
+    shpool = zone->shpool;
+    pools = rmcf->pools.elts;
+    ws = rmcf->workspaces.elts;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    held = 0;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        held |= ngx_http_ratepool_lease_expire(rmcf, &ws[i], NULL,
+                                               ws[i].sh->lease,
+                                               ws[i].sh->lease_until_ms,
+                                               now_ms);
+    }
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            held |= ngx_http_ratepool_lease_expire(rmcf, NULL, &orgs[j],
+                                                   orgs[j].sh->lease,
+                                                   orgs[j].sh->lease_until_ms,
+                                                   now_ms);
+        }
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return held;
+}
+
+
 /*
  * Every few seconds each worker says its gateway is alive; the number of
  * live gateways is what a gateway divides limits by while Redis is down.
@@ -571,6 +1172,8 @@ void
 ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf)
 {
+    ngx_http_ratepool_shared_expire(rmcf);
+
     ngx_str_t                    name, id;
     ngx_http_ratepool_call_t     call;
     ngx_http_ratepool_zone_t    *zone;

@@ -266,7 +266,8 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                        "\"state\":\"%s\",\"shared\":%s,"
                        "\"redis_fail\":\"%s\",\"down_since\":%T,"
                        "\"connected_workers\":%uL,\"latency_us\":%uL,"
-                       "\"calls\":%uL,\"errors\":%uL,\"timeouts\":%uL,"
+                       "\"calls\":%uL,\"fast\":%uL,\"errors\":%uL,"
+                       "\"timeouts\":%uL,"
                        "\"noscript\":%uL,\"fallbacks\":%uL,"
                        "\"gateways\":%uL,\"local_share\":%uL}",
                        &rmcf->redis->server,
@@ -277,6 +278,7 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                        (uint64_t) sh->redis_connected,
                        (uint64_t) sh->redis_latency_us,
                        (uint64_t) sh->redis_calls,
+                       (uint64_t) sh->redis_fast,
                        (uint64_t) sh->redis_errors,
                        (uint64_t) sh->redis_timeouts,
                        (uint64_t) sh->redis_noscript,
@@ -586,6 +588,12 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         (uint64_t) zone->sh->redis_errors,
                         (uint64_t) zone->sh->redis_timeouts,
                         (uint64_t) zone->sh->redis_noscript);
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_fast_total",
+                                        "Requests admitted on the copy of "
+                                        "Redis's buckets.", "counter");
+        p = ngx_sprintf(p, "ratepool_redis_fast_total %uL\n",
+                        (uint64_t) zone->sh->redis_fast);
 
         p = ngx_http_ratepool_prom_head(p, "ratepool_redis_fallbacks_total",
                                         "Requests decided without Redis.",

@@ -8,7 +8,10 @@
 #define _RATEPOOL_SCRIPT_H_INCLUDED_
 
 
-/* reply to a take: status, wait, why, and what the gateway mirrors */
+/*
+ * The reply to a take, undo or adjust: status, wait, why, and what the
+ * gateway copies into its zone.
+ */
 
 #define RATEPOOL_SCRIPT_OK            0
 #define RATEPOOL_SCRIPT_WAIT_MS       1
@@ -17,7 +20,10 @@
 #define RATEPOOL_SCRIPT_LEARNED       4     /* 3: requests, in, out */
 #define RATEPOOL_SCRIPT_DAY_USED      7
 #define RATEPOOL_SCRIPT_MONTH_USED    8
-#define RATEPOOL_SCRIPT_REPLY_LEN     9
+#define RATEPOOL_SCRIPT_WS_LEFT       9     /* 3: what is left in each */
+#define RATEPOOL_SCRIPT_ORG_LEFT      12    /* 3 */
+#define RATEPOOL_SCRIPT_LEASED        15    /* a take's lease was granted */
+#define RATEPOOL_SCRIPT_REPLY_LEN     16
 
 /* why a take was refused */
 #define RATEPOOL_DENY_WORKSPACE       0x07  /* its requests or tokens */

@@ -24,6 +24,7 @@ my $mock = $a->start_mock(port => 1, log => 1);
 
 my $KEY = 'sk-ant-mock-r1-' . int(rand(1e9));
 my $KEY2 = 'sk-ant-mock-r2-' . int(rand(1e9));
+my $KEY3 = 'sk-ant-mock-r3-' . int(rand(1e9));
 my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend);
 
 sub config {
@@ -49,6 +50,12 @@ http {
         ratepool_key r1 org=acme server=127.0.0.1:${\ $mock->port } key=$KEY;
     }
 
+    upstream mid {
+        ratepool zone=llm;
+        ratepool_org middle rpm=30;
+        ratepool_key r3 org=middle server=127.0.0.1:${\ $mock->port } key=$KEY3;
+    }
+
     upstream big {
         ratepool zone=llm;
         ratepool_org wide rpm=1000;
@@ -70,6 +77,11 @@ http {
         location /big/ {
             rewrite ^/big(/.*)\$ \$1 break;
             ratepool_pass http://big;
+        }
+
+        location /mid/ {
+            rewrite ^/mid(/.*)\$ \$1 break;
+            ratepool_pass http://mid;
         }
 
         location = /ratepool/status {
@@ -211,6 +223,52 @@ $r = $a->messages(token => $TOKEN{ci});
 is($r->{status}, 200, 'a request after the restart is served');
 like($redis->cli('HGET', 'ratepool:{llm}:w:ci', 'r'), qr/^\d{10,}/,
     'and counted in Redis again');
+
+# --- the fast path keeps the limit too ---------------------------------------
+
+# Far from a limit a gateway admits on its copy of Redis's buckets and
+# sends the cost after; near it, every request asks.  A burst from both
+# gateways at an org of 30 rpm gets 30, however they interleave.
+my $fast = $a->status->{store}{fast};
+my @seq = map {
+    $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages')
+        ->{status}
+} 1 .. 10;
+is(join(',', @seq), join(',', (200) x 10), 'ten requests far from a limit');
+ok($a->status->{store}{fast} - $fast >= 8,
+    'most went on a lease, without a round trip to Redis ('
+    . ($a->status->{store}{fast} - $fast) . ' of 10)');
+
+$mock->reset;
+$a->messages(token => $TOKEN{backend}, path => '/mid/v1/messages');
+$b->messages(token => $TOKEN{backend}, path => '/mid/v1/messages');
+$par = $a->parallel(40, sub {
+    my $t = $_[0] % 2 ? $a : $b;
+    $t->messages(token => $TOKEN{backend}, path => '/mid/v1/messages')
+        ->{status};
+});
+my $t_burst = time;
+my $served = 2 + grep { ($_ // 0) == 200 } @$par;
+ok($served <= 31,
+    "a burst across two gateways gets no more than the org's 30 rpm "
+    . "($served served)");
+is(scalar(grep { ($_ // 0) != 200 && ($_ // 0) != 429 } @$par), 0,
+    'the rest got 429s');
+
+# capacity a gateway leased and did not use goes back within a second;
+# a gateway that was refused asks again once Redis said it may fit (2 s)
+sleep 2.2;
+my $later = 0;
+for my $i (1 .. 10) {
+    my $t = $i % 2 ? $a : $b;
+    $later++ if $t->messages(token => $TOKEN{backend},
+                             path => '/mid/v1/messages')->{status} == 200;
+}
+my $refill = int((time - $t_burst) * 30 / 60 + 1);
+ok($served + $later >= 30 && $served + $later <= 30 + $refill,
+    "then the rest of the 30 is served, leases given back "
+    . "($served + $later, refill $refill)");
+is(scalar @{ $mock->log }, $served + $later, 'and the provider saw no more');
 
 # --- cooldowns are shared -----------------------------------------------------
 
