@@ -953,7 +953,8 @@ ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 /*
  * ratepool_zone NAME:SIZE redis=HOST:PORT|unix:PATH [redis_db=N]
  *               [redis_user=NAME] [redis_password_file=PATH]
- *               [redis_timeout=TIME] [redis_fail=local|open|closed]
+ *               [redis_timeout=TIME] [redis_lease=on|off]
+ *               [redis_fail=local|open|closed]
  */
 
 static char *
@@ -978,6 +979,7 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
 
     redis->timeout = 5;
     redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
+    redis->lease = 1;
 
     for (i = 2; i < cf->args->nelts; i++) {
 
@@ -1055,6 +1057,16 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             continue;
         }
 
+        if (ngx_strcmp(value[i].data, "redis_lease=on") == 0) {
+            redis->lease = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_lease=off") == 0) {
+            redis->lease = 0;
+            continue;
+        }
+
         if (ngx_strcmp(value[i].data, "redis_fail=local") == 0) {
             redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
             continue;
@@ -1073,8 +1085,9 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter \"%V\", use \"redis=\", "
                            "\"redis_db=\", \"redis_user=\", "
-                           "\"redis_password_file=\", \"redis_timeout=\" "
-                           "or \"redis_fail=local|open|closed\"",
+                           "\"redis_password_file=\", \"redis_timeout=\", "
+                           "\"redis_lease=on|off\" or "
+                           "\"redis_fail=local|open|closed\"",
                            &value[i]);
         return NGX_CONF_ERROR;
     }

@@ -333,6 +333,7 @@ typedef struct {
     ngx_uint_t                      db;
     ngx_msec_t                      timeout;    /* per request */
     ngx_uint_t                      fail;       /* RATEPOOL_REDIS_FAIL_* */
+    ngx_flag_t                      lease;      /* the fast path */
     ngx_str_t                       prefix;     /* "ratepool:{zone}:" */
     u_char                          sha[40];    /* of ratepool_script */
     ngx_http_ratepool_redis_t      *conn;       /* this worker's */

@@ -503,7 +503,8 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
 
     org = ngx_http_ratepool_ctx_org(ctx, ctx->key);
 
-    if (ngx_http_ratepool_shared_fast(ctx, org) == NGX_OK) {
+    if (rmcf->redis->lease && ngx_http_ratepool_shared_fast(ctx, org) == NGX_OK)
+    {
         ctx->shared = 1;
         ctx->shared_org = org;
         ctx->shared_input = ctx->input_cost;
@@ -521,7 +522,12 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
     ngx_http_ratepool_call_int(&call, (int64_t) ctx->output_cost);
     ngx_http_ratepool_call_int(&call, 0);
 
-    ngx_http_ratepool_blocks(ctx, org, ctx->shared_block);
+    if (rmcf->redis->lease) {
+        ngx_http_ratepool_blocks(ctx, org, ctx->shared_block);
+
+    } else {
+        ngx_memzero(ctx->shared_block, sizeof(ctx->shared_block));
+    }
 
     for (i = 0; i < 6; i++) {
         ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared_block[i]);
