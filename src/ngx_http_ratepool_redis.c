@@ -275,6 +275,9 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
         return;
     }
 
+    /* the handshake must be answered in time too */
+    ngx_add_timer(c->read, RATEPOOL_REDIS_CONNECT_MS);
+
     if (rc == NGX_AGAIN) {
         ngx_add_timer(c->write, RATEPOOL_REDIS_CONNECT_MS);
         return;
@@ -337,6 +340,10 @@ ngx_http_ratepool_redis_ready(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
     redis->state = RATEPOOL_REDIS_READY;
     redis->failures = 0;
     redis->backoff = 0;
+
+    if (redis->c && redis->c->read->timer_set) {
+        ngx_del_timer(redis->c->read);
+    }
 
     if (ngx_atomic_cmp_set(&redis->sh->redis_down, 1, 0)) {
         redis->sh->local_share = 0;
@@ -819,6 +826,12 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
 
     c = rev->data;
     redis = c->data;
+
+    if (rev->timedout) {
+        ngx_http_ratepool_redis_down(redis, "it did not answer the "
+                                     "handshake in time", NULL);
+        return;
+    }
 
     for ( ;; ) {
         n = c->recv(c, buf, sizeof(buf));

@@ -321,6 +321,22 @@ ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
         }
     }
 
+    /* a lease missing a limited dimension would never be used */
+
+    for (k = 0; k < 2; k++) {
+        for (d = 0; d < 3; d++) {
+            if (block[3 * k + d] == 0
+                && (k == 0 ? (d == 0 ? ws->rpm : d == 1 ? ws->itpm : ws->otpm)
+                           : limits[d]))
+            {
+                block[3 * k] = 0;
+                block[3 * k + 1] = 0;
+                block[3 * k + 2] = 0;
+                break;
+            }
+        }
+    }
+
     /*
      * One lease at a time, and none while one is held: a burst must not
      * gather blocks it cannot use before they expire.

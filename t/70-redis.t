@@ -25,7 +25,7 @@ my $mock = $a->start_mock(port => 1, log => 1);
 my $KEY = 'sk-ant-mock-r1-' . int(rand(1e9));
 my $KEY2 = 'sk-ant-mock-r2-' . int(rand(1e9));
 my $KEY3 = 'sk-ant-mock-r3-' . int(rand(1e9));
-my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend);
+my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half);
 
 sub config {
     my ($t, %opt) = @_;
@@ -66,6 +66,10 @@ http {
     ratepool_client ci ${\ $t->token_hash($TOKEN{ci})};
     ratepool_workspace backend rpm=1000 daily_tokens=100000;
     ratepool_client backend ${\ $t->token_hash($TOKEN{backend})};
+    ratepool_workspace ops rpm=10 itpm=6000 otpm=6000;
+    ratepool_workspace half rpm=8;
+    ratepool_client half ${\ $t->token_hash($TOKEN{half})};
+    ratepool_client ops ${\ $t->token_hash($TOKEN{ops})};
 
     server {
         listen 127.0.0.1:%%PORT_0%%;
@@ -162,6 +166,59 @@ my $par = $a->parallel($N, sub {
 is(scalar(grep { ($_ // 0) == 200 } @$par), $N,
     'a pool with room serves every request from both gateways');
 
+# --- what was used replaces what was reserved ---------------------------------
+
+# how many of a workspace's tokens per minute Redis counts as used now
+sub missing {
+    my ($dim, $limit) = @_;
+    my ($sec, $usec) = split /\n/, $redis->cli('TIME');
+    my $now = $sec * 1e6 + $usec;
+    my $tat = $redis->cli('HGET', 'ratepool:{llm}:w:ops', $dim) || 0;
+    return $tat > $now ? ($tat - $now) / 60e6 * $limit : 0;
+}
+
+$r = $a->messages(token => $TOKEN{ops}, path => '/big/v1/messages',
+                  headers => [ 'x-mock-usage' =>
+                      '{"input_tokens":5000,"output_tokens":700}' ]);
+is($r->{status}, 200, 'a request that uses 5000 input and 700 output tokens');
+sleep 0.2;
+my ($in, $out) = (missing('i', 6000), missing('o', 6000));
+ok($in > 4900 && $in <= 5000, sprintf('Redis charged its 5000 input tokens '
+    . '(%.0f), not its estimate', $in));
+ok($out > 600 && $out <= 700, sprintf('and its 700 output tokens (%.0f), '
+    . 'not the 64 reserved', $out));
+
+$r = $a->messages(token => $TOKEN{ops}, path => '/big/v1/messages',
+                  body => { max_tokens => 3000 },
+                  headers => [ 'x-mock-status' => 500 ]);
+is($r->{status}, 500, 'a request that reserved 3000 output tokens fails');
+sleep 0.2;
+my $after = missing('o', 6000);
+ok($after < $out, sprintf('the 3000 tokens it never used went back '
+    . '(%.0f, was %.0f)', $after, $out));
+
+# --- Redis hangs ------------------------------------------------------------
+
+$redis->pause;
+my @slow;
+for (1 .. 4) {
+    my $t0 = time;
+    my $status = $a->messages(token => $TOKEN{ops},
+                              path => '/big/v1/messages',
+                              timeout => 10)->{status};
+    push @slow, [ $status, time - $t0 ];
+}
+$redis->resume;
+
+is(join(',', map { $_->[0] } @slow), '200,200,200,200',
+    'while Redis hangs, requests are decided without it (redis_fail=local)');
+ok(!grep({ $_->[1] > 1 } @slow), 'none waits much past redis_timeout ('
+    . join(', ', map { sprintf '%.2f s', $_->[1] } @slow) . ')');
+ok($a->status->{store}{timeouts} >= 1, 'status counts the timeouts');
+like($a->error_log, qr/redis at "127.0.0.1:\d+" is down: it did not answer in time/,
+    'and the error log says Redis did not answer');
+ok(connected($a, $b), 'once Redis goes on, the gateways are back on it');
+
 # --- secrets stay out of Redis -----------------------------------------------
 
 my @keys = split /\n/, $redis->cli('--scan');
@@ -179,34 +236,66 @@ ok(grep({ $_ eq 'ratepool:{llm}:w:backend' } @keys),
 
 # --- NOSCRIPT after SCRIPT FLUSH ----------------------------------------------
 
+my $fallbacks = $a->status->{store}{fallbacks};
 $redis->cli('SCRIPT', 'FLUSH');
 $r = $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages');
 is($r->{status}, 200, 'after SCRIPT FLUSH the next request is served');
 ok($a->status->{store}{noscript} >= 1, 'the script was sent again (noscript)');
-is($a->status->{store}{fallbacks}, 0, 'and not decided without Redis');
+is($a->status->{store}{fallbacks}, $fallbacks,
+    'and not decided without Redis');
 
 # --- Redis goes away ------------------------------------------------------------
 
-$redis->stop;
-
+# stopped under load: requests in flight, and more coming
+my $logged = length $a->error_log;
+my $pid = $redis->pid;
 my $t0 = time;
-my $down = $a->parallel(6, sub {
-    $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages',
+my $down = $a->parallel(13, sub {
+    my ($i) = @_;
+
+    if ($i == 0) {
+        sleep 0.15;
+        kill KILL => $pid;
+        return 'killed';
+    }
+
+    sleep 0.03 * $i;
+    my $t = $i % 2 ? $a : $b;
+    $t->messages(token => $TOKEN{ops}, path => '/big/v1/messages',
+                 headers => [ 'x-mock-delay-ms' => 100 ],
                  timeout => 10)->{status};
 });
 my $took = time - $t0;
+$redis->stop;
+shift @$down;
 
+is(scalar(grep { ($_ // 0) != 200 && ($_ // 0) != 429 } @$down), 0,
+    'Redis killed under load: every request is answered, 200 or 429 ('
+    . join(',', map { $_ // 'none' } @$down) . ')');
+ok($took < 3, sprintf('none hangs (%.2f s for all)', $took));
+
+$down = $a->parallel(6, sub {
+    $a->messages(token => $TOKEN{backend}, path => '/big/v1/messages',
+                 timeout => 10)->{status};
+});
 is(scalar(grep { ($_ // 0) == 200 } @$down), 6,
-    'with Redis stopped, redis_fail=local serves a pool with room');
-ok($took < 3, sprintf('and no request hangs (%.2f s for all)', $took));
+    'with Redis gone, redis_fail=local serves a pool with room');
 
 $store = $a->status->{store};
 is($store->{state}, 'down', 'status says Redis is down');
 ok(!$store->{shared}, 'and that numbers are local');
 is($store->{local_share}, 2, 'each gateway keeps half of every limit');
 
+@codes = map {
+    $a->messages(token => $TOKEN{half}, path => '/big/v1/messages')->{status}
+} 1 .. 6;
+is(join(',', @codes), '200,200,200,200,429,429',
+    'a workspace of 8 rpm gets 4 on one gateway while Redis is down');
+is($b->messages(token => $TOKEN{half}, path => '/big/v1/messages')->{status},
+    200, 'and the other gateway has its own 4');
+
 # the org of 6 rpm is halved: the workspace budget is shared no more
-my $log = $a->error_log;
+my $log = substr $a->error_log, $logged;
 my @said = $log =~ /redis at "127.0.0.1:\d+" is down/g;
 is(scalar @said, 1, 'the error log says once that Redis is down');
 like($log, qr/redis_fail=local/, 'and what applies meanwhile');

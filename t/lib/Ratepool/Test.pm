@@ -793,6 +793,11 @@ sub start {
         . Ratepool::Test::_slurp($log);
 }
 
+# a Redis that hangs (SIGSTOP), and goes on (SIGCONT)
+sub pause  { kill STOP => $_[0]{pid} }
+sub resume { kill CONT => $_[0]{pid} }
+sub pid    { $_[0]{pid} }
+
 # redis-cli's answer to a command, as text
 sub cli {
     my ($self, @cmd) = @_;
@@ -812,6 +817,7 @@ sub stop {
     my $pid = delete $self->{pid} or return;
 
     return unless $$ == $self->{owner};
+    kill CONT => $pid;
     kill TERM => $pid;
     return if Ratepool::Test::_reap($pid, 3);
     kill KILL => $pid;
