@@ -340,11 +340,22 @@ static ngx_int_t
 ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms)
 {
+    uint64_t                       now_ms, left_ms;
     ngx_http_ratepool_loc_conf_t  *rlcf;
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
-    if (rc == NGX_AGAIN && wait_ms <= rlcf->wait
+    /* a request that waited before has what is left of its wait */
+
+    left_ms = rlcf->wait;
+
+    if (ctx->wait_until_ms) {
+        now_ms = ngx_http_ratepool_now_ms();
+        left_ms = ctx->wait_until_ms > now_ms ? ctx->wait_until_ms - now_ms
+                                              : 0;
+    }
+
+    if (rc == NGX_AGAIN && wait_ms <= left_ms
         && ngx_http_ratepool_wait(r, ctx, wait_ms) == NGX_OK)
     {
         return NGX_DONE;

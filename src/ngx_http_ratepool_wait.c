@@ -141,7 +141,11 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 
     ctx->waiting = 1;
     ctx->wait_start_ms = now_ms;
-    ctx->wait_until_ms = now_ms + rlcf->wait;
+
+    /* a request Redis sent back to wait keeps its first deadline */
+    if (ctx->wait_until_ms == 0) {
+        ctx->wait_until_ms = now_ms + rlcf->wait;
+    }
 
     ngx_queue_insert_tail(&pool->waiting[index], &ctx->queue);
     pool->nwaiting++;
@@ -149,7 +153,8 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ctx->wait_timer.handler = ngx_http_ratepool_wait_timeout;
     ctx->wait_timer.data = ctx;
     ctx->wait_timer.log = r->connection->log;
-    ngx_add_timer(&ctx->wait_timer, rlcf->wait);
+    ngx_add_timer(&ctx->wait_timer, ctx->wait_until_ms > now_ms
+                                    ? ctx->wait_until_ms - now_ms : 1);
 
     /* a client that leaves while it waits ends the request */
     r->read_event_handler = ngx_http_test_reading;

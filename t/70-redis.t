@@ -25,11 +25,11 @@ my $mock = $a->start_mock(port => 1, log => 1);
 my $KEY = 'sk-ant-mock-r1-' . int(rand(1e9));
 my $KEY2 = 'sk-ant-mock-r2-' . int(rand(1e9));
 my $KEY3 = 'sk-ant-mock-r3-' . int(rand(1e9));
-my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half);
+my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half slow);
 
 sub config {
     my ($t, %opt) = @_;
-    my $redis_port = $opt{redis_port} // $redis->port;
+    my $server = $opt{server} // '127.0.0.1:' . $redis->port;
     my $extra = $opt{zone} // '';
 
     return <<"EOF";
@@ -41,7 +41,7 @@ events {
 http {
     %%TEST_GLOBALS_HTTP%%
 
-    ratepool_zone llm:1m redis=127.0.0.1:$redis_port redis_timeout=200ms
+    ratepool_zone llm:1m redis=$server redis_timeout=200ms
                   $extra;
 
     upstream claude {
@@ -68,6 +68,8 @@ http {
     ratepool_client backend ${\ $t->token_hash($TOKEN{backend})};
     ratepool_workspace ops rpm=10 itpm=6000 otpm=6000;
     ratepool_workspace half rpm=8;
+    ratepool_workspace slow rpm=8;
+    ratepool_client slow ${\ $t->token_hash($TOKEN{slow})};
     ratepool_client half ${\ $t->token_hash($TOKEN{half})};
     ratepool_client ops ${\ $t->token_hash($TOKEN{ops})};
 
@@ -86,6 +88,12 @@ http {
         location /mid/ {
             rewrite ^/mid(/.*)\$ \$1 break;
             ratepool_pass http://mid;
+        }
+
+        location /wait/ {
+            rewrite ^/wait(/.*)\$ \$1 break;
+            ratepool_pass http://big;
+            ratepool_wait 15s;
         }
 
         location = /ratepool/status {
@@ -122,6 +130,9 @@ ok(connected($a, $b), 'both gateways connect to Redis');
 
 my $store = $a->status->{store};
 is($store->{kind}, 'redis', 'status names the store: redis');
+like($a->http(port => $a->port(0),
+              path => '/ratepool/status?format=prometheus')->{body},
+     qr/^ratepool_redis_up 1\n/m, 'Prometheus says so too');
 is($store->{state}, 'up', 'Redis is up');
 ok($store->{shared}, 'numbers are shared');
 is($store->{gateways}, 2, 'both gateways are seen alive');
@@ -157,7 +168,7 @@ is(scalar @{ $mock->log }, 6, 'the provider saw exactly the org\'s limit');
 
 # parallel: the sum stays within the limit
 $mock->reset;
-my $N = 12;
+my ($N, $t0) = (12);
 my $par = $a->parallel($N, sub {
     my $t = $_[0] % 2 ? $a : $b;
     $t->messages(token => $TOKEN{backend}, path => '/big/v1/messages')
@@ -197,10 +208,31 @@ my $after = missing('o', 6000);
 ok($after < $out, sprintf('the 3000 tokens it never used went back '
     . '(%.0f, was %.0f)', $after, $out));
 
+# --- waiting for room the fleet shares -----------------------------------------
+
+# 8 rpm: one request every 7.5 s.  The second gateway's own buckets have
+# room; Redis says the workspace is full, and when it has room again.
+@codes = ();
+push @codes, $a->messages(token => $TOKEN{slow}, path => '/wait/v1/messages')
+    ->{status} for 1 .. 4;
+push @codes, $b->messages(token => $TOKEN{slow}, path => '/wait/v1/messages')
+    ->{status} for 1 .. 4;
+is(join(',', @codes), join(',', (200) x 8),
+    'a workspace of 8 rpm gets 8 at once from two gateways');
+
+$t0 = time;
+$r = $b->messages(token => $TOKEN{slow}, path => '/wait/v1/messages',
+                  timeout => 20);
+my $waited = time - $t0;
+is($r->{status}, 200, 'the ninth waits (ratepool_wait) and is served');
+ok($waited > 5 && $waited < 10,
+    sprintf('once the fleet\'s workspace refilled (%.1f s)', $waited));
+
 # --- Redis hangs ------------------------------------------------------------
 
 $redis->pause;
 my @slow;
+$t0 = time;
 for (1 .. 4) {
     my $t0 = time;
     my $status = $a->messages(token => $TOKEN{ops},
@@ -249,7 +281,7 @@ is($a->status->{store}{fallbacks}, $fallbacks,
 # stopped under load: requests in flight, and more coming
 my $logged = length $a->error_log;
 my $pid = $redis->pid;
-my $t0 = time;
+$t0 = time;
 my $down = $a->parallel(13, sub {
     my ($i) = @_;
 
@@ -377,16 +409,38 @@ my $org = Ratepool::Test::by_name(
     Ratepool::Test::by_name($b->status->{pools})->{big}{orgs})->{wide};
 ok($org->{cooldown_ms} > 20000, 'its status shows the cooldown');
 
+# --- a unix socket, a password, a database ---------------------------------
+
+my $d = Ratepool::Test->new;
+my $pass = 'pw-' . int(rand(1e9));
+my $unix = $d->start_redis(password => $pass, unix => 1);
+$d->write_file('redis.pass', "$pass\n");
+$d->write_config(config($d, server => 'unix:' . $unix->socket,
+    zone => 'redis_db=3 redis_password_file=redis.pass'));
+$d->run;
+
+my $deadline = time + 5;
+sleep 0.1 while time < $deadline && ($d->status->{store}{state} // '') ne 'up'
+                || ($d->status->{store}{connected_workers} // 0) < 2;
+
+$r = $d->messages(token => $TOKEN{ci});
+is($r->{status}, 200, 'over a unix socket, with a password and a database');
+is($d->status->{store}{fallbacks}, 0, 'decided by Redis');
+like($unix->cli('-n', 3, 'HGET', 'ratepool:{llm}:w:ci', 'r'), qr/^\d{10,}/,
+    'which keeps it in database 3');
+is($unix->cli('-n', 0, 'DBSIZE'), "0\n", 'and nothing in database 0');
+unlike($d->error_log, qr/\Q$pass\E/, 'the password is in no log');
+
 # --- closed policy, wrong password ------------------------------------------
 
 my $c = Ratepool::Test->new;
 my $locked = $c->start_redis(password => 'right-' . int(rand(1e9)));
 $c->write_file('redis.pass', 'wrong-horse-battery');
-$c->write_config(config($c, redis_port => $locked->port,
+$c->write_config(config($c, server => '127.0.0.1:' . $locked->port,
     zone => "redis_fail=closed redis_password_file=redis.pass"));
 $c->run;
 
-my $deadline = time + 5;
+$deadline = time + 5;
 while (time < $deadline) {
     last if $c->error_log =~ /is down/;
     sleep 0.1;

@@ -294,7 +294,8 @@ sub start_mock {
 # --- redis ---------------------------------------------------------------------
 
 # A real redis-server of its own, on 127.0.0.1 (port => n as for mocks),
-# with password => P if given.  Skips the test when there is none.
+# with password => P if given, and a unix socket too with unix => 1.
+# Skips the test when there is none.
 sub start_redis {
     my ($self, %opt) = @_;
 
@@ -307,6 +308,7 @@ sub start_redis {
 
     my $redis = Ratepool::Test::Redis->new(server => $server, port => $port,
         password => $opt{password}, dir => $self->{testdir},
+        unix => $opt{unix},
         n => scalar @{ $self->{redis} ||= [] });
     push @{ $self->{redis} }, $redis;
 
@@ -770,6 +772,7 @@ sub new {
 }
 
 sub port { $_[0]{port} }
+sub socket { "$_[0]{dir}/redis$_[0]{n}.sock" }
 
 sub start {
     my ($self) = @_;
@@ -779,6 +782,8 @@ sub start {
                 '--dir', $self->{dir}, '--daemonize', 'no');
     push @args, '--requirepass', $self->{password}
         if defined $self->{password};
+    push @args, '--unixsocket', $self->socket, '--unixsocketperm', '777'
+        if $self->{unix};
 
     my $log = "$self->{dir}/redis$self->{n}.log";
     $self->{pid} = Ratepool::Test::_spawn($log, $self->{server}, @args);
