@@ -502,6 +502,7 @@ ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_redis_script(
 void ngx_http_ratepool_redis_resend(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_redis_cmd_t *cmd, u_char op);
 void ngx_http_ratepool_redis_timed_out(ngx_http_ratepool_redis_t *redis);
+void ngx_http_ratepool_redis_send_now(ngx_http_ratepool_redis_t *redis);
 void ngx_http_ratepool_redis_beat_later(ngx_http_ratepool_redis_t *redis);
 ngx_http_ratepool_redis_t *ngx_http_ratepool_redis_get(
     ngx_http_ratepool_main_conf_t *rmcf);

@@ -731,6 +731,19 @@ ngx_http_ratepool_redis_append(ngx_http_ratepool_redis_t *redis,
 }
 
 
+/* what is gathered goes out now, not at the end of the loop iteration */
+
+void
+ngx_http_ratepool_redis_send_now(ngx_http_ratepool_redis_t *redis)
+{
+    if (redis->flush.posted) {
+        ngx_delete_posted_event(&redis->flush);
+    }
+
+    ngx_http_ratepool_redis_flush(&redis->flush);
+}
+
+
 static void
 ngx_http_ratepool_redis_flush(ngx_event_t *ev)
 {

@@ -1090,8 +1090,12 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_call_int(&call, (int64_t) cooldown_ms);
     ngx_http_ratepool_call_int(&call, (int64_t) limits[0]);
 
-    (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
-                                          NULL);
+    /* before the 429 reaches anyone who might try another gateway */
+    if (ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
+                                       NULL))
+    {
+        ngx_http_ratepool_redis_send_now(redis);
+    }
 }
 
 
