@@ -829,7 +829,9 @@ ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
                                        1, now_ms);
 
     /* other gateways used the workspace's room, as Redis said */
-    if (sh->busy_until_ms > now_ms + wait_rpm) {
+    if (ngx_http_ratepool_busy(sh, now_ms)
+        && sh->busy_until_ms > now_ms + wait_rpm)
+    {
         wait_rpm = sh->busy_until_ms - now_ms;
     }
 

@@ -45,6 +45,16 @@
 #define RATEPOOL_REDIS_FAIL_CLOSED  2     /* the whole limit, or 503 */
 
 #define RATEPOOL_SHARED_ASKS_MAX    8     /* takes in Redis a request tries */
+#define RATEPOOL_BUSY_TRUST_MS      1000  /* Redis is asked again after */
+
+/*
+ * Full, as Redis said lately: a request is refused here without asking
+ * again for a second; after that Redis is asked, as capacity may have
+ * come back (a lease given back, a refund) before the time it said.
+ */
+#define ngx_http_ratepool_busy(sh, now_ms)                                    \
+    ((sh)->busy_until_ms > (now_ms)                                           \
+     && (now_ms) - (sh)->busy_seen_ms < RATEPOOL_BUSY_TRUST_MS)
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
@@ -86,6 +96,7 @@ typedef struct {
     uint64_t                        cooldown_until_ms;  /* monotonic */
     uint64_t                        busy_until_ms;      /* full, as other
                                                            gateways used it */
+    uint64_t                        busy_seen_ms;       /* Redis said so */
     ratepool_bucket_t               shared_left[3];     /* in Redis, as its
                                                            last answer said */
     uint64_t                        shared_seen_ms;     /* that answer */
@@ -136,6 +147,7 @@ typedef struct {
     uint64_t                        reserved_input;
     uint64_t                        reserved_output;
     uint64_t                        busy_until_ms;      /* as the org's */
+    uint64_t                        busy_seen_ms;
     ratepool_bucket_t               shared_left[3];
     uint64_t                        shared_seen_ms;
     uint64_t                        lease[3];

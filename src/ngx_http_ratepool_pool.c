@@ -123,7 +123,9 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         c[i].usable = (keys[i].sh->dead_status == 0);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
-        c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->busy_until_ms);
+        if (ngx_http_ratepool_busy(osh, now_ms)) {
+            c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->busy_until_ms);
+        }
 
         /*
          * Free when the request's cost fits every known bucket of the org

@@ -819,7 +819,8 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
     osh->shared_seen_ms = now_ms;
 
     if (mask & RATEPOOL_DENY_ORG) {
-        osh->busy_until_ms = ngx_max(osh->busy_until_ms, now_ms + ms);
+        osh->busy_until_ms = now_ms + ms;
+        osh->busy_seen_ms = now_ms;
     }
 
 workspace:
@@ -860,7 +861,8 @@ workspace:
     wsh->shared_seen_ms = now_ms;
 
     if (mask & RATEPOOL_DENY_WORKSPACE) {
-        wsh->busy_until_ms = ngx_max(wsh->busy_until_ms, now_ms + ms);
+        wsh->busy_until_ms = now_ms + ms;
+        wsh->busy_seen_ms = now_ms;
     }
 
 done:

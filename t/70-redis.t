@@ -25,6 +25,12 @@ my $mock = $a->start_mock(port => 1, log => 1);
 my $KEY = 'sk-ant-mock-r1-' . int(rand(1e9));
 my $KEY2 = 'sk-ant-mock-r2-' . int(rand(1e9));
 my $KEY3 = 'sk-ant-mock-r3-' . int(rand(1e9));
+my $KEY4 = 'sk-ant-mock-r4-' . int(rand(1e9));
+
+# a provider that tells its limits in its headers
+my $teacher = $a->start_mock(port => 2, config => {
+    keys => { $KEY4 => { org => 'taught', name => 'r4' } },
+    orgs => { taught => { rpm => 100, itpm => 50000, otpm => 10000 } } });
 my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half slow);
 
 sub config {
@@ -54,6 +60,12 @@ http {
         ratepool zone=llm;
         ratepool_org middle rpm=30;
         ratepool_key r3 org=middle server=127.0.0.1:${\ $mock->port } key=$KEY3;
+    }
+
+    upstream learnt {
+        ratepool zone=llm;
+        ratepool_key r4 org=taught server=127.0.0.1:${\ $teacher->port }
+                     key=$KEY4;
     }
 
     upstream big {
@@ -88,6 +100,11 @@ http {
         location /mid/ {
             rewrite ^/mid(/.*)\$ \$1 break;
             ratepool_pass http://mid;
+        }
+
+        location /learnt/ {
+            rewrite ^/learnt(/.*)\$ \$1 break;
+            ratepool_pass http://learnt;
         }
 
         location /wait/ {
@@ -207,6 +224,13 @@ sleep 0.2;
 my $after = missing('o', 6000);
 ok($after < $out, sprintf('the 3000 tokens it never used went back '
     . '(%.0f, was %.0f)', $after, $out));
+
+# --- limits learned from the provider are shared -----------------------------
+
+is($a->messages(token => $TOKEN{backend}, path => '/learnt/v1/messages')
+   ->{status}, 200, 'an org of unknown limits answers with its limits');
+is($redis->cli('HMGET', 'ratepool:{llm}:o:taught', 'Lr', 'Li', 'Lo'),
+   "100\n50000\n10000\n", 'the gateway that learned them put them in Redis');
 
 # --- waiting for room the fleet shares -----------------------------------------
 
