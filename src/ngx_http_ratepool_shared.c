@@ -78,6 +78,8 @@ static ngx_int_t ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
 static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
 static void ngx_http_ratepool_shared_timeout(ngx_event_t *ev);
+static void ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
+    int64_t requests, uint64_t input, uint64_t output, uint64_t total);
 static void ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx);
 static ngx_uint_t ngx_http_ratepool_shared_expire(
     ngx_http_ratepool_main_conf_t *rmcf);
@@ -166,6 +168,10 @@ ngx_http_ratepool_shared_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
         }
 
         ngx_http_ratepool_ledger_flush(&ledger->flush);
+
+        if (rmcf->redis->conn) {
+            ngx_http_ratepool_redis_send_now(rmcf->redis->conn);
+        }
     }
 }
 
@@ -511,9 +517,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
     redis = ngx_http_ratepool_redis_get(rmcf);
     r = ctx->request;
 
-    if (!ngx_http_ratepool_redis_usable(redis)
-        || ctx->shared_asks >= RATEPOOL_SHARED_ASKS_MAX)
-    {
+    if (!ngx_http_ratepool_redis_usable(redis)) {
         return NGX_DECLINED;
     }
 
@@ -909,6 +913,14 @@ void
 ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
     uint64_t output, uint64_t total)
 {
+    ngx_http_ratepool_shared_settle(ctx, 0, input, output, total);
+}
+
+
+static void
+ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
+    int64_t requests, uint64_t input, uint64_t output, uint64_t total)
+{
     if (ctx->cmd) {
         /* the take is still unanswered: it will be undone */
         ctx->cmd->data = NULL;
@@ -922,7 +934,7 @@ ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
     ctx->shared = 0;
 
     ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
-                                 ctx->shared_org, 0,
+                                 ctx->shared_org, requests,
                                  (int64_t) input - (int64_t) ctx->shared_input,
                                  (int64_t) output
                                  - (int64_t) ctx->shared_output,
@@ -943,7 +955,8 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
         return;
     }
 
-    ngx_http_ratepool_shared_usage(ctx, 0, 0, 0);
+    /* a request that was never sent gives its request back too */
+    ngx_http_ratepool_shared_settle(ctx, ctx->tries ? 0 : -1, 0, 0, 0);
 }
 
 

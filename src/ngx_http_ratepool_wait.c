@@ -141,6 +141,7 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 
     ctx->waiting = 1;
     ctx->wait_start_ms = now_ms;
+    ctx->shared_asks = 0;       /* Redis may be asked again, after the wait */
 
     /* a request Redis sent back to wait keeps its first deadline */
     if (ctx->wait_until_ms == 0) {
