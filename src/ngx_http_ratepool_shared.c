@@ -411,7 +411,7 @@ ngx_http_ratepool_lease_expire(ngx_http_ratepool_main_conf_t *rmcf,
  * May the request go without asking Redis?  If the gateway's leases of
  * the workspace and the org hold its cost, it is taken from them.  An org
  * of no known limits needs no lease, only word from Redis (its
- * cooldowns) at most a second old.
+ * cooldowns) at most a second old; so does a workspace with budgets.
  */
 
 static ngx_int_t
@@ -475,6 +475,15 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     if (!(leased & 2)
         && (osh->shared_seen_ms == 0
             || now_ms - osh->shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
+    {
+        rc = NGX_DECLINED;
+        goto done;
+    }
+
+    /* budgets are the fleet's: what Redis last said of them must be new */
+    if ((ws->daily_tokens || ws->monthly_tokens)
+        && (wsh->shared_seen_ms == 0
+            || now_ms - wsh->shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
     {
         rc = NGX_DECLINED;
         goto done;

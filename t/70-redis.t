@@ -31,7 +31,7 @@ my $KEY4 = 'sk-ant-mock-r4-' . int(rand(1e9));
 my $teacher = $a->start_mock(port => 2, config => {
     keys => { $KEY4 => { org => 'taught', name => 'r4' } },
     orgs => { taught => { rpm => 100, itpm => 50000, otpm => 10000 } } });
-my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half slow);
+my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops half slow capped);
 
 sub config {
     my ($t, %opt) = @_;
@@ -81,6 +81,8 @@ http {
     ratepool_workspace ops rpm=10 itpm=6000 otpm=6000;
     ratepool_workspace half rpm=8;
     ratepool_workspace slow rpm=8;
+    ratepool_workspace capped daily_tokens=1000;
+    ratepool_client capped ${\ $t->token_hash($TOKEN{capped})};
     ratepool_client slow ${\ $t->token_hash($TOKEN{slow})};
     ratepool_client half ${\ $t->token_hash($TOKEN{half})};
     ratepool_client ops ${\ $t->token_hash($TOKEN{ops})};
@@ -231,6 +233,29 @@ is($a->messages(token => $TOKEN{backend}, path => '/learnt/v1/messages')
    ->{status}, 200, 'an org of unknown limits answers with its limits');
 is($redis->cli('HMGET', 'ratepool:{llm}:o:taught', 'Lr', 'Li', 'Lo'),
    "100\n50000\n10000\n", 'the gateway that learned them put them in Redis');
+
+# --- budgets are the fleet's -------------------------------------------------
+
+$r = $a->messages(token => $TOKEN{capped}, path => '/big/v1/messages',
+                  headers => [ 'x-mock-usage' =>
+                      '{"input_tokens":1500,"output_tokens":500}' ]);
+is($r->{status}, 200, 'a workspace of 1000 tokens a day uses 2000 on one '
+    . 'gateway');
+sleep 0.2;
+$r = $b->messages(token => $TOKEN{capped}, path => '/big/v1/messages');
+$err = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 429, 'the other gateway refuses its next request');
+is($err->{error}{details}{error_code} // '', 'enforced_spend_limit_reached',
+    'as a spent budget');
+# with Redis hung, a request that asked it would wait redis_timeout (200 ms)
+$redis->pause;
+$t0 = time;
+$r = $b->messages(token => $TOKEN{capped}, path => '/big/v1/messages');
+my $took_ms = (time - $t0) * 1000;
+$redis->resume;
+is($r->{status}, 429, 'and the one after');
+ok($took_ms < 150, sprintf('knowing it without asking Redis (%.0f ms)',
+                           $took_ms));
 
 # --- waiting for room the fleet shares -----------------------------------------
 
