@@ -101,6 +101,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->answered = 0;
         ctx->exhausted = 0;
         ctx->refused = 0;
+        ctx->spent = 0;
         ctx->soonest_ms = 0;
 
         if (ngx_http_ratepool_resolve_classes(ctx) != NGX_OK) {
@@ -588,6 +589,8 @@ ngx_int_t
 ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ngx_int_t rc, uint64_t wait_ms)
 {
+    time_t                          until;
+    ngx_tm_t                        tm;
     ngx_str_t                       msg;
     ngx_slab_pool_t                *shpool;
     ngx_http_ratepool_pool_t       *pool;
@@ -626,6 +629,23 @@ ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
         return ngx_http_ratepool_reject(r, NGX_HTTP_BAD_REQUEST,
                                         "invalid_request_error", &msg, NULL,
                                         0, 0);
+    }
+
+    if (rc == NGX_DECLINED && ngx_http_ratepool_pool_spent(pool, &until)) {
+        /* as a provider tells of its spend cap, so that clients stop */
+        ngx_gmtime(until, &tm);
+        msg.len = ngx_snprintf(buf, sizeof(buf),
+                               "every org of pool \"%V\" has reached its "
+                               "spend limit or quota; the first resets at "
+                               "%4d-%02d-%02dT%02d:%02d:%02dZ",
+                               &pool->upstream->host, tm.ngx_tm_year,
+                               tm.ngx_tm_mon, tm.ngx_tm_mday, tm.ngx_tm_hour,
+                               tm.ngx_tm_min, tm.ngx_tm_sec)
+                  - buf;
+
+        return ngx_http_ratepool_reject(r, NGX_HTTP_TOO_MANY_REQUESTS,
+                                        "rate_limit_error", &msg,
+                                        "enforced_spend_limit_reached", 0, 0);
     }
 
     if (rc == NGX_DECLINED) {

@@ -99,6 +99,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ctx->answered = 0;
     ctx->exhausted = 0;
     ctx->refused = 0;
+    ctx->spent = 0;
 
     addr = &key->addrs[(ctx->tries - 1) % key->naddrs];
 
@@ -189,13 +190,18 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ctx->answered = 1;
 
-    ngx_http_ratepool_learn(ctx, &u->headers_in);
-
     status = u->headers_in.status_n;
+
+    /* what of the error body has come with the headers says why */
+    ctx->spent = ratepool_error_spent((int) status, u->buffer.pos,
+                                      u->buffer.last - u->buffer.pos);
+
+    ngx_http_ratepool_learn(ctx, &u->headers_in);
 
     if (status != NGX_HTTP_TOO_MANY_REQUESTS
         && status != NGX_HTTP_UNAUTHORIZED
-        && status != NGX_HTTP_FORBIDDEN)
+        && status != NGX_HTTP_FORBIDDEN
+        && !ctx->spent)
     {
         return NGX_OK;
     }
@@ -205,7 +211,8 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     }
 
     if (ctx->next) {
-        /* nginx re-sends on 429, not on 401; this answer reaches no one */
+        /* nginx re-sends on 429, not on 401 or 400; this answer reaches
+           no one */
         u->headers_in.status_n = NGX_HTTP_TOO_MANY_REQUESTS;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->rerouted, 1);
@@ -219,7 +226,10 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ctx->soonest_ms = ngx_http_ratepool_soonest(ctx);
 
-    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+    if (ctx->spent) {
+        /* the provider's own words: a spend cap is not a wait */
+
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ctx->exhausted = 1;
 
     } else if (status == NGX_HTTP_UNAUTHORIZED) {

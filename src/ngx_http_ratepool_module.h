@@ -94,6 +94,8 @@ typedef struct {
     ratepool_bucket_t               itpm_bucket;        /* input tokens */
     ratepool_bucket_t               otpm_bucket;        /* output tokens */
     uint64_t                        cooldown_until_ms;  /* monotonic */
+    uint64_t                        spent_until_ms;     /* out of money */
+    time_t                          spent_until;        /* wall clock */
     uint64_t                        busy_until_ms;      /* full, as other
                                                            gateways used it */
     uint64_t                        busy_seen_ms;       /* Redis said so */
@@ -429,6 +431,8 @@ typedef struct {
                                                        that no key can beat */
     unsigned                        refused:1;      /* last answer is a 401
                                                        that no key can beat */
+    unsigned                        spent:1;        /* last answer says the
+                                                       org's money is spent */
     unsigned                        own_error_sent:1;
     unsigned                        ws_reserved:1;  /* tokens, until the
                                                        request ends */
@@ -471,6 +475,8 @@ void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     ratepool_bucket_t **bucket, uint64_t *limit);
 ngx_int_t ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx);
+ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,
+    time_t *until);
 uint64_t ngx_http_ratepool_now_ms(void);
 
 /* ngx_http_ratepool_access.c */

@@ -120,7 +120,10 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         reserved[1] = osh->reserved_input;
         reserved[2] = osh->reserved_output;
 
-        c[i].usable = (keys[i].sh->dead_status == 0);
+        /* a key whose org spent its money is of no use until it resets */
+        c[i].usable = (keys[i].sh->dead_status == 0
+                       && ngx_http_ratepool_key_org(ctx->pool, &keys[i])
+                              ->sh->spent_until_ms <= now_ms);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
         if (ngx_http_ratepool_busy(osh, now_ms)) {
@@ -491,6 +494,7 @@ void
 ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h)
 {
+    ngx_tm_t                      tm;
     int64_t                       remaining[3];
     uint64_t                      now_ms, floor_ms, limit, limits[3],
                                   seen[3], cooldown_ms;
@@ -500,7 +504,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_request_t           *r;
     ngx_http_ratepool_org_t      *org;
     ngx_http_ratepool_key_t      *key;
-    ngx_http_ratepool_org_sh_t   *osh;
+    ngx_http_ratepool_org_sh_t   *osh, *bsh;
     ngx_http_ratepool_key_sh_t   *ksh;
     ngx_http_ratepool_learned_t  *learned;
     ngx_http_ratepool_answer_t    a;
@@ -584,6 +588,9 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         ksh->status_2xx++;
         osh->backoff_level = 0;
 
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && ctx->spent) {
+        ksh->status_429++;
+
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ksh->status_429++;
 
@@ -609,6 +616,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         }
 
     } else if (status == 529) {
+        /* the provider is overloaded, not the key: nothing cools */
         ksh->status_529++;
 
     } else {
@@ -621,6 +629,20 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
             ksh->refused_until_ms = ngx_max(ksh->refused_until_ms,
                                             now_ms + RATEPOOL_REFUSED_MS);
         }
+    }
+
+    if (ctx->spent) {
+        /*
+         * A spend cap or a quota: the org's money is spent until its
+         * billing month turns, whatever the status said; its keys are
+         * taken out of rotation until then (or until a reload).
+         */
+        bsh = ngx_http_ratepool_key_org(ctx->pool, key)->sh;
+        bsh->spent_until = ratepool_budget_reset(RATEPOOL_BUDGET_MONTH,
+                                                 ngx_time());
+        bsh->spent_until_ms = now_ms
+                              + (uint64_t) (bsh->spent_until - ngx_time())
+                                * 1000;
     }
 
     cooldown_ms = osh->cooldown_until_ms > now_ms
@@ -641,7 +663,19 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         }
     }
 
-    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+    if (ctx->spent) {
+        ngx_gmtime(ngx_http_ratepool_key_org(ctx->pool, key)->sh->spent_until,
+                   &tm);
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: key \"%V\" got %ui saying its org's money "
+                      "is spent (a spend cap, a quota or no credit): org "
+                      "\"%V\" is out of rotation until "
+                      "%4d-%02d-%02dT%02d:%02d:%02dZ or a reload",
+                      &key->name, status, &org->name, tm.ngx_tm_year,
+                      tm.ngx_tm_mon, tm.ngx_tm_mday, tm.ngx_tm_hour,
+                      tm.ngx_tm_min, tm.ngx_tm_sec);
+
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "ratepool: key \"%V\" got 429, org \"%V\" cools down "
                       "for at least %uL ms", &key->name, &org->name,
@@ -753,4 +787,44 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         total = add.input + add.output + add.cache_read + add.cache_creation;
         ngx_http_ratepool_shared_usage(ctx, counted, add.output, total);
     }
+}
+
+
+/*
+ * Whether every key of the pool that is not dead has spent its org's
+ * money; *until is when the first of them resets.
+ */
+
+ngx_uint_t
+ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool, time_t *until)
+{
+    uint64_t                 now_ms;
+    ngx_uint_t               i, spent;
+    ngx_http_ratepool_org_t *org;
+    ngx_http_ratepool_key_t *keys;
+
+    keys = pool->keys->elts;
+    now_ms = ngx_http_ratepool_now_ms();
+    spent = 0;
+    *until = 0;
+
+    for (i = 0; i < pool->keys->nelts; i++) {
+        if (keys[i].sh->dead_status) {
+            continue;
+        }
+
+        org = ngx_http_ratepool_key_org(pool, &keys[i]);
+
+        if (org->sh->spent_until_ms <= now_ms) {
+            return 0;
+        }
+
+        if (*until == 0 || org->sh->spent_until < *until) {
+            *until = org->sh->spent_until;
+        }
+
+        spent = 1;
+    }
+
+    return spent;
 }

@@ -337,6 +337,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         org->itpm, org->otpm,
                         org->cache_reads ? "true" : "false");
         p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
+        p = ngx_sprintf(p, "\"spent_until\":%T,", osh->spent_until_ms > now_ms
+                                                  ? osh->spent_until : 0);
         p = ngx_sprintf(p, "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
                         "\"reserved_input_tokens\":%uL,"
                         "\"reserved_output_tokens\":%uL,\"learned\":{",
@@ -373,6 +375,9 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
 
         if (ksh->dead_status) {
             state = "dead";
+
+        } else if (osh->spent_until_ms > now_ms) {
+            state = "spent";
 
         } else if (refused_ms) {
             state = "refused";

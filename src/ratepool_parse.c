@@ -4,6 +4,8 @@
  */
 
 
+#include <string.h>
+
 #include "ratepool_parse.h"
 
 
@@ -435,3 +437,54 @@ ratepool_make_time(int64_t year, unsigned month, unsigned day, unsigned hour,
 
     return 0;
 }
+
+
+/*
+ * Whether an error answer says its key's money is spent (a spend cap, a
+ * quota, no credit left) rather than that it is busy: such a key is of
+ * no use until its billing period turns, however long it cools down.
+ * Only the part of the body that has arrived is looked at; the error
+ * codes come early in every provider's error object.
+ */
+
+static const char  *ratepool_spent_markers[] = {
+    "enforced_spend_limit_reached",         /* Anthropic's spend cap */
+    "specified API usage limits",           /* Anthropic's own limits, */
+    "specified workspace API usage limits", /* as a 400 */
+    "credit balance is too low",
+    "insufficient_quota",                   /* OpenAI */
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    NULL
+};
+
+
+int
+ratepool_error_spent(int status, const unsigned char *body, size_t len)
+{
+    size_t        n, i;
+    const char  **m;
+
+    if (status == 402) {
+        return 1;
+    }
+
+    if (status != 429 && status != 400 && status != 403) {
+        return 0;
+    }
+
+    for (m = ratepool_spent_markers; *m; m++) {
+        n = strlen(*m);
+
+        for (i = 0; i + n <= len; i++) {
+            if (body[i] == (unsigned char) (*m)[0]
+                && memcmp(body + i, *m, n) == 0)
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+

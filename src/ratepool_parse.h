@@ -27,5 +27,7 @@ int ratepool_parse_duration_ms(const unsigned char *p, size_t len,
 
 int64_t ratepool_days_from_civil(int64_t y, unsigned m, unsigned d);
 
+int ratepool_error_spent(int status, const unsigned char *body, size_t len);
+
 
 #endif /* _RATEPOOL_PARSE_H_INCLUDED_ */

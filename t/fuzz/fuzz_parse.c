@@ -19,6 +19,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     (void) ratepool_parse_http_date(data, size, &t);
     (void) ratepool_parse_rfc3339(data, size, &t);
 
+    /* reads within what arrived, and a 2xx is never money spent */
+    if (ratepool_error_spent(200, data, size)) {
+        abort();
+    }
+
+    (void) ratepool_error_spent(429, data, size);
+
     if (ratepool_parse_duration_ms(data, size, &v) == 0
         && v > 365ULL * 86400 * 1000)
     {

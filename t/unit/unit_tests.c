@@ -698,6 +698,34 @@ test_reserve(void)
 
 
 static void
+test_spent(void)
+{
+    check(ratepool_error_spent(429, S("{\"type\":\"error\",\"error\":{"
+          "\"type\":\"rate_limit_error\",\"details\":{\"error_code\":"
+          "\"enforced_spend_limit_reached\"}}}")),
+          "Anthropic's spend cap is money spent");
+    check(ratepool_error_spent(429, S("{\"error\":{\"type\":"
+          "\"insufficient_quota\",\"code\":\"insufficient_quota\"}}")),
+          "OpenAI's quota is money spent");
+    check(ratepool_error_spent(400, S("You have reached your specified "
+                                      "API usage limits.")),
+          "a self-set limit's 400 is money spent");
+    check(ratepool_error_spent(402, S("")),
+          "a 402 is money spent, whatever its body");
+    check(!ratepool_error_spent(429, S("{\"type\":\"error\",\"error\":{"
+          "\"type\":\"rate_limit_error\",\"message\":\"This request "
+          "would exceed the rate limit\"}}")),
+          "an ordinary 429 is not");
+    check(!ratepool_error_spent(200, S("insufficient_quota")),
+          "a 200 never is, whatever it says");
+    check(!ratepool_error_spent(529, S("enforced_spend_limit_reached")),
+          "nor a 529");
+    check(!ratepool_error_spent(429, S("enforced_spend_limit_reache")),
+          "a marker cut short by the end of what arrived is not read");
+}
+
+
+static void
 test_resp(void)
 {
     size_t               n;
@@ -741,6 +769,7 @@ main(void)
     test_request();
     test_reserve();
     test_resp();
+    test_spent();
 
     printf("1..%d\n", tests);
 
