@@ -44,6 +44,9 @@ static ngx_int_t ngx_http_ratepool_reject_limited(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_first_key(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_cleanup(void *data);
+static ngx_buf_t *ngx_http_ratepool_openai_error_body(ngx_http_request_t *r,
+    const char *type, ngx_str_t *message, uintptr_t escape,
+    const char *error_code);
 
 
 ngx_int_t
@@ -1131,6 +1134,13 @@ ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
 
     escape = ngx_escape_json(NULL, message->data, message->len);
 
+    if (ratepool_openai_path(r->main->unparsed_uri.data,
+                             r->main->unparsed_uri.len))
+    {
+        return ngx_http_ratepool_openai_error_body(r, type, message, escape,
+                                                   error_code);
+    }
+
     len = sizeof("{\"type\":\"error\",\"error\":{\"type\":\"\",\"message\":\"\""
                  ",\"details\":{\"error_code\":\"\"}"
                  "},\"request_id\":\"req_gw_\"}\n") - 1
@@ -1161,6 +1171,46 @@ ngx_http_ratepool_error_body(ngx_http_request_t *r, const char *type,
 
 
 /* retry-after (if any) and x-should-retry, which the SDKs obey */
+
+/* the same, for a client of OpenAI's API, in its error object */
+
+static ngx_buf_t *
+ngx_http_ratepool_openai_error_body(ngx_http_request_t *r, const char *type,
+    ngx_str_t *message, uintptr_t escape, const char *error_code)
+{
+    size_t        len;
+    ngx_buf_t    *b;
+    const char   *openai_type, *openai_code;
+
+    ratepool_openai_error(type, error_code, &openai_type, &openai_code);
+
+    len = sizeof("{\"error\":{\"message\":\"\",\"type\":\"\","
+                 "\"param\":null,\"code\":\"\"}}\n") - 1
+          + message->len + escape + ngx_strlen(openai_type)
+          + (openai_code ? ngx_strlen(openai_code) : 4);
+
+    b = ngx_create_temp_buf(r->pool, len);
+    if (b == NULL) {
+        return NULL;
+    }
+
+    b->last = ngx_cpymem(b->last, "{\"error\":{\"message\":\"",
+                         sizeof("{\"error\":{\"message\":\"") - 1);
+    b->last = (u_char *) ngx_escape_json(b->last, message->data,
+                                         message->len);
+    b->last = ngx_sprintf(b->last, "\",\"type\":\"%s\",\"param\":null,"
+                          "\"code\":", openai_type);
+
+    if (openai_code) {
+        b->last = ngx_sprintf(b->last, "\"%s\"}}\n", openai_code);
+
+    } else {
+        b->last = ngx_cpymem(b->last, "null}}\n", sizeof("null}}\n") - 1);
+    }
+
+    return b;
+}
+
 
 ngx_int_t
 ngx_http_ratepool_error_headers(ngx_http_request_t *r,

@@ -488,3 +488,84 @@ ratepool_error_spent(int status, const unsigned char *body, size_t len)
     return 0;
 }
 
+
+/*
+ * Whether a request path is one of OpenAI's APIs (Chat Completions,
+ * Completions, Responses, Embeddings), whose clients expect OpenAI's
+ * error objects; every other path gets Anthropic's.  The query string is
+ * not looked at.
+ */
+
+static const char  *ratepool_openai_paths[] = {
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/embeddings",
+    NULL
+};
+
+
+int
+ratepool_openai_path(const unsigned char *uri, size_t len)
+{
+    size_t        i, n;
+    const char  **m;
+
+    for (i = 0; i < len; i++) {
+        if (uri[i] == '?') {
+            len = i;
+            break;
+        }
+    }
+
+    for (m = ratepool_openai_paths; *m; m++) {
+        n = strlen(*m);
+
+        for (i = 0; i + n <= len; i++) {
+            if (memcmp(uri + i, *m, n) == 0
+                && (i + n == len || uri[i + n] == '/'))
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * The gateway's errors, typed the Anthropic way, as OpenAI types and
+ * codes them: its clients look at "code" for rate limits and quota.
+ */
+
+void
+ratepool_openai_error(const char *type, const char *error_code,
+    const char **openai_type, const char **openai_code)
+{
+    *openai_code = NULL;
+
+    if (error_code && strcmp(error_code, "enforced_spend_limit_reached") == 0)
+    {
+        *openai_type = "insufficient_quota";
+        *openai_code = "insufficient_quota";
+
+    } else if (strcmp(type, "rate_limit_error") == 0) {
+        *openai_type = "requests";
+        *openai_code = "rate_limit_exceeded";
+
+    } else if (strcmp(type, "authentication_error") == 0) {
+        *openai_type = "invalid_request_error";
+        *openai_code = "invalid_api_key";
+
+    } else if (strcmp(type, "invalid_request_error") == 0
+               || strcmp(type, "request_too_large") == 0
+               || strcmp(type, "not_found_error") == 0
+               || strcmp(type, "permission_error") == 0)
+    {
+        *openai_type = "invalid_request_error";
+
+    } else {
+        *openai_type = "server_error";
+    }
+}

@@ -726,6 +726,43 @@ test_spent(void)
 
 
 static void
+test_dialect(void)
+{
+    const char  *type, *code;
+
+    check(ratepool_openai_path(S("/v1/chat/completions")),
+          "Chat Completions is OpenAI's");
+    check(ratepool_openai_path(S("/openai/v1/responses?stream=1")),
+          "Responses is, behind a prefix and with a query");
+    check(ratepool_openai_path(S("/v1/responses/resp_1/cancel")),
+          "so are its sub-paths");
+    check(!ratepool_openai_path(S("/v1/messages")),
+          "Messages is Anthropic's");
+    check(!ratepool_openai_path(S("/v1/complete")),
+          "so is the old Text Completions");
+    check(!ratepool_openai_path(S("/v1/messages?x=/chat/completions")),
+          "a query does not change a path's dialect");
+    check(!ratepool_openai_path(S("/v1/chat/completionsx")),
+          "only whole path segments count");
+
+    ratepool_openai_error("rate_limit_error", NULL, &type, &code);
+    check(strcmp(type, "requests") == 0
+          && strcmp(code, "rate_limit_exceeded") == 0,
+          "a rate limit is rate_limit_exceeded");
+    ratepool_openai_error("rate_limit_error", "enforced_spend_limit_reached",
+                          &type, &code);
+    check(strcmp(code, "insufficient_quota") == 0,
+          "a spent budget is insufficient_quota");
+    ratepool_openai_error("authentication_error", NULL, &type, &code);
+    check(strcmp(code, "invalid_api_key") == 0,
+          "a bad token is invalid_api_key");
+    ratepool_openai_error("api_error", NULL, &type, &code);
+    check(strcmp(type, "server_error") == 0 && code == NULL,
+          "the gateway's own failures are server_error");
+}
+
+
+static void
 test_resp(void)
 {
     size_t               n;
@@ -770,6 +807,7 @@ main(void)
     test_reserve();
     test_resp();
     test_spent();
+    test_dialect();
 
     printf("1..%d\n", tests);
 
