@@ -718,6 +718,8 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
+    ratepool_usage_normalize(usage);
+
     now = ngx_time();
 
     add.input = usage->input_tokens;

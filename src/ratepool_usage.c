@@ -669,3 +669,31 @@ ratepool_usage_finish(ratepool_usage_scanner_t *s)
 
     s->json_state = JSON_DONE;
 }
+
+
+/*
+ * OpenAI counts cached tokens inside prompt_tokens; Anthropic counts
+ * cache reads beside input_tokens.  Usage is kept the Anthropic way, so
+ * that cache reads count toward ITPM (or not) alike for both.
+ */
+
+void
+ratepool_usage_normalize(ratepool_usage_t *u)
+{
+    uint64_t  cached;
+
+    if (!(u->seen & RATEPOOL_USAGE_CACHED)
+        || (u->seen & RATEPOOL_USAGE_CACHE_READ))
+    {
+        return;
+    }
+
+    cached = u->cached_tokens < u->input_tokens ? u->cached_tokens
+                                                : u->input_tokens;
+
+    u->input_tokens -= cached;
+    u->cache_read_input_tokens = cached;
+    u->seen |= RATEPOOL_USAGE_CACHE_READ;
+    u->cached_tokens = 0;
+    u->seen &= ~RATEPOOL_USAGE_CACHED;
+}

@@ -80,4 +80,8 @@ void ratepool_usage_feed(ratepool_usage_scanner_t *s, const unsigned char *p,
 void ratepool_usage_finish(ratepool_usage_scanner_t *s);
 
 
+/* OpenAI's cached tokens, a part of its prompt_tokens, as cache reads */
+void ratepool_usage_normalize(ratepool_usage_t *u);
+
+
 #endif /* _RATEPOOL_USAGE_H_INCLUDED_ */

@@ -471,12 +471,26 @@ sub json_res {
 sub error_res {
     my ($req, $status, $type, $message, @headers) = @_;
 
+    if (openai_path($req->{path})) {
+        # OpenAI's error object: its type and code, its request id header
+        my %code = (401 => 'invalid_api_key', 429 => 'rate_limit_exceeded');
+        return json_res($status, {
+            error => { message => $message,
+                       type => $status == 429 ? 'requests'
+                             : $status >= 500 ? 'server_error'
+                             : 'invalid_request_error',
+                       param => undef, code => $code{$status} },
+        }, ['x-request-id', $req->{rid}], @headers);
+    }
+
     return json_res($status, {
         type       => 'error',
         error      => { type => $type, message => $message },
         request_id => $req->{rid},
     }, @headers);
 }
+
+sub openai_path { ($_[0] // '') eq '/v1/chat/completions' }
 
 # --- routing -------------------------------------------------------------
 
@@ -603,7 +617,11 @@ sub provider {
     my $res = answer($ctx);
     $res->{delay_ms} //= $h->{'x-mock-delay-ms'};
 
-    if (defined $org) {
+    if (defined $org && openai_path($req->{path})) {
+        unshift @{ $res->{headers} }, openai_limit_headers($org,
+                                          $ctx->{class}, $ctx->{now});
+
+    } elsif (defined $org) {
         unshift @{ $res->{headers} }, ['anthropic-organization-id', $org],
                                       limit_headers($org, $ctx->{class},
                                                     $ctx->{now});
@@ -659,7 +677,7 @@ sub answer {
             $action);
     }
 
-    if ($path ne '/v1/messages') {
+    if ($path ne '/v1/messages' && !openai_path($path)) {
         return error_res($req, 404, 'not_found_error', 'Not found');
     }
 
@@ -684,7 +702,9 @@ sub answer {
             if $refused;
     }
 
-    my $res = message_res($ctx, $payload, $action || {}, $usage);
+    my $res = openai_path($path)
+            ? chat_res($ctx, $payload, $action || {}, $usage)
+            : message_res($ctx, $payload, $action || {}, $usage);
     $res->{output_tokens} = $usage->{output_tokens} unless $action;
 
     return with_action($res, $action);
@@ -771,8 +791,8 @@ sub usage_of {
     my ($ctx, $payload, $action) = @_;
     my $req = $ctx->{req};
 
-    my $max_tokens = looks_like_number($payload->{max_tokens})
-                   ? $payload->{max_tokens} : 15;
+    my $cap = $payload->{max_tokens} // $payload->{max_completion_tokens};
+    my $max_tokens = looks_like_number($cap) ? $cap : 15;
     my %usage = (
         input_tokens                => estimate_input_tokens($req->{body}),
         cache_creation_input_tokens => 0,
@@ -825,6 +845,76 @@ sub message_res {
                      ['cache-control', 'no-cache'] ],
         stream  => [ awkward_pieces($sse) ],
         piece_delay_ms => $delay,
+    };
+}
+
+# OpenAI's Chat Completions: a chat.completion, or chunks ending in
+# "data: [DONE]", with a usage chunk (choices empty) first when the client
+# asked for stream_options.include_usage.  prompt_tokens counts cached
+# tokens too, and prompt_tokens_details.cached_tokens says how many.
+sub chat_res {
+    my ($ctx, $payload, $action, $usage) = @_;
+    my $req = $ctx->{req};
+
+    my $model = $payload->{model} // 'gpt-4o-mini';
+    my $text = 'Hello from ' . ($ctx->{key_name} // $ctx->{org});
+    my $id = 'chatcmpl-' . random_id(24);
+    my $created = int time;
+    my $cached = $usage->{cache_read_input_tokens} // 0;
+    my $prompt = ($usage->{input_tokens} // 0) + $cached
+               + ($usage->{cache_creation_input_tokens} // 0);
+    my $openai_usage = {
+        prompt_tokens => $prompt,
+        completion_tokens => $usage->{output_tokens},
+        total_tokens => $prompt + $usage->{output_tokens},
+        prompt_tokens_details => { cached_tokens => $cached },
+    };
+
+    if (!$payload->{stream}) {
+        my $res = json_res(200, {
+            id => $id, object => 'chat.completion', created => $created,
+            model => $model,
+            choices => [ { index => 0, finish_reason => 'stop',
+                           message => { role => 'assistant',
+                                        content => $text } } ],
+            usage => $openai_usage,
+        }, ['x-request-id', $req->{rid}]);
+        return $res;
+    }
+
+    my $include = ref $payload->{stream_options} eq 'HASH'
+                  && $payload->{stream_options}{include_usage};
+    my @chunks;
+
+    for my $word ($text =~ /(\S+\s*)/g) {
+        push @chunks, {
+            id => $id, object => 'chat.completion.chunk',
+            created => $created, model => $model,
+            choices => [ { index => 0, delta => { content => $word },
+                           finish_reason => undef } ],
+            $include ? (usage => undef) : (),
+        };
+    }
+
+    $chunks[-1]{choices}[0]{finish_reason} = 'stop';
+
+    push @chunks, { id => $id, object => 'chat.completion.chunk',
+                    created => $created, model => $model, choices => [],
+                    usage => $openai_usage }
+        if $include;
+
+    my $sse = join('', map { 'data: ' . $JSON->encode($_) . "\n\n" } @chunks)
+            . "data: [DONE]\n\n";
+
+    return {
+        status  => 200,
+        headers => [ ['content-type', 'text/event-stream'],
+                     ['cache-control', 'no-cache'],
+                     ['x-request-id', $req->{rid}] ],
+        stream  => [ awkward_pieces($sse) ],
+        piece_delay_ms => $req->{headers}{'x-mock-stream-delay-ms'}
+                          // $config->{stream_delay_ms}
+                          // $opt{'stream-delay-ms'},
     };
 }
 
@@ -1021,6 +1111,23 @@ sub limit_headers {
     }
 
     return @headers;
+}
+
+# OpenAI's: x-ratelimit-{limit,remaining,reset}-requests, the reset as a
+# duration ("1s", "6m0s")
+sub openai_limit_headers {
+    my ($org, $class, $now) = @_;
+    my $limits = limits_of($org, $class);
+    my $b = refill($org, $class, 'rpm', $now) or return ();
+    my $limit = $limits->{rpm};
+    my $ms = int(($limit - $b->{tokens}) * 60000 / $limit);
+
+    return (['x-ratelimit-limit-requests', $limit],
+            ['x-ratelimit-remaining-requests', max(0, floor($b->{tokens}))],
+            ['x-ratelimit-reset-requests',
+             $ms >= 60000 ? sprintf('%dm%ds', $ms / 60000, ($ms % 60000) / 1000)
+                          : $ms >= 1000 ? sprintf('%ds', $ms / 1000)
+                          : "${ms}ms"]);
 }
 
 # --- request log -----------------------------------------------------------

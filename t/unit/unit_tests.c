@@ -726,6 +726,37 @@ test_spent(void)
 
 
 static void
+test_normalize(void)
+{
+    ratepool_usage_t  u;
+
+    memset(&u, 0, sizeof(u));
+    u.input_tokens = 500;
+    u.cached_tokens = 200;
+    u.seen = RATEPOOL_USAGE_INPUT | RATEPOOL_USAGE_CACHED;
+    ratepool_usage_normalize(&u);
+    check(u.input_tokens == 300 && u.cache_read_input_tokens == 200,
+          "OpenAI's cached tokens leave its prompt tokens as cache reads");
+
+    memset(&u, 0, sizeof(u));
+    u.input_tokens = 10;
+    u.cached_tokens = 50;
+    u.seen = RATEPOOL_USAGE_INPUT | RATEPOOL_USAGE_CACHED;
+    ratepool_usage_normalize(&u);
+    check(u.input_tokens == 0 && u.cache_read_input_tokens == 10,
+          "never more cached than prompt tokens");
+
+    memset(&u, 0, sizeof(u));
+    u.input_tokens = 10;
+    u.cache_read_input_tokens = 7;
+    u.seen = RATEPOOL_USAGE_INPUT | RATEPOOL_USAGE_CACHE_READ;
+    ratepool_usage_normalize(&u);
+    check(u.input_tokens == 10 && u.cache_read_input_tokens == 7,
+          "Anthropic's usage is left as it is");
+}
+
+
+static void
 test_dialect(void)
 {
     const char  *type, *code;
@@ -808,6 +839,7 @@ main(void)
     test_resp();
     test_spent();
     test_dialect();
+    test_normalize();
 
     printf("1..%d\n", tests);
 

@@ -1,0 +1,161 @@
+#!/usr/bin/perl
+
+# A pool of OpenAI keys behind OpenAI's Chat Completions: the key goes as
+# a bearer token, usage is read from JSON answers and from the usage chunk
+# of streams (cached tokens counted as cache reads), limits are learned
+# from x-ratelimit-* headers, and insufficient_quota takes a key's org out
+# while rate_limit_exceeded only cools it.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use JSON::PP;
+use Test::More;
+
+use Ratepool::Test;
+
+my $t = Ratepool::Test->new;
+
+my %KEY = map { $_ => "sk-proj-mock-$_-" . int(rand(1e9)) } qw(k1 k2);
+my $TOKEN = 'gw-openai-' . int(rand(1e9));
+
+my $mock = $t->start_mock(port => 1, log => 1, config => {
+    keys => { $KEY{k1} => { org => 'org-1', name => 'k1' },
+              $KEY{k2} => { org => 'org-2', name => 'k2' } },
+    orgs => { 'org-1' => { rpm => 100 }, 'org-2' => { rpm => 100 } } });
+
+$t->write_config(<<"EOF");
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    ratepool_zone llm:1m;
+
+    upstream gpt {
+        ratepool zone=llm;
+        ratepool_key k1 org=org-1 provider=openai server=127.0.0.1:%%PORT_1%%
+                     key=$KEY{k1};
+        ratepool_key k2 org=org-2 provider=openai server=127.0.0.1:%%PORT_1%%
+                     key=$KEY{k2};
+    }
+
+    ratepool_workspace team;
+    ratepool_client team ${\ $t->token_hash($TOKEN)};
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+
+        location /v1/ {
+            ratepool_pass http://gpt;
+        }
+
+        location = /ratepool/status {
+            ratepool_status;
+        }
+    }
+}
+EOF
+
+$t->run;
+
+my $USAGE = '{"input_tokens":300,"cache_read_input_tokens":200,'
+          . '"output_tokens":40}';
+
+sub chat {
+    my (%args) = @_;
+    return $t->http(port => $t->port(0), method => 'POST',
+        path => '/v1/chat/completions',
+        headers => [ Authorization => "Bearer $TOKEN",
+                     'x-mock-usage' => $USAGE, @{ $args{headers} || [] } ],
+        body => { model => 'gpt-4o-mini', max_completion_tokens => 100,
+                  messages => [ { role => 'user', content => 'Hi' } ],
+                  %{ $args{body} || {} } });
+}
+
+sub team_tokens {
+    my $ws = Ratepool::Test::by_name($t->status->{workspaces})->{team};
+    return $ws->{tokens};
+}
+
+my $r = chat();
+my $json = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 200, 'a chat completion through the pool');
+is($json->{object}, 'chat.completion', 'answered by the provider');
+is($json->{usage}{prompt_tokens}, 500, 'which counted 500 prompt tokens, '
+    . '200 of them cached');
+
+my $log = $mock->log;
+like($log->[-1]{headers}{authorization}, qr/^Bearer sk-proj-mock-k\d-/,
+    'the key went as a bearer token');
+ok(!grep({ defined $_->{headers}{'x-api-key'} } @$log), 'and no x-api-key');
+
+is_deeply(team_tokens(), { input => 300, cache_read => 200, output => 40,
+                           cache_creation => 0 },
+    'the workspace is charged 300 input tokens and 200 cache reads');
+
+$r = chat(body => { stream => JSON::PP::true,
+                    stream_options => { include_usage => JSON::PP::true } });
+is($r->{status}, 200, 'a stream that asks for usage');
+like($r->{body}, qr/"choices":\[\],.*"usage":\{.*"prompt_tokens":500/s,
+    'gets its usage chunk');
+like($r->{body}, qr/data: \[DONE\]\n\n\z/, 'and ends with [DONE]');
+is(team_tokens()->{output}, 80, 'and its usage is counted too');
+
+my $orgs = Ratepool::Test::by_name($t->status->{pools}[0]{orgs});
+my $learned = $orgs->{'org-1'}{learned}{requests}{limit}
+           || $orgs->{'org-2'}{learned}{requests}{limit};
+is($learned, 100, 'the request limit is learned from x-ratelimit-*');
+
+# rate_limit_exceeded cools; insufficient_quota takes the org out
+$mock->script($KEY{k1}, [ { status => 429, retry_after => '20', body => {
+    error => { message => 'Rate limit reached for requests',
+               type => 'requests', param => undef,
+               code => 'rate_limit_exceeded' } } } ]);
+$mock->script($KEY{k2}, [ { status => 429, retry_after => '20', body => {
+    error => { message => 'Rate limit reached for requests',
+               type => 'requests', param => undef,
+               code => 'rate_limit_exceeded' } } } ]);
+$r = chat();
+is($r->{status}, 429, 'both keys at their rate limit: a 429');
+
+my %state = map { $_->{name} => $_->{state} }
+            @{ $t->status->{pools}[0]{keys} };
+is_deeply(\%state, { k1 => 'cooling', k2 => 'cooling' },
+    'rate_limit_exceeded only cools the keys');
+
+$t->stop;
+$t->run;
+$mock->reset;
+
+$mock->script($KEY{k1}, [ { status => 429, body => {
+    error => { message => 'You exceeded your current quota',
+               type => 'insufficient_quota', param => undef,
+               code => 'insufficient_quota' } } } ], sticky => 1);
+$mock->script($KEY{k2}, [ { status => 429, body => {
+    error => { message => 'You exceeded your current quota',
+               type => 'insufficient_quota', param => undef,
+               code => 'insufficient_quota' } } } ], sticky => 1);
+
+$r = chat();
+$json = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 429, 'both keys out of quota');
+is($json->{error}{code}, 'insufficient_quota',
+    'the last answer goes out as the provider sent it');
+
+%state = map { $_->{name} => $_->{state} } @{ $t->status->{pools}[0]{keys} };
+is_deeply(\%state, { k1 => 'spent', k2 => 'spent' },
+    'insufficient_quota takes both orgs out');
+
+$r = chat();
+$json = eval { decode_json($r->{body}) } || {};
+is($json->{error}{code}, 'insufficient_quota',
+    'then the gateway says so itself, in OpenAI\'s words');
+is(scalar @{ $mock->log }, 2, 'without asking the provider again');
+
+done_testing;
