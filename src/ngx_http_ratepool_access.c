@@ -25,6 +25,8 @@ static ngx_int_t ngx_http_ratepool_decide(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+static ngx_int_t ngx_http_ratepool_add_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_unshared(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
@@ -274,6 +276,10 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
         ngx_pfree(r->pool, chunk);
     }
 
+    ctx->stream = rq.stream;
+    ctx->stream_options = rq.stream_options;
+    ctx->body_whole = ratepool_request_whole(&rq);
+
     if (rq.model_len) {
         ctx->model.data = ngx_pnalloc(r->pool, rq.model_len);
         if (ctx->model.data == NULL) {
@@ -380,6 +386,10 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
     ngx_int_t                       rc;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
+    if (!ctx->usage_added && ngx_http_ratepool_add_usage(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
     if (rmcf->redis == NULL) {
@@ -406,6 +416,84 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
     }
 
     return ngx_http_ratepool_unshared(r, ctx);
+}
+
+
+/*
+ * OpenAI streams report usage only when asked (stream_options.include_
+ * usage): the gateway asks for a client that did not, so that it can
+ * count what the stream used, and keeps the extra chunk from that client
+ * (ngx_http_ratepool_body_filter).  The body's first "{" becomes
+ * '{"stream_options":{"include_usage":true},'; the rest is untouched.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_add_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    u_char       *p;
+    ngx_buf_t    *b, *head, *rest;
+    ngx_chain_t  *cl, *cl_rest;
+
+    static u_char  option[] = "{\"stream_options\":{\"include_usage\":true},";
+
+    if (ctx->key == NULL || ctx->key->provider != RATEPOOL_PROVIDER_OPENAI
+        || !ctx->stream || ctx->stream_options || !ctx->body_whole
+        || r->headers_in.content_length_n < 0
+        || r->request_body == NULL || r->request_body->bufs == NULL
+        || !ratepool_openai_path(r->uri.data, r->uri.len))
+    {
+        return NGX_OK;
+    }
+
+    b = r->request_body->bufs->buf;
+
+    if (!ngx_buf_in_memory(b) || b->in_file) {
+        return NGX_OK;
+    }
+
+    for (p = b->pos; p < b->last && *p != '{'; p++) { /* void */ }
+
+    if (p == b->last) {
+        return NGX_OK;
+    }
+
+    head = ngx_calloc_buf(r->pool);
+    rest = ngx_calloc_buf(r->pool);
+    cl = ngx_alloc_chain_link(r->pool);
+    cl_rest = ngx_alloc_chain_link(r->pool);
+
+    if (head == NULL || rest == NULL || cl == NULL || cl_rest == NULL) {
+        return NGX_ERROR;
+    }
+
+    /* new buffers of their own: a re-send rewinds each to its start */
+
+    head->memory = 1;
+    head->start = option;
+    head->pos = option;
+    head->last = option + sizeof(option) - 1;
+    head->end = head->last;
+
+    rest->memory = 1;
+    rest->start = p + 1;
+    rest->pos = p + 1;
+    rest->last = b->last;
+    rest->end = b->last;
+    rest->last_buf = b->last_buf;
+    rest->last_in_chain = b->last_in_chain;
+
+    cl->buf = head;
+    cl->next = cl_rest;
+    cl_rest->buf = rest;
+    cl_rest->next = r->request_body->bufs->next;
+
+    r->request_body->bufs = cl;
+    r->headers_in.content_length_n += sizeof(option) - 2;
+
+    ctx->usage_added = 1;
+
+    return NGX_OK;
 }
 
 

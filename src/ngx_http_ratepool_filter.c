@@ -21,6 +21,10 @@ typedef struct {
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
+static ngx_int_t ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in);
+static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t ***ll, ngx_uint_t whole);
 static ngx_int_t ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_own_error(ngx_http_request_t *r,
@@ -175,6 +179,11 @@ ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     /* file buffers (proxy_buffering on) are read into memory for us */
     r->filter_need_in_memory = 1;
 
+    if (sse && ctx->usage_added) {
+        /* a chunk the client did not ask for will be left out */
+        ngx_http_clear_content_length(r);
+    }
+
     return NGX_OK;
 }
 
@@ -280,6 +289,10 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_http_next_body_filter(r, in);
     }
 
+    if (ctx->usage && ctx->usage_added && ctx->usage->sse) {
+        return ngx_http_ratepool_drop_usage(r, ctx, in);
+    }
+
     if (ctx->usage) {
         /* read, never held or changed: the bytes go on as they came */
         for (cl = in; cl; cl = cl->next) {
@@ -324,6 +337,175 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     out.next = NULL;
 
     return ngx_http_next_body_filter(r, &out);
+}
+
+
+/*
+ * A stream whose usage chunk the gateway asked for, for a client that did
+ * not: each event is held until its blank line, then sent on, unless it
+ * is that chunk.  An event larger than the buffer goes on as it comes.
+ */
+
+#define RATEPOOL_EVENT_MAX  16384
+
+static ngx_int_t
+ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in)
+{
+    u_char        c, *p;
+    ngx_int_t     rc;
+    ngx_buf_t    *b, *ev;
+    ngx_chain_t  *cl, *out, **ll;
+
+    if (ctx->event == NULL) {
+        ctx->event = ngx_create_temp_buf(r->pool, RATEPOOL_EVENT_MAX);
+        if (ctx->event == NULL) {
+            return NGX_ERROR;
+        }
+    }
+
+    ev = ctx->event;
+    out = NULL;
+    ll = &out;
+
+    for (cl = in; cl; cl = cl->next) {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            ratepool_usage_feed(ctx->usage, b->pos, b->last - b->pos);
+
+            for (p = b->pos; p < b->last; p++) {
+                c = *p;
+
+                if (ev->last == ev->end) {
+                    /* too big to hold: on with it as it is */
+                    if (ngx_http_ratepool_send_event(r, ctx, &ll, 0)
+                        != NGX_OK)
+                    {
+                        return NGX_ERROR;
+                    }
+
+                    ctx->event_whole = 1;
+                }
+
+                *ev->last++ = c;
+
+                if (c == '\r') {
+                    continue;
+                }
+
+                ctx->event_nl = (c == '\n') ? ctx->event_nl + 1 : 0;
+
+                if (ctx->event_nl == 2) {
+                    /* the blank line: the event is whole */
+                    ctx->event_nl = 0;
+
+                    if (ngx_http_ratepool_send_event(r, ctx, &ll,
+                                                     !ctx->event_whole)
+                        != NGX_OK)
+                    {
+                        return NGX_ERROR;
+                    }
+
+                    ctx->event_whole = 0;
+                }
+            }
+
+            b->pos = b->last;
+        }
+
+        if (b->last_buf || b->flush) {
+            if (b->last_buf
+                && ngx_http_ratepool_send_event(r, ctx, &ll, 0) != NGX_OK)
+            {
+                return NGX_ERROR;
+            }
+
+            *ll = ngx_chain_get_free_buf(r->pool, &ctx->free);
+            if (*ll == NULL) {
+                return NGX_ERROR;
+            }
+
+            (*ll)->buf->pos = NULL;
+            (*ll)->buf->last = NULL;
+            (*ll)->buf->memory = 0;
+            (*ll)->buf->temporary = 0;
+            (*ll)->buf->last_buf = b->last_buf;
+            (*ll)->buf->flush = 1;
+            (*ll)->buf->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
+            ll = &(*ll)->next;
+
+            if (b->last_buf) {
+                ngx_http_ratepool_commit_usage(ctx);
+            }
+        }
+    }
+
+    if (out == NULL && ctx->busy == NULL) {
+        return NGX_OK;
+    }
+
+    rc = ngx_http_next_body_filter(r, out);
+
+    ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &out,
+                            (ngx_buf_tag_t) &ngx_http_ratepool_module);
+
+    return rc;
+}
+
+
+/* the held bytes go on, copied, unless they are a usage chunk */
+
+static ngx_int_t
+ngx_http_ratepool_send_event(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t ***ll, ngx_uint_t whole)
+{
+    size_t        len;
+    ngx_buf_t    *b, *ev;
+    ngx_chain_t  *cl;
+
+    ev = ctx->event;
+    len = ev->last - ev->pos;
+
+    if (len == 0) {
+        return NGX_OK;
+    }
+
+    if (whole && ratepool_usage_only_event(ev->pos, len)) {
+        ev->last = ev->pos;
+        return NGX_OK;
+    }
+
+    cl = ngx_chain_get_free_buf(r->pool, &ctx->free);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    b = cl->buf;
+
+    if (b->start == NULL || (size_t) (b->end - b->start) < len) {
+        b->start = ngx_palloc(r->pool, ngx_max(len, 1024));
+        if (b->start == NULL) {
+            return NGX_ERROR;
+        }
+
+        b->end = b->start + ngx_max(len, 1024);
+    }
+
+    b->pos = b->start;
+    b->last = ngx_cpymem(b->start, ev->pos, len);
+    b->temporary = 1;
+    b->memory = 0;
+    b->last_buf = 0;
+    b->flush = 0;
+    b->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
+
+    **ll = cl;
+    *ll = &cl->next;
+
+    ev->last = ev->pos;
+
+    return NGX_OK;
 }
 
 

@@ -400,6 +400,18 @@ typedef struct {
     uint64_t                        input_cost;     /* estimated */
     uint64_t                        output_cost;    /* reserved */
     ngx_int_t                       phase_rc;   /* once the body is read */
+    unsigned                        stream:1;   /* the body asks for SSE */
+    unsigned                        stream_options:1;
+    unsigned                        body_whole:1;
+    unsigned                        usage_added:1;  /* include_usage, by
+                                                       the gateway */
+
+    /* the event being held, while usage chunks are kept from clients */
+    ngx_buf_t                      *event;
+    ngx_chain_t                    *free;
+    ngx_chain_t                    *busy;
+    unsigned                        event_nl:2;     /* newlines in a row */
+    unsigned                        event_whole:1;  /* too big: passed */
 
     /* why the request could not go now, and when it might */
     const char                     *limited_what;

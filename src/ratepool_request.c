@@ -26,6 +26,7 @@
 #define RQ_KEY_MODEL        1
 #define RQ_KEY_MAX_TOKENS   2
 #define RQ_KEY_STREAM       3
+#define RQ_KEY_STREAM_OPTS  4
 
 #define RQ_MAX_DIGITS       18
 
@@ -42,6 +43,7 @@ static const ratepool_request_key_t  ratepool_request_keys[] = {
     { "max_completion_tokens", RQ_KEY_MAX_TOKENS },
     { "max_output_tokens", RQ_KEY_MAX_TOKENS },
     { "stream", RQ_KEY_STREAM },
+    { "stream_options", RQ_KEY_STREAM_OPTS },
     { NULL, RQ_KEY_OTHER }
 };
 
@@ -49,6 +51,15 @@ static const ratepool_request_key_t  ratepool_request_keys[] = {
 static int ratepool_request_space(unsigned char c);
 static unsigned ratepool_request_key_id(ratepool_request_t *rq);
 static void ratepool_request_byte(ratepool_request_t *rq, unsigned char c);
+
+
+/* the body was one JSON object, as far as the scanner looked */
+
+int
+ratepool_request_whole(const ratepool_request_t *rq)
+{
+    return rq->state == RQ_DONE;
+}
 
 
 void
@@ -177,6 +188,11 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
         if (c == '"') {
             rq->key = ratepool_request_key_id(rq);
             rq->state = RQ_COLON;
+
+            if (rq->key == RQ_KEY_STREAM_OPTS) {
+                rq->stream_options = 1;
+            }
+
             return;
         }
 

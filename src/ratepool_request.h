@@ -15,9 +15,10 @@
 /*
  * Reads what admission needs from a request body as it comes, in pieces
  * split anywhere: the top-level "model", the output cap ("max_tokens",
- * or OpenAI's "max_completion_tokens", "max_output_tokens") and
- * "stream".  Everything nested (messages, tools, system) is skipped
- * without being looked at, so nothing a user wrote can match.
+ * or OpenAI's "max_completion_tokens", "max_output_tokens"), "stream"
+ * and whether OpenAI's "stream_options" is there.  Everything nested
+ * (messages, tools, system) is skipped without being looked at, so
+ * nothing a user wrote can match.
  */
 
 #define RATEPOOL_MODEL_MAX      128
@@ -29,6 +30,7 @@ typedef struct {
     uint64_t         max_tokens;
     unsigned         has_max_tokens:1;
     unsigned         stream:1;
+    unsigned         stream_options:1;  /* OpenAI's, given by the client */
 
     /* scanner state */
     unsigned         state;
@@ -45,6 +47,7 @@ typedef struct {
 
 
 void ratepool_request_init(ratepool_request_t *rq);
+int ratepool_request_whole(const ratepool_request_t *rq);
 void ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
     size_t len);
 

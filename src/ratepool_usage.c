@@ -697,3 +697,56 @@ ratepool_usage_normalize(ratepool_usage_t *u)
     u->cached_tokens = 0;
     u->seen &= ~RATEPOOL_USAGE_CACHED;
 }
+
+
+/* after "name": optional spaces, ':', optional spaces, then c */
+
+static int
+ratepool_json_key_then(const unsigned char *ev, size_t len,
+    const char *name, const char *then)
+{
+    size_t  i, j, n, k, m;
+
+    n = strlen(name);
+    m = strlen(then);
+
+    for (i = 0; i + n <= len; i++) {
+        if (memcmp(ev + i, name, n) != 0) {
+            continue;
+        }
+
+        j = i + n;
+
+        while (j < len && (ev[j] == ' ' || ev[j] == '\t')) {
+            j++;
+        }
+
+        if (j == len || ev[j] != ':') {
+            continue;
+        }
+
+        for (k = 0, j++; k < m; k++, j++) {
+            while (j < len && (ev[j] == ' ' || ev[j] == '\t')) {
+                j++;
+            }
+
+            if (j == len || ev[j] != (unsigned char) then[k]) {
+                break;
+            }
+        }
+
+        if (k == m) {
+            return 1;
+        }
+    }
+
+    return 0;
+}
+
+
+int
+ratepool_usage_only_event(const unsigned char *ev, size_t len)
+{
+    return ratepool_json_key_then(ev, len, "\"choices\"", "[]")
+           && ratepool_json_key_then(ev, len, "\"usage\"", "{");
+}

@@ -84,4 +84,11 @@ void ratepool_usage_finish(ratepool_usage_scanner_t *s);
 void ratepool_usage_normalize(ratepool_usage_t *u);
 
 
+/*
+ * Whether an SSE event is OpenAI's usage chunk (no choices, a usage
+ * object), which a client that did not ask for it must not get.
+ */
+int ratepool_usage_only_event(const unsigned char *ev, size_t len);
+
+
 #endif /* _RATEPOOL_USAGE_H_INCLUDED_ */

@@ -107,6 +107,23 @@ like($r->{body}, qr/"choices":\[\],.*"usage":\{.*"prompt_tokens":500/s,
 like($r->{body}, qr/data: \[DONE\]\n\n\z/, 'and ends with [DONE]');
 is(team_tokens()->{output}, 80, 'and its usage is counted too');
 
+# a stream that does not ask for usage is counted all the same: the
+# gateway asks for it, and keeps the extra chunk from the client
+$r = chat(body => { stream => JSON::PP::true });
+is($r->{status}, 200, 'a stream that does not ask for usage');
+my @events = grep { length } split /\n\n/, $r->{body};
+ok(@events >= 3, 'gets its chunks (' . scalar(@events) . ' events)');
+ok(!grep({ /"choices":\[\]/ } @events), 'and no usage chunk');
+is($events[-1], 'data: [DONE]', 'and [DONE]');
+like($mock->log->[-1]{body}, qr/"stream_options":\{"include_usage":true\}/,
+    'the provider was asked for usage');
+is(team_tokens()->{output}, 120, 'which is counted');
+
+$r = chat(body => { stream => JSON::PP::true,
+                    stream_options => { include_usage => JSON::PP::false } });
+unlike($mock->log->[-1]{body}, qr/include_usage":true/,
+    'a client that said no is not overruled');
+
 my $orgs = Ratepool::Test::by_name($t->status->{pools}[0]{orgs});
 my $learned = $orgs->{'org-1'}{learned}{requests}{limit}
            || $orgs->{'org-2'}{learned}{requests}{limit};

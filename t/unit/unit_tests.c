@@ -757,6 +757,38 @@ test_normalize(void)
 
 
 static void
+test_usage_chunk(void)
+{
+    ratepool_request_t  rq;
+
+    check(ratepool_usage_only_event(S("data: {\"id\":\"c\",\"choices\":[],"
+                                      "\"usage\":{\"prompt_tokens\":5}}\n\n")),
+          "OpenAI's usage chunk is told apart");
+    check(ratepool_usage_only_event(S("data: {\"choices\" : [ ],"
+                                      " \"usage\" : {}}\n\n")),
+          "with spaces too");
+    check(!ratepool_usage_only_event(S("data: {\"choices\":[{\"delta\":{}}],"
+                                       "\"usage\":null}\n\n")),
+          "a chunk with choices and a null usage is not it");
+    check(!ratepool_usage_only_event(S("data: {\"choices\":[],"
+                                       "\"prompt_filter_results\":[]}\n\n")),
+          "nor Azure's first chunk, which has no usage");
+
+    ratepool_request_init(&rq);
+    ratepool_request_feed(&rq, S("{\"stream\":true,\"stream_options\":"
+                                 "{\"include_usage\":false},\"messages\":[]}"));
+    check(rq.stream && rq.stream_options && ratepool_request_whole(&rq),
+          "a client's own stream_options are seen");
+
+    ratepool_request_init(&rq);
+    ratepool_request_feed(&rq, S("{\"stream\":true,\"messages\":[{\"x\":"
+                                 "\"stream_options\"}]"));
+    check(!rq.stream_options && !ratepool_request_whole(&rq),
+          "not inside messages, and a body cut short is not whole");
+}
+
+
+static void
 test_dialect(void)
 {
     const char  *type, *code;
@@ -840,6 +872,7 @@ main(void)
     test_spent();
     test_dialect();
     test_normalize();
+    test_usage_chunk();
 
     printf("1..%d\n", tests);
 
