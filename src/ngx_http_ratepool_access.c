@@ -107,6 +107,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->exhausted = 0;
         ctx->refused = 0;
         ctx->spent = 0;
+        ctx->overloaded = 0;
         ctx->soonest_ms = 0;
 
         if (ngx_http_ratepool_resolve_classes(ctx) != NGX_OK) {

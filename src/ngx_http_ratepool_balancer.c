@@ -100,6 +100,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ctx->exhausted = 0;
     ctx->refused = 0;
     ctx->spent = 0;
+    ctx->overloaded = 0;
 
     addr = &key->addrs[(ctx->tries - 1) % key->naddrs];
 
@@ -201,7 +202,7 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     if (status != NGX_HTTP_TOO_MANY_REQUESTS
         && status != NGX_HTTP_UNAUTHORIZED
         && status != NGX_HTTP_FORBIDDEN
-        && !ctx->spent)
+        && !ctx->spent && !ctx->overloaded)
     {
         return NGX_OK;
     }
@@ -226,8 +227,11 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ctx->soonest_ms = ngx_http_ratepool_soonest(ctx);
 
-    if (ctx->spent) {
-        /* the provider's own words: a spend cap is not a wait */
+    if (ctx->spent || ctx->overloaded) {
+        /*
+         * The provider's own words: a spend cap is not a wait, and an
+         * overload is the provider's, with its retry-after.
+         */
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ctx->exhausted = 1;

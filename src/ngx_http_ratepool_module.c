@@ -1458,7 +1458,8 @@ ngx_http_ratepool_sha256(u_char *data, size_t len, u_char digest[32])
 
 
 /*
- * ratepool_key NAME org=ORG provider=anthropic|openai server=HOST[:PORT]
+ * ratepool_key NAME org=ORG provider=anthropic|openai [fallback=N]
+ *              server=HOST[:PORT]
  *              key=SECRET | key_file=PATH
  */
 
@@ -1471,6 +1472,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     size_t                        i;
     ngx_str_t                    *value, secret, org_name, path, no_model;
     ngx_url_t                     u;
+    ngx_int_t                     rc;
     ngx_uint_t                    n, index;
     ngx_http_ratepool_key_t      *key, *keys;
     ngx_http_upstream_server_t   *us;
@@ -1554,6 +1556,21 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[n].data, "fallback=", 9) == 0) {
+            rc = ngx_atoi(value[n].data + 9, value[n].len - 9);
+
+            if (rc == NGX_ERROR || rc > 9) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use \"fallback=N\" "
+                                   "from 0 (preferred, the default) to 9 "
+                                   "(the last resort)", &value[n]);
+                return NGX_CONF_ERROR;
+            }
+
+            key->fallback = (ngx_uint_t) rc;
+            continue;
+        }
+
         if (ngx_strncmp(value[n].data, "server=", 7) == 0) {
             key->server.data = value[n].data + 7;
             key->server.len = value[n].len - 7;
@@ -1580,8 +1597,9 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         /* never echo what may be a secret */
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter %ui of key \"%V\", use "
-                           "\"org=\", \"provider=\", \"server=\", \"key=\" "
-                           "or \"key_file=\"", n, &key->name);
+                           "\"org=\", \"provider=\", \"fallback=\", "
+                           "\"server=\", \"key=\" or \"key_file=\"",
+                           n, &key->name);
         return NGX_CONF_ERROR;
     }
 

@@ -126,6 +126,8 @@ typedef struct {
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_uint_t                      dead_status;        /* 0: alive */
     uint64_t                        refused_until_ms;   /* after a 403 */
+    uint64_t                        overloaded_until_ms;    /* its server
+                                                       answered 529 */
     ngx_uint_t                      inflight;
     uint64_t                        last_pick_ms;
 
@@ -258,7 +260,8 @@ typedef struct {
 typedef struct {
     ngx_str_t                       name;
     ngx_uint_t                      org;        /* index in pool->orgs */
-    ngx_uint_t                      provider;
+    ngx_uint_t                      provider;   /* its dialect */
+    ngx_uint_t                      fallback;   /* 0: preferred */
     ngx_str_t                       server;
     ngx_str_t                       host;       /* Host header and SNI */
     ngx_addr_t                     *addrs;
@@ -445,6 +448,8 @@ typedef struct {
                                                        that no key can beat */
     unsigned                        spent:1;        /* last answer says the
                                                        org's money is spent */
+    unsigned                        overloaded:1;   /* last answer is a 529
+                                                       or 503 */
     unsigned                        own_error_sent:1;
     unsigned                        ws_reserved:1;  /* tokens, until the
                                                        request ends */

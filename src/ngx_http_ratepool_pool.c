@@ -14,6 +14,8 @@
 
 /* a 403 may concern the key or only the request: the key sits out a while */
 #define RATEPOOL_REFUSED_MS        300000
+#define RATEPOOL_OVERLOAD_MS       2000     /* a server that said 529 */
+#define RATEPOOL_OVERLOAD_TIER     10       /* ranks it after fallbacks */
 
 /* where a response header teaches something about the key's org */
 
@@ -73,6 +75,8 @@ typedef struct {
 } ngx_http_ratepool_answer_t;
 
 
+static void ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t *key, uint64_t until_ms);
 static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
@@ -98,7 +102,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 {
     uint64_t                     limit[3], cost[3], reserved[3], wait_ms,
                                  level, permille;
-    ngx_uint_t                   i, b;
+    ngx_uint_t                   i, b, dialect, same;
     ratepool_bucket_t           *bucket[3];
     ngx_http_ratepool_org_t     *org;
     ngx_http_ratepool_key_t     *keys;
@@ -109,6 +113,23 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     cost[0] = 1;
     cost[1] = ctx->input_cost;
     cost[2] = ctx->output_cost;
+
+    /*
+     * A request goes to keys of its client's dialect (and a later try to
+     * the first try's), if the pool has any: never from one API to the
+     * other halfway.
+     */
+
+    dialect = ctx->key ? ctx->key->provider
+                       : (ratepool_openai_path(ctx->request->uri.data,
+                                               ctx->request->uri.len)
+                          ? RATEPOOL_PROVIDER_OPENAI
+                          : RATEPOOL_PROVIDER_ANTHROPIC);
+    same = 0;
+
+    for (i = 0; i < ctx->pool->keys->nelts; i++) {
+        same |= (keys[i].provider == dialect);
+    }
 
     for (i = 0; i < ctx->pool->keys->nelts; i++) {
         org = ngx_http_ratepool_ctx_org(ctx, &keys[i]);
@@ -126,6 +147,16 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
                               ->sh->spent_until_ms <= now_ms);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
+        c[i].fallback = (uint32_t) keys[i].fallback;
+
+        /* an overloaded provider is used after the others, not never */
+        if (keys[i].sh->overloaded_until_ms > now_ms) {
+            c[i].fallback += RATEPOOL_OVERLOAD_TIER;
+        }
+
+        if (same && keys[i].provider != dialect) {
+            c[i].usable = 0;
+        }
         if (ngx_http_ratepool_busy(osh, now_ms)) {
             c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->busy_until_ms);
         }
@@ -615,9 +646,25 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
             ratepool_bucket_clamp(&osh->rpm_bucket, limit, 0, now_ms);
         }
 
-    } else if (status == 529) {
-        /* the provider is overloaded, not the key: nothing cools */
-        ksh->status_529++;
+    } else if (status == 529 || status == NGX_HTTP_SERVICE_UNAVAILABLE) {
+        /*
+         * The provider is overloaded, not the key: no org cools down, but
+         * the provider's server is given a moment before it is sent
+         * another request, so that one may go to another provider.
+         */
+        if (status == 529) {
+            ksh->status_529++;
+
+        } else {
+            ksh->status_other++;
+        }
+
+        ctx->overloaded = 1;
+        ngx_http_ratepool_overloaded(ctx, key,
+                                     now_ms + (a.has_retry_after
+                                               ? ngx_min(a.retry_after_ms,
+                                                         60000)
+                                               : RATEPOOL_OVERLOAD_MS));
 
     } else {
         ksh->status_other++;
@@ -829,4 +876,33 @@ ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool, time_t *until)
     }
 
     return spent;
+}
+
+
+/*
+ * With the zone locked: every key on the server of one that answered 529
+ * (or 503) ranks after the keys of other servers until then, and this
+ * request is not sent there again: another provider may take it.  No
+ * key or org cools down; a provider with no other is still used.
+ */
+
+static void
+ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t *key, uint64_t until_ms)
+{
+    ngx_uint_t                i;
+    ngx_http_ratepool_key_t  *keys;
+
+    keys = ctx->pool->keys->elts;
+
+    for (i = 0; i < ctx->pool->keys->nelts; i++) {
+        if (keys[i].server.len == key->server.len
+            && ngx_strncmp(keys[i].server.data, key->server.data,
+                           key->server.len) == 0)
+        {
+            keys[i].sh->overloaded_until_ms =
+                       ngx_max(keys[i].sh->overloaded_until_ms, until_ms);
+            ctx->tried |= (uint64_t) 1 << i;
+        }
+    }
 }

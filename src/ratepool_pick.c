@@ -23,6 +23,10 @@ ratepool_better(const ratepool_candidate_t *a, const ratepool_candidate_t *b)
 {
     uint32_t  ha, hb;
 
+    if (a->fallback != b->fallback) {
+        return a->fallback < b->fallback;
+    }
+
     ha = a->headroom_permille * RATEPOOL_HEADROOM_STEPS / 1001;
     hb = b->headroom_permille * RATEPOOL_HEADROOM_STEPS / 1001;
 

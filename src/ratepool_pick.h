@@ -22,6 +22,8 @@ typedef struct {
     uint32_t   org_inflight;
     uint32_t   key_inflight;
     uint64_t   last_pick_ms;
+    uint32_t   fallback;            /* 0: preferred; higher: only when no
+                                       lower one can be used now */
 } ratepool_candidate_t;
 
 

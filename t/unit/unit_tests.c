@@ -757,6 +757,30 @@ test_normalize(void)
 
 
 static void
+test_fallback(void)
+{
+    uint64_t              soonest;
+    ratepool_candidate_t  c[2];
+
+    memset(c, 0, sizeof(c));
+    c[0].usable = 1;
+    c[0].fallback = 1;
+    c[0].headroom_permille = 1000;
+    c[1].usable = 1;
+    c[1].fallback = 0;
+    c[1].headroom_permille = 100;
+    c[1].org_inflight = 5;
+
+    check(ratepool_pick(c, 2, 1000, &soonest) == 1,
+          "a preferred key wins over a fallback with more headroom");
+
+    c[1].free_at_ms = 5000;
+    check(ratepool_pick(c, 2, 1000, &soonest) == 0,
+          "the fallback is used while the preferred key is not free");
+}
+
+
+static void
 test_usage_chunk(void)
 {
     ratepool_request_t  rq;
@@ -873,6 +897,7 @@ main(void)
     test_dialect();
     test_normalize();
     test_usage_chunk();
+    test_fallback();
 
     printf("1..%d\n", tests);
 
