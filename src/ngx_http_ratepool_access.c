@@ -438,7 +438,7 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
 
     static u_char  option[] = "{\"stream_options\":{\"include_usage\":true},";
 
-    if (ctx->key == NULL || ctx->key->provider != RATEPOOL_PROVIDER_OPENAI
+    if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_PROVIDER_OPENAI
         || !ctx->stream || ctx->stream_options || !ctx->body_whole
         || r->headers_in.content_length_n < 0
         || r->request_body == NULL || r->request_body->bufs == NULL
@@ -862,9 +862,14 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
             i = 0;
         }
 
-        if (h[i].key.len == sizeof("x-api-key") - 1
-            && ngx_strncasecmp(h[i].key.data, (u_char *) "x-api-key",
-                               sizeof("x-api-key") - 1) == 0
+        /* x-api-key, or api-key as Azure OpenAI's clients send it */
+
+        if (((h[i].key.len == sizeof("x-api-key") - 1
+              && ngx_strncasecmp(h[i].key.data, (u_char *) "x-api-key",
+                                 sizeof("x-api-key") - 1) == 0)
+             || (h[i].key.len == sizeof("api-key") - 1
+                 && ngx_strncasecmp(h[i].key.data, (u_char *) "api-key",
+                                    sizeof("api-key") - 1) == 0))
             && ngx_http_ratepool_token_matches(rmcf, h[i].value.data,
                                                h[i].value.len, &index))
         {

@@ -188,6 +188,7 @@ ngx_module_t  ngx_http_ratepool_module = {
 #define RATEPOOL_VAR_AUTHORIZATION     2
 #define RATEPOOL_VAR_KEY               3
 #define RATEPOOL_VAR_WORKSPACE         4
+#define RATEPOOL_VAR_API_KEY           5
 
 
 static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
@@ -204,6 +205,10 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 
     { ngx_string("ratepool_upstream_authorization"), NULL,
       ngx_http_ratepool_variable, RATEPOOL_VAR_AUTHORIZATION,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    { ngx_string("ratepool_upstream_api_key"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_API_KEY,
       NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
 
     /* for access logs */
@@ -255,6 +260,7 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_set_header Connection \"\";"
     "proxy_set_header x-api-key $ratepool_upstream_x_api_key;"
     "proxy_set_header Authorization $ratepool_upstream_authorization;"
+    "proxy_set_header api-key $ratepool_upstream_api_key;"
     "proxy_set_header Accept-Encoding \"\";"
     "proxy_request_buffering on;"
     "proxy_buffering off;"
@@ -338,6 +344,9 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
 
             } else if (data == RATEPOOL_VAR_AUTHORIZATION) {
                 s = &ctx->key->authorization;
+
+            } else if (data == RATEPOOL_VAR_API_KEY) {
+                s = &ctx->key->api_key;
 
             } else {
                 s = &ctx->key->name;
@@ -1545,11 +1554,15 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             } else if (ngx_strcmp(value[n].data + 9, "openai") == 0) {
                 key->provider = RATEPOOL_PROVIDER_OPENAI;
 
+            } else if (ngx_strcmp(value[n].data + 9, "azure") == 0) {
+                key->provider = RATEPOOL_PROVIDER_AZURE;
+
             } else {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid provider \"%V\", use "
-                                   "\"provider=anthropic\" or "
-                                   "\"provider=openai\"", &value[n]);
+                                   "\"provider=anthropic\", "
+                                   "\"provider=openai\" or "
+                                   "\"provider=azure\"", &value[n]);
                 return NGX_CONF_ERROR;
             }
 
@@ -1682,8 +1695,14 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     key->org = index;
 
+    key->dialect = (key->provider == RATEPOOL_PROVIDER_ANTHROPIC)
+                   ? RATEPOOL_PROVIDER_ANTHROPIC : RATEPOOL_PROVIDER_OPENAI;
+
     if (key->provider == RATEPOOL_PROVIDER_ANTHROPIC) {
         key->x_api_key = secret;
+
+    } else if (key->provider == RATEPOOL_PROVIDER_AZURE) {
+        key->api_key = secret;
 
     } else {
         key->authorization.len = sizeof("Bearer ") - 1 + secret.len;

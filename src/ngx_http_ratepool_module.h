@@ -33,6 +33,7 @@
 
 #define RATEPOOL_PROVIDER_ANTHROPIC 0
 #define RATEPOOL_PROVIDER_OPENAI    1
+#define RATEPOOL_PROVIDER_AZURE     2     /* OpenAI's API, "api-key" */
 
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
@@ -260,7 +261,8 @@ typedef struct {
 typedef struct {
     ngx_str_t                       name;
     ngx_uint_t                      org;        /* index in pool->orgs */
-    ngx_uint_t                      provider;   /* its dialect */
+    ngx_uint_t                      provider;
+    ngx_uint_t                      dialect;    /* anthropic or openai */
     ngx_uint_t                      fallback;   /* 0: preferred */
     ngx_str_t                       server;
     ngx_str_t                       host;       /* Host header and SNI */
@@ -269,6 +271,7 @@ typedef struct {
     in_port_t                       port;
     ngx_str_t                       x_api_key;      /* sent as x-api-key */
     ngx_str_t                       authorization;  /* "Bearer ..." */
+    ngx_str_t                       api_key;        /* Azure's api-key */
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_http_ratepool_key_sh_t     *sh;
 #if (NGX_HTTP_SSL)

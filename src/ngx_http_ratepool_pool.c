@@ -72,6 +72,7 @@ typedef struct {
     unsigned                        seen[3][3];
     uint64_t                        retry_after_ms;
     unsigned                        has_retry_after:1;
+    unsigned                        retry_after_ms_seen:1;
 } ngx_http_ratepool_answer_t;
 
 
@@ -120,7 +121,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
      * other halfway.
      */
 
-    dialect = ctx->key ? ctx->key->provider
+    dialect = ctx->key ? ctx->key->dialect
                        : (ratepool_openai_path(ctx->request->uri.data,
                                                ctx->request->uri.len)
                           ? RATEPOOL_PROVIDER_OPENAI
@@ -128,7 +129,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     same = 0;
 
     for (i = 0; i < ctx->pool->keys->nelts; i++) {
-        same |= (keys[i].provider == dialect);
+        same |= (keys[i].dialect == dialect);
     }
 
     for (i = 0; i < ctx->pool->keys->nelts; i++) {
@@ -154,7 +155,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
             c[i].fallback += RATEPOOL_OVERLOAD_TIER;
         }
 
-        if (same && keys[i].provider != dialect) {
+        if (same && keys[i].dialect != dialect) {
             c[i].usable = 0;
         }
         if (ngx_http_ratepool_busy(osh, now_ms)) {
@@ -453,8 +454,27 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
             continue;
         }
 
+        /* retry-after-ms, which the SDKs read, says it more exactly */
+
+        if (header[i].key.len == sizeof("retry-after-ms") - 1
+            && ngx_memcmp(key, "retry-after-ms", sizeof("retry-after-ms") - 1)
+               == 0)
+        {
+            if (ratepool_parse_uint(header[i].value.data,
+                                    header[i].value.len, &ms)
+                == 0)
+            {
+                a->retry_after_ms = ms;
+                a->has_retry_after = 1;
+                a->retry_after_ms_seen = 1;
+            }
+
+            continue;
+        }
+
         if (header[i].key.len == sizeof("retry-after") - 1
-            && ngx_memcmp(key, "retry-after", sizeof("retry-after") - 1) == 0)
+            && ngx_memcmp(key, "retry-after", sizeof("retry-after") - 1) == 0
+            && !a->retry_after_ms_seen)
         {
             if (ratepool_parse_retry_after(header[i].value.data,
                                            header[i].value.len, ngx_time(),

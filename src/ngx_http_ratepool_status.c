@@ -303,7 +303,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     ngx_http_ratepool_org_sh_t  *osh;
     ngx_http_ratepool_key_sh_t  *ksh;
 
-    static const char  *providers[] = { "anthropic", "openai" };
+    static const char  *providers[] = { "anthropic", "openai", "azure" };
 
     orgs = pool->orgs->elts;
     keys = pool->keys->elts;

@@ -152,6 +152,11 @@ my @cases = (
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
       qr/invalid parameter "queue=many", use "queue=N" with the number of requests that may wait for the pool/ ],
 
+    [ 'a fallback rank out of range',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET fallback=10; }",
+      qr/invalid "fallback=10", use "fallback=N" from 0 \(preferred, the default\) to 9/ ],
+
     [ 'a Redis store with a bad address',
       'ratepool_zone llm:1m redis=127.0.0.1:notaport;',
       qr/invalid "redis=127.0.0.1:notaport": invalid port; use "redis=HOST:PORT" or "redis=unix:\/path\/to\/redis.sock"/ ],

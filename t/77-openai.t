@@ -18,12 +18,13 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-my %KEY = map { $_ => "sk-proj-mock-$_-" . int(rand(1e9)) } qw(k1 k2);
+my %KEY = map { $_ => "sk-proj-mock-$_-" . int(rand(1e9)) } qw(k1 k2 az);
 my $TOKEN = 'gw-openai-' . int(rand(1e9));
 
 my $mock = $t->start_mock(port => 1, log => 1, config => {
     keys => { $KEY{k1} => { org => 'org-1', name => 'k1' },
-              $KEY{k2} => { org => 'org-2', name => 'k2' } },
+              $KEY{k2} => { org => 'org-2', name => 'k2' },
+              $KEY{az} => { org => 'org-az', name => 'az' } },
     orgs => { 'org-1' => { rpm => 100 }, 'org-2' => { rpm => 100 } } });
 
 $t->write_config(<<"EOF");
@@ -45,6 +46,12 @@ http {
                      key=$KEY{k2};
     }
 
+    upstream azure {
+        ratepool zone=llm;
+        ratepool_key az org=org-az provider=azure server=127.0.0.1:%%PORT_1%%
+                     key=$KEY{az};
+    }
+
     ratepool_workspace team;
     ratepool_client team ${\ $t->token_hash($TOKEN)};
 
@@ -53,6 +60,11 @@ http {
 
         location /v1/ {
             ratepool_pass http://gpt;
+        }
+
+        location /azure/ {
+            rewrite ^/azure(/.*)\$ \$1 break;
+            ratepool_pass http://azure;
         }
 
         location = /ratepool/status {
@@ -124,12 +136,41 @@ $r = chat(body => { stream => JSON::PP::true,
 unlike($mock->log->[-1]{body}, qr/include_usage":true/,
     'a client that said no is not overruled');
 
+# Azure OpenAI: its clients send their token as api-key, and so does the
+# gateway send the key
+$r = $t->http(port => $t->port(0), method => 'POST',
+    path => '/azure/v1/chat/completions',
+    headers => [ 'api-key' => $TOKEN ],
+    body => { model => 'gpt-4o-mini',
+              messages => [ { role => 'user', content => 'Hi' } ] });
+is($r->{status}, 200, 'an Azure client, with its token as api-key');
+my $sent = $mock->log->[-1]{headers};
+is($sent->{'api-key'}, $KEY{az}, 'reaches the provider with the Azure key '
+    . 'as api-key');
+ok(!defined $sent->{authorization} && !defined $sent->{'x-api-key'},
+    'and no other credential');
+
+# retry-after-ms says it to the millisecond
+$mock->script($KEY{k1}, [ { status => 429, retry_after => '1',
+                            headers => { 'retry-after-ms' => '4500' } } ]);
+$mock->script($KEY{k2}, [ { status => 429, retry_after => '1',
+                            headers => { 'retry-after-ms' => '4500' } } ]);
+$r = chat();
+my $keys = Ratepool::Test::by_name($t->status->{pools}[0]{keys});
+ok($keys->{k1}{cooldown_ms} > 3500 && $keys->{k1}{cooldown_ms} < 6000,
+    "retry-after-ms wins over retry-after ($keys->{k1}{cooldown_ms} ms)");
+$mock->reset;
+
 my $orgs = Ratepool::Test::by_name($t->status->{pools}[0]{orgs});
 my $learned = $orgs->{'org-1'}{learned}{requests}{limit}
            || $orgs->{'org-2'}{learned}{requests}{limit};
 is($learned, 100, 'the request limit is learned from x-ratelimit-*');
 
 # rate_limit_exceeded cools; insufficient_quota takes the org out
+# (a fresh gateway: no cooldown left from above)
+$t->stop;
+$t->run;
+
 $mock->script($KEY{k1}, [ { status => 429, retry_after => '20', body => {
     error => { message => 'Rate limit reached for requests',
                type => 'requests', param => undef,

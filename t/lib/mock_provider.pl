@@ -591,7 +591,7 @@ sub provider {
     my ($req) = @_;
     my $h = $req->{headers};
 
-    my $credential = $h->{'x-api-key'};
+    my $credential = $h->{'x-api-key'} // $h->{'api-key'};    # Azure's
     if (!defined $credential
         && ($h->{authorization} // '') =~ /^Bearer\s+(\S+)/i)
     {
