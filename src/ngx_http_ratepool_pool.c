@@ -725,7 +725,16 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
             ngx_http_ratepool_shared_learn(ctx, org, seen, limits, remaining);
         }
 
-        if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        if (ctx->spent) {
+            /*
+             * Other gateways see a spent org as cooling down, for an hour
+             * at a time, so that they do not each pay a request to learn.
+             */
+            ngx_http_ratepool_shared_cool(ctx,
+                                   ngx_http_ratepool_key_org(ctx->pool, key),
+                                   RATEPOOL_COOLDOWN_MAX_MS);
+
+        } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
             ngx_http_ratepool_shared_cool(ctx, org, cooldown_ms);
         }
     }

@@ -460,6 +460,20 @@ my $org = Ratepool::Test::by_name(
     Ratepool::Test::by_name($b->status->{pools})->{big}{orgs})->{wide};
 ok($org->{cooldown_ms} > 20000, 'its status shows the cooldown');
 
+# --- an org out of money is out for the fleet --------------------------------
+
+$teacher->script($KEY4, [ { status => 429, body => { type => 'error',
+    error => { type => 'rate_limit_error',
+               message => 'You have reached your API usage limits.',
+               details => { error_code => 'enforced_spend_limit_reached' } } }
+} ], sticky => 1);
+my $asked = scalar @{ $teacher->log };
+$r = $a->messages(token => $TOKEN{backend}, path => '/learnt/v1/messages');
+is($r->{status}, 429, 'a spend cap on one gateway');
+$r = $b->messages(token => $TOKEN{backend}, path => '/learnt/v1/messages');
+is($r->{status}, 429, 'keeps the other gateway from the org');
+is(scalar @{ $teacher->log }, $asked + 1, 'which did not send to it');
+
 # --- a unix socket, a password, a database ---------------------------------
 
 my $d = Ratepool::Test->new;
