@@ -25,6 +25,8 @@ static void *ngx_http_ratepool_create_main_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf);
 static ngx_int_t ngx_http_ratepool_check_pools(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_int_t ngx_http_ratepool_check_token_limits(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool);
 static ngx_int_t ngx_http_ratepool_check_key_names(ngx_conf_t *cf,
     ngx_http_ratepool_pool_t *p, ngx_http_ratepool_pool_t *q);
 static ngx_int_t ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
@@ -514,6 +516,14 @@ ngx_http_ratepool_check_pools(ngx_conf_t *cf,
     pools = rmcf->pools.elts;
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
+        if (pools[i]->keys
+            && ngx_http_ratepool_check_token_limits(cf, pools[i]) != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
         for (j = i + 1; j < rmcf->pools.nelts; j++) {
 
             if (pools[i]->keys == NULL || pools[j]->keys == NULL) {
@@ -527,6 +537,64 @@ ngx_http_ratepool_check_pools(ngx_conf_t *cf,
             {
                 return NGX_ERROR;
             }
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * OpenAI counts input and output tokens against one limit: the orgs of
+ * keys that speak its API, and orgs given "tpm=", have one token bucket.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_check_token_limits(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool)
+{
+    ngx_uint_t                i, j, dialect;
+    ngx_http_ratepool_org_t  *orgs;
+    ngx_http_ratepool_key_t  *keys;
+
+    orgs = pool->orgs->elts;
+    keys = pool->keys->elts;
+
+    for (i = 0; i < pool->orgs->nelts; i++) {
+        if (orgs[i].tpm) {
+            orgs[orgs[i].base].combined = 1;
+        }
+    }
+
+    for (i = 0; i < pool->keys->nelts; i++) {
+        dialect = keys[i].dialect;
+
+        for (j = 0; j < i; j++) {
+            if (keys[j].org == keys[i].org && keys[j].dialect != dialect) {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "keys \"%V\" and \"%V\" of org \"%V\" speak "
+                              "different APIs, give each provider's keys "
+                              "an org of their own", &keys[j].name,
+                              &keys[i].name, &orgs[keys[i].org].name);
+                return NGX_ERROR;
+            }
+        }
+
+        if (dialect == RATEPOOL_PROVIDER_OPENAI) {
+            orgs[keys[i].org].combined = 1;
+        }
+    }
+
+    for (i = 0; i < pool->orgs->nelts; i++) {
+        orgs[i].combined = orgs[orgs[i].base].combined;
+
+        if (orgs[i].combined && (orgs[i].itpm || orgs[i].otpm)) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "org \"%V\" has one limit for input and output "
+                          "tokens (its keys speak OpenAI's API or it has "
+                          "\"tpm=\"), use \"tpm=\" instead of \"itpm=\" "
+                          "and \"otpm=\"", &orgs[i].name);
+            return NGX_ERROR;
         }
     }
 
@@ -599,8 +667,9 @@ ngx_http_ratepool_check_org_names(ngx_conf_t *cf,
                    != 0
                 || !a[m].declared || !b[n].declared
                 || (a[m].rpm == b[n].rpm && a[m].itpm == b[n].itpm
-                    && a[m].otpm == b[n].otpm
-                    && a[m].cache_reads == b[n].cache_reads))
+                    && a[m].otpm == b[n].otpm && a[m].tpm == b[n].tpm
+                    && a[m].cache_reads == b[n].cache_reads
+                    && a[m].combined == b[n].combined))
             {
                 continue;
             }
@@ -1286,7 +1355,7 @@ ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
 
 
 /*
- * ratepool_org NAME [model=PATTERN] [rpm=N] [itpm=N] [otpm=N]
+ * ratepool_org NAME [model=PATTERN] [rpm=N] [itpm=N] [otpm=N] [tpm=N]
  *              [itpm_cache_reads=on|off]
  */
 
@@ -1297,7 +1366,7 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_int_t                 rc;
     ngx_str_t                *value, model;
-    ngx_uint_t                i, index, rpm, itpm, otpm, cache_reads;
+    ngx_uint_t                i, index, rpm, itpm, otpm, tpm, cache_reads;
     ngx_http_ratepool_org_t  *org;
 
     value = cf->args->elts;
@@ -1310,6 +1379,7 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     rpm = 0;
     itpm = 0;
     otpm = 0;
+    tpm = 0;
     cache_reads = 0;
 
     for (i = 2; i < cf->args->nelts; i++) {
@@ -1349,6 +1419,10 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &otpm);
         }
 
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "tpm", &tpm);
+        }
+
         if (rc == NGX_OK) {
             continue;
         }
@@ -1363,8 +1437,16 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter \"%V\", use \"model=\", "
-                           "\"rpm=\", \"itpm=\", \"otpm=\" or "
+                           "\"rpm=\", \"itpm=\", \"otpm=\", \"tpm=\" or "
                            "\"itpm_cache_reads=\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (tpm && (itpm || otpm)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"tpm=\" is one limit for input and output "
+                           "tokens together, give it or \"itpm=\" and "
+                           "\"otpm=\", not both");
         return NGX_CONF_ERROR;
     }
 
@@ -1386,6 +1468,7 @@ ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     org->rpm = rpm;
     org->itpm = itpm;
     org->otpm = otpm;
+    org->tpm = tpm;
     org->cache_reads = cache_reads;
 
     return NGX_CONF_OK;

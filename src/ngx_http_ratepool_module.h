@@ -250,8 +250,12 @@ typedef struct {
     ngx_uint_t                      rpm;
     ngx_uint_t                      itpm;
     ngx_uint_t                      otpm;
+    ngx_uint_t                      tpm;        /* input and output */
     unsigned                        declared:1;
     unsigned                        cache_reads:1;  /* count toward ITPM */
+    unsigned                        combined:1;     /* one limit for all
+                                                       tokens, in ITPM's
+                                                       bucket: OpenAI's */
     ngx_http_ratepool_org_sh_t     *sh;
     ngx_http_ratepool_zone_t       *zone;
     ngx_uint_t                      ledger;     /* index, in a worker */
@@ -494,6 +498,8 @@ void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage);
 void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     ratepool_bucket_t **bucket, uint64_t *limit);
+void ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org,
+    uint64_t input, uint64_t output, uint64_t *tokens);
 ngx_int_t ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx);
 ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,
     time_t *until);

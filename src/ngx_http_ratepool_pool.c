@@ -24,11 +24,16 @@
 #define RATEPOOL_LEARN_RESET       2
 #define RATEPOOL_LEARN_RESET_IN    3       /* a duration: OpenAI's */
 
+/* token limits: one for input and output, or one for each */
+#define RATEPOOL_LEARN_COMBINED    1
+#define RATEPOOL_LEARN_SEPARATE    2
+
 
 typedef struct {
     ngx_str_t                       name;
     size_t                          offset;     /* of the learned set */
     ngx_uint_t                      field;
+    ngx_uint_t                      limits;     /* of orgs that have */
 } ngx_http_ratepool_learn_header_t;
 
 
@@ -37,31 +42,48 @@ typedef struct {
 static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
 
     { ngx_string("anthropic-ratelimit-requests-limit"),
-      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT },
+      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT, 0 },
     { ngx_string("anthropic-ratelimit-requests-remaining"),
-      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING },
+      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING, 0 },
     { ngx_string("anthropic-ratelimit-requests-reset"),
-      ratepool_learned(requests), RATEPOOL_LEARN_RESET },
+      ratepool_learned(requests), RATEPOOL_LEARN_RESET, 0 },
     { ngx_string("anthropic-ratelimit-input-tokens-limit"),
-      ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT },
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("anthropic-ratelimit-input-tokens-remaining"),
-      ratepool_learned(input_tokens), RATEPOOL_LEARN_REMAINING },
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_REMAINING,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("anthropic-ratelimit-input-tokens-reset"),
-      ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET },
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("anthropic-ratelimit-output-tokens-limit"),
-      ratepool_learned(output_tokens), RATEPOOL_LEARN_LIMIT },
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_LIMIT,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("anthropic-ratelimit-output-tokens-remaining"),
-      ratepool_learned(output_tokens), RATEPOOL_LEARN_REMAINING },
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_REMAINING,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("anthropic-ratelimit-output-tokens-reset"),
-      ratepool_learned(output_tokens), RATEPOOL_LEARN_RESET },
+      ratepool_learned(output_tokens), RATEPOOL_LEARN_RESET,
+      RATEPOOL_LEARN_SEPARATE },
     { ngx_string("x-ratelimit-limit-requests"),
-      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT },
+      ratepool_learned(requests), RATEPOOL_LEARN_LIMIT, 0 },
     { ngx_string("x-ratelimit-remaining-requests"),
-      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING },
+      ratepool_learned(requests), RATEPOOL_LEARN_REMAINING, 0 },
     { ngx_string("x-ratelimit-reset-requests"),
-      ratepool_learned(requests), RATEPOOL_LEARN_RESET_IN },
+      ratepool_learned(requests), RATEPOOL_LEARN_RESET_IN, 0 },
 
-    { ngx_null_string, 0, 0 }
+    /* one limit for input and output, kept where ITPM is: see "combined" */
+    { ngx_string("x-ratelimit-limit-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT,
+      RATEPOOL_LEARN_COMBINED },
+    { ngx_string("x-ratelimit-remaining-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_REMAINING,
+      RATEPOOL_LEARN_COMBINED },
+    { ngx_string("x-ratelimit-reset-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET_IN,
+      RATEPOOL_LEARN_COMBINED },
+
+    { ngx_null_string, 0, 0, 0 }
 };
 
 
@@ -81,7 +103,8 @@ static void ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
 static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
-    ngx_http_upstream_headers_in_t *h, ngx_http_ratepool_answer_t *a);
+    ngx_http_upstream_headers_in_t *h, ngx_uint_t combined,
+    ngx_http_ratepool_answer_t *a);
 
 
 uint64_t
@@ -112,8 +135,6 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     keys = ctx->pool->keys->elts;
 
     cost[0] = 1;
-    cost[1] = ctx->input_cost;
-    cost[2] = ctx->output_cost;
 
     /*
      * A request goes to keys of its client's dialect (and a later try to
@@ -137,10 +158,12 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         osh = org->sh;
 
         ngx_http_ratepool_org_buckets(org, bucket, limit);
+        ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
+                                    cost);
 
         reserved[0] = 0;
-        reserved[1] = osh->reserved_input;
-        reserved[2] = osh->reserved_output;
+        ngx_http_ratepool_org_split(org, osh->reserved_input,
+                                    osh->reserved_output, reserved);
 
         /* a key whose org spent its money is of no use until it resets */
         c[i].usable = (keys[i].sh->dead_status == 0
@@ -231,9 +254,35 @@ ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     limit[2] = osh->output_tokens.limit ? osh->output_tokens.limit
                                         : org->otpm;
 
+    if (org->combined) {
+        limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit
+                                           : org->tpm;
+        limit[2] = 0;
+    }
+
     limit[0] = ngx_http_ratepool_share(org->zone, limit[0]);
     limit[1] = ngx_http_ratepool_share(org->zone, limit[1]);
     limit[2] = ngx_http_ratepool_share(org->zone, limit[2]);
+}
+
+
+/*
+ * What input and output tokens weigh in the org's token buckets: where
+ * one limit counts both, they all go to the first.
+ */
+
+void
+ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org, uint64_t input,
+    uint64_t output, uint64_t *tokens)
+{
+    if (org->combined) {
+        tokens[1] = input + output;
+        tokens[2] = 0;
+
+    } else {
+        tokens[1] = input;
+        tokens[2] = output;
+    }
 }
 
 
@@ -418,7 +467,8 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
 static void
 ngx_http_ratepool_read_answer(ngx_http_request_t *r,
-    ngx_http_upstream_headers_in_t *h, ngx_http_ratepool_answer_t *a)
+    ngx_http_upstream_headers_in_t *h, ngx_uint_t combined,
+    ngx_http_ratepool_answer_t *a)
 {
     u_char                            *key;
     time_t                             t;
@@ -500,6 +550,14 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
                 continue;
             }
 
+            if (lh->limits
+                && lh->limits != (combined ? RATEPOOL_LEARN_COMBINED
+                                           : RATEPOOL_LEARN_SEPARATE))
+            {
+                /* not a limit this org's buckets know */
+                break;
+            }
+
             set = (lh->offset - ratepool_learned(requests))
                   / sizeof(ngx_http_ratepool_learned_t);
 
@@ -548,7 +606,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_tm_t                      tm;
     int64_t                       remaining[3];
     uint64_t                      now_ms, floor_ms, limit, limits[3],
-                                  seen[3], cooldown_ms;
+                                  seen[3], cost[3], cooldown_ms;
     ngx_uint_t                    status, set, shared;
     ratepool_bucket_t            *bucket[3];
     ngx_slab_pool_t              *shpool;
@@ -567,7 +625,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ksh = key->sh;
     status = h->status_n;
 
-    ngx_http_ratepool_read_answer(r, h, &a);
+    ngx_http_ratepool_read_answer(r, h, org->combined, &a);
 
     now_ms = ngx_http_ratepool_now_ms();
     floor_ms = 0;
@@ -601,6 +659,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
+    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost, cost);
     limit = limits[0];
 
     /*
@@ -618,7 +677,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
         ratepool_bucket_clamp(bucket[set], limits[set],
                               a.value[set][RATEPOOL_LEARN_REMAINING]
-                              + (set == 1 ? ctx->input_cost : 0),
+                              + (set == 1 ? cost[1] : 0),
                               now_ms);
 
         /*
@@ -781,7 +840,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage)
 {
     time_t                          now;
-    uint64_t                        total, now_ms, limits[3];
+    uint64_t                        total, now_ms, limits[3], tokens[3];
     ngx_uint_t                      i;
     ngx_slab_pool_t                *shpool;
     ratepool_bucket_t              *bucket[3];
@@ -832,8 +891,10 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     now_ms = ngx_http_ratepool_now_ms();
     ngx_http_ratepool_org_buckets(org, bucket, limits);
 
-    ratepool_bucket_debit(bucket[1], limits[1], counted, now_ms);
-    ratepool_bucket_debit(bucket[2], limits[2], add.output, now_ms);
+    ngx_http_ratepool_org_split(org, counted, add.output, tokens);
+
+    ratepool_bucket_debit(bucket[1], limits[1], tokens[1], now_ms);
+    ratepool_bucket_debit(bucket[2], limits[2], tokens[2], now_ms);
 
     if (ctx->workspace) {
         ws = ctx->workspace;

@@ -42,10 +42,17 @@
 #define RATEPOOL_SHARED_ASK_MS      100     /* for a lease, at most */
 
 
+/*
+ * One script call's arguments: a take has the most, 25, of which two
+ * keys of at most 2 * 80 bytes and 22 integers of at most 20 digits.
+ */
+
+#define RATEPOOL_CALL_ARGS          25
+
 typedef struct {
-    ratepool_resp_arg_t     args[RATEPOOL_RESP_ARGS_MAX];
+    ratepool_resp_arg_t     args[RATEPOOL_CALL_ARGS];
     ngx_uint_t              n;
-    u_char                  buf[512];
+    u_char                  buf[1024];
     u_char                 *p;
 } ngx_http_ratepool_call_t;
 
@@ -180,6 +187,13 @@ static void
 ngx_http_ratepool_call_str(ngx_http_ratepool_call_t *call, u_char *data,
     size_t len)
 {
+    if (call->n == RATEPOOL_CALL_ARGS) {
+        /* a bug: the script would be called with arguments missing */
+        ngx_log_error(NGX_LOG_ALERT, ngx_cycle->log, 0,
+                      "ratepool: too many redis arguments");
+        return;
+    }
+
     call->args[call->n].data = data;
     call->args[call->n].len = len;
     call->n++;
@@ -220,7 +234,8 @@ ngx_http_ratepool_call_key(ngx_http_ratepool_call_t *call,
 
 /*
  * The arguments every take, undo and adjust has: the workspace's limits
- * and budgets, the periods, the org's limits, then the costs.
+ * and budgets, the periods, the org's limits and whether one of them
+ * counts all tokens, then the costs.
  */
 
 static void
@@ -273,6 +288,8 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
     for (i = 0; i < 3; i++) {
         ngx_http_ratepool_call_int(call, (int64_t) limits[i]);
     }
+
+    ngx_http_ratepool_call_int(call, (org && org->combined) ? 1 : 0);
 }
 
 
@@ -288,8 +305,8 @@ static void
 ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *block)
 {
-    uint64_t                        n, now_ms, limits[3], *lease[2],
-                                   *asked[2];
+    uint64_t                        n, now_ms, limits[3], cost[6],
+                                   *lease[2], *asked[2];
     ngx_uint_t                      d, k, ask;
     ngx_slab_pool_t                *shpool;
     ratepool_bucket_t              *bucket[3];
@@ -311,19 +328,17 @@ ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
     block[4] = limits[1] / n;
     block[5] = limits[2] / n;
 
-    /* a block that would not hold this request is no use */
-    for (d = 0; d < 3; d++) {
-        if (block[d] && block[d] < (d == 0 ? 1 : d == 1 ? ctx->input_cost
-                                                         : ctx->output_cost))
-        {
-            block[d] = 0;
-        }
+    cost[0] = 1;
+    cost[1] = ctx->input_cost;
+    cost[2] = ctx->output_cost;
+    cost[3] = 1;
+    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
+                                &cost[3]);
 
-        if (block[3 + d] && block[3 + d] < (d == 0 ? 1
-                                            : d == 1 ? ctx->input_cost
-                                                     : ctx->output_cost))
-        {
-            block[3 + d] = 0;
+    /* a block that would not hold this request is no use */
+    for (d = 0; d < 6; d++) {
+        if (block[d] && block[d] < cost[d]) {
+            block[d] = 0;
         }
     }
 
@@ -419,7 +434,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org)
 {
     uint64_t                           now_ms, limits[3], ws_limits[3],
-                                       cost[3];
+                                       ws_cost[3], org_cost[3];
     ngx_int_t                          rc;
     ngx_uint_t                         d, k, leased;
     ratepool_bucket_t                 *bucket[3];
@@ -427,7 +442,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_org_sh_t        *osh;
     ngx_http_ratepool_workspace_sh_t  *wsh;
-    uint64_t                          *limit[2], *lease[2];
+    uint64_t                          *limit[2], *lease[2], *cost[2];
 
     ws = ctx->workspace;
     wsh = ws->sh;
@@ -435,9 +450,12 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
-    cost[0] = 1;
-    cost[1] = ctx->input_cost;
-    cost[2] = ctx->output_cost;
+    ws_cost[0] = 1;
+    ws_cost[1] = ctx->input_cost;
+    ws_cost[2] = ctx->output_cost;
+    org_cost[0] = 1;
+    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
+                                org_cost);
 
     ws_limits[0] = ws->rpm;
     ws_limits[1] = ws->itpm;
@@ -456,6 +474,8 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     limit[1] = limits;
     lease[0] = wsh->lease;
     lease[1] = osh->lease;
+    cost[0] = ws_cost;
+    cost[1] = org_cost;
 
     for (k = 0; k < 2; k++) {
         for (d = 0; d < 3; d++) {
@@ -463,7 +483,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
                 continue;
             }
 
-            if (lease[k][d] < cost[d]) {
+            if (lease[k][d] < cost[k][d]) {
                 rc = NGX_DECLINED;
                 goto done;
             }
@@ -492,7 +512,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     for (k = 0; k < 2; k++) {
         for (d = 0; d < 3; d++) {
             if (limit[k][d]) {
-                lease[k][d] -= cost[d];
+                lease[k][d] -= cost[k][d];
             }
         }
     }

@@ -294,7 +294,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
     uint64_t                     limits[3], cooldown_ms, refused_ms,
-                                 oldest_ms;
+                                 oldest_ms, tpm;
     ratepool_bucket_t           *bucket[3];
     ngx_uint_t                   j;
     const char                  *state;
@@ -332,11 +332,25 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
 
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"model\":\"%V\","
                         "\"rpm_configured\":%ui,\"itpm_configured\":%ui,"
-                        "\"otpm_configured\":%ui,\"itpm_cache_reads\":%s,",
+                        "\"otpm_configured\":%ui,\"tpm_configured\":%ui,"
+                        "\"itpm_cache_reads\":%s,",
                         j ? "," : "", &org->name, &org->model, org->rpm,
-                        org->itpm, org->otpm,
+                        org->itpm, org->otpm, org->tpm,
                         org->cache_reads ? "true" : "false");
+
+        /* one limit for all tokens is shown as that, in its own name */
+        tpm = 0;
+
+        if (org->combined) {
+            tpm = limits[1];
+            limits[1] = 0;
+        }
+
         p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
+        p = ngx_sprintf(p, "\"tpm_limit\":%uL,\"tpm_available\":%uL,",
+                        tpm, tpm ? ratepool_bucket_level(bucket[1], tpm,
+                                                         now_ms)
+                                 : 0);
         p = ngx_sprintf(p, "\"spent_until\":%T,", osh->spent_until_ms > now_ms
                                                   ? osh->spent_until : 0);
         p = ngx_sprintf(p, "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
@@ -350,7 +364,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         p = ngx_http_ratepool_status_learned(p, "requests", &osh->requests,
                                              ngx_time());
         *p++ = ',';
-        p = ngx_http_ratepool_status_learned(p, "input_tokens",
+        p = ngx_http_ratepool_status_learned(p, org->combined
+                                                ? "tokens" : "input_tokens",
                                              &osh->input_tokens, ngx_time());
         *p++ = ',';
         p = ngx_http_ratepool_status_learned(p, "output_tokens",
@@ -513,7 +528,7 @@ static u_char *
 ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     uint64_t now_ms)
 {
-    uint64_t                         v, limits[3];
+    uint64_t                         v, limits[3], reserved[3];
     ngx_uint_t                       i, j, k, f;
     ratepool_bucket_t               *bucket[3];
     ngx_http_ratepool_org_t         *orgs;
@@ -681,6 +696,10 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
 
             for (j = 0; j < pools[i]->orgs->nelts; j++) {
                 ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
+                ngx_http_ratepool_org_split(&orgs[j],
+                                            orgs[j].sh->reserved_input,
+                                            orgs[j].sh->reserved_output,
+                                            reserved);
 
                 /* requests are not reserved, tokens are */
                 for (k = (f == 2); k < 3; k++) {
@@ -690,8 +709,7 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         v = ratepool_bucket_level(bucket[k], v, now_ms);
 
                     } else if (f == 2) {
-                        v = k == 1 ? orgs[j].sh->reserved_input
-                                   : orgs[j].sh->reserved_output;
+                        v = reserved[k];
                     }
 
                     p = ngx_sprintf(p, "%s{pool=\"%V\",org=\"%V\","
@@ -699,7 +717,8 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                     org_families[f][0],
                                     &pools[i]->upstream->host,
                                     &orgs[j].name, &orgs[j].model,
-                                    bucket_names[k], v);
+                                    (k == 1 && orgs[j].combined)
+                                        ? "tpm" : bucket_names[k], v);
                 }
             }
         }

@@ -19,9 +19,6 @@
  * command.
  */
 
-#define RATEPOOL_RESP_ARGS_MAX  24
-
-
 typedef struct {
     const unsigned char  *data;
     size_t                len;

@@ -205,7 +205,26 @@ my @cases = (
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_org o itpm_cache_reads=yes; ratepool_key k org=o "
       . "server=127.0.0.1:1 key=$SECRET; }",
-      qr/invalid parameter "itpm_cache_reads=yes", use "model=", "rpm=", "itpm=", "otpm=" or "itpm_cache_reads="/ ],
+      qr/invalid parameter "itpm_cache_reads=yes", use "model=", "rpm=", "itpm=", "otpm=", "tpm=" or "itpm_cache_reads="/ ],
+
+    [ 'one limit for all tokens and one for input',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o tpm=1000 itpm=500; ratepool_key k org=o "
+      . "server=127.0.0.1:1 key=$SECRET; }",
+      qr/"tpm=" is one limit for input and output tokens together, give it or "itpm=" and "otpm=", not both/ ],
+
+    [ 'an OpenAI org with an input tokens limit',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_org o itpm=500; ratepool_key k org=o provider=openai "
+      . "server=127.0.0.1:1 key=$SECRET; }",
+      qr/org "o" has one limit for input and output tokens \(its keys speak OpenAI's API or it has "tpm="\), use "tpm=" instead of "itpm=" and "otpm="/ ],
+
+    [ 'an org whose keys speak two APIs',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key a org=o server=127.0.0.1:1 key=$SECRET; "
+      . "ratepool_key b org=o provider=openai server=127.0.0.1:1 "
+      . "key=$SECRET-2; }",
+      qr/keys "a" and "b" of org "o" speak different APIs, give each provider's keys an org of their own/ ],
 
     [ 'an output reservation of nothing',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "

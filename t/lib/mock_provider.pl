@@ -13,6 +13,7 @@
 #   {"keys": {"sk-ant-mock-a1": {"org": "org-a", "name": "a1"}},
 #    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000,
 #                       "itpm_cache_reads": false,
+#                       "tpm": 40000,   (OpenAI's one limit for all tokens)
 #                       "models": {"claude-opus": {"rpm": 5, ...}}}},
 #    "latency_ms": 0, "stream_delay_ms": 50,
 #    "close_reused": false}   (true: close a reused connection unanswered)
@@ -82,7 +83,7 @@ my %ERROR_MESSAGE = (
 );
 
 my %LIMIT_NAME = (rpm => 'requests', itpm => 'input tokens',
-                  otpm => 'output tokens');
+                  otpm => 'output tokens', tpm => 'tokens');
 
 my %REASON = (
     200 => 'OK', 400 => 'Bad Request', 401 => 'Unauthorized',
@@ -695,7 +696,9 @@ sub answer {
 
     # scripted answers bypass the buckets; everything else draws from them
     if (!$action) {
-        my $refused = admit($ctx->{org}, $ctx->{class}, $usage, $ctx->{now});
+        my $refused = admit($ctx->{org}, $ctx->{class}, $usage,
+                            $payload->{max_completion_tokens}
+                            // $payload->{max_tokens}, $ctx->{now});
         return error_res($req, 429, 'rate_limit_error',
                          rate_limit_message($ctx->{org}, @$refused[0, 1]),
                          ['retry-after', $refused->[2]])
@@ -1063,19 +1066,25 @@ sub take {
 
 # Like the provider: a request needs one request and its input tokens
 # (cache reads free unless the org says otherwise) now, and output tokens
-# not in debt, for they are counted as they are produced.  Returns undef
-# once it has taken them, or [dimension, limit, retry-after seconds].
+# not in debt, for they are counted as they are produced.  OpenAI's one
+# token limit is charged at once "the maximum of max_tokens and the
+# estimated number of tokens".  Returns undef once it has taken them, or
+# [dimension, limit, retry-after seconds].
 sub admit {
-    my ($org, $class, $usage, $now) = @_;
+    my ($org, $class, $usage, $max_tokens, $now) = @_;
 
     my $limits = limits_of($org, $class);
     my $input = ($usage->{input_tokens} // 0)
               + ($usage->{cache_creation_input_tokens} // 0)
               + ($limits->{itpm_cache_reads}
                  ? $usage->{cache_read_input_tokens} // 0 : 0);
-    my %need = (rpm => 1, itpm => $input, otpm => 0.001);
+    my $prompt = ($usage->{input_tokens} // 0)
+               + ($usage->{cache_creation_input_tokens} // 0)
+               + ($usage->{cache_read_input_tokens} // 0);
+    my %need = (rpm => 1, itpm => $input, otpm => 0.001,
+                tpm => max($prompt, $max_tokens // 0));
 
-    for my $dim (qw(rpm itpm otpm)) {
+    for my $dim (qw(rpm itpm otpm tpm)) {
         my $b = refill($org, $class, $dim, $now) or next;
         my $need = min($need{$dim}, $limits->{$dim});
 
@@ -1087,6 +1096,7 @@ sub admit {
 
     take($org, $class, 'rpm', 1, $now);
     take($org, $class, 'itpm', $input, $now);
+    take($org, $class, 'tpm', $need{tpm}, $now);
 
     return undef;
 }
@@ -1113,21 +1123,39 @@ sub limit_headers {
     return @headers;
 }
 
-# OpenAI's: x-ratelimit-{limit,remaining,reset}-requests, the reset as a
-# duration ("1s", "6m0s")
+# OpenAI's: x-ratelimit-{limit,remaining,reset}-{requests,tokens}, the
+# reset as a Go duration ("1s", "6m0s", "2s81ms", "84ms")
 sub openai_limit_headers {
     my ($org, $class, $now) = @_;
     my $limits = limits_of($org, $class);
-    my $b = refill($org, $class, 'rpm', $now) or return ();
-    my $limit = $limits->{rpm};
-    my $ms = int(($limit - $b->{tokens}) * 60000 / $limit);
+    my @headers;
 
-    return (['x-ratelimit-limit-requests', $limit],
-            ['x-ratelimit-remaining-requests', max(0, floor($b->{tokens}))],
-            ['x-ratelimit-reset-requests',
-             $ms >= 60000 ? sprintf('%dm%ds', $ms / 60000, ($ms % 60000) / 1000)
-                          : $ms >= 1000 ? sprintf('%ds', $ms / 1000)
-                          : "${ms}ms"]);
+    for (['requests', 'rpm'], ['tokens', 'tpm']) {
+        my ($name, $dim) = @$_;
+        my $b = refill($org, $class, $dim, $now) or next;
+        my $limit = $limits->{$dim};
+        my $ms = int(($limit - $b->{tokens}) * 60000 / $limit);
+
+        push @headers,
+            ["x-ratelimit-limit-$name", $limit],
+            ["x-ratelimit-remaining-$name", max(0, floor($b->{tokens}))],
+            ["x-ratelimit-reset-$name", go_duration($ms)];
+    }
+
+    return @headers;
+}
+
+sub go_duration {
+    my ($ms) = @_;
+
+    return "${ms}ms" if $ms < 1000;
+
+    my $s = int($ms / 1000);
+    my $frac = $ms % 1000 ? sprintf('.%03d', $ms % 1000) : '';
+    $frac =~ s/0+$//;
+
+    return $s >= 60 ? sprintf('%dm%d%ss', $s / 60, $s % 60, $frac)
+                    : "$s${frac}s";
 }
 
 # --- request log -----------------------------------------------------------
