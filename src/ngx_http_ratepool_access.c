@@ -108,6 +108,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->refused = 0;
         ctx->spent = 0;
         ctx->overloaded = 0;
+        ctx->too_large = 0;
         ctx->soonest_ms = 0;
 
         if (ngx_http_ratepool_resolve_classes(ctx) != NGX_OK) {

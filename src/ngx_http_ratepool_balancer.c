@@ -101,6 +101,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ctx->refused = 0;
     ctx->spent = 0;
     ctx->overloaded = 0;
+    ctx->too_large = 0;
 
     addr = &key->addrs[(ctx->tries - 1) % key->naddrs];
 
@@ -196,6 +197,9 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     /* what of the error body has come with the headers says why */
     ctx->spent = ratepool_error_spent((int) status, u->buffer.pos,
                                       u->buffer.last - u->buffer.pos);
+    ctx->too_large = ratepool_error_too_large((int) status, u->buffer.pos,
+                                              u->buffer.last
+                                              - u->buffer.pos);
 
     ngx_http_ratepool_learn(ctx, &u->headers_in);
 
@@ -207,7 +211,9 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
         return NGX_OK;
     }
 
-    if (u->peer.tries > 1) {
+    /* keys of other orgs may have larger limits, but rarely: none is
+       asked, so that one request cannot use up every org's requests */
+    if (u->peer.tries > 1 && !ctx->too_large) {
         ctx->next = ngx_http_ratepool_acquire(ctx, &soonest_ms);
     }
 
@@ -227,10 +233,11 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ctx->soonest_ms = ngx_http_ratepool_soonest(ctx);
 
-    if (ctx->spent || ctx->overloaded) {
+    if (ctx->spent || ctx->overloaded || ctx->too_large) {
         /*
-         * The provider's own words: a spend cap is not a wait, and an
-         * overload is the provider's, with its retry-after.
+         * The provider's own words: a spend cap is not a wait, an
+         * overload is the provider's, with its retry-after, and a request
+         * too large for the limit must be made smaller.
          */
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {

@@ -457,6 +457,9 @@ typedef struct {
                                                        org's money is spent */
     unsigned                        overloaded:1;   /* last answer is a 529
                                                        or 503 */
+    unsigned                        too_large:1;    /* a 429 for the request
+                                                       alone: larger than
+                                                       its org's limit */
     unsigned                        own_error_sent:1;
     unsigned                        ws_reserved:1;  /* tokens, until the
                                                        request ends */

@@ -698,7 +698,10 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         ksh->status_2xx++;
         osh->backoff_level = 0;
 
-    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && ctx->spent) {
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS
+               && (ctx->spent || ctx->too_large))
+    {
+        /* the org is not busy: no cooldown */
         ksh->status_429++;
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
@@ -793,7 +796,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                                    ngx_http_ratepool_key_org(ctx->pool, key),
                                    RATEPOOL_COOLDOWN_MAX_MS);
 
-        } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && !ctx->too_large) {
             ngx_http_ratepool_shared_cool(ctx, org, cooldown_ms);
         }
     }
@@ -809,6 +812,12 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                       &key->name, status, &org->name, tm.ngx_tm_year,
                       tm.ngx_tm_mon, tm.ngx_tm_mday, tm.ngx_tm_hour,
                       tm.ngx_tm_min, tm.ngx_tm_sec);
+
+    } else if (ctx->too_large) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: key \"%V\" got 429 for a request larger "
+                      "than org \"%V\"'s limit, passed to the client "
+                      "without a cooldown", &key->name, &org->name);
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,

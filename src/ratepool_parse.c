@@ -459,21 +459,14 @@ static const char  *ratepool_spent_markers[] = {
 };
 
 
-int
-ratepool_error_spent(int status, const unsigned char *body, size_t len)
+static int
+ratepool_body_says(const unsigned char *body, size_t len,
+    const char **markers)
 {
     size_t        n, i;
     const char  **m;
 
-    if (status == 402) {
-        return 1;
-    }
-
-    if (status != 429 && status != 400 && status != 403) {
-        return 0;
-    }
-
-    for (m = ratepool_spent_markers; *m; m++) {
+    for (m = markers; *m; m++) {
         n = strlen(*m);
 
         for (i = 0; i + n <= len; i++) {
@@ -486,6 +479,44 @@ ratepool_error_spent(int status, const unsigned char *body, size_t len)
     }
 
     return 0;
+}
+
+
+int
+ratepool_error_spent(int status, const unsigned char *body, size_t len)
+{
+    if (status == 402) {
+        return 1;
+    }
+
+    if (status != 429 && status != 400 && status != 403) {
+        return 0;
+    }
+
+    return ratepool_body_says(body, len, ratepool_spent_markers);
+}
+
+
+/*
+ * Whether a 429 says the request alone is larger than its org's limit
+ * ("Request too large for gpt-4o in organization ... on tokens per min"):
+ * the org is not busy, and a key with the same limit would refuse it too.
+ */
+
+static const char  *ratepool_too_large_markers[] = {
+    "Request too large for",                /* OpenAI */
+    NULL
+};
+
+
+int
+ratepool_error_too_large(int status, const unsigned char *body, size_t len)
+{
+    if (status != 429) {
+        return 0;
+    }
+
+    return ratepool_body_says(body, len, ratepool_too_large_markers);
 }
 
 

@@ -5,6 +5,7 @@
 # or takes it from tpm=, charges each request its prompt and its
 # max_completion_tokens, and keeps a pool within it, alone or with
 # another gateway on one Redis, so that the provider never answers 429.
+# A 429 for a request too large for its org's limit cools nothing.
 
 use strict;
 use warnings;
@@ -103,8 +104,30 @@ sub chat {
 
 sub provider_statuses { join ',', map { $_->{status} } @{ $mock->log } }
 
+# a request larger than its org's limit: OpenAI says so with a 429, which
+# says nothing of the org's other requests
+
+my $TOO_LARGE = { status => 429, body => { error => {
+    message => 'Request too large for gpt-4o-mini in organization org-1 on '
+             . 'tokens per min (TPM): Limit 2000, Requested 3107. The input '
+             . 'or output tokens must be reduced in order to run '
+             . 'successfully.',
+    type => 'tokens', param => undef, code => 'rate_limit_exceeded' } } };
+$mock->script($KEY{$_}, [ $TOO_LARGE ]) for qw(k1 k2);
+
 my $r = chat($a);
-is($r->{status}, 200, 'a first request is answered');
+like($r->{body}, qr/Request too large for gpt-4o-mini/,
+    'a request too large for its org\'s limit gets the provider\'s 429');
+is($r->{status}, 429, 'as a 429');
+is(scalar @{ $mock->log }, 1, 'without trying the other org, whose limit '
+    . 'is the same');
+my %state = map { $_->{name} => $_->{state} }
+            @{ $a->status->{pools}[0]{keys} };
+is_deeply(\%state, { k1 => 'ok', k2 => 'ok' }, 'and cools no org');
+$mock->reset;
+
+$r = chat($a);
+is($r->{status}, 200, 'the next request is answered');
 
 my $orgs = Ratepool::Test::by_name($a->status->{pools}[0]{orgs});
 my ($asked) = grep { $orgs->{$_}{learned}{tokens}{limit} } keys %$orgs;

@@ -26,6 +26,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     (void) ratepool_error_spent(429, data, size);
 
+    if (ratepool_error_too_large(200, data, size)) {
+        abort();
+    }
+
+    (void) ratepool_error_too_large(429, data, size);
+
     if (ratepool_parse_duration_ms(data, size, &v) == 0
         && v > 365ULL * 86400 * 1000)
     {

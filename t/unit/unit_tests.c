@@ -726,6 +726,24 @@ test_spent(void)
 
 
 static void
+test_too_large(void)
+{
+    check(ratepool_error_too_large(429, S("{\"error\":{\"message\":"
+          "\"Request too large for gpt-4o-mini in organization org-x on "
+          "tokens per min (TPM): Limit 30000, Requested 34307.\","
+          "\"type\":\"tokens\",\"code\":\"rate_limit_exceeded\"}}")),
+          "OpenAI's request too large for its limit");
+    check(!ratepool_error_too_large(429, S("{\"error\":{\"message\":"
+          "\"Rate limit reached for gpt-4o-mini in organization org-x on "
+          "tokens per min (TPM): Limit 200000, Used 195869, Requested "
+          "4412.\",\"code\":\"rate_limit_exceeded\"}}")),
+          "a limit reached is not");
+    check(!ratepool_error_too_large(400, S("Request too large for")),
+          "nor a 400");
+}
+
+
+static void
 test_normalize(void)
 {
     ratepool_usage_t  u;
@@ -894,6 +912,7 @@ main(void)
     test_reserve();
     test_resp();
     test_spent();
+    test_too_large();
     test_dialect();
     test_normalize();
     test_usage_chunk();
