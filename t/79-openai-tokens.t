@@ -130,8 +130,7 @@ $r = chat($a);
 is($r->{status}, 200, 'the next request is answered');
 
 my $orgs = Ratepool::Test::by_name($a->status->{pools}[0]{orgs});
-my ($asked) = grep { $orgs->{$_}{learned}{tokens}{limit} } keys %$orgs;
-my $org = $orgs->{$asked // 'org-1'};
+my $org = $orgs->{ $mock->log->[-1]{org} };
 
 is($org->{learned}{tokens}{limit}, 2000,
     'the limit of all tokens is learned from x-ratelimit-limit-tokens');
