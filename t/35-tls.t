@@ -100,7 +100,7 @@ make_cert('rogue', 'rogue-ca', 'localhost',
 # --- the gateway, its TLS "providers" and the mock behind them ---------------
 
 my @NAMES = qw(t_name t_ip k_name k2_name x_name x_ip m_good m_wrong
-               m_rogue w_only r_only s_only);
+               m_rogue w_only r_only s_only fb_name fb_ip);
 my %SECRET = map { $_ => 'sk-ant-mock-' . random_hex(16) } @NAMES;
 my $TOKEN = 'gw-tls-' . random_hex(16);
 
@@ -111,9 +111,9 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
 $t->write_file("$_.key.secret", "$SECRET{$_}\n") for @NAMES;
 
 sub key_line {
-    my ($name, $server) = @_;
+    my ($name, $server, $extra) = @_;
     return "ratepool_key $name org=org-$name server=$server "
-         . "key_file=%%TESTDIR%%/$name.key.secret;";
+         . "key_file=%%TESTDIR%%/$name.key.secret" . ($extra // '') . ';';
 }
 
 sub front {
@@ -180,6 +180,13 @@ http {
         ${\ key_line('m_good', 'localhost:%%PORT_2%%') }
     }
 
+    # a provider and, after it, another that speaks its API
+    upstream providers {
+        ratepool zone=llm;
+        ${\ key_line('fb_name', 'localhost:%%PORT_2%%') }
+        ${\ key_line('fb_ip', '127.0.0.1:%%PORT_2%%', ' fallback=1') }
+    }
+
     upstream wrong {
         ratepool zone=llm;
         ${\ key_line('w_only', 'localhost:%%PORT_3%%') }
@@ -216,6 +223,12 @@ http {
         location /mixed/v1/ {
             rewrite ^/mixed(/.*)\$ \$1 break;
             ratepool_pass https://mixed
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
+        }
+
+        location /fb/v1/ {
+            rewrite ^/fb(/.*)\$ \$1 break;
+            ratepool_pass https://providers
                           ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
         }
 
@@ -359,6 +372,24 @@ check_identity($log, 'both tries arrived with their own key\'s SNI and Host');
 like(decode_json($r->{body})->{content}[0]{text},
     qr/^Hello from \Q$log->[1]{key_name}\E$/,
     'the client gets the second key\'s answer');
+
+# --- a 529 moves the request to the fallback provider's host --------------
+
+$mock->reset;
+$mock->script($SECRET{fb_name}, [ { status => 529 } ]);
+
+$r = $t->messages(token => $TOKEN, body => $body,
+                  path => '/fb/v1/messages');
+$log = $mock->log;
+
+is($r->{status}, 200, 'a 529 from the preferred provider over TLS is hidden');
+is_deeply([ map { "$_->{key_name} $_->{status}" } @$log ],
+    [ 'fb_name 529', 'fb_ip 200' ],
+    'the request went on to the fallback provider');
+check_identity($log, 'each provider was reached with its own host as SNI '
+    . 'and Host, its certificate verified');
+is(scalar(grep { ($_->{credential} // '') ne $SECRET{ $_->{key_name} } }
+          @$log), 0, 'each under its own key\'s secret');
 
 # --- a server that does not prove its identity gets no request --------------
 
