@@ -25,6 +25,10 @@ static ngx_int_t ngx_http_ratepool_decide(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+static void ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx,
+    u_char *data, size_t len);
+static ngx_chain_t *ngx_http_ratepool_chain_link(ngx_pool_t *pool,
+    ngx_buf_t *b, ngx_chain_t *next);
 static ngx_int_t ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_unshared(ngx_http_request_t *r,
@@ -233,6 +237,7 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
 
     ratepool_request_init(&rq);
     chunk = NULL;
+    ctx->body_object_at = -1;
 
     for (cl = r->request_body ? r->request_body->bufs : NULL;
          cl;
@@ -241,6 +246,7 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
         b = cl->buf;
 
         if (ngx_buf_in_memory(b)) {
+            ngx_http_ratepool_find_object(ctx, b->pos, b->last - b->pos);
             ratepool_request_feed(&rq, b->pos, b->last - b->pos);
             ctx->body_bytes += b->last - b->pos;
             continue;
@@ -269,6 +275,7 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
                 return NGX_ERROR;
             }
 
+            ngx_http_ratepool_find_object(ctx, chunk, n);
             ratepool_request_feed(&rq, chunk, n);
             ctx->body_bytes += n;
         }
@@ -421,26 +428,47 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 }
 
 
+/* where the body's object begins: its first "{", as the body is whole */
+
+static void
+ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx, u_char *data,
+    size_t len)
+{
+    u_char  *p;
+
+    if (ctx->body_object_at >= 0) {
+        return;
+    }
+
+    p = ngx_strlchr(data, data + len, '{');
+
+    if (p) {
+        ctx->body_object_at = (off_t) (ctx->body_bytes + (p - data));
+    }
+}
+
+
 /*
  * OpenAI streams report usage only when asked (stream_options.include_
  * usage): the gateway asks for a client that did not, so that it can
  * count what the stream used, and keeps the extra chunk from that client
- * (ngx_http_ratepool_body_filter).  The body's first "{" becomes
- * '{"stream_options":{"include_usage":true},'; the rest is untouched.
+ * (ngx_http_ratepool_body_filter).  '"stream_options":{"include_usage":
+ * true},' goes in after the body's first "{"; the rest is untouched.
  */
 
 static ngx_int_t
 ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx)
 {
-    u_char       *p;
-    ngx_buf_t    *b, *head, *rest;
-    ngx_chain_t  *cl, *cl_rest;
+    off_t         at;
+    ngx_buf_t    *b, *head, *option, *rest;
+    ngx_chain_t  *cl;
 
-    static u_char  option[] = "{\"stream_options\":{\"include_usage\":true},";
+    static u_char  text[] = "{\"stream_options\":{\"include_usage\":true},";
 
     if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_PROVIDER_OPENAI
         || !ctx->stream || ctx->stream_options || !ctx->body_whole
+        || ctx->body_object_at < 0
         || r->headers_in.content_length_n < 0
         || r->request_body == NULL || r->request_body->bufs == NULL
         || !ratepool_openai_path(r->uri.data, r->uri.len))
@@ -449,53 +477,95 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     }
 
     b = r->request_body->bufs->buf;
+    at = ctx->body_object_at;
 
-    if (!ngx_buf_in_memory(b) || b->in_file) {
-        return NGX_OK;
-    }
+    /*
+     * The body is one buffer in memory, or one in a temporary file (a
+     * large one, written there whole): either is cut after its "{".  A
+     * re-send rewinds a memory buffer to its start, and file buffers to
+     * where the one before ended, so each part is a buffer of its own.
+     */
 
-    for (p = b->pos; p < b->last && *p != '{'; p++) { /* void */ }
-
-    if (p == b->last) {
+    if (r->request_body->bufs->next != NULL
+        || (b->in_file ? (ngx_buf_in_memory(b) || b->file_pos != 0
+                          || at >= b->file_last)
+                       : (!ngx_buf_in_memory(b) || at >= b->last - b->pos)))
+    {
         return NGX_OK;
     }
 
     head = ngx_calloc_buf(r->pool);
+    option = ngx_calloc_buf(r->pool);
     rest = ngx_calloc_buf(r->pool);
-    cl = ngx_alloc_chain_link(r->pool);
-    cl_rest = ngx_alloc_chain_link(r->pool);
 
-    if (head == NULL || rest == NULL || cl == NULL || cl_rest == NULL) {
+    if (head == NULL || option == NULL || rest == NULL) {
         return NGX_ERROR;
     }
 
-    /* new buffers of their own: a re-send rewinds each to its start */
+    *head = *b;
+    *rest = *b;
 
-    head->memory = 1;
-    head->start = option;
-    head->pos = option;
-    head->last = option + sizeof(option) - 1;
-    head->end = head->last;
+    head->last_buf = 0;
+    head->last_in_chain = 0;
 
-    rest->memory = 1;
-    rest->start = p + 1;
-    rest->pos = p + 1;
-    rest->last = b->last;
-    rest->end = b->last;
-    rest->last_buf = b->last_buf;
-    rest->last_in_chain = b->last_in_chain;
+    if (b->in_file) {
+        head->file_last = at + 1;
+        rest->file_pos = at + 1;
 
-    cl->buf = head;
-    cl->next = cl_rest;
-    cl_rest->buf = rest;
-    cl_rest->next = r->request_body->bufs->next;
+    } else {
+        /* the buffer may begin before the body, in the client's header */
+        head->start = b->pos;
+        head->last = b->pos + at + 1;
+        head->end = head->last;
+        rest->start = head->last;
+        rest->pos = head->last;
+    }
+
+    option->memory = 1;
+    option->start = text + 1;
+    option->pos = text + 1;
+    option->last = text + sizeof(text) - 1;
+    option->end = option->last;
+
+    cl = ngx_http_ratepool_chain_link(r->pool, rest, NULL);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_http_ratepool_chain_link(r->pool, option, cl);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_http_ratepool_chain_link(r->pool, head, cl);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
 
     r->request_body->bufs = cl;
-    r->headers_in.content_length_n += sizeof(option) - 2;
+    r->headers_in.content_length_n += sizeof(text) - 2;
 
     ctx->usage_added = 1;
 
     return NGX_OK;
+}
+
+
+static ngx_chain_t *
+ngx_http_ratepool_chain_link(ngx_pool_t *pool, ngx_buf_t *b,
+    ngx_chain_t *next)
+{
+    ngx_chain_t  *cl;
+
+    cl = ngx_alloc_chain_link(pool);
+    if (cl == NULL) {
+        return NULL;
+    }
+
+    cl->buf = b;
+    cl->next = next;
+
+    return cl;
 }
 
 

@@ -407,6 +407,7 @@ typedef struct {
     ngx_uint_t                     *classes;    /* org index to the class
                                                    this model uses there */
     uint64_t                        body_bytes;
+    off_t                           body_object_at; /* its "{", -1: none */
     uint64_t                        input_cost;     /* estimated */
     uint64_t                        output_cost;    /* reserved */
     ngx_int_t                       phase_rc;   /* once the body is read */

@@ -11,6 +11,7 @@ use warnings;
 
 use lib 't/lib';
 
+use Encode ();
 use JSON::PP;
 use Test::More;
 
@@ -59,6 +60,13 @@ http {
         listen 127.0.0.1:%%PORT_0%%;
 
         location /v1/ {
+            ratepool_pass http://gpt;
+        }
+
+        # large bodies go to a temporary file
+        location /big/ {
+            rewrite ^/big(/.*)\$ \$1 break;
+            client_body_buffer_size 1k;
             ratepool_pass http://gpt;
         }
 
@@ -130,6 +138,42 @@ is($events[-1], 'data: [DONE]', 'and [DONE]');
 like($mock->log->[-1]{body}, qr/"stream_options":\{"include_usage":true\}/,
     'the provider was asked for usage');
 is(team_tokens()->{output}, 120, 'which is counted');
+
+# a body too large for memory is asked for usage too, and stays whole
+# when a 429 sends it again with the other key
+
+$mock->script($KEY{k1}, [ { status => 429, retry_after => '1' } ],
+              sticky => 1);
+my $long = 'a long prompt ' . ('x' x 5000);
+my $seen = @{ $mock->log };
+for (1 .. 2) {
+    $r = $t->http(port => $t->port(0), method => 'POST',
+        path => '/big/v1/chat/completions',
+        headers => [ Authorization => "Bearer $TOKEN",
+                     'x-mock-usage' => $USAGE ],
+        body => { model => 'gpt-4o-mini', max_completion_tokens => 100,
+                  stream => JSON::PP::true,
+                  messages => [ { role => 'user', content => $long } ] });
+    is($r->{status}, 200, "a large stream ($_) is answered");
+    ok(!grep({ /"choices":\[\]/ } split /\n\n/, $r->{body}),
+        'without the usage chunk it did not ask for');
+}
+my @sent = @{ $mock->log }[ $seen .. $#{ $mock->log } ];
+ok(scalar(grep { $_->{status} == 429 } @sent) >= 1,
+    'at least one was sent again after a 429');
+is(scalar(grep {
+        my $j = eval { decode_json(Encode::encode('UTF-8', $_->{body})) };
+        $j && $j->{stream_options}{include_usage}
+           && $j->{messages}[0]{content} eq $long
+           && $_->{body} !~ /stream_options.*stream_options/
+    } @sent), scalar @sent,
+    'every try asked for usage once, with the prompt whole');
+is(team_tokens()->{output}, 200, 'and both were counted');
+
+# no cooldown left from this
+$mock->reset;
+$t->stop;
+$t->run;
 
 $r = chat(body => { stream => JSON::PP::true,
                     stream_options => { include_usage => JSON::PP::false } });
