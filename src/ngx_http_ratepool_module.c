@@ -286,6 +286,9 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_hide_header x-ratelimit-limit-tokens;"
     "proxy_hide_header x-ratelimit-remaining-tokens;"
     "proxy_hide_header x-ratelimit-reset-tokens;"
+    "proxy_hide_header x-ratelimit-limit-project-tokens;"
+    "proxy_hide_header x-ratelimit-remaining-project-tokens;"
+    "proxy_hide_header x-ratelimit-reset-project-tokens;"
     /* the gateway, not its clients, chooses where its keys are billed */
     "proxy_set_header anthropic-workspace-id \"\";"
     "proxy_set_header OpenAI-Organization \"\";"

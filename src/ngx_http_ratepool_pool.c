@@ -82,6 +82,15 @@ static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
     { ngx_string("x-ratelimit-reset-tokens"),
       ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET_IN,
       RATEPOOL_LEARN_COMBINED },
+    { ngx_string("x-ratelimit-limit-project-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT,
+      RATEPOOL_LEARN_COMBINED },
+    { ngx_string("x-ratelimit-remaining-project-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_REMAINING,
+      RATEPOOL_LEARN_COMBINED },
+    { ngx_string("x-ratelimit-reset-project-tokens"),
+      ratepool_learned(input_tokens), RATEPOOL_LEARN_RESET_IN,
+      RATEPOOL_LEARN_COMBINED },
 
     { ngx_null_string, 0, 0, 0 }
 };
@@ -102,6 +111,8 @@ static void ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t *key, uint64_t until_ms);
 static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c);
+static void ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a,
+    ngx_uint_t set, ngx_uint_t field, uint64_t value);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
     ngx_http_upstream_headers_in_t *h, ngx_uint_t combined,
     ngx_http_ratepool_answer_t *a);
@@ -472,7 +483,7 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
 {
     u_char                            *key;
     time_t                             t;
-    uint64_t                           ms;
+    uint64_t                           ms, value;
     ngx_uint_t                         i, set;
     ngx_list_part_t                   *part;
     ngx_table_elt_t                   *header;
@@ -565,8 +576,8 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
                 if (ratepool_parse_rfc3339(header[i].value.data,
                                            header[i].value.len, &t) == 0)
                 {
-                    a->value[set][lh->field] = (uint64_t) t;
-                    a->seen[set][lh->field] = 1;
+                    ngx_http_ratepool_answer_set(a, set, lh->field,
+                                                 (uint64_t) t);
                 }
 
             } else if (lh->field == RATEPOOL_LEARN_RESET_IN) {
@@ -575,22 +586,45 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
                     == 0)
                 {
                     /* "6m0s" from now, rounded up to whole seconds */
-                    a->value[set][RATEPOOL_LEARN_RESET] =
-                                    (uint64_t) ngx_time() + (ms + 999) / 1000;
-                    a->seen[set][RATEPOOL_LEARN_RESET] = 1;
+                    ngx_http_ratepool_answer_set(a, set,
+                                    RATEPOOL_LEARN_RESET,
+                                    (uint64_t) ngx_time() + (ms + 999) / 1000);
                 }
 
             } else if (ratepool_parse_uint(header[i].value.data,
-                                           header[i].value.len,
-                                           &a->value[set][lh->field])
+                                           header[i].value.len, &value)
                        == 0)
             {
-                a->seen[set][lh->field] = 1;
+                ngx_http_ratepool_answer_set(a, set, lh->field, value);
             }
 
             break;
         }
     }
+}
+
+
+/*
+ * Where two headers speak of one limit (an OpenAI project's tokens beside
+ * its org's), the tighter one counts: the lower limit and remainder, the
+ * later reset.
+ */
+
+static void
+ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a, ngx_uint_t set,
+    ngx_uint_t field, uint64_t value)
+{
+    uint64_t  *v;
+
+    v = &a->value[set][field];
+
+    if (!a->seen[set][field]
+        || (field == RATEPOOL_LEARN_RESET ? value > *v : value < *v))
+    {
+        *v = value;
+    }
+
+    a->seen[set][field] = 1;
 }
 
 

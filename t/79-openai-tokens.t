@@ -5,7 +5,8 @@
 # or takes it from tpm=, charges each request its prompt and its
 # max_completion_tokens, and keeps a pool within it, alone or with
 # another gateway on one Redis, so that the provider never answers 429.
-# A 429 for a request too large for its org's limit cools nothing.
+# A project's lower limit beside its org's is the one kept.  A 429 for a
+# request too large for its org's limit cools nothing.
 
 use strict;
 use warnings;
@@ -21,16 +22,18 @@ my $a = Ratepool::Test->new;
 my $b = Ratepool::Test->new;
 
 my %KEY = map { $_ => "sk-proj-mock-$_-" . Ratepool::Test::random_hex(8) }
-          qw(k1 k2 c1);
+          qw(k1 k2 c1 p1);
 my $TOKEN = 'gw-tokens-' . Ratepool::Test::random_hex(8);
 
 # org-c's limit the provider never tells: the gateway has only tpm=
 my $mock = $a->start_mock(port => 1, log => 1, config => {
     keys => { $KEY{k1} => { org => 'org-1', name => 'k1' },
               $KEY{k2} => { org => 'org-2', name => 'k2' },
-              $KEY{c1} => { org => 'org-c', name => 'c1' } },
+              $KEY{c1} => { org => 'org-c', name => 'c1' },
+              $KEY{p1} => { org => 'org-p', name => 'p1' } },
     orgs => { 'org-1' => { rpm => 1000, tpm => 2000 },
-              'org-2' => { rpm => 1000, tpm => 2000 } } });
+              'org-2' => { rpm => 1000, tpm => 2000 },
+              'org-p' => { tpm => 4000, project_tpm => 1000 } } });
 
 my $redis = $a->start_redis;
 
@@ -63,6 +66,12 @@ http {
                      server=127.0.0.1:${\ $mock->port } key=$KEY{c1};
     }
 
+    upstream project {
+        ratepool zone=llm;
+        ratepool_key p1 org=org-p provider=openai
+                     server=127.0.0.1:${\ $mock->port } key=$KEY{p1};
+    }
+
     ratepool_workspace team;
     ratepool_client team ${\ $t->token_hash($TOKEN)};
 
@@ -76,6 +85,11 @@ http {
         location /c/ {
             rewrite ^/c(/.*)\$ \$1 break;
             ratepool_pass http://configured;
+        }
+
+        location /p/ {
+            rewrite ^/p(/.*)\$ \$1 break;
+            ratepool_pass http://project;
         }
 
         location = /ratepool/status {
@@ -183,6 +197,18 @@ ok($orgs->{'org-c'}{tpm_available} < 300,
 like($a->http(port => $a->port(0), path => '/ratepool/status?format=prometheus')
      ->{body}, qr/ratepool_org_limit\{[^}]*org="org-c"[^}]*bucket="tpm"\} 1000/,
      'Prometheus names the bucket tpm');
+
+# an OpenAI project's limit, lower than its org's, is the one kept
+
+$mock->reset;
+@got = map { chat($a, '/p', 400)->{status} } 1 .. 4;
+is(join(',', @got), '200,200,429,429',
+    'a project of 1000 tokens a minute, in an org of 4000, holds two '
+    . 'answers of 400 tokens') or diag provider_statuses();
+unlike(provider_statuses(), qr/429/, 'and the provider refused none');
+$orgs = Ratepool::Test::by_name($a->status->{pools}[2]{orgs});
+is($orgs->{'org-p'}{learned}{tokens}{limit}, 1000,
+    'the project\'s limit is learned from x-ratelimit-*-project-tokens');
 
 $a->stop;
 

@@ -14,6 +14,7 @@
 #    "orgs": {"org-a": {"rpm": 50, "itpm": 30000, "otpm": 8000,
 #                       "itpm_cache_reads": false,
 #                       "tpm": 40000,   (OpenAI's one limit for all tokens)
+#                       "project_tpm": 20000,   (and a project's, lower)
 #                       "models": {"claude-opus": {"rpm": 5, ...}}}},
 #    "latency_ms": 0, "stream_delay_ms": 50,
 #    "close_reused": false}   (true: close a reused connection unanswered)
@@ -83,7 +84,8 @@ my %ERROR_MESSAGE = (
 );
 
 my %LIMIT_NAME = (rpm => 'requests', itpm => 'input tokens',
-                  otpm => 'output tokens', tpm => 'tokens');
+                  otpm => 'output tokens', tpm => 'tokens',
+                  project_tpm => 'tokens');
 
 my %REASON = (
     200 => 'OK', 400 => 'Bad Request', 401 => 'Unauthorized',
@@ -1083,8 +1085,9 @@ sub admit {
                + ($usage->{cache_read_input_tokens} // 0);
     my %need = (rpm => 1, itpm => $input, otpm => 0.001,
                 tpm => max($prompt, $max_tokens // 0));
+    $need{project_tpm} = $need{tpm};
 
-    for my $dim (qw(rpm itpm otpm tpm)) {
+    for my $dim (qw(rpm itpm otpm tpm project_tpm)) {
         my $b = refill($org, $class, $dim, $now) or next;
         my $need = min($need{$dim}, $limits->{$dim});
 
@@ -1097,6 +1100,7 @@ sub admit {
     take($org, $class, 'rpm', 1, $now);
     take($org, $class, 'itpm', $input, $now);
     take($org, $class, 'tpm', $need{tpm}, $now);
+    take($org, $class, 'project_tpm', $need{tpm}, $now);
 
     return undef;
 }
@@ -1130,7 +1134,10 @@ sub openai_limit_headers {
     my $limits = limits_of($org, $class);
     my @headers;
 
-    for (['requests', 'rpm'], ['tokens', 'tpm']) {
+    # the project's first: a gateway must not take the last it reads
+    for (['requests', 'rpm'], ['project-tokens', 'project_tpm'],
+         ['tokens', 'tpm'])
+    {
         my ($name, $dim) = @$_;
         my $b = refill($org, $class, $dim, $now) or next;
         my $limit = $limits->{$dim};
