@@ -591,6 +591,9 @@ ngx_http_ratepool_check_token_limits(ngx_conf_t *cf,
     for (i = 0; i < pool->orgs->nelts; i++) {
         orgs[i].combined = orgs[orgs[i].base].combined;
 
+        /* OpenAI counts a prompt whole, cached or not, before it looks */
+        orgs[i].cache_reads |= orgs[i].combined;
+
         if (orgs[i].combined && (orgs[i].itpm || orgs[i].otpm)) {
             ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                           "org \"%V\" has one limit for input and output "

@@ -105,12 +105,12 @@ $a->run;
 
 # a short prompt that may answer with 500 tokens, and does
 sub chat {
-    my ($t, $path, $max) = @_;
+    my ($t, $path, $max, $usage) = @_;
     return $t->http(port => $t->port(0), method => 'POST',
         path => ($path // '') . '/v1/chat/completions',
         headers => [ Authorization => "Bearer $TOKEN",
-                     'x-mock-usage' =>
-                         encode_json({ output_tokens => $max // 500 }) ],
+                     'x-mock-usage' => encode_json($usage
+                         // { output_tokens => $max // 500 }) ],
         body => { model => 'gpt-4o-mini',
                   max_completion_tokens => $max // 500,
                   messages => [ { role => 'user', content => 'Hi' } ] });
@@ -180,13 +180,16 @@ is($err->{error}{code}, 'rate_limit_exceeded',
 ok(($r->{headers}{'retry-after'} // 0) >= 1,
     'with a retry-after of when 500 tokens have refilled');
 
-# a configured limit, before the provider says anything
+# a configured limit, before the provider says anything; cached prompt
+# tokens count, as OpenAI counts a prompt before it looks in its cache
 
 $mock->reset;
-@got = map { chat($a, '/c', 400)->{status} } 1 .. 4;
+@got = map { chat($a, '/c', 400, { input_tokens => 10,
+                                   cache_read_input_tokens => 290,
+                                   output_tokens => 100 })->{status} } 1 .. 4;
 is(join(',', @got), '200,200,429,429',
-    'tpm=1000 holds two answers of 400 tokens, not a third')
-    or diag provider_statuses();
+    'tpm=1000 holds two requests of 400 tokens (290 of them cached), '
+    . 'not a third') or diag provider_statuses();
 is(scalar @{ $mock->log }, 2, 'the third never reached the provider');
 
 $orgs = Ratepool::Test::by_name($a->status->{pools}[1]{orgs});
