@@ -466,7 +466,7 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
 
     static u_char  text[] = "{\"stream_options\":{\"include_usage\":true},";
 
-    if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_PROVIDER_OPENAI
+    if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_DIALECT_OPENAI
         || !ctx->stream || ctx->stream_options || !ctx->body_whole
         || ctx->body_object_at < 0
         || r->headers_in.content_length_n < 0

@@ -253,6 +253,23 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 };
 
 
+/*
+ * provider=: the API a key's clients speak there, and how the key is
+ * sent.  OpenAI-compatible servers (OpenRouter, vLLM, LiteLLM) are
+ * "openai"; Anthropic-compatible ones are "anthropic".
+ */
+
+static ngx_http_ratepool_provider_t  ngx_http_ratepool_providers[] = {
+    { ngx_string("anthropic"), RATEPOOL_DIALECT_ANTHROPIC,
+      RATEPOOL_CREDENTIAL_X_API_KEY },
+    { ngx_string("openai"), RATEPOOL_DIALECT_OPENAI,
+      RATEPOOL_CREDENTIAL_BEARER },
+    { ngx_string("azure"), RATEPOOL_DIALECT_OPENAI,
+      RATEPOOL_CREDENTIAL_API_KEY },
+    { ngx_null_string, 0, 0 }
+};
+
+
 /* what ratepool_pass means: a proxy set up to re-send with another key */
 
 static const char  ngx_http_ratepool_proxy_conf[] =
@@ -583,7 +600,7 @@ ngx_http_ratepool_check_token_limits(ngx_conf_t *cf,
             }
         }
 
-        if (dialect == RATEPOOL_PROVIDER_OPENAI) {
+        if (dialect == RATEPOOL_DIALECT_OPENAI) {
             orgs[keys[i].org].combined = 1;
         }
     }
@@ -1575,6 +1592,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_ratepool_key_t      *key, *keys;
     ngx_http_upstream_server_t   *us;
     ngx_http_upstream_srv_conf_t *uscf;
+    ngx_http_ratepool_provider_t *provider;
 
     value = cf->args->elts;
 
@@ -1617,7 +1635,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_memzero(key, sizeof(ngx_http_ratepool_key_t));
     key->name = value[1];
-    key->provider = RATEPOOL_PROVIDER_ANTHROPIC;
+    key->provider = &ngx_http_ratepool_providers[0];
 
     ngx_str_null(&org_name);
     ngx_str_null(&secret);
@@ -1637,16 +1655,21 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
         if (ngx_strncmp(value[n].data, "provider=", 9) == 0) {
 
-            if (ngx_strcmp(value[n].data + 9, "anthropic") == 0) {
-                key->provider = RATEPOOL_PROVIDER_ANTHROPIC;
+            for (provider = ngx_http_ratepool_providers;
+                 provider->name.len;
+                 provider++)
+            {
+                if (value[n].len - 9 == provider->name.len
+                    && ngx_strncmp(value[n].data + 9, provider->name.data,
+                                   provider->name.len)
+                       == 0)
+                {
+                    key->provider = provider;
+                    break;
+                }
+            }
 
-            } else if (ngx_strcmp(value[n].data + 9, "openai") == 0) {
-                key->provider = RATEPOOL_PROVIDER_OPENAI;
-
-            } else if (ngx_strcmp(value[n].data + 9, "azure") == 0) {
-                key->provider = RATEPOOL_PROVIDER_AZURE;
-
-            } else {
+            if (provider->name.len == 0) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid provider \"%V\", use "
                                    "\"provider=anthropic\", "
@@ -1784,13 +1807,12 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     key->org = index;
 
-    key->dialect = (key->provider == RATEPOOL_PROVIDER_ANTHROPIC)
-                   ? RATEPOOL_PROVIDER_ANTHROPIC : RATEPOOL_PROVIDER_OPENAI;
+    key->dialect = key->provider->dialect;
 
-    if (key->provider == RATEPOOL_PROVIDER_ANTHROPIC) {
+    if (key->provider->credential == RATEPOOL_CREDENTIAL_X_API_KEY) {
         key->x_api_key = secret;
 
-    } else if (key->provider == RATEPOOL_PROVIDER_AZURE) {
+    } else if (key->provider->credential == RATEPOOL_CREDENTIAL_API_KEY) {
         key->api_key = secret;
 
     } else {

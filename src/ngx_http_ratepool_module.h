@@ -31,9 +31,14 @@
 #define RATEPOOL_OUTPUT_RESERVE     4096    /* default output reservation */
 #define RATEPOOL_COOLDOWN_MAX_MS    3600000 /* an hour, at most */
 
-#define RATEPOOL_PROVIDER_ANTHROPIC 0
-#define RATEPOOL_PROVIDER_OPENAI    1
-#define RATEPOOL_PROVIDER_AZURE     2     /* OpenAI's API, "api-key" */
+/* the APIs clients speak */
+#define RATEPOOL_DIALECT_ANTHROPIC  0
+#define RATEPOOL_DIALECT_OPENAI     1
+
+/* how a provider takes its key */
+#define RATEPOOL_CREDENTIAL_X_API_KEY  0
+#define RATEPOOL_CREDENTIAL_BEARER     1
+#define RATEPOOL_CREDENTIAL_API_KEY    2   /* Azure's */
 
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
@@ -262,11 +267,20 @@ typedef struct {
 } ngx_http_ratepool_org_t;
 
 
+/* provider=: what a key's provider speaks and how it takes the key */
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_uint_t                      dialect;
+    ngx_uint_t                      credential;
+} ngx_http_ratepool_provider_t;
+
+
 typedef struct {
     ngx_str_t                       name;
     ngx_uint_t                      org;        /* index in pool->orgs */
-    ngx_uint_t                      provider;
-    ngx_uint_t                      dialect;    /* anthropic or openai */
+    ngx_http_ratepool_provider_t   *provider;
+    ngx_uint_t                      dialect;    /* its provider's */
     ngx_uint_t                      fallback;   /* 0: preferred */
     ngx_str_t                       server;
     ngx_str_t                       host;       /* Host header and SNI */

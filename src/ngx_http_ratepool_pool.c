@@ -156,8 +156,8 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     dialect = ctx->key ? ctx->key->dialect
                        : (ratepool_openai_path(ctx->request->uri.data,
                                                ctx->request->uri.len)
-                          ? RATEPOOL_PROVIDER_OPENAI
-                          : RATEPOOL_PROVIDER_ANTHROPIC);
+                          ? RATEPOOL_DIALECT_OPENAI
+                          : RATEPOOL_DIALECT_ANTHROPIC);
     same = 0;
 
     for (i = 0; i < ctx->pool->keys->nelts; i++) {

@@ -303,8 +303,6 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     ngx_http_ratepool_org_sh_t  *osh;
     ngx_http_ratepool_key_sh_t  *ksh;
 
-    static const char  *providers[] = { "anthropic", "openai", "azure" };
-
     orgs = pool->orgs->elts;
     keys = pool->keys->elts;
 
@@ -412,7 +410,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         }
 
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"org\":\"%V\","
-                        "\"provider\":\"%s\",\"fingerprint\":\"%*s\","
+                        "\"provider\":\"%V\",\"fingerprint\":\"%*s\","
                         "\"state\":\"%s\",\"dead_status\":%ui,"
                         "\"refused_ms\":%uL,\"cooldown_ms\":%uL,"
                         "\"in_flight\":%ui,\"sent\":%uL,"
@@ -421,7 +419,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         "\"learned_requests_limit\":%uL,"
                         "\"learned_requests_remaining\":%uL,",
                         j ? "," : "", &keys[j].name, &org->name,
-                        providers[keys[j].provider],
+                        &keys[j].provider->name,
                         (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
                         state, ksh->dead_status, refused_ms, cooldown_ms,
                         ksh->inflight,
