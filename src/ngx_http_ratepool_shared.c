@@ -43,8 +43,9 @@
 
 
 /*
- * One script call's arguments: a take has the most, 25, of which two
- * keys of at most 2 * 80 bytes and 22 integers of at most 20 digits.
+ * One script call's arguments: a take has the most, 25: two keys of at
+ * most 210 bytes ("ratepool:{zone}:o:org/model", names of 64) and 22
+ * integers of at most 20 characters, in the buffer.
  */
 
 #define RATEPOOL_CALL_ARGS          25
