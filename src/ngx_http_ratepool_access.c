@@ -480,16 +480,15 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     at = ctx->body_object_at;
 
     /*
-     * The body is one buffer in memory, or one in a temporary file (a
-     * large one, written there whole): either is cut after its "{".  A
+     * The body's first buffer, in memory or in a temporary file (a large
+     * body is written there whole), is cut after the "{" it holds.  A
      * re-send rewinds a memory buffer to its start, and file buffers to
      * where the one before ended, so each part is a buffer of its own.
      */
 
-    if (r->request_body->bufs->next != NULL
-        || (b->in_file ? (ngx_buf_in_memory(b) || b->file_pos != 0
-                          || at >= b->file_last)
-                       : (!ngx_buf_in_memory(b) || at >= b->last - b->pos)))
+    if (b->in_file ? (ngx_buf_in_memory(b) || b->file_pos != 0
+                      || at >= b->file_last)
+                   : (!ngx_buf_in_memory(b) || at >= b->last - b->pos))
     {
         return NGX_OK;
     }
@@ -527,7 +526,8 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     option->last = text + sizeof(text) - 1;
     option->end = option->last;
 
-    cl = ngx_http_ratepool_chain_link(r->pool, rest, NULL);
+    cl = ngx_http_ratepool_chain_link(r->pool, rest,
+                                      r->request_body->bufs->next);
     if (cl == NULL) {
         return NGX_ERROR;
     }

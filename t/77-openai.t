@@ -139,13 +139,29 @@ like($mock->log->[-1]{body}, qr/"stream_options":\{"include_usage":true\}/,
     'the provider was asked for usage');
 is(team_tokens()->{output}, 120, 'which is counted');
 
+# a body that arrives in two parts (two buffers in memory) is asked for
+# usage too
+my $seen = @{ $mock->log };
+$r = $t->http(port => $t->port(0), method => 'POST',
+    path => '/v1/chat/completions', split_at => 20, pause => 0.2,
+    headers => [ Authorization => "Bearer $TOKEN", 'x-mock-usage' => $USAGE ],
+    body => { model => 'gpt-4o-mini', max_completion_tokens => 100,
+              stream => JSON::PP::true,
+              messages => [ { role => 'user', content => 'slowly' } ] });
+is($r->{status}, 200, 'a stream whose body came in two parts');
+my $j = eval { decode_json($mock->log->[-1]{body}) } || {};
+ok($j->{stream_options}{include_usage}
+   && $j->{messages}[0]{content} eq 'slowly',
+   'was asked for usage, its body whole') or diag $mock->log->[-1]{body};
+is(team_tokens()->{output}, 160, 'and counted');
+
 # a body too large for memory is asked for usage too, and stays whole
 # when a 429 sends it again with the other key
 
 $mock->script($KEY{k1}, [ { status => 429, retry_after => '1' } ],
               sticky => 1);
 my $long = 'a long prompt ' . ('x' x 5000);
-my $seen = @{ $mock->log };
+$seen = @{ $mock->log };
 for (1 .. 2) {
     $r = $t->http(port => $t->port(0), method => 'POST',
         path => '/big/v1/chat/completions',
@@ -168,7 +184,7 @@ is(scalar(grep {
            && $_->{body} !~ /stream_options.*stream_options/
     } @sent), scalar @sent,
     'every try asked for usage once, with the prompt whole');
-is(team_tokens()->{output}, 200, 'and both were counted');
+is(team_tokens()->{output}, 240, 'and both were counted');
 
 # no cooldown left from this
 $mock->reset;

@@ -456,14 +456,25 @@ sub http_request {
     my @chunks;
     my ($error, $write_error);
 
-    # a server may answer early (413) and close: then read what it said
-    for (my $sent = 0; $sent < length $request; ) {
-        my $n = syswrite($s, $request, 65536, $sent);
-        if (!defined $n) {
-            $write_error = "write: $!";
-            last;
+    # a server may answer early (413) and close: then read what it said;
+    # split_at => N sends the first N bytes of the body, then the rest
+    # after pause => seconds, as a slow client would
+    my @parts = ($request);
+    if (defined $args{split_at} && defined $body) {
+        my $at = length($request) - length($body) + $args{split_at};
+        @parts = (substr($request, 0, $at), substr($request, $at));
+    }
+
+    PART: for my $i (0 .. $#parts) {
+        sleep($args{pause} // 0.2) if $i;
+        for (my $sent = 0; $sent < length $parts[$i]; ) {
+            my $n = syswrite($s, $parts[$i], 65536, $sent);
+            if (!defined $n) {
+                $write_error = "write: $!";
+                last PART;
+            }
+            $sent += $n;
         }
-        $sent += $n;
     }
 
     while (!$error) {
