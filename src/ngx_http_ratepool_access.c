@@ -464,7 +464,7 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     ngx_buf_t    *b, *head, *option, *rest;
     ngx_chain_t  *cl;
 
-    static u_char  text[] = "{\"stream_options\":{\"include_usage\":true},";
+    static u_char  text[] = "\"stream_options\":{\"include_usage\":true},";
 
     if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_DIALECT_OPENAI
         || !ctx->stream || ctx->stream_options || !ctx->body_whole
@@ -521,8 +521,8 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     }
 
     option->memory = 1;
-    option->start = text + 1;
-    option->pos = text + 1;
+    option->start = text;
+    option->pos = text;
     option->last = text + sizeof(text) - 1;
     option->end = option->last;
 
@@ -543,7 +543,7 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     }
 
     r->request_body->bufs = cl;
-    r->headers_in.content_length_n += sizeof(text) - 2;
+    r->headers_in.content_length_n += sizeof(text) - 1;
 
     ctx->usage_added = 1;
 
