@@ -22,11 +22,8 @@ TEST_ENV     = RATEPOOL_PRELOAD="$$($(CC) -print-file-name=libasan.so) \
 endif
 
 MODULE       = $(BUILD)/ngx_http_ratepool_module.so
-PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
-               src/ratepool_resp.c \
-               src/ratepool_usage.c src/ratepool_budget.c \
-               src/ratepool_request.c
-MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
+PURE_SRCS   := $(patsubst %,src/%.c,$(shell . ./sources; echo $$RATEPOOL_PURE))
+MODULE_SRCS  = $(wildcard src/*.c src/*.h) config sources
 
 .PHONY: all deps module unit fuzz test demo bench capacity clean
 

@@ -8,7 +8,11 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_access.h"
+#include "ngx_http_ratepool_balancer.h"
+#include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_store.h"
 
 
 static ngx_int_t ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
@@ -76,7 +80,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
         ctx->key = key;
         ctx->held = key;
 
-        ngx_http_ratepool_shared_move(ctx);
+        ctx->pool->zone->store->move(ctx);
 
         /* the same body, under the new key's headers */
         u->request_bufs = r->request_body ? r->request_body->bufs : NULL;

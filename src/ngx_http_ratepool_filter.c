@@ -8,14 +8,12 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
-
-
-typedef struct {
-    ngx_uint_t                      status;
-    const char                     *type;
-    const char                     *message;
-} ngx_http_ratepool_error_t;
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_access.h"
+#include "ngx_http_ratepool_admission.h"
+#include "ngx_http_ratepool_filter.h"
+#include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_reply.h"
 
 
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
@@ -25,10 +23,6 @@ static ngx_int_t ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in);
 static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_chain_t ***ll, ngx_uint_t whole);
-static ngx_int_t ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx);
-static ngx_int_t ngx_http_ratepool_own_error(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx);
@@ -38,36 +32,10 @@ static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
 static ngx_http_output_body_filter_pt    ngx_http_next_body_filter;
 
 
-/* what nginx's own error pages become, in the provider's format */
-
-static ngx_http_ratepool_error_t  ngx_http_ratepool_errors[] = {
-
-    { NGX_HTTP_BAD_REQUEST, "invalid_request_error",
-      "the gateway could not read the request" },
-    { NGX_HTTP_NOT_FOUND, "not_found_error",
-      "not found" },
-    { NGX_HTTP_NOT_ALLOWED, "invalid_request_error",
-      "method not allowed" },
-    { NGX_HTTP_REQUEST_TIME_OUT, "invalid_request_error",
-      "the request did not arrive in time" },
-    { NGX_HTTP_REQUEST_ENTITY_TOO_LARGE, "request_too_large",
-      "the request is larger than this gateway accepts "
-      "(client_max_body_size)" },
-    { NGX_HTTP_TOO_MANY_REQUESTS, "rate_limit_error",
-      "no key of the pool could take the request" },
-    { NGX_HTTP_BAD_GATEWAY, "api_error",
-      "the provider could not be reached, or did not answer properly" },
-    { NGX_HTTP_GATEWAY_TIME_OUT, "timeout_error",
-      "the provider did not answer in time; the request was not sent "
-      "again, since the provider may have processed it" },
-
-    { 0, NULL, NULL }
-};
-
-
 static ngx_int_t
 ngx_http_ratepool_header_filter(ngx_http_request_t *r)
 {
+    uint64_t                       now_ms;
     ngx_http_ratepool_ctx_t       *ctx;
     ngx_http_ratepool_loc_conf_t  *rlcf;
 
@@ -88,7 +56,14 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
     if (ctx && ctx->exhausted
         && r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS)
     {
-        if (ngx_http_ratepool_pool_retry_after(r, ctx) != NGX_OK) {
+        now_ms = ngx_http_ratepool_now_ms();
+
+        /* when the first key of the pool frees up, not this key's */
+        if (ngx_http_ratepool_reply_retry_after(r,
+                                   ctx->soonest_ms > now_ms
+                                   ? ctx->soonest_ms - now_ms : 0)
+            != NGX_OK)
+        {
             return NGX_ERROR;
         }
 
@@ -107,7 +82,7 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
             && r->err_status != NGX_HTTP_CLIENT_CLOSED_REQUEST
             && !(ctx && ctx->answered)))
     {
-        if (ngx_http_ratepool_own_error(r, ctx) != NGX_OK) {
+        if (ngx_http_ratepool_reply_replace(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
 
@@ -185,93 +160,6 @@ ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     }
 
     return NGX_OK;
-}
-
-
-/*
- * A provider's 429 that reaches the client (no other key could take the
- * request) carries that one key's retry-after; the client is told
- * instead when the first key of the whole pool frees up.
- */
-
-static ngx_int_t
-ngx_http_ratepool_pool_retry_after(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx)
-{
-    uint64_t  now_ms, wait_ms;
-
-    now_ms = ngx_http_ratepool_now_ms();
-    wait_ms = ctx->soonest_ms > now_ms ? ctx->soonest_ms - now_ms : 0;
-
-    return ngx_http_ratepool_error_headers(r,
-                              ratepool_retry_after_sec(wait_ms,
-                                                    (uint32_t) ngx_random()),
-                              1);
-}
-
-
-static ngx_int_t
-ngx_http_ratepool_own_error(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx)
-{
-    ngx_str_t                   msg;
-    ngx_uint_t                  status;
-    const char                 *type;
-    ngx_http_ratepool_error_t  *e;
-
-    status = r->headers_out.status;
-
-    if (ctx && ctx->refused) {
-        status = NGX_HTTP_SERVICE_UNAVAILABLE;
-        type = "api_error";
-        ngx_str_set(&msg, "no key of the pool is accepted by the provider "
-                          "any more; see the gateway's error log");
-
-    } else {
-        type = status < NGX_HTTP_INTERNAL_SERVER_ERROR
-               ? "invalid_request_error" : "api_error";
-        ngx_str_set(&msg, "the gateway could not complete the request");
-
-        for (e = ngx_http_ratepool_errors; e->status; e++) {
-            if (e->status == status) {
-                type = e->type;
-                msg.data = (u_char *) e->message;
-                msg.len = ngx_strlen(e->message);
-                break;
-            }
-        }
-    }
-
-    if (ctx == NULL) {
-        /* refused before the access phase, e.g. a body too large */
-        ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
-        if (ctx == NULL) {
-            return NGX_ERROR;
-        }
-
-        ctx->request = r;
-        ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
-    }
-
-    ctx->own_error = ngx_http_ratepool_error_body(r, type, &msg, NULL);
-    if (ctx->own_error == NULL) {
-        return NGX_ERROR;
-    }
-
-    ctx->own_error->last_buf = 1;
-    ctx->own_error->last_in_chain = 1;
-
-    ngx_http_clear_content_length(r);
-    ngx_http_clear_accept_ranges(r);
-
-    r->headers_out.status_line.len = 0;
-
-    ngx_http_ratepool_json_headers(r, status,
-                                   ctx->own_error->last - ctx->own_error->pos);
-
-    return ngx_http_ratepool_error_headers(r, 0,
-                                     status >= NGX_HTTP_INTERNAL_SERVER_ERROR
-                                     && !ctx->refused);
 }
 
 
@@ -504,54 +392,6 @@ ngx_http_ratepool_send_event(ngx_http_request_t *r,
     *ll = &cl->next;
 
     ev->last = ev->pos;
-
-    return NGX_OK;
-}
-
-
-/* sets a response header, replacing one of the same name */
-
-ngx_int_t
-ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
-    u_char *value, size_t len)
-{
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash != 0 && h[i].key.len == name->len
-            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
-        {
-            h[i].value.data = value;
-            h[i].value.len = len;
-            return NGX_OK;
-        }
-    }
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key = *name;
-    h->value.data = value;
-    h->value.len = len;
 
     return NGX_OK;
 }

@@ -8,7 +8,16 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_access.h"
+#include "ngx_http_ratepool_admission.h"
+#include "ngx_http_ratepool_balancer.h"
+#include "ngx_http_ratepool_filter.h"
+#include "ngx_http_ratepool_redis.h"
+#include "ngx_http_ratepool_shm.h"
+#include "ngx_http_ratepool_status.h"
+#include "ngx_http_ratepool_store.h"
+#include "ngx_http_ratepool_wait.h"
 
 
 #define RATEPOOL_SECRET_MAX        4096
@@ -1027,6 +1036,7 @@ ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     zone->conf = rmcf;
+    zone->store = &ngx_http_ratepool_store_local;
 
     rmcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
                                            &ngx_http_ratepool_module);
@@ -1231,6 +1241,8 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
     ngx_hex_dump(redis->sha, digest, sizeof(digest));
 
     rmcf->redis = redis;
+    ((ngx_http_ratepool_zone_t *) rmcf->shm_zone->data)->store =
+                                                &ngx_http_ratepool_store_redis;
 
     return NGX_CONF_OK;
 }
@@ -1239,34 +1251,34 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
 static ngx_int_t
 ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
 {
+    ngx_http_ratepool_zone_t       *zone;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                ngx_http_ratepool_module);
 
-    if (rmcf == NULL || rmcf->redis == NULL || rmcf->shm_zone == NULL) {
+    if (rmcf == NULL || rmcf->shm_zone == NULL) {
         return NGX_OK;
     }
 
-    if (ngx_http_ratepool_redis_init_process(cycle, rmcf) != NGX_OK) {
-        return NGX_ERROR;
-    }
+    zone = rmcf->shm_zone->data;
 
-    return ngx_http_ratepool_shared_init_process(cycle, rmcf);
+    return zone->store->init_process(cycle, rmcf);
 }
 
 
 static void
 ngx_http_ratepool_exit_process(ngx_cycle_t *cycle)
 {
+    ngx_http_ratepool_zone_t       *zone;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ngx_http_cycle_get_module_main_conf(cycle,
                                                ngx_http_ratepool_module);
 
-    if (rmcf && rmcf->redis) {
-        ngx_http_ratepool_shared_exit_process(rmcf);
-        ngx_http_ratepool_redis_exit_process(rmcf);
+    if (rmcf && rmcf->shm_zone) {
+        zone = rmcf->shm_zone->data;
+        zone->store->exit_process(rmcf);
     }
 }
 
@@ -2270,7 +2282,8 @@ ngx_http_ratepool_init(ngx_conf_t *cf)
 
         if (ngx_http_ratepool_check_keepalive(cf, pools[i]) != NGX_OK
             || ngx_http_ratepool_init_waiting(cf, pools[i],
-                                              rmcf->workspaces.nelts)
+                                       rmcf->workspaces.nelts,
+                                       &ngx_http_ratepool_admission_hooks)
                != NGX_OK)
         {
             return NGX_ERROR;

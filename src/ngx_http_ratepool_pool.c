@@ -8,7 +8,11 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_org.h"
+#include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_store.h"
+#include "ngx_http_ratepool_wait.h"
 
 
 
@@ -116,14 +120,6 @@ static void ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a,
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
     ngx_http_upstream_headers_in_t *h, ngx_uint_t combined,
     ngx_http_ratepool_answer_t *a);
-
-
-uint64_t
-ngx_http_ratepool_now_ms(void)
-{
-    /* ngx_current_msec is monotonic and shared by all workers of a host */
-    return (uint64_t) ngx_current_msec;
-}
 
 
 /*
@@ -236,63 +232,6 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         c[i].org_inflight = (uint32_t) osh->inflight;
         c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
         c[i].last_pick_ms = keys[i].sh->last_pick_ms;
-    }
-}
-
-
-/* an org's buckets of requests, input and output tokens, and their limits */
-
-void
-ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
-    ratepool_bucket_t **bucket, uint64_t *limit)
-{
-    ngx_http_ratepool_org_sh_t  *osh;
-
-    osh = org->sh;
-
-    /*
-     * What the provider says wins over what was configured; while a
-     * shared store is down, this gateway has its share of it.
-     */
-
-    bucket[0] = &osh->rpm_bucket;
-    limit[0] = osh->requests.limit ? osh->requests.limit : org->rpm;
-
-    bucket[1] = &osh->itpm_bucket;
-    limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit : org->itpm;
-
-    bucket[2] = &osh->otpm_bucket;
-    limit[2] = osh->output_tokens.limit ? osh->output_tokens.limit
-                                        : org->otpm;
-
-    if (org->combined) {
-        limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit
-                                           : org->tpm;
-        limit[2] = 0;
-    }
-
-    limit[0] = ngx_http_ratepool_share(org->zone, limit[0]);
-    limit[1] = ngx_http_ratepool_share(org->zone, limit[1]);
-    limit[2] = ngx_http_ratepool_share(org->zone, limit[2]);
-}
-
-
-/*
- * What input and output tokens weigh in the org's token buckets: where
- * one limit counts both, they all go to the first.
- */
-
-void
-ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org, uint64_t input,
-    uint64_t output, uint64_t *tokens)
-{
-    if (org->combined) {
-        tokens[1] = input + output;
-        tokens[2] = 0;
-
-    } else {
-        tokens[1] = input;
-        tokens[2] = output;
     }
 }
 
@@ -651,6 +590,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_sh_t   *ksh;
     ngx_http_ratepool_learned_t  *learned;
     ngx_http_ratepool_answer_t    a;
+    const ngx_http_ratepool_store_t  *store;
 
     r = ctx->request;
     key = ctx->key;
@@ -815,24 +755,22 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     /* other gateways learn it too */
 
-    if (((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)->redis) {
+    store = ctx->pool->zone->store;
 
-        if (shared) {
-            ngx_http_ratepool_shared_learn(ctx, org, seen, limits, remaining);
-        }
+    if (shared) {
+        store->learn(ctx, org, seen, limits, remaining);
+    }
 
-        if (ctx->spent) {
-            /*
-             * Other gateways see a spent org as cooling down, for an hour
-             * at a time, so that they do not each pay a request to learn.
-             */
-            ngx_http_ratepool_shared_cool(ctx,
-                                   ngx_http_ratepool_key_org(ctx->pool, key),
-                                   RATEPOOL_COOLDOWN_MAX_MS);
+    if (ctx->spent) {
+        /*
+         * Other gateways see a spent org as cooling down, for an hour at
+         * a time, so that they do not each pay a request to learn.
+         */
+        store->cool(ctx, ngx_http_ratepool_key_org(ctx->pool, key),
+                    RATEPOOL_COOLDOWN_MAX_MS);
 
-        } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && !ctx->too_large) {
-            ngx_http_ratepool_shared_cool(ctx, org, cooldown_ms);
-        }
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && !ctx->too_large) {
+        store->cool(ctx, org, cooldown_ms);
     }
 
     if (ctx->spent) {
@@ -965,10 +903,8 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_shmtx_unlock(&shpool->mutex);
 
-    if (((ngx_http_ratepool_main_conf_t *) ctx->pool->zone->conf)->redis) {
-        total = add.input + add.output + add.cache_read + add.cache_creation;
-        ngx_http_ratepool_shared_usage(ctx, counted, add.output, total);
-    }
+    total = add.input + add.output + add.cache_read + add.cache_creation;
+    ctx->pool->zone->store->usage(ctx, counted, add.output, total);
 }
 
 

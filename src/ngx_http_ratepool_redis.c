@@ -4,9 +4,14 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
 #include <hiredis/hiredis.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_redis.h"
 
 
 /*
@@ -54,6 +59,8 @@ struct ngx_http_ratepool_redis_s {
     ngx_event_t                     reconnect;
     ngx_event_t                     flush;
     ngx_event_t                     beat;
+    ngx_http_ratepool_redis_beat_pt beat_handler;   /* the store's, when */
+    void                           *beat_data;      /* ready and on beat */
     ngx_log_t                      *log;
 };
 
@@ -82,7 +89,8 @@ static void ngx_http_ratepool_redis_free(ngx_http_ratepool_redis_t *redis,
 
 ngx_int_t
 ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
-    ngx_http_ratepool_main_conf_t *rmcf)
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_redis_beat_pt beat,
+    void *data)
 {
     ngx_http_ratepool_redis_t  *redis;
 
@@ -117,6 +125,8 @@ ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
     redis->beat.data = redis;
     redis->beat.log = cycle->log;
     redis->beat.cancelable = 1;
+    redis->beat_handler = beat;
+    redis->beat_data = data;
 
     rmcf->redis->conn = redis;
 
@@ -352,7 +362,7 @@ ngx_http_ratepool_redis_ready(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
                       "shared again", &redis->conf->server);
     }
 
-    ngx_http_ratepool_shared_beat(redis, redis->rmcf);
+    redis->beat_handler(redis, redis->beat_data);
 }
 
 
@@ -375,7 +385,7 @@ ngx_http_ratepool_redis_beat(ngx_event_t *ev)
     ngx_http_ratepool_redis_t  *redis = ev->data;
 
     if (redis->state == RATEPOOL_REDIS_READY) {
-        ngx_http_ratepool_shared_beat(redis, redis->rmcf);
+        redis->beat_handler(redis, redis->beat_data);
     }
 }
 

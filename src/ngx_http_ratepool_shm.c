@@ -8,7 +8,8 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_shm.h"
 
 
 /* changes whenever a shared structure does, so a reload cannot mix them */

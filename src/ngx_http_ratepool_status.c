@@ -8,7 +8,10 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_org.h"
+#include "ngx_http_ratepool_reply.h"
+#include "ngx_http_ratepool_status.h"
 
 
 /* upper bounds of one rendered item, names excluded */

@@ -8,7 +8,16 @@
 #include <ngx_core.h>
 #include <ngx_http.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_wait.h"
+
+
+/*
+ * Requests waiting for room in a pool (ratepool_wait): a FIFO queue a
+ * workspace in each worker, served in fair turns across workspaces and
+ * first come, first served across workers.  What admits or refuses a
+ * request is admission's, through the hooks the pool was given.
+ */
 
 
 /* a wait whose end is this close is not worth a timer of its own */
@@ -27,8 +36,6 @@
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
 static void ngx_http_ratepool_wait_timeout(ngx_event_t *ev);
-static void ngx_http_ratepool_resume(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_answer(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
@@ -52,9 +59,11 @@ static void ngx_http_ratepool_took_turn(ngx_http_ratepool_ctx_t *ctx,
 
 ngx_int_t
 ngx_http_ratepool_init_waiting(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
-    ngx_uint_t nworkspaces)
+    ngx_uint_t nworkspaces, const ngx_http_ratepool_wait_hooks_t *hooks)
 {
     ngx_uint_t  i;
+
+    pool->hooks = hooks;
 
     pool->waiting = ngx_palloc(cf->pool,
                                ngx_max(nworkspaces, 1) * sizeof(ngx_queue_t));
@@ -141,7 +150,6 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 
     ctx->waiting = 1;
     ctx->wait_start_ms = now_ms;
-    ctx->shared_asks = 0;       /* Redis may be asked again, after the wait */
 
     /* a request Redis sent back to wait keeps its first deadline */
     if (ctx->wait_until_ms == 0) {
@@ -330,7 +338,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
                  * once it had the time to take it, or once there is room
                  * for this one too.
                  */
-                wait_ms = ngx_max(ngx_http_ratepool_peek(ctx),
+                wait_ms = ngx_max(pool->hooks->peek(ctx),
                                   now_ms + RATEPOOL_DEFER_MS);
 
                 if (next_ms == 0 || wait_ms < next_ms) {
@@ -340,7 +348,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
                 continue;
             }
 
-            rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+            rc = pool->hooks->try_admit(ctx, &wait_ms);
             ngx_http_ratepool_took_turn(ctx, rc, now_ms);
 
             if (rc == NGX_AGAIN && now_ms + wait_ms <= ctx->wait_until_ms) {
@@ -354,7 +362,7 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
             ngx_http_ratepool_leave(ctx, rc == NGX_OK);
 
             if (rc == NGX_OK) {
-                ngx_http_ratepool_resume(r, ctx);
+                pool->hooks->resume(r, ctx);
 
                 pool->next_workspace = (i + 1) % n;
 
@@ -376,15 +384,6 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
 }
 
 
-/* admitted: on with the phases, from where the request stopped */
-
-static void
-ngx_http_ratepool_resume(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
-{
-    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_go(r, ctx));
-}
-
-
 /*
  * A waiting request that cannot go is answered; the answer finalizes
  * it, unless it could not be made.
@@ -394,7 +393,7 @@ static void
 ngx_http_ratepool_answer(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ngx_int_t rc, uint64_t wait_ms)
 {
-    rc = ngx_http_ratepool_refuse(r, ctx, rc, wait_ms);
+    rc = ctx->pool->hooks->refuse(r, ctx, rc, wait_ms);
 
     if (rc != NGX_DONE) {
         ngx_http_finalize_request(r, rc);
@@ -418,12 +417,12 @@ ngx_http_ratepool_wait_timeout(ngx_event_t *ev)
     c = r->connection;
 
     /* one last look: it may just fit */
-    rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+    rc = ctx->pool->hooks->try_admit(ctx, &wait_ms);
 
     ngx_http_ratepool_leave(ctx, rc == NGX_OK);
 
     if (rc == NGX_OK) {
-        ngx_http_ratepool_resume(r, ctx);
+        ctx->pool->hooks->resume(r, ctx);
 
     } else {
         ngx_http_ratepool_answer(r, ctx, rc, wait_ms);

@@ -300,7 +300,7 @@ $err = eval { decode_json($r->{body}) } || {};
 
 is($r->{status}, 503, 'the last live key\'s 401 becomes a 503');
 is($err->{error}{type}, 'api_error', 'an api_error');
-like($err->{error}{message}, qr/no key of the pool is accepted/,
+like($err->{error}{message}, qr/no key of pool "auth" is accepted/,
     'saying that no key is accepted');
 like($err->{request_id}, qr/^req_gw_/, 'answered by the gateway');
 unlike($r->{body}, qr/invalid x-api-key/, 'the provider\'s 401 is not shown');

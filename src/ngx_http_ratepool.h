@@ -4,8 +4,8 @@
  */
 
 
-#ifndef _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_
-#define _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_
+#ifndef _NGX_HTTP_RATEPOOL_H_INCLUDED_
+#define _NGX_HTTP_RATEPOOL_H_INCLUDED_
 
 
 #include <ngx_config.h>
@@ -64,6 +64,10 @@
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
+
+
+typedef struct ngx_http_ratepool_ctx_s  ngx_http_ratepool_ctx_t;
+typedef struct ngx_http_ratepool_store_s  ngx_http_ratepool_store_t;
 
 
 /* shared memory: one entry per org, key and workspace, found by name */
@@ -236,6 +240,7 @@ typedef struct {
     ngx_slab_pool_t                *shpool;
     ngx_http_ratepool_shctx_t      *sh;
     void                           *conf;   /* ngx_http_ratepool_main_conf_t */
+    const ngx_http_ratepool_store_t  *store;    /* where limits are shared */
 } ngx_http_ratepool_zone_t;
 
 
@@ -298,6 +303,24 @@ typedef struct {
 } ngx_http_ratepool_key_t;
 
 
+/* what the wait queue calls back: admission's (ngx_http_ratepool_wait.c) */
+
+typedef struct {
+    /* NGX_OK: admitted, a key held; NGX_AGAIN: may fit in *wait_ms */
+    ngx_int_t                     (*try_admit)(ngx_http_ratepool_ctx_t *ctx,
+                                               uint64_t *wait_ms);
+    /* when try_admit() might succeed, found without taking anything */
+    uint64_t                      (*peek)(ngx_http_ratepool_ctx_t *ctx);
+    /* admitted: on with the request */
+    void                          (*resume)(ngx_http_request_t *r,
+                                            ngx_http_ratepool_ctx_t *ctx);
+    /* answers a request that cannot go, as try_admit() said */
+    ngx_int_t                     (*refuse)(ngx_http_request_t *r,
+                                            ngx_http_ratepool_ctx_t *ctx,
+                                            ngx_int_t rc, uint64_t wait_ms);
+} ngx_http_ratepool_wait_hooks_t;
+
+
 /* a pool is an upstream{} block with the "ratepool" directive */
 
 typedef struct {
@@ -317,6 +340,7 @@ typedef struct {
     ngx_uint_t                      nwaiting;
     ngx_uint_t                      next_workspace;     /* round-robin */
     ngx_event_t                     wake;
+    const ngx_http_ratepool_wait_hooks_t  *hooks;
 } ngx_http_ratepool_pool_t;
 
 
@@ -404,12 +428,64 @@ typedef struct {
 } ngx_http_ratepool_loc_conf_t;
 
 
-/* per request */
+/*
+ * The store of limits shared with other gateways, chosen when the
+ * configuration is read (ngx_http_ratepool_store.h): the zone alone, or
+ * Redis.  A take that the store answers later calls handler(data, ...).
+ */
+
+typedef void (*ngx_http_ratepool_taken_pt)(void *data, ngx_int_t rc,
+    uint64_t wait_ms, ngx_uint_t mask);
+
+struct ngx_http_ratepool_store_s {
+    ngx_int_t                     (*take)(ngx_http_ratepool_ctx_t *ctx,
+                                          ngx_http_ratepool_taken_pt handler,
+                                          void *data);
+    void                          (*move)(ngx_http_ratepool_ctx_t *ctx);
+    void                          (*usage)(ngx_http_ratepool_ctx_t *ctx,
+                                           uint64_t input, uint64_t output,
+                                           uint64_t total);
+    void                          (*end)(ngx_http_ratepool_ctx_t *ctx);
+    void                          (*cool)(ngx_http_ratepool_ctx_t *ctx,
+                                          ngx_http_ratepool_org_t *org,
+                                          uint64_t cooldown_ms);
+    void                          (*learn)(ngx_http_ratepool_ctx_t *ctx,
+                                           ngx_http_ratepool_org_t *org,
+                                           uint64_t *seen, uint64_t *limits,
+                                           int64_t *remaining);
+    ngx_int_t                     (*init_process)(ngx_cycle_t *cycle,
+                                       ngx_http_ratepool_main_conf_t *rmcf);
+    void                          (*exit_process)(
+                                       ngx_http_ratepool_main_conf_t *rmcf);
+};
+
+
+/* what the Redis store charged for a request */
 
 typedef struct {
+    ngx_http_ratepool_redis_cmd_t  *cmd;        /* a take, until its reply */
+    ngx_event_t                     timer;
+    ngx_http_ratepool_org_t        *org;        /* charged there */
+    uint64_t                        input;
+    uint64_t                        output;
+    uint64_t                        block[6];   /* a take's lease:
+                                                   workspace's, org's */
+    ngx_uint_t                      asks;
+    ngx_http_ratepool_taken_pt      handler;    /* told of the take's */
+    void                           *data;       /* answer */
+    unsigned                        taken:1;    /* Redis took it */
+    unsigned                        late:1;     /* went on without the
+                                                   take's reply */
+} ngx_http_ratepool_shared_req_t;
+
+
+/* per request */
+
+struct ngx_http_ratepool_ctx_s {
     ngx_http_request_t             *request;
     ngx_http_ratepool_pool_t       *pool;
     ngx_http_ratepool_workspace_t  *workspace;
+    ngx_uint_t                      dialect;    /* the client's API */
     ngx_http_ratepool_key_t        *key;        /* of the current try */
     ngx_http_ratepool_key_t        *held;       /* counted in flight */
     ngx_http_ratepool_key_t        *next;       /* held for the next try */
@@ -448,15 +524,7 @@ typedef struct {
     uint64_t                        wait_until_ms;
     uint64_t                        waited_ms;
 
-    /* what the Redis store charged for the request */
-    ngx_http_ratepool_redis_cmd_t  *cmd;        /* a take, until its reply */
-    ngx_event_t                     shared_timer;
-    ngx_http_ratepool_org_t        *shared_org;     /* charged there */
-    uint64_t                        shared_input;
-    uint64_t                        shared_output;
-    uint64_t                        shared_block[6];    /* a take's lease:
-                                                   workspace's, org's */
-    ngx_uint_t                      shared_asks;
+    ngx_http_ratepool_shared_req_t  shared;     /* the Redis store's */
 
     ngx_int_t                     (*process_header)(ngx_http_request_t *r);
     ngx_int_t                     (*reinit_request)(ngx_http_request_t *r);
@@ -480,15 +548,12 @@ typedef struct {
                                                        request ends */
     unsigned                        waiting:1;
     unsigned                        limited_pool:1; /* not the workspace */
-    unsigned                        shared:1;       /* Redis took it */
-    unsigned                        shared_late:1;  /* went on without
-                                                       the take's reply */
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */
     ratepool_usage_scanner_t       *usage;      /* reads the answer */
     unsigned                        usage_counted:1;
-} ngx_http_ratepool_ctx_t;
+};
 
 
 extern ngx_module_t  ngx_http_ratepool_module;
@@ -504,98 +569,12 @@ extern ngx_module_t  ngx_http_ratepool_module;
         [(ctx)->classes ? (ctx)->classes[(key)->org] : (key)->org])
 
 
-/* ngx_http_ratepool_pool.c: choosing keys and learning from answers */
-ngx_http_ratepool_key_t *ngx_http_ratepool_acquire(
-    ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms);
-uint64_t ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_key_t **key, ngx_uint_t failed);
-void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_upstream_headers_in_t *h);
-void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
-    ratepool_usage_t *usage);
-void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
-    ratepool_bucket_t **bucket, uint64_t *limit);
-void ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org,
-    uint64_t input, uint64_t output, uint64_t *tokens);
-ngx_int_t ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx);
-ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,
-    time_t *until);
-uint64_t ngx_http_ratepool_now_ms(void);
+/* ngx_current_msec is monotonic and shared by all workers of a host */
+#define ngx_http_ratepool_now_ms()  ((uint64_t) ngx_current_msec)
 
-/* ngx_http_ratepool_access.c */
-ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
-ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
-void ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
-    ngx_uint_t request);
-ngx_int_t ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t *wait_ms);
-uint64_t ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx);
-ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
-
-/* ngx_http_ratepool_wait.c */
-ngx_int_t ngx_http_ratepool_init_waiting(ngx_conf_t *cf,
-    ngx_http_ratepool_pool_t *pool, ngx_uint_t nworkspaces);
-ngx_int_t ngx_http_ratepool_wait(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, uint64_t wait_ms);
-void ngx_http_ratepool_unwait(ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_wake(ngx_http_ratepool_pool_t *pool);
-ngx_buf_t *ngx_http_ratepool_error_body(ngx_http_request_t *r,
-    const char *type, ngx_str_t *message, const char *error_code);
-ngx_int_t ngx_http_ratepool_error_headers(ngx_http_request_t *r,
-    ngx_uint_t retry_after_sec, ngx_int_t should_retry);
-void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
-    ngx_uint_t status, off_t length);
-ngx_int_t ngx_http_ratepool_send_json(ngx_http_request_t *r,
-    ngx_uint_t status, ngx_buf_t *b);
-ngx_int_t ngx_http_ratepool_send_buf(ngx_http_request_t *r, ngx_buf_t *b);
-
-/* ngx_http_ratepool_redis.c: this worker's connection to Redis */
-ngx_int_t ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
-    ngx_http_ratepool_main_conf_t *rmcf);
-void ngx_http_ratepool_redis_exit_process(
-    ngx_http_ratepool_main_conf_t *rmcf);
-ngx_int_t ngx_http_ratepool_redis_usable(ngx_http_ratepool_redis_t *redis);
-ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_redis_script(
-    ngx_http_ratepool_redis_t *redis, ratepool_resp_arg_t *args,
-    ngx_uint_t nargs, ngx_uint_t op, ngx_http_ratepool_redis_pt handler,
-    void *data);
-void ngx_http_ratepool_redis_resend(ngx_http_ratepool_redis_t *redis,
-    ngx_http_ratepool_redis_cmd_t *cmd, u_char op);
-void ngx_http_ratepool_redis_timed_out(ngx_http_ratepool_redis_t *redis);
-void ngx_http_ratepool_redis_send_now(ngx_http_ratepool_redis_t *redis);
-void ngx_http_ratepool_redis_beat_later(ngx_http_ratepool_redis_t *redis);
-ngx_http_ratepool_redis_t *ngx_http_ratepool_redis_get(
-    ngx_http_ratepool_main_conf_t *rmcf);
-
-/* ngx_http_ratepool_shared.c: decisions shared through Redis */
-ngx_int_t ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
-    ngx_http_ratepool_main_conf_t *rmcf);
-void ngx_http_ratepool_shared_exit_process(
-    ngx_http_ratepool_main_conf_t *rmcf);
-ngx_int_t ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t input, uint64_t output, uint64_t total);
-void ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_org_t *org, uint64_t cooldown_ms);
-void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
-    int64_t *remaining);
-void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
-    ngx_http_ratepool_main_conf_t *rmcf);
-
-/* ngx_http_ratepool_access.c, once the store has answered */
-void ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx,
-    ngx_int_t rc, uint64_t wait_ms, ngx_uint_t mask);
-ngx_int_t ngx_http_ratepool_go(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx);
-void ngx_http_ratepool_proceed(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc);
 
 /* this gateway's share of a limit while the Redis store is down */
+
 static ngx_inline uint64_t
 ngx_http_ratepool_share(ngx_http_ratepool_zone_t *zone, uint64_t limit)
 {
@@ -606,23 +585,5 @@ ngx_http_ratepool_share(ngx_http_ratepool_zone_t *zone, uint64_t limit)
     return (n > 1 && limit) ? ngx_max(limit / n, 1) : limit;
 }
 
-/* ngx_http_ratepool_balancer.c */
-char *ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
-ngx_int_t ngx_http_ratepool_check_keepalive(ngx_conf_t *cf,
-    ngx_http_ratepool_pool_t *pool);
 
-/* ngx_http_ratepool_shm.c */
-ngx_int_t ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data);
-
-/* ngx_http_ratepool_filter.c */
-ngx_int_t ngx_http_ratepool_filter_init(ngx_conf_t *cf);
-ngx_int_t ngx_http_ratepool_log_handler(ngx_http_request_t *r);
-ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
-    ngx_str_t *name, u_char *value, size_t len);
-
-/* ngx_http_ratepool_status.c */
-ngx_int_t ngx_http_ratepool_status_handler(ngx_http_request_t *r);
-
-
-#endif /* _NGX_HTTP_RATEPOOL_MODULE_H_INCLUDED_ */
+#endif /* _NGX_HTTP_RATEPOOL_H_INCLUDED_ */

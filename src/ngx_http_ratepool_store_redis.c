@@ -4,9 +4,16 @@
  */
 
 
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
 #include <hiredis/hiredis.h>
 
-#include "ngx_http_ratepool_module.h"
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_redis.h"
+#include "ngx_http_ratepool_org.h"
+#include "ngx_http_ratepool_store.h"
 
 
 /*
@@ -81,6 +88,27 @@ typedef struct {
 } ngx_http_ratepool_ledger_t;
 
 
+static ngx_int_t ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_shared_exit_process(
+    ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_int_t ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_taken_pt handler, void *data);
+static ngx_int_t ngx_http_ratepool_shared_fallback(
+    ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t wait_ms, ngx_uint_t mask);
+static void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t input, uint64_t output, uint64_t total);
+static void ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t cooldown_ms);
+static void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
+    int64_t *remaining);
+static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
+    void *data);
 static ngx_int_t ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org);
 static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
@@ -106,7 +134,19 @@ static void ngx_http_ratepool_shared_beaten(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
 
 
-ngx_int_t
+const ngx_http_ratepool_store_t  ngx_http_ratepool_store_redis = {
+    ngx_http_ratepool_shared_take,
+    ngx_http_ratepool_shared_move,
+    ngx_http_ratepool_shared_usage,
+    ngx_http_ratepool_shared_end,
+    ngx_http_ratepool_shared_cool,
+    ngx_http_ratepool_shared_learn,
+    ngx_http_ratepool_shared_init_process,
+    ngx_http_ratepool_shared_exit_process
+};
+
+
+static ngx_int_t
 ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
     ngx_http_ratepool_main_conf_t *rmcf)
 {
@@ -114,6 +154,14 @@ ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
     ngx_http_ratepool_org_t     *orgs;
     ngx_http_ratepool_pool_t   **pools;
     ngx_http_ratepool_ledger_t  *ledger;
+
+    if (ngx_http_ratepool_redis_init_process(cycle, rmcf,
+                                             ngx_http_ratepool_shared_beat,
+                                             rmcf)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
 
     ledger = ngx_pcalloc(cycle->pool, sizeof(ngx_http_ratepool_ledger_t));
     if (ledger == NULL) {
@@ -163,7 +211,7 @@ ngx_http_ratepool_shared_init_process(ngx_cycle_t *cycle,
 
 /* a worker that exits sends what it has, as far as a write goes */
 
-void
+static void
 ngx_http_ratepool_shared_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
 {
     ngx_http_ratepool_ledger_t  *ledger;
@@ -181,6 +229,7 @@ ngx_http_ratepool_shared_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
             ngx_http_ratepool_redis_send_now(rmcf->redis->conn);
         }
     }
+    ngx_http_ratepool_redis_exit_process(rmcf);
 }
 
 
@@ -528,13 +577,14 @@ done:
 
 /*
  * Takes the admitted request's cost in Redis.  NGX_OK: taken on the copy,
- * sent later.  NGX_AGAIN: asked, the answer goes to
- * ngx_http_ratepool_shared_done().  NGX_DECLINED: Redis cannot be asked
- * now, the request is decided without it.
+ * sent later.  NGX_AGAIN: asked, the answer goes to handler(data, ...).
+ * Redis cannot be asked now: NGX_DECLINED, the request is decided
+ * without it, or NGX_ERROR with redis_fail=closed.
  */
 
-ngx_int_t
-ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
+static ngx_int_t
+ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_taken_pt handler, void *data)
 {
     ngx_uint_t                      i;
     ngx_http_request_t             *r;
@@ -547,18 +597,21 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
     redis = ngx_http_ratepool_redis_get(rmcf);
     r = ctx->request;
 
+    ctx->shared.handler = handler;
+    ctx->shared.data = data;
+
     if (!ngx_http_ratepool_redis_usable(redis)) {
-        return NGX_DECLINED;
+        return ngx_http_ratepool_shared_fallback(ctx);
     }
 
     org = ngx_http_ratepool_ctx_org(ctx, ctx->key);
 
     if (rmcf->redis->lease && ngx_http_ratepool_shared_fast(ctx, org) == NGX_OK)
     {
-        ctx->shared = 1;
-        ctx->shared_org = org;
-        ctx->shared_input = ctx->input_cost;
-        ctx->shared_output = ctx->output_cost;
+        ctx->shared.taken = 1;
+        ctx->shared.org = org;
+        ctx->shared.input = ctx->input_cost;
+        ctx->shared.output = ctx->output_cost;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fast, 1);
 
@@ -573,35 +626,66 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx)
     ngx_http_ratepool_call_int(&call, 0);
 
     if (rmcf->redis->lease) {
-        ngx_http_ratepool_blocks(ctx, org, ctx->shared_block);
+        ngx_http_ratepool_blocks(ctx, org, ctx->shared.block);
 
     } else {
-        ngx_memzero(ctx->shared_block, sizeof(ctx->shared_block));
+        ngx_memzero(ctx->shared.block, sizeof(ctx->shared.block));
     }
 
     for (i = 0; i < 6; i++) {
-        ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared_block[i]);
+        ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared.block[i]);
     }
 
-    ctx->cmd = ngx_http_ratepool_redis_script(redis, call.args, call.n, 3,
+    ctx->shared.cmd = ngx_http_ratepool_redis_script(redis, call.args,
+                                              call.n, 3,
                                               ngx_http_ratepool_shared_taken,
                                               ctx);
-    if (ctx->cmd == NULL) {
-        return NGX_DECLINED;
+    if (ctx->shared.cmd == NULL) {
+        return ngx_http_ratepool_shared_fallback(ctx);
     }
 
-    ctx->shared_asks++;
-    ctx->shared_late = 0;
-    ctx->shared_org = org;
-    ctx->shared_input = ctx->input_cost;
-    ctx->shared_output = ctx->output_cost;
+    ctx->shared.asks++;
+    ctx->shared.late = 0;
+    ctx->shared.org = org;
+    ctx->shared.input = ctx->input_cost;
+    ctx->shared.output = ctx->output_cost;
 
-    ctx->shared_timer.handler = ngx_http_ratepool_shared_timeout;
-    ctx->shared_timer.data = ctx;
-    ctx->shared_timer.log = r->connection->log;
-    ngx_add_timer(&ctx->shared_timer, rmcf->redis->timeout);
+    ctx->shared.timer.handler = ngx_http_ratepool_shared_timeout;
+    ctx->shared.timer.data = ctx;
+    ctx->shared.timer.log = r->connection->log;
+    ngx_add_timer(&ctx->shared.timer, rmcf->redis->timeout);
 
     return NGX_AGAIN;
+}
+
+
+/* Redis cannot decide for this request: redis_fail= says what follows */
+
+static ngx_int_t
+ngx_http_ratepool_shared_fallback(ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ctx->pool->zone->conf;
+
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fallbacks, 1);
+
+    return (rmcf->redis->fail == RATEPOOL_REDIS_FAIL_CLOSED) ? NGX_ERROR
+                                                             : NGX_DECLINED;
+}
+
+
+/* the take's answer, to whoever asked: NGX_ERROR as redis_fail= says */
+
+static void
+ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
+    uint64_t wait_ms, ngx_uint_t mask)
+{
+    if (rc == NGX_ERROR) {
+        rc = ngx_http_ratepool_shared_fallback(ctx);
+    }
+
+    ctx->shared.handler(ctx->shared.data, rc, wait_ms, mask);
 }
 
 
@@ -660,14 +744,14 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
         return;
     }
 
-    ctx->cmd = NULL;
+    ctx->shared.cmd = NULL;
 
-    if (ctx->shared_timer.timer_set) {
-        ngx_del_timer(&ctx->shared_timer);
+    if (ctx->shared.timer.timer_set) {
+        ngx_del_timer(&ctx->shared.timer);
     }
 
     if (valid != NGX_OK) {
-        if (!ctx->shared_late) {
+        if (!ctx->shared.late) {
             ngx_http_ratepool_shared_done(ctx, NGX_ERROR, 0, 0);
         }
 
@@ -675,23 +759,23 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
     }
 
     ngx_http_ratepool_shared_mirror(ctx->pool->zone, ctx->workspace,
-                                    ctx->shared_org, reply);
+                                    ctx->shared.org, reply);
 
     if (ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_OK)) {
-        ctx->shared = 1;
+        ctx->shared.taken = 1;
 
         if (ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_LEASED)) {
             ngx_http_ratepool_lease_grant(ctx);
         }
 
-        if (!ctx->shared_late) {
+        if (!ctx->shared.late) {
             ngx_http_ratepool_shared_done(ctx, NGX_OK, 0, 0);
         }
 
         return;
     }
 
-    if (!ctx->shared_late) {
+    if (!ctx->shared.late) {
         ngx_http_ratepool_shared_done(ctx, NGX_AGAIN,
                        ngx_http_ratepool_reply_int(reply,
                                                    RATEPOOL_SCRIPT_WAIT_MS),
@@ -716,9 +800,9 @@ ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx)
     ngx_http_ratepool_org_sh_t        *osh;
     ngx_http_ratepool_workspace_sh_t  *wsh;
 
-    block = ctx->shared_block;
+    block = ctx->shared.block;
     wsh = ctx->workspace->sh;
-    osh = ctx->shared_org->sh;
+    osh = ctx->shared.org->sh;
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
@@ -775,7 +859,7 @@ ngx_http_ratepool_shared_timeout(ngx_event_t *ev)
     rmcf = ctx->pool->zone->conf;
     redis = ngx_http_ratepool_redis_get(rmcf);
 
-    ctx->shared_late = 1;
+    ctx->shared.late = 1;
 
     ngx_log_error(NGX_LOG_INFO, ev->log, 0,
                   "ratepool: redis did not answer in %M ms",
@@ -907,39 +991,39 @@ done:
 
 /* a later try goes to another org: the charge moves with it */
 
-void
+static void
 ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
 {
     ngx_http_ratepool_org_t        *org;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
-    if (!ctx->shared) {
+    if (!ctx->shared.taken) {
         return;
     }
 
     org = ngx_http_ratepool_ctx_org(ctx, ctx->key);
 
-    if (org == ctx->shared_org) {
+    if (org == ctx->shared.org) {
         return;
     }
 
     rmcf = ctx->pool->zone->conf;
 
     /* the org that refused counted the request, not its tokens */
-    ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared_org, 0,
-                                 -(int64_t) ctx->shared_input,
-                                 -(int64_t) ctx->shared_output, 0);
+    ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared.org, 0,
+                                 -(int64_t) ctx->shared.input,
+                                 -(int64_t) ctx->shared.output, 0);
     ngx_http_ratepool_ledger_add(rmcf, NULL, org, 1,
-                                 (int64_t) ctx->shared_input,
-                                 (int64_t) ctx->shared_output, 0);
+                                 (int64_t) ctx->shared.input,
+                                 (int64_t) ctx->shared.output, 0);
 
-    ctx->shared_org = org;
+    ctx->shared.org = org;
 }
 
 
 /* what the request really used replaces what was taken for it */
 
-void
+static void
 ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
     uint64_t output, uint64_t total)
 {
@@ -951,37 +1035,37 @@ static void
 ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
     int64_t requests, uint64_t input, uint64_t output, uint64_t total)
 {
-    if (ctx->cmd) {
+    if (ctx->shared.cmd) {
         /* the take is still unanswered: it will be undone */
-        ctx->cmd->data = NULL;
-        ctx->cmd = NULL;
+        ctx->shared.cmd->data = NULL;
+        ctx->shared.cmd = NULL;
     }
 
-    if (!ctx->shared) {
+    if (!ctx->shared.taken) {
         return;
     }
 
-    ctx->shared = 0;
+    ctx->shared.taken = 0;
 
     ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
-                                 ctx->shared_org, requests,
-                                 (int64_t) input - (int64_t) ctx->shared_input,
+                                 ctx->shared.org, requests,
+                                 (int64_t) input - (int64_t) ctx->shared.input,
                                  (int64_t) output
-                                 - (int64_t) ctx->shared_output,
+                                 - (int64_t) ctx->shared.output,
                                  total);
 }
 
 
 /* the request ends: tokens taken and never used go back */
 
-void
+static void
 ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
 {
-    if (ctx->shared_timer.timer_set) {
-        ngx_del_timer(&ctx->shared_timer);
+    if (ctx->shared.timer.timer_set) {
+        ngx_del_timer(&ctx->shared.timer);
     }
 
-    if (ctx->cmd == NULL && !ctx->shared) {
+    if (ctx->shared.cmd == NULL && !ctx->shared.taken) {
         return;
     }
 
@@ -1107,7 +1191,7 @@ ngx_http_ratepool_shared_adjusted(ngx_http_ratepool_redis_cmd_t *cmd,
 
 /* a 429 cools the org on every gateway; cooldowns only grow */
 
-void
+static void
 ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t cooldown_ms)
 {
@@ -1146,7 +1230,7 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
 
 /* limits and what is left of them, as an answer's headers said */
 
-void
+static void
 ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
     int64_t *remaining)
@@ -1239,15 +1323,16 @@ ngx_http_ratepool_shared_expire(ngx_http_ratepool_main_conf_t *rmcf)
  * live gateways is what a gateway divides limits by while Redis is down.
  */
 
-void
-ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
-    ngx_http_ratepool_main_conf_t *rmcf)
+static void
+ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data)
 {
-    ngx_http_ratepool_shared_expire(rmcf);
+    ngx_http_ratepool_main_conf_t *rmcf = data;
 
     ngx_str_t                    name, id;
     ngx_http_ratepool_call_t     call;
     ngx_http_ratepool_zone_t    *zone;
+
+    (void) ngx_http_ratepool_shared_expire(rmcf);
 
     zone = rmcf->shm_zone->data;
 

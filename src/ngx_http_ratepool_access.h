@@ -1,0 +1,24 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _NGX_HTTP_RATEPOOL_ACCESS_H_INCLUDED_
+#define _NGX_HTTP_RATEPOOL_ACCESS_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+
+
+ngx_int_t ngx_http_ratepool_access_handler(ngx_http_request_t *r);
+
+/* the request's context, found again after an internal redirect */
+ngx_http_ratepool_ctx_t *ngx_http_ratepool_get_ctx(ngx_http_request_t *r);
+
+
+#endif /* _NGX_HTTP_RATEPOOL_ACCESS_H_INCLUDED_ */

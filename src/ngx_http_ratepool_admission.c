@@ -1,0 +1,648 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_admission.h"
+#include "ngx_http_ratepool_body.h"
+#include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_reply.h"
+#include "ngx_http_ratepool_store.h"
+#include "ngx_http_ratepool_wait.h"
+
+
+/*
+ * Admission: with the body in, a request takes from its workspace's
+ * buckets and budgets, then a key of the pool; with a shared store, the
+ * store takes it for every gateway too.  What cannot go now waits
+ * (ratepool_wait) or is refused.
+ */
+
+
+static ngx_int_t ngx_http_ratepool_decide(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+static ngx_int_t ngx_http_ratepool_go(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_resume(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_unshared(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_taken(void *data, ngx_int_t rc,
+    uint64_t wait_ms, ngx_uint_t mask);
+static ngx_int_t ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *wait_ms);
+static uint64_t ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
+static uint64_t ngx_http_ratepool_workspace_wait(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms);
+static ngx_int_t ngx_http_ratepool_admit_workspace(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
+
+
+/* what the wait queue calls back, set on each pool when it is configured */
+
+const ngx_http_ratepool_wait_hooks_t  ngx_http_ratepool_admission_hooks = {
+    ngx_http_ratepool_try_admit,
+    ngx_http_ratepool_peek,
+    ngx_http_ratepool_resume,
+    ngx_http_ratepool_refuse
+};
+
+
+/*
+ * On from a stop (the body read, a wait, Redis's answer): NGX_DECLINED
+ * runs the phases on, NGX_DONE leaves the request to what it waits for,
+ * anything else finalizes it.
+ */
+
+void
+ngx_http_ratepool_proceed(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc)
+{
+    if (rc == NGX_DECLINED) {
+        ctx->phase_rc = NGX_DECLINED;
+        r->read_event_handler = ngx_http_block_reading;
+        r->write_event_handler = ngx_http_core_run_phases;
+        ngx_http_core_run_phases(r);
+        return;
+    }
+
+    if (rc != NGX_DONE) {
+        ngx_http_finalize_request(r, rc);
+    }
+}
+
+
+/*
+ * With the body in: admitted, waiting for room (ratepool_wait), or
+ * answered.
+ */
+
+ngx_int_t
+ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    if (ngx_http_ratepool_read_body(r, ctx) != NGX_OK
+        || ngx_http_ratepool_resolve_classes(ctx) != NGX_OK)
+    {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return ngx_http_ratepool_decide(r, ctx);
+}
+
+
+/* admitted here (and by Redis), waiting, or answered */
+
+static ngx_int_t
+ngx_http_ratepool_decide(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                       wait_ms;
+    ngx_int_t                      rc;
+
+    rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
+
+    if (rc == NGX_OK) {
+        return ngx_http_ratepool_go(r, ctx);
+    }
+
+    return ngx_http_ratepool_wait_or_refuse(r, ctx, rc, wait_ms);
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms)
+{
+    uint64_t                       now_ms, left_ms;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    /* a request that waited before has what is left of its wait */
+
+    left_ms = rlcf->wait;
+
+    if (ctx->wait_until_ms) {
+        now_ms = ngx_http_ratepool_now_ms();
+        left_ms = ctx->wait_until_ms > now_ms ? ctx->wait_until_ms - now_ms
+                                              : 0;
+    }
+
+    if (rc == NGX_AGAIN && wait_ms <= left_ms
+        && ngx_http_ratepool_wait(r, ctx, wait_ms) == NGX_OK)
+    {
+        ctx->shared.asks = 0;   /* the store may be asked again, after */
+        return NGX_DONE;
+    }
+
+    return ngx_http_ratepool_refuse(r, ctx, rc, wait_ms);
+}
+
+
+/*
+ * Admitted by this gateway: with a Redis store, by every gateway too.
+ * NGX_DECLINED: on with the phases; NGX_DONE: Redis is asked.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_int_t  rc;
+
+    if (!ctx->usage_added && ngx_http_ratepool_add_usage(r, ctx) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    rc = ctx->pool->zone->store->take(ctx, ngx_http_ratepool_taken, ctx);
+
+    if (rc == NGX_OK || rc == NGX_DECLINED) {
+        /* taken, or the store is down and this gateway decides alone */
+        return NGX_DECLINED;
+    }
+
+    if (rc == NGX_AGAIN) {
+        /* a client that leaves meanwhile ends the request */
+        r->read_event_handler = ngx_http_test_reading;
+        r->write_event_handler = ngx_http_request_empty_handler;
+
+        if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        return NGX_DONE;
+    }
+
+    return ngx_http_ratepool_unshared(r, ctx);
+}
+
+
+/* admitted after a wait: on with the phases, from where it stopped */
+
+static void
+ngx_http_ratepool_resume(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_go(r, ctx));
+}
+
+
+/* the shared store cannot be asked, and redis_fail=closed says: refuse */
+
+static ngx_int_t
+ngx_http_ratepool_unshared(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_ratepool_release(ctx, &ctx->held, 0);
+    ctx->key = NULL;
+    ngx_http_ratepool_refund_workspace(ctx, 1);
+
+    return ngx_http_ratepool_reply_store_down(r);
+}
+
+
+/*
+ * The shared store answered the request's take: NGX_OK taken,
+ * NGX_DECLINED decided here alone, NGX_ERROR refused (the store is down),
+ * NGX_AGAIN other gateways used the room (mask: whose).
+ */
+
+static void
+ngx_http_ratepool_taken(void *data, ngx_int_t rc, uint64_t wait_ms,
+    ngx_uint_t mask)
+{
+    ngx_http_ratepool_ctx_t *ctx = data;
+
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+    c = r->connection;
+
+    if (rc == NGX_OK || rc == NGX_DECLINED) {
+        rc = NGX_DECLINED;
+
+    } else if (rc == NGX_ERROR) {
+        rc = ngx_http_ratepool_unshared(r, ctx);
+
+    } else {
+        /*
+         * Other gateways used the room: given back here, and decided
+         * again, now that the zone knows what Redis said.
+         */
+
+        ngx_http_ratepool_release(ctx, &ctx->held, 0);
+        ctx->key = NULL;
+        ngx_http_ratepool_refund_workspace(ctx, 1);
+
+        rc = NGX_OK;
+
+        if (mask & RATEPOOL_DENY_BUDGET) {
+            rc = ngx_http_ratepool_check_budgets(r, ctx->pool,
+                                                 ctx->workspace);
+        }
+
+        if (rc == NGX_OK) {
+            rc = (ctx->shared.asks < RATEPOOL_SHARED_ASKS_MAX)
+                 ? ngx_http_ratepool_decide(r, ctx)
+                 : ngx_http_ratepool_wait_or_refuse(r, ctx, NGX_AGAIN,
+                                                    wait_ms);
+        }
+    }
+
+    ngx_http_ratepool_proceed(r, ctx, rc);
+    ngx_http_run_posted_requests(c);
+}
+
+
+/*
+ * The workspace's buckets, then a key.  NGX_OK: a key is held.
+ * NGX_AGAIN: the request may fit in *wait_ms.  NGX_ABORT: its input never
+ * fits its workspace.  NGX_DECLINED: no key of the pool will take it.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
+{
+    uint64_t                  soonest_ms, now_ms;
+    ngx_int_t                 rc;
+    ngx_http_ratepool_key_t  *key;
+
+    ctx->limited_pool = 0;
+
+    rc = ngx_http_ratepool_admit_workspace(ctx, wait_ms);
+
+    if (rc != NGX_OK) {
+        return rc;
+    }
+
+    key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+
+    if (key) {
+        ctx->key = key;
+        ctx->held = key;
+        return NGX_OK;
+    }
+
+    /* the pool has nothing now: the workspace did not use its request */
+    ngx_http_ratepool_refund_workspace(ctx, 1);
+
+    ctx->limited_pool = 1;
+
+    if (soonest_ms == 0) {
+        return NGX_DECLINED;
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+    *wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
+
+    return NGX_AGAIN;
+}
+
+
+/* when try_admit() might succeed, found without taking anything */
+
+static uint64_t
+ngx_http_ratepool_peek(ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t          now_ms, wait_ms, soonest_ms;
+    ngx_slab_pool_t  *shpool;
+
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+    wait_ms = ngx_http_ratepool_workspace_wait(ctx, now_ms);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    soonest_ms = ngx_http_ratepool_soonest(ctx);
+
+    return ngx_max(now_ms + wait_ms, soonest_ms);
+}
+
+
+/*
+ * After an internal redirect to another pool: the workspace admitted the
+ * request already, the new pool's keys have yet to.
+ */
+
+ngx_int_t
+ngx_http_ratepool_admit_redirected(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                  soonest_ms, now_ms;
+    ngx_http_ratepool_key_t  *key;
+
+    key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+
+    if (key) {
+        ctx->key = key;
+        ctx->held = key;
+        return NGX_DECLINED;
+    }
+
+    ctx->limited_pool = 1;
+
+    if (soonest_ms == 0) {
+        return ngx_http_ratepool_refuse(r, ctx, NGX_DECLINED, 0);
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+
+    return ngx_http_ratepool_refuse(r, ctx, NGX_AGAIN,
+                                    soonest_ms > now_ms ? soonest_ms - now_ms
+                                                        : 0);
+}
+
+
+/* answers a request that cannot go, the way try_admit() said */
+
+static ngx_int_t
+ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_int_t rc, uint64_t wait_ms)
+{
+    time_t                          until;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    pool = ctx->pool;
+    ws = ctx->workspace;
+    shpool = pool->zone->shpool;
+
+    if (ctx->limited_pool) {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
+
+    } else {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
+        ngx_shmtx_lock(&shpool->mutex);
+        ws->sh->rejected++;
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "ratepool: workspace \"%V\" is over %ui %s per minute",
+                      &ws->name, ctx->limited_limit, ctx->limited_what);
+    }
+
+    if (rc == NGX_ABORT) {
+        return ngx_http_ratepool_reply_too_big(r, ws, ctx->input_cost,
+                                               ctx->limited_limit);
+    }
+
+    if (rc == NGX_DECLINED && ngx_http_ratepool_pool_spent(pool, &until)) {
+        return ngx_http_ratepool_reply_spent(r, pool, until);
+    }
+
+    if (rc == NGX_DECLINED) {
+        return ngx_http_ratepool_reply_no_key(r, pool);
+    }
+
+    if (ctx->limited_pool) {
+        return ngx_http_ratepool_reply_pool_full(r, pool, wait_ms);
+    }
+
+    return ngx_http_ratepool_reply_workspace_full(r, ws, ctx->limited_what,
+                                                  ctx->limited_limit,
+                                                  wait_ms);
+}
+
+
+/*
+ * With the zone locked: how long until the request's tokens fit beside
+ * the workspace's reservations and it has a request in its bucket, and
+ * which bucket it waits for.
+ */
+
+static uint64_t
+ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms)
+{
+    uint64_t                           wait_in, wait_out, wait_rpm;
+    ngx_http_ratepool_zone_t          *zone;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+    zone = ctx->pool->zone;
+
+    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket,
+                                     ngx_http_ratepool_share(zone, ws->itpm),
+                                     ctx->input_cost, sh->reserved_input,
+                                     now_ms);
+    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket,
+                                      ngx_http_ratepool_share(zone, ws->otpm),
+                                      ctx->output_cost, sh->reserved_output,
+                                      now_ms);
+
+    if (wait_in || wait_out) {
+        if (wait_in >= wait_out) {
+            ctx->limited_what = "input tokens";
+            ctx->limited_limit = ws->itpm;
+            return wait_in;
+        }
+
+        ctx->limited_what = "output tokens";
+        ctx->limited_limit = ws->otpm;
+        return wait_out;
+    }
+
+    ctx->limited_what = "requests";
+    ctx->limited_limit = ws->rpm;
+
+    wait_rpm = ratepool_bucket_wait_ms(&sh->rpm_bucket,
+                                       ngx_http_ratepool_share(zone, ws->rpm),
+                                       1, now_ms);
+
+    /* other gateways used the workspace's room, as Redis said */
+    if (ngx_http_ratepool_busy(sh, now_ms)
+        && sh->busy_until_ms > now_ms + wait_rpm)
+    {
+        wait_rpm = sh->busy_until_ms - now_ms;
+    }
+
+    return wait_rpm;
+}
+
+
+/*
+ * A request takes one from the workspace's requests and reserves its
+ * estimated tokens until it ends, when what it really used is charged:
+ * it is admitted if its cost fits beside the reservations of the
+ * workspace's requests in flight.  NGX_AGAIN: not now, NGX_ABORT: its
+ * input never fits.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t *wait_ms)
+{
+    uint64_t                           now_ms, taken_ms;
+    ngx_int_t                          rc;
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    ws = ctx->workspace;
+    shpool = ctx->pool->zone->shpool;
+    sh = ws->sh;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (ctx->body_bytes) {
+        ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
+                                                  sh->input_rate);
+    }
+
+    *wait_ms = 0;
+    ctx->limited_what = "input tokens";
+    ctx->limited_limit = ws->itpm;
+
+    if (ws->itpm && ctx->input_cost > ws->itpm) {
+        rc = NGX_ABORT;
+        goto done;
+    }
+
+    *wait_ms = ngx_http_ratepool_workspace_wait(ctx, now_ms);
+
+    if (*wait_ms) {
+        rc = NGX_AGAIN;
+        goto done;
+    }
+
+    /* there is a request in the bucket: the wait above says so */
+    (void) ratepool_bucket_take(&sh->rpm_bucket,
+                                ngx_http_ratepool_share(ctx->pool->zone,
+                                                        ws->rpm),
+                                1, now_ms, &taken_ms);
+
+    rc = NGX_OK;
+    sh->admitted++;
+    sh->reserved_input += ctx->input_cost;
+    sh->reserved_output += ctx->output_cost;
+    ctx->ws_reserved = 1;
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    return rc;
+}
+
+
+/*
+ * A workspace over its daily or monthly token budget is told so the way
+ * a provider tells of a spend cap: no retry-after, x-should-retry: false
+ * and enforced_spend_limit_reached, so that clients stop rather than
+ * retry, and when the budget resets.
+ */
+
+ngx_int_t
+ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws)
+{
+    int          kind;
+    time_t       now, reset;
+    uint64_t     day, month, budget;
+    ngx_uint_t   over;
+
+    now = ngx_time();
+
+    ngx_shmtx_lock(&pool->zone->shpool->mutex);
+
+    day = ratepool_budget_used(&ws->sh->today, RATEPOOL_BUDGET_DAY, now);
+    month = ratepool_budget_used(&ws->sh->this_month, RATEPOOL_BUDGET_MONTH,
+                                 now);
+
+    over = (ws->daily_tokens && day >= ws->daily_tokens)
+           || (ws->monthly_tokens && month >= ws->monthly_tokens);
+
+    if (over) {
+        ws->sh->rejected++;
+    }
+
+    ngx_shmtx_unlock(&pool->zone->shpool->mutex);
+
+    if (!over) {
+        return NGX_OK;
+    }
+
+    (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
+    if (ws->monthly_tokens && month >= ws->monthly_tokens) {
+        kind = RATEPOOL_BUDGET_MONTH;
+        budget = ws->monthly_tokens;
+
+    } else {
+        kind = RATEPOOL_BUDGET_DAY;
+        budget = ws->daily_tokens;
+    }
+
+    reset = ratepool_budget_reset(kind, now);
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "ratepool: workspace \"%V\" is over its %s token budget",
+                  &ws->name, kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly");
+
+    return ngx_http_ratepool_reply_over_budget(r, ws,
+                                 kind == RATEPOOL_BUDGET_DAY ? "daily"
+                                                             : "monthly",
+                                 budget, reset);
+}
+
+
+/*
+ * Gives back the workspace's reservation, once the request's usage is
+ * charged or it has ended, and its request if it was not used.
+ */
+
+void
+ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t request)
+{
+    ngx_slab_pool_t                   *shpool;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    if (!ctx->ws_reserved && !request) {
+        return;
+    }
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    if (ctx->ws_reserved) {
+        sh->reserved_input -= ngx_min(ctx->input_cost, sh->reserved_input);
+        sh->reserved_output -= ngx_min(ctx->output_cost,
+                                       sh->reserved_output);
+    }
+
+    if (request) {
+        if (ws->rpm) {
+            ratepool_bucket_put(&sh->rpm_bucket, ws->rpm, 1);
+        }
+
+        sh->admitted--;
+    }
+
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ctx->ws_reserved = 0;
+
+    if (!request) {
+        ngx_http_ratepool_wake(ctx->pool);
+    }
+}
+

@@ -1,0 +1,266 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_body.h"
+
+
+/*
+ * The request body, once read: what admission needs of it (the model,
+ * the output cap, its size, whether it streams), and the one change the
+ * gateway makes to it (OpenAI's stream_options.include_usage).
+ */
+
+
+static void ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx,
+    u_char *data, size_t len);
+static ngx_chain_t *ngx_http_ratepool_chain_link(ngx_pool_t *pool,
+    ngx_buf_t *b, ngx_chain_t *next);
+
+
+/* the model and the output cap, from a body in memory or in a file */
+
+ngx_int_t
+ngx_http_ratepool_read_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    off_t                          offset;
+    size_t                         size;
+    ssize_t                        n;
+    u_char                        *chunk;
+    ngx_buf_t                     *b;
+    ngx_chain_t                   *cl;
+    ratepool_request_t             rq;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    ratepool_request_init(&rq);
+    chunk = NULL;
+    ctx->body_object_at = -1;
+
+    for (cl = r->request_body ? r->request_body->bufs : NULL;
+         cl;
+         cl = cl->next)
+    {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            ngx_http_ratepool_find_object(ctx, b->pos, b->last - b->pos);
+            ratepool_request_feed(&rq, b->pos, b->last - b->pos);
+            ctx->body_bytes += b->last - b->pos;
+            continue;
+        }
+
+        if (!b->in_file) {
+            continue;
+        }
+
+        /* a large body was written to a temporary file a moment ago */
+
+        if (chunk == NULL) {
+            chunk = ngx_palloc(r->pool, 65536);
+            if (chunk == NULL) {
+                return NGX_ERROR;
+            }
+        }
+
+        for (offset = b->file_pos; offset < b->file_last; offset += n) {
+            size = (size_t) ngx_min(b->file_last - offset, 65536);
+
+            n = ngx_read_file(b->file, chunk, size, offset);
+
+            if (n <= 0) {
+                ngx_pfree(r->pool, chunk);
+                return NGX_ERROR;
+            }
+
+            ngx_http_ratepool_find_object(ctx, chunk, n);
+            ratepool_request_feed(&rq, chunk, n);
+            ctx->body_bytes += n;
+        }
+    }
+
+    if (chunk) {
+        ngx_pfree(r->pool, chunk);
+    }
+
+    ctx->stream = rq.stream;
+    ctx->stream_options = rq.stream_options;
+    ctx->body_whole = ratepool_request_whole(&rq);
+
+    if (rq.model_len) {
+        ctx->model.data = ngx_pnalloc(r->pool, rq.model_len);
+        if (ctx->model.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ctx->model.len = rq.model_len;
+        ngx_memcpy(ctx->model.data, rq.model, rq.model_len);
+    }
+
+    /*
+     * Output is reserved up to the request's own cap, or the configured
+     * one; a request that asks for no model (a listing, say) asks for
+     * no output.
+     */
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    if (rq.has_max_tokens) {
+        ctx->output_cost = ngx_min(rq.max_tokens,
+                                   (uint64_t) rlcf->output_reserve);
+
+    } else if (rq.model_len) {
+        ctx->output_cost = rlcf->output_reserve;
+    }
+
+    return NGX_OK;
+}
+
+
+/* where the body's object begins: its first "{", as the body is whole */
+
+static void
+ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx, u_char *data,
+    size_t len)
+{
+    u_char  *p;
+
+    if (ctx->body_object_at >= 0) {
+        return;
+    }
+
+    p = ngx_strlchr(data, data + len, '{');
+
+    if (p) {
+        ctx->body_object_at = (off_t) (ctx->body_bytes + (p - data));
+    }
+}
+
+
+/*
+ * OpenAI streams report usage only when asked (stream_options.include_
+ * usage): the gateway asks for a client that did not, so that it can
+ * count what the stream used, and keeps the extra chunk from that client
+ * (ngx_http_ratepool_body_filter).  '"stream_options":{"include_usage":
+ * true},' goes in after the body's first "{"; the rest is untouched.
+ */
+
+ngx_int_t
+ngx_http_ratepool_add_usage(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    off_t         at;
+    ngx_buf_t    *b, *head, *option, *rest;
+    ngx_chain_t  *cl;
+
+    static u_char  text[] = "\"stream_options\":{\"include_usage\":true},";
+
+    if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_DIALECT_OPENAI
+        || !ctx->stream || ctx->stream_options || !ctx->body_whole
+        || ctx->body_object_at < 0
+        || r->headers_in.content_length_n < 0
+        || r->request_body == NULL || r->request_body->bufs == NULL
+        || ctx->dialect != RATEPOOL_DIALECT_OPENAI)
+    {
+        return NGX_OK;
+    }
+
+    b = r->request_body->bufs->buf;
+    at = ctx->body_object_at;
+
+    /*
+     * The body's first buffer, in memory or in a temporary file (a large
+     * body is written there whole), is cut after the "{" it holds.  A
+     * re-send rewinds a memory buffer to its start, and file buffers to
+     * where the one before ended, so each part is a buffer of its own.
+     */
+
+    if (b->in_file ? (ngx_buf_in_memory(b) || b->file_pos != 0
+                      || at >= b->file_last)
+                   : (!ngx_buf_in_memory(b) || at >= b->last - b->pos))
+    {
+        return NGX_OK;
+    }
+
+    head = ngx_calloc_buf(r->pool);
+    option = ngx_calloc_buf(r->pool);
+    rest = ngx_calloc_buf(r->pool);
+
+    if (head == NULL || option == NULL || rest == NULL) {
+        return NGX_ERROR;
+    }
+
+    *head = *b;
+    *rest = *b;
+
+    head->last_buf = 0;
+    head->last_in_chain = 0;
+
+    if (b->in_file) {
+        head->file_last = at + 1;
+        rest->file_pos = at + 1;
+
+    } else {
+        /* the buffer may begin before the body, in the client's header */
+        head->start = b->pos;
+        head->last = b->pos + at + 1;
+        head->end = head->last;
+        rest->start = head->last;
+        rest->pos = head->last;
+    }
+
+    option->memory = 1;
+    option->start = text;
+    option->pos = text;
+    option->last = text + sizeof(text) - 1;
+    option->end = option->last;
+
+    cl = ngx_http_ratepool_chain_link(r->pool, rest,
+                                      r->request_body->bufs->next);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_http_ratepool_chain_link(r->pool, option, cl);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_http_ratepool_chain_link(r->pool, head, cl);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    r->request_body->bufs = cl;
+    r->headers_in.content_length_n += sizeof(text) - 1;
+
+    ctx->usage_added = 1;
+
+    return NGX_OK;
+}
+
+
+static ngx_chain_t *
+ngx_http_ratepool_chain_link(ngx_pool_t *pool, ngx_buf_t *b,
+    ngx_chain_t *next)
+{
+    ngx_chain_t  *cl;
+
+    cl = ngx_alloc_chain_link(pool);
+    if (cl == NULL) {
+        return NULL;
+    }
+
+    cl->buf = b;
+    cl->next = next;
+
+    return cl;
+}
+

@@ -1,0 +1,34 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#ifndef _NGX_HTTP_RATEPOOL_POOL_H_INCLUDED_
+#define _NGX_HTTP_RATEPOOL_POOL_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+
+
+/* choosing keys, and learning from their answers */
+
+ngx_int_t ngx_http_ratepool_resolve_classes(ngx_http_ratepool_ctx_t *ctx);
+ngx_http_ratepool_key_t *ngx_http_ratepool_acquire(
+    ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms);
+uint64_t ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx);
+void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t **key, ngx_uint_t failed);
+void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_upstream_headers_in_t *h);
+void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_usage_t *usage);
+ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,
+    time_t *until);
+
+
+#endif /* _NGX_HTTP_RATEPOOL_POOL_H_INCLUDED_ */
