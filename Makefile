@@ -42,7 +42,7 @@ deps:
 
 module: $(MODULE)
 
-$(BUILD)/nginx/objs/Makefile: config
+$(BUILD)/nginx/objs/Makefile: config sources
 	@echo "configuring against $(NGINX_SRC) (log: $(BUILD)/nginx/configure.log)"
 	@rm -rf $(BUILD)/nginx
 	@mkdir -p $(BUILD)

@@ -15,6 +15,14 @@
 #include "ngx_http_ratepool_store.h"
 
 
+/*
+ * The upstream balancer of a pool: each try goes to the key admission
+ * chose or, after a 429 or a failure, to the next one, with the request
+ * rebuilt so that the new key's credentials and Host go out with the
+ * same body.  The answer's headers are read here, before the filters.
+ */
+
+
 static ngx_int_t ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
     ngx_http_upstream_srv_conf_t *us);
 static ngx_int_t ngx_http_ratepool_init_peer(ngx_http_request_t *r,

@@ -16,6 +16,14 @@
 #include "ngx_http_ratepool_reply.h"
 
 
+/*
+ * Header and body filters: the pool's retry-after on a 429 that reaches
+ * the client, the gateway's answer in place of nginx's error pages, and
+ * the answer's usage read as it passes (SSE event by event, never held,
+ * but for OpenAI's usage chunk the gateway asked for itself).
+ */
+
+
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);

@@ -15,6 +15,14 @@
 #include "ngx_http_ratepool_wait.h"
 
 
+/*
+ * The keys of a pool: choosing one with headroom for a request, holding
+ * and releasing it, and learning from each answer what the provider said
+ * of its org (limits, 429s and their retry-after, spend caps, dead keys)
+ * and what the request used.
+ */
+
+
 
 /* a 403 may concern the key or only the request: the key sits out a while */
 #define RATEPOOL_REFUSED_MS        300000

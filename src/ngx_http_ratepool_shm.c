@@ -12,6 +12,12 @@
 #include "ngx_http_ratepool_shm.h"
 
 
+/*
+ * The shared memory zone: one entry per org, key, workspace and pool,
+ * found by name, kept across reloads when its layout is the same.
+ */
+
+
 /* changes whenever a shared structure does, so a reload cannot mix them */
 #define RATEPOOL_SHM_LAYOUT                                                   \
     (1 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \

@@ -14,6 +14,13 @@
 #include "ngx_http_ratepool_status.h"
 
 
+/*
+ * ratepool_status: the zone's state as JSON (pools, orgs, keys,
+ * workspaces, the store) or in Prometheus's text format.  No secret is
+ * ever part of it: keys are named, and shown by fingerprint.
+ */
+
+
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */

@@ -191,7 +191,10 @@ is(scalar @{ $mock->log }, 1, 'and never reached the provider');
 
 my $ws = workspace('resv');
 is($ws->{reserved_output_tokens}, 0, 'the reservation ended with it');
-is($ws->{otpm_available}, 985, 'and the 15 tokens used were charged');
+# the bucket refills a token every 60 ms: a slow status read sees one more
+ok($ws->{otpm_available} >= 985 && $ws->{otpm_available} <= 990,
+   'and the 15 tokens used were charged')
+    or diag "resv otpm_available: $ws->{otpm_available}";
 
 is(ask('resv', '/solo/v1/messages', body => { max_tokens => 600 },
        headers => [ 'x-mock-status' => 500 ])->{status}, 500,

@@ -1,0 +1,1341 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <openssl/evp.h>
+
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_conf.h"
+#include "ngx_http_ratepool_shm.h"
+#include "ngx_http_ratepool_status.h"
+#include "ngx_http_ratepool_store.h"
+
+
+/*
+ * The directives' parsers: each checks its name=value arguments and
+ * fails "nginx -t" with a message that names the bad text and the fix.
+ * Checks across directives are the module's, once all are read.
+ */
+
+
+#define RATEPOOL_SECRET_MAX        4096
+
+
+static ngx_int_t ngx_http_ratepool_valid_name(ngx_str_t *name);
+static char *ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name);
+static ngx_int_t ngx_http_ratepool_parse_limit(ngx_str_t *arg,
+    const char *name, ngx_uint_t *limit);
+static ngx_int_t ngx_http_ratepool_valid_model(ngx_str_t *model);
+static ngx_http_ratepool_org_t *ngx_http_ratepool_find_org(ngx_conf_t *cf,
+    ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_str_t *model,
+    ngx_uint_t *index);
+static char *ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_str_t *zone_name);
+static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
+    ngx_str_t *path, ngx_str_t *secret);
+static void ngx_http_ratepool_sha256(u_char *data, size_t len,
+    u_char digest[32]);
+
+
+/*
+ * provider=: the API a key's clients speak there, and how the key is
+ * sent.  OpenAI-compatible servers (OpenRouter, vLLM, LiteLLM) are
+ * "openai"; Anthropic-compatible ones are "anthropic".
+ */
+
+static ngx_http_ratepool_provider_t  ngx_http_ratepool_providers[] = {
+    { ngx_string("anthropic"), RATEPOOL_DIALECT_ANTHROPIC,
+      RATEPOOL_CREDENTIAL_X_API_KEY },
+    { ngx_string("openai"), RATEPOOL_DIALECT_OPENAI,
+      RATEPOOL_CREDENTIAL_BEARER },
+    { ngx_string("azure"), RATEPOOL_DIALECT_OPENAI,
+      RATEPOOL_CREDENTIAL_API_KEY },
+    { ngx_null_string, 0, 0 }
+};
+
+
+/* what ratepool_pass means: a proxy set up to re-send with another key */
+
+static const char  ngx_http_ratepool_proxy_conf[] =
+    "proxy_pass %V;"
+    "proxy_http_version 1.1;"
+    "proxy_set_header Host $ratepool_upstream_host;"
+    "proxy_set_header Connection \"\";"
+    "proxy_set_header x-api-key $ratepool_upstream_x_api_key;"
+    "proxy_set_header Authorization $ratepool_upstream_authorization;"
+    "proxy_set_header api-key $ratepool_upstream_api_key;"
+    "proxy_set_header Accept-Encoding \"\";"
+    "proxy_request_buffering on;"
+    "proxy_buffering off;"
+    "proxy_next_upstream error timeout http_429 non_idempotent;"
+    /* one org's numbers would mislead a client about the whole pool */
+    "proxy_hide_header anthropic-ratelimit-requests-limit;"
+    "proxy_hide_header anthropic-ratelimit-requests-remaining;"
+    "proxy_hide_header anthropic-ratelimit-requests-reset;"
+    "proxy_hide_header anthropic-ratelimit-tokens-limit;"
+    "proxy_hide_header anthropic-ratelimit-tokens-remaining;"
+    "proxy_hide_header anthropic-ratelimit-tokens-reset;"
+    "proxy_hide_header anthropic-ratelimit-input-tokens-limit;"
+    "proxy_hide_header anthropic-ratelimit-input-tokens-remaining;"
+    "proxy_hide_header anthropic-ratelimit-input-tokens-reset;"
+    "proxy_hide_header anthropic-ratelimit-output-tokens-limit;"
+    "proxy_hide_header anthropic-ratelimit-output-tokens-remaining;"
+    "proxy_hide_header anthropic-ratelimit-output-tokens-reset;"
+    "proxy_hide_header x-ratelimit-limit-requests;"
+    "proxy_hide_header x-ratelimit-remaining-requests;"
+    "proxy_hide_header x-ratelimit-reset-requests;"
+    "proxy_hide_header x-ratelimit-limit-tokens;"
+    "proxy_hide_header x-ratelimit-remaining-tokens;"
+    "proxy_hide_header x-ratelimit-reset-tokens;"
+    "proxy_hide_header x-ratelimit-limit-project-tokens;"
+    "proxy_hide_header x-ratelimit-remaining-project-tokens;"
+    "proxy_hide_header x-ratelimit-reset-project-tokens;"
+    /* the gateway, not its clients, chooses where its keys are billed */
+    "proxy_set_header anthropic-workspace-id \"\";"
+    "proxy_set_header OpenAI-Organization \"\";"
+    "proxy_set_header OpenAI-Project \"\";"
+    ;
+
+
+/* keys go only to servers whose certificates verify, unless told not to */
+
+#define RATEPOOL_CA_FILE  "/etc/ssl/certs/ca-certificates.crt"
+
+#if (NGX_HTTP_SSL)
+
+static const char  ngx_http_ratepool_tls_conf[] =
+    "proxy_ssl_server_name on;"
+    "proxy_ssl_name $ratepool_upstream_host;"
+    "proxy_ssl_verify on;"
+    "proxy_ssl_verify_depth 4;"
+    "proxy_ssl_trusted_certificate \"%V\";";
+
+static const char  ngx_http_ratepool_tls_noverify_conf[] =
+    "proxy_ssl_server_name on;"
+    "proxy_ssl_name $ratepool_upstream_host;"
+    "proxy_ssl_verify off;";
+
+#endif
+
+
+static ngx_int_t
+ngx_http_ratepool_valid_name(ngx_str_t *name)
+{
+    u_char  c;
+    size_t  i;
+
+    if (name->len == 0 || name->len > RATEPOOL_NAME_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < name->len; i++) {
+        c = name->data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static char *
+ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name)
+{
+    if (ngx_http_ratepool_valid_name(name) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid name \"%V\", use up to %d letters, "
+                           "digits, \"-\", \"_\" or \".\"",
+                           name, RATEPOOL_NAME_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* "rpm=50" and the like: a positive integer limit */
+
+static ngx_int_t
+ngx_http_ratepool_parse_limit(ngx_str_t *arg, const char *name,
+    ngx_uint_t *limit)
+{
+    size_t     len;
+    ngx_int_t  n;
+
+    len = ngx_strlen(name);
+
+    if (arg->len <= len + 1 || ngx_strncmp(arg->data, name, len) != 0
+        || arg->data[len] != '=')
+    {
+        return NGX_DECLINED;
+    }
+
+    n = ngx_atoi(arg->data + len + 1, arg->len - len - 1);
+
+    if (n <= 0) {
+        return NGX_ERROR;
+    }
+
+    *limit = (ngx_uint_t) n;
+
+    return NGX_OK;
+}
+
+
+char *
+ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    u_char                    *p;
+    ssize_t                    size;
+    ngx_str_t                 *value, name, s;
+    ngx_http_ratepool_zone_t  *zone;
+
+    if (rmcf->shm_zone) {
+        return "is duplicate, one zone holds all pools and workspaces";
+    }
+
+    value = cf->args->elts;
+
+    p = (u_char *) ngx_strchr(value[1].data, ':');
+
+    if (p == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone \"%V\", use \"name:size\", "
+                           "for example \"ratepool:1m\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    name.data = value[1].data;
+    name.len = p - value[1].data;
+
+    if (ngx_http_ratepool_check_name(cf, &name) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    s.data = p + 1;
+    s.len = value[1].data + value[1].len - s.data;
+
+    size = ngx_parse_size(&s);
+
+    if (size == NGX_ERROR) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid zone size \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (size < (ssize_t) (8 * ngx_pagesize)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is too small, use at least %uzk",
+                           &value[1], 8 * ngx_pagesize / 1024);
+        return NGX_CONF_ERROR;
+    }
+
+    zone = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_zone_t));
+    if (zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    zone->conf = rmcf;
+    zone->store = &ngx_http_ratepool_store_local;
+
+    rmcf->shm_zone = ngx_shared_memory_add(cf, &name, size,
+                                           &ngx_http_ratepool_module);
+    if (rmcf->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (rmcf->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is already used", &name);
+        return NGX_CONF_ERROR;
+    }
+
+    rmcf->shm_zone->init = ngx_http_ratepool_init_zone;
+    rmcf->shm_zone->data = zone;
+
+    if (cf->args->nelts > 2) {
+        return ngx_http_ratepool_zone_redis(cf, rmcf, &name);
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * ratepool_zone NAME:SIZE redis=HOST:PORT|unix:PATH [redis_db=N]
+ *               [redis_user=NAME] [redis_password_file=PATH]
+ *               [redis_timeout=TIME] [redis_lease=on|off]
+ *               [redis_fail=local|open|closed]
+ */
+
+static char *
+ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_str_t *zone_name)
+{
+    u_char                          *p;
+    ngx_str_t                       *value, v, path;
+    ngx_url_t                        u;
+    ngx_int_t                        n;
+    ngx_uint_t                       i;
+    ngx_http_ratepool_redis_conf_t  *redis;
+    u_char                           digest[20];
+    unsigned int                     len;
+
+    value = cf->args->elts;
+
+    redis = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_redis_conf_t));
+    if (redis == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    redis->timeout = 5;
+    redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
+    redis->lease = 1;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "redis=", 6) == 0) {
+            redis->server.data = value[i].data + 6;
+            redis->server.len = value[i].len - 6;
+
+            ngx_memzero(&u, sizeof(ngx_url_t));
+            u.url = redis->server;
+            u.default_port = 6379;
+            u.no_resolve = 0;
+
+            if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\": %s; use "
+                                   "\"redis=HOST:PORT\" or "
+                                   "\"redis=unix:/path/to/redis.sock\"",
+                                   &value[i],
+                                   u.err ? u.err : "no address");
+                return NGX_CONF_ERROR;
+            }
+
+            redis->addrs = u.addrs;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_db=", 9) == 0) {
+            n = ngx_atoi(value[i].data + 9, value[i].len - 9);
+
+            if (n == NGX_ERROR || n > 15) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use a database number "
+                                   "of 0 to 15", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            redis->db = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_user=", 11) == 0) {
+            redis->user.data = value[i].data + 11;
+            redis->user.len = value[i].len - 11;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_password_file=", 20) == 0) {
+            path.data = value[i].data + 20;
+            path.len = value[i].len - 20;
+
+            if (ngx_http_ratepool_read_secret(cf, &path, &redis->password)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_timeout=", 14) == 0) {
+            v.data = value[i].data + 14;
+            v.len = value[i].len - 14;
+
+            n = ngx_parse_time(&v, 0);
+
+            if (n == NGX_ERROR || n == 0 || n > 10000) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use a time from 1ms "
+                                   "to 10s, for example "
+                                   "\"redis_timeout=5ms\"", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            redis->timeout = (ngx_msec_t) n;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_lease=on") == 0) {
+            redis->lease = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_lease=off") == 0) {
+            redis->lease = 0;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=local") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=open") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_OPEN;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_fail=closed") == 0) {
+            redis->fail = RATEPOOL_REDIS_FAIL_CLOSED;
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"redis=\", "
+                           "\"redis_db=\", \"redis_user=\", "
+                           "\"redis_password_file=\", \"redis_timeout=\", "
+                           "\"redis_lease=on|off\" or "
+                           "\"redis_fail=local|open|closed\"",
+                           &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->addrs == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" has Redis parameters but no server, "
+                           "add \"redis=HOST:PORT\"", zone_name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->user.len && redis->password.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_user=\" needs "
+                           "\"redis_password_file=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    /* every gateway sharing the pool names the zone the same way */
+
+    redis->prefix.len = sizeof("ratepool:{}:") - 1 + zone_name->len;
+    redis->prefix.data = ngx_pnalloc(cf->pool, redis->prefix.len);
+    if (redis->prefix.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_cpymem(redis->prefix.data, "ratepool:{", 10);
+    p = ngx_cpymem(p, zone_name->data, zone_name->len);
+    ngx_memcpy(p, "}:", 2);
+
+    len = sizeof(digest);
+
+    if (EVP_Digest(ratepool_script, ngx_strlen(ratepool_script), digest,
+                   &len, EVP_sha1(), NULL)
+        != 1)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_hex_dump(redis->sha, digest, sizeof(digest));
+
+    rmcf->redis = redis;
+    ((ngx_http_ratepool_zone_t *) rmcf->shm_zone->data)->store =
+                                                &ngx_http_ratepool_store_redis;
+
+    return NGX_CONF_OK;
+}
+
+
+/* model patterns: what model names are made of, and "*" */
+
+static ngx_int_t
+ngx_http_ratepool_valid_model(ngx_str_t *model)
+{
+    u_char  c;
+    size_t  i;
+
+    if (model->len == 0 || model->len > RATEPOOL_NAME_MAX) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < model->len; i++) {
+        c = model->data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.'
+              || c == '*' || c == '/' || c == ':' || c == '@'))
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * An org's entry for a model class, created on first mention; a class
+ * entry comes after its org's default one, which keys point to.
+ */
+
+static ngx_http_ratepool_org_t *
+ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
+    ngx_str_t *name, ngx_str_t *model, ngx_uint_t *index)
+{
+    u_char                   *p;
+    ngx_str_t                 none;
+    ngx_uint_t                i, base;
+    ngx_http_ratepool_org_t  *org;
+
+    if (pool->orgs == NULL) {
+        pool->orgs = ngx_array_create(cf->pool, 4,
+                                      sizeof(ngx_http_ratepool_org_t));
+        if (pool->orgs == NULL) {
+            return NULL;
+        }
+    }
+
+    org = pool->orgs->elts;
+
+    for (i = 0; i < pool->orgs->nelts; i++) {
+        if (org[i].name.len == name->len
+            && ngx_strncmp(org[i].name.data, name->data, name->len) == 0
+            && org[i].model.len == model->len
+            && ngx_strncmp(org[i].model.data, model->data, model->len) == 0)
+        {
+            *index = i;
+            return &org[i];
+        }
+    }
+
+    base = pool->orgs->nelts;
+
+    if (model->len) {
+        ngx_str_null(&none);
+
+        if (ngx_http_ratepool_find_org(cf, pool, name, &none, &base)
+            == NULL)
+        {
+            return NULL;
+        }
+
+        pool->classes++;
+    }
+
+    org = ngx_array_push(pool->orgs);
+    if (org == NULL) {
+        return NULL;
+    }
+
+    ngx_memzero(org, sizeof(ngx_http_ratepool_org_t));
+    org->name = *name;
+    org->model = *model;
+    org->base = base;
+    org->entry = *name;
+
+    if (model->len) {
+        p = ngx_pnalloc(cf->pool, name->len + 1 + model->len);
+        if (p == NULL) {
+            return NULL;
+        }
+
+        org->entry.data = p;
+        p = ngx_cpymem(p, name->data, name->len);
+        *p++ = '/';
+        p = ngx_cpymem(p, model->data, model->len);
+        org->entry.len = p - org->entry.data;
+    }
+
+    *index = pool->orgs->nelts - 1;
+
+    return org;
+}
+
+
+/*
+ * ratepool_org NAME [model=PATTERN] [rpm=N] [itpm=N] [otpm=N] [tpm=N]
+ *              [itpm_cache_reads=on|off]
+ */
+
+char *
+ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_pool_t *pool = conf;
+
+    ngx_int_t                 rc;
+    ngx_str_t                *value, model;
+    ngx_uint_t                i, index, rpm, itpm, otpm, tpm, cache_reads;
+    ngx_http_ratepool_org_t  *org;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_null(&model);
+    rpm = 0;
+    itpm = 0;
+    otpm = 0;
+    tpm = 0;
+    cache_reads = 0;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "model=", 6) == 0) {
+            model.data = value[i].data + 6;
+            model.len = value[i].len - 6;
+
+            if (ngx_http_ratepool_valid_model(&model) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", give a model name "
+                                   "pattern of up to %d characters where "
+                                   "\"*\" stands for any, for example "
+                                   "\"model=claude-opus-*\"",
+                                   &value[i], RATEPOOL_NAME_MAX);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "itpm_cache_reads=on") == 0
+            || ngx_strcmp(value[i].data, "itpm_cache_reads=off") == 0)
+        {
+            cache_reads = (value[i].data[sizeof("itpm_cache_reads=o") - 1]
+                           == 'n');
+            continue;
+        }
+
+        rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &rpm);
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &itpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &otpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "tpm", &tpm);
+        }
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        if (rc == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid limit \"%V\", use a positive number "
+                               "per minute, for example \"rpm=50\"",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"model=\", "
+                           "\"rpm=\", \"itpm=\", \"otpm=\", \"tpm=\" or "
+                           "\"itpm_cache_reads=\"", &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (tpm && (itpm || otpm)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"tpm=\" is one limit for input and output "
+                           "tokens together, give it or \"itpm=\" and "
+                           "\"otpm=\", not both");
+        return NGX_CONF_ERROR;
+    }
+
+    org = ngx_http_ratepool_find_org(cf, pool, &value[1], &model, &index);
+    if (org == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (org->declared) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           model.len ? "org \"%V\" is declared twice for "
+                                       "model \"%V\""
+                                     : "org \"%V\" is declared twice",
+                           &value[1], &model);
+        return NGX_CONF_ERROR;
+    }
+
+    org->declared = 1;
+    org->rpm = rpm;
+    org->itpm = itpm;
+    org->otpm = otpm;
+    org->tpm = tpm;
+    org->cache_reads = cache_reads;
+
+    return NGX_CONF_OK;
+}
+
+
+static ngx_int_t
+ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
+    ngx_str_t *secret)
+{
+    u_char           *buf;
+    ssize_t           n;
+    ngx_fd_t          fd;
+    ngx_file_info_t   fi;
+
+    if (ngx_conf_full_name(cf->cycle, path, 1) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    fd = ngx_open_file(path->data, NGX_FILE_RDONLY, NGX_FILE_OPEN, 0);
+
+    if (fd == NGX_INVALID_FILE) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_open_file_n " \"%V\" failed", path);
+        return NGX_ERROR;
+    }
+
+    if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR
+        || ngx_file_size(&fi) > RATEPOOL_SECRET_MAX)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key_file \"%V\" is not a key file of at most "
+                           "%d bytes", path, RATEPOOL_SECRET_MAX);
+        (void) ngx_close_file(fd);
+        return NGX_ERROR;
+    }
+
+    buf = ngx_pnalloc(cf->pool, RATEPOOL_SECRET_MAX);
+    if (buf == NULL) {
+        (void) ngx_close_file(fd);
+        return NGX_ERROR;
+    }
+
+    n = ngx_read_fd(fd, buf, RATEPOOL_SECRET_MAX);
+
+    (void) ngx_close_file(fd);
+
+    if (n == -1) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, ngx_errno,
+                           ngx_read_fd_n " \"%V\" failed", path);
+        return NGX_ERROR;
+    }
+
+    /* editors and "echo" add a trailing newline */
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'
+                     || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
+    {
+        n--;
+    }
+
+    secret->data = buf;
+    secret->len = n;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_sha256(u_char *data, size_t len, u_char digest[32])
+{
+    unsigned int  n;
+
+    n = 32;
+
+    if (EVP_Digest(data, len, digest, &n, EVP_sha256(), NULL) != 1) {
+        ngx_memzero(digest, 32);
+    }
+}
+
+
+/*
+ * ratepool_key NAME org=ORG provider=anthropic|openai [fallback=N]
+ *              server=HOST[:PORT]
+ *              key=SECRET | key_file=PATH
+ */
+
+char *
+ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_pool_t *pool = conf;
+
+    u_char                        digest[32], *p;
+    size_t                        i;
+    ngx_str_t                    *value, secret, org_name, path, no_model;
+    ngx_url_t                     u;
+    ngx_int_t                     rc;
+    ngx_uint_t                    n, index;
+    ngx_http_ratepool_key_t      *key, *keys;
+    ngx_http_upstream_server_t   *us;
+    ngx_http_upstream_srv_conf_t *uscf;
+    ngx_http_ratepool_provider_t *provider;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (pool->keys == NULL) {
+        pool->keys = ngx_array_create(cf->pool, 4,
+                                      sizeof(ngx_http_ratepool_key_t));
+        if (pool->keys == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    keys = pool->keys->elts;
+
+    for (n = 0; n < pool->keys->nelts; n++) {
+        if (keys[n].name.len == value[1].len
+            && ngx_strncmp(keys[n].name.data, value[1].data, value[1].len)
+               == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "key \"%V\" is declared twice", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (pool->keys->nelts == RATEPOOL_KEYS_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "too many keys in one pool, at most %d",
+                           RATEPOOL_KEYS_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    key = ngx_array_push(pool->keys);
+    if (key == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(key, sizeof(ngx_http_ratepool_key_t));
+    key->name = value[1];
+    key->provider = &ngx_http_ratepool_providers[0];
+
+    ngx_str_null(&org_name);
+    ngx_str_null(&secret);
+
+    for (n = 2; n < cf->args->nelts; n++) {
+
+        if (ngx_strncmp(value[n].data, "org=", 4) == 0) {
+            org_name.data = value[n].data + 4;
+            org_name.len = value[n].len - 4;
+
+            if (ngx_http_ratepool_check_name(cf, &org_name) != NGX_CONF_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "provider=", 9) == 0) {
+
+            for (provider = ngx_http_ratepool_providers;
+                 provider->name.len;
+                 provider++)
+            {
+                if (value[n].len - 9 == provider->name.len
+                    && ngx_strncmp(value[n].data + 9, provider->name.data,
+                                   provider->name.len)
+                       == 0)
+                {
+                    key->provider = provider;
+                    break;
+                }
+            }
+
+            if (provider->name.len == 0) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid provider \"%V\", use "
+                                   "\"provider=anthropic\", "
+                                   "\"provider=openai\" or "
+                                   "\"provider=azure\"", &value[n]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "fallback=", 9) == 0) {
+            rc = ngx_atoi(value[n].data + 9, value[n].len - 9);
+
+            if (rc == NGX_ERROR || rc > 9) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use \"fallback=N\" "
+                                   "from 0 (preferred, the default) to 9 "
+                                   "(the last resort)", &value[n]);
+                return NGX_CONF_ERROR;
+            }
+
+            key->fallback = (ngx_uint_t) rc;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "server=", 7) == 0) {
+            key->server.data = value[n].data + 7;
+            key->server.len = value[n].len - 7;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "key=", 4) == 0) {
+            secret.data = value[n].data + 4;
+            secret.len = value[n].len - 4;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "key_file=", 9) == 0) {
+            path.data = value[n].data + 9;
+            path.len = value[n].len - 9;
+
+            if (ngx_http_ratepool_read_secret(cf, &path, &secret) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        /* never echo what may be a secret */
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter %ui of key \"%V\", use "
+                           "\"org=\", \"provider=\", \"fallback=\", "
+                           "\"server=\", \"key=\" or \"key_file=\"",
+                           n, &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (secret.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has no secret, add \"key_file=PATH\"",
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 0; i < secret.len; i++) {
+        if (secret.data[i] <= ' ' || secret.data[i] >= 0x7f) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "the secret of key \"%V\" has a character "
+                               "that cannot be sent in a header, at "
+                               "offset %uz", &key->name, i);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (key->server.len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has no server, add "
+                           "\"server=api.anthropic.com:443\"", &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+
+    u.url = key->server;
+    u.default_port = 443;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "%s in server \"%V\" of key \"%V\"",
+                           u.err ? u.err : "invalid address", &key->server,
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (u.uri.len || u.naddrs == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid server \"%V\" of key \"%V\", use "
+                           "\"server=HOST[:PORT]\"", &key->server,
+                           &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    key->addrs = u.addrs;
+    key->naddrs = u.naddrs;
+    key->port = u.port;
+    key->host = (u.no_port || u.port == 443) ? u.host : key->server;
+
+    /* nginx wants a server in every upstream: each key stands for one */
+
+    uscf = ngx_http_conf_get_module_srv_conf(cf, ngx_http_upstream_module);
+
+    us = ngx_array_push(uscf->servers);
+    if (us == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(us, sizeof(ngx_http_upstream_server_t));
+    us->name = key->server;
+    us->addrs = u.addrs;
+    us->naddrs = u.naddrs;
+    us->weight = 1;
+
+    if (org_name.len == 0) {
+        org_name = key->name;   /* a key of its own org */
+    }
+
+    ngx_str_null(&no_model);
+
+    if (ngx_http_ratepool_find_org(cf, pool, &org_name, &no_model, &index)
+        == NULL)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    key->org = index;
+
+    key->dialect = key->provider->dialect;
+
+    if (key->provider->credential == RATEPOOL_CREDENTIAL_X_API_KEY) {
+        key->x_api_key = secret;
+
+    } else if (key->provider->credential == RATEPOOL_CREDENTIAL_API_KEY) {
+        key->api_key = secret;
+
+    } else {
+        key->authorization.len = sizeof("Bearer ") - 1 + secret.len;
+        key->authorization.data = ngx_pnalloc(cf->pool,
+                                              key->authorization.len);
+        if (key->authorization.data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        p = ngx_cpymem(key->authorization.data, "Bearer ",
+                       sizeof("Bearer ") - 1);
+        ngx_memcpy(p, secret.data, secret.len);
+    }
+
+    ngx_http_ratepool_sha256(secret.data, secret.len, digest);
+    ngx_hex_dump(key->fingerprint, digest, RATEPOOL_FINGERPRINT_LEN / 2);
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * ratepool_workspace NAME [rpm=N] [itpm=N] [otpm=N] [daily_tokens=N]
+ *                    [monthly_tokens=N]
+ */
+
+char *
+ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    ngx_int_t                       rc;
+    ngx_str_t                      *value;
+    ngx_uint_t                      i;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    value = cf->args->elts;
+
+    if (ngx_http_ratepool_check_name(cf, &value[1]) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
+    }
+
+    ws = rmcf->workspaces.elts;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        if (ws[i].name.len == value[1].len
+            && ngx_strncmp(ws[i].name.data, value[1].data, value[1].len) == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "workspace \"%V\" is declared twice",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    ws = ngx_array_push(&rmcf->workspaces);
+    if (ws == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(ws, sizeof(ngx_http_ratepool_workspace_t));
+    ws->name = value[1];
+    ws->weight = 1;
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        rc = ngx_http_ratepool_parse_limit(&value[i], "weight", &ws->weight);
+
+        if (rc == NGX_OK && ws->weight > 100) {
+            rc = NGX_ERROR;
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "rpm", &ws->rpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "itpm", &ws->itpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "otpm", &ws->otpm);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "daily_tokens",
+                                               &ws->daily_tokens);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_limit(&value[i], "monthly_tokens",
+                                               &ws->monthly_tokens);
+        }
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        if (rc == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid limit \"%V\", use a positive number, "
+                               "for example \"rpm=200\" or "
+                               "\"daily_tokens=5000000\", and a weight of "
+                               "1 to 100", &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"rpm=\", "
+                           "\"itpm=\", \"otpm=\", \"daily_tokens=\", "
+                           "\"monthly_tokens=\" or \"weight=\"",
+                           &value[i]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* ratepool_client WORKSPACE sha256:HEX */
+
+char *
+ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    u_char                      *hex;
+    ngx_int_t                    hi, lo;
+    ngx_str_t                   *value;
+    ngx_uint_t                   i;
+    ngx_http_ratepool_client_t  *client;
+
+    value = cf->args->elts;
+
+    if (value[2].len != 7 + 64 || ngx_strncmp(value[2].data, "sha256:", 7))
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid client token hash for workspace \"%V\", "
+                           "use \"sha256:\" and the 64 hex digits of "
+                           "\"printf %%s TOKEN | sha256sum\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    client = ngx_array_push(&rmcf->clients);
+    if (client == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    client->workspace_name = value[1];
+    hex = value[2].data + 7;
+
+    for (i = 0; i < 32; i++) {
+        hi = ngx_hextoi(&hex[i * 2], 1);
+        lo = ngx_hextoi(&hex[i * 2 + 1], 1);
+
+        if (hi == NGX_ERROR || lo == NGX_ERROR) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid hex digit in the client token hash "
+                               "for workspace \"%V\"", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        client->digest[i] = (u_char) (hi * 16 + lo);
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * ratepool_pass http://POOL | https://POOL
+ *
+ * Applies the proxy settings a pool needs, so that nobody has to copy
+ * them: they are parsed as if written in the location.
+ */
+
+char *
+ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_loc_conf_t *rlcf = conf;
+
+    char                            *rv;
+    u_char                          *p;
+    size_t                           scheme;
+    ngx_buf_t                        b;
+    ngx_str_t                       *value, name, text, ca;
+    ngx_uint_t                       verify;
+    ngx_array_t                     *saved_args;
+    ngx_conf_file_t                  conf_file, *saved_file;
+    ngx_http_ratepool_loc_conf_t   **pass;
+    ngx_http_ratepool_main_conf_t   *rmcf;
+
+    if (rlcf->url.len) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (ngx_strncmp(value[1].data, "http://", 7) == 0) {
+        scheme = 7;
+
+    } else if (ngx_strncmp(value[1].data, "https://", 8) == 0) {
+        scheme = 8;
+
+    } else {
+        scheme = 0;
+    }
+
+    name.data = value[1].data + scheme;
+    name.len = value[1].len - scheme;
+
+    if (scheme == 0 || ngx_http_ratepool_valid_name(&name) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid pool \"%V\", use \"https://NAME\" or "
+                           "\"http://NAME\" where NAME is an upstream with "
+                           "the \"ratepool\" directive", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_str_set(&ca, RATEPOOL_CA_FILE);
+    verify = 1;
+
+    if (cf->args->nelts == 3) {
+        if (scheme == 7) {
+            return "takes TLS parameters only with \"https://\"";
+        }
+
+        if (ngx_strcmp(value[2].data, "ssl_verify=off") == 0) {
+            verify = 0;
+
+        } else if (ngx_strncmp(value[2].data, "ssl_trusted_certificate=", 24)
+                   == 0 && value[2].len > 24)
+        {
+            ca.data = value[2].data + 24;
+            ca.len = value[2].len - 24;
+
+        } else {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\", use "
+                               "\"ssl_trusted_certificate=PATH\" or "
+                               "\"ssl_verify=off\"", &value[2]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    rlcf->url = value[1];
+    rlcf->file = cf->conf_file->file.name;
+    rlcf->line = cf->conf_file->line;
+
+    text.len = sizeof(ngx_http_ratepool_proxy_conf) + value[1].len;
+
+#if (NGX_HTTP_SSL)
+    text.len += sizeof(ngx_http_ratepool_tls_conf) + ca.len;
+#else
+    if (scheme == 8) {
+        return "needs nginx built with the SSL module for \"https://\"";
+    }
+#endif
+
+    text.data = ngx_pnalloc(cf->pool, text.len);
+    if (text.data == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    p = ngx_sprintf(text.data, ngx_http_ratepool_proxy_conf, &value[1]);
+
+#if (NGX_HTTP_SSL)
+    if (scheme == 8) {
+        p = verify ? ngx_sprintf(p, ngx_http_ratepool_tls_conf, &ca)
+                   : ngx_sprintf(p, ngx_http_ratepool_tls_noverify_conf);
+    }
+#endif
+
+    text.len = p - text.data;
+
+    ngx_memzero(&conf_file, sizeof(ngx_conf_file_t));
+    ngx_memzero(&b, sizeof(ngx_buf_t));
+
+    b.start = text.data;
+    b.pos = text.data;
+    b.last = text.data + text.len;
+    b.end = b.last;
+    b.temporary = 1;
+
+    conf_file.file.fd = NGX_INVALID_FILE;
+    conf_file.buffer = &b;
+
+    saved_file = cf->conf_file;
+    saved_args = cf->args;
+
+    cf->conf_file = &conf_file;
+    cf->args = ngx_array_create(cf->temp_pool, 4, sizeof(ngx_str_t));
+    if (cf->args == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    rv = ngx_conf_parse(cf, NULL);
+
+    cf->conf_file = saved_file;
+    cf->args = saved_args;
+
+    if (rv != NGX_CONF_OK) {
+        return "cannot apply its proxy settings: remove \"proxy_pass\", "
+               "\"proxy_buffering\", \"proxy_request_buffering\", "
+               "\"proxy_http_version\", \"proxy_next_upstream\" and "
+               "\"proxy_ssl_*\" from this location, ratepool_pass sets them";
+    }
+
+    rmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_ratepool_module);
+
+    pass = ngx_array_push(&rmcf->passes);
+    if (pass == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    *pass = rlcf;
+
+    return NGX_CONF_OK;
+}
+
+
+char *
+ngx_http_ratepool_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_core_loc_conf_t  *clcf;
+
+    clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+
+    if (clcf->handler) {
+        return "is duplicate or conflicts with another content handler";
+    }
+
+    clcf->handler = ngx_http_ratepool_status_handler;
+
+    return NGX_CONF_OK;
+}
