@@ -12,6 +12,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_conf.h"
+#include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_shm.h"
 #include "ngx_http_ratepool_status.h"
 #include "ngx_http_ratepool_store.h"
@@ -74,28 +75,6 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_request_buffering on;"
     "proxy_buffering off;"
     "proxy_next_upstream error timeout http_429 non_idempotent;"
-    /* one org's numbers would mislead a client about the whole pool */
-    "proxy_hide_header anthropic-ratelimit-requests-limit;"
-    "proxy_hide_header anthropic-ratelimit-requests-remaining;"
-    "proxy_hide_header anthropic-ratelimit-requests-reset;"
-    "proxy_hide_header anthropic-ratelimit-tokens-limit;"
-    "proxy_hide_header anthropic-ratelimit-tokens-remaining;"
-    "proxy_hide_header anthropic-ratelimit-tokens-reset;"
-    "proxy_hide_header anthropic-ratelimit-input-tokens-limit;"
-    "proxy_hide_header anthropic-ratelimit-input-tokens-remaining;"
-    "proxy_hide_header anthropic-ratelimit-input-tokens-reset;"
-    "proxy_hide_header anthropic-ratelimit-output-tokens-limit;"
-    "proxy_hide_header anthropic-ratelimit-output-tokens-remaining;"
-    "proxy_hide_header anthropic-ratelimit-output-tokens-reset;"
-    "proxy_hide_header x-ratelimit-limit-requests;"
-    "proxy_hide_header x-ratelimit-remaining-requests;"
-    "proxy_hide_header x-ratelimit-reset-requests;"
-    "proxy_hide_header x-ratelimit-limit-tokens;"
-    "proxy_hide_header x-ratelimit-remaining-tokens;"
-    "proxy_hide_header x-ratelimit-reset-tokens;"
-    "proxy_hide_header x-ratelimit-limit-project-tokens;"
-    "proxy_hide_header x-ratelimit-remaining-project-tokens;"
-    "proxy_hide_header x-ratelimit-reset-project-tokens;"
     /* the gateway, not its clients, chooses where its keys are billed */
     "proxy_set_header anthropic-workspace-id \"\";"
     "proxy_set_header OpenAI-Organization \"\";"
@@ -1188,8 +1167,8 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     u_char                          *p;
     size_t                           scheme;
     ngx_buf_t                        b;
-    ngx_str_t                       *value, name, text, ca;
-    ngx_uint_t                       verify;
+    ngx_str_t                       *value, *hidden, name, text, ca;
+    ngx_uint_t                       i, verify;
     ngx_array_t                     *saved_args;
     ngx_conf_file_t                  conf_file, *saved_file;
     ngx_http_ratepool_loc_conf_t   **pass;
@@ -1254,6 +1233,10 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     text.len = sizeof(ngx_http_ratepool_proxy_conf) + value[1].len;
 
+    for (i = 0; (hidden = ngx_http_ratepool_learned_header(i)); i++) {
+        text.len += sizeof("proxy_hide_header ;") - 1 + hidden->len;
+    }
+
 #if (NGX_HTTP_SSL)
     text.len += sizeof(ngx_http_ratepool_tls_conf) + ca.len;
 #else
@@ -1268,6 +1251,11 @@ ngx_http_ratepool_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     }
 
     p = ngx_sprintf(text.data, ngx_http_ratepool_proxy_conf, &value[1]);
+
+    /* the pool's numbers are not one org's: see ngx_http_ratepool_learn() */
+    for (i = 0; (hidden = ngx_http_ratepool_learned_header(i)); i++) {
+        p = ngx_sprintf(p, "proxy_hide_header %V;", hidden);
+    }
 
 #if (NGX_HTTP_SSL)
     if (scheme == 8) {

@@ -35,6 +35,7 @@
 #define RATEPOOL_LEARN_REMAINING   1
 #define RATEPOOL_LEARN_RESET       2
 #define RATEPOOL_LEARN_RESET_IN    3       /* a duration: OpenAI's */
+#define RATEPOOL_LEARN_NOTHING     4       /* hidden, not learned */
 
 /* token limits: one for input and output, or one for each */
 #define RATEPOOL_LEARN_COMBINED    1
@@ -59,6 +60,12 @@ static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
       ratepool_learned(requests), RATEPOOL_LEARN_REMAINING, 0 },
     { ngx_string("anthropic-ratelimit-requests-reset"),
       ratepool_learned(requests), RATEPOOL_LEARN_RESET, 0 },
+    { ngx_string("anthropic-ratelimit-tokens-limit"),
+      0, RATEPOOL_LEARN_NOTHING, 0 },
+    { ngx_string("anthropic-ratelimit-tokens-remaining"),
+      0, RATEPOOL_LEARN_NOTHING, 0 },
+    { ngx_string("anthropic-ratelimit-tokens-reset"),
+      0, RATEPOOL_LEARN_NOTHING, 0 },
     { ngx_string("anthropic-ratelimit-input-tokens-limit"),
       ratepool_learned(input_tokens), RATEPOOL_LEARN_LIMIT,
       RATEPOOL_LEARN_SEPARATE },
@@ -508,9 +515,10 @@ ngx_http_ratepool_read_answer(ngx_http_request_t *r,
                 continue;
             }
 
-            if (lh->limits
-                && lh->limits != (combined ? RATEPOOL_LEARN_COMBINED
-                                           : RATEPOOL_LEARN_SEPARATE))
+            if (lh->field == RATEPOOL_LEARN_NOTHING
+                || (lh->limits
+                    && lh->limits != (combined ? RATEPOOL_LEARN_COMBINED
+                                               : RATEPOOL_LEARN_SEPARATE)))
             {
                 /* not a limit this org's buckets know */
                 break;
@@ -982,4 +990,22 @@ ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
             ctx->tried |= (uint64_t) 1 << i;
         }
     }
+}
+
+
+/*
+ * The rate-limit headers the gateway reads: one org's numbers would
+ * mislead a client about the whole pool, so ratepool_pass hides them all.
+ */
+
+ngx_str_t *
+ngx_http_ratepool_learned_header(ngx_uint_t i)
+{
+    if (i >= sizeof(ngx_http_ratepool_learn_headers)
+             / sizeof(ngx_http_ratepool_learn_header_t) - 1)
+    {
+        return NULL;
+    }
+
+    return &ngx_http_ratepool_learn_headers[i].name;
 }

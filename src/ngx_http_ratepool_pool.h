@@ -30,5 +30,8 @@ void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,
     time_t *until);
 
+/* the i-th rate-limit header the gateway reads, NULL past the last */
+ngx_str_t *ngx_http_ratepool_learned_header(ngx_uint_t i);
+
 
 #endif /* _NGX_HTTP_RATEPOOL_POOL_H_INCLUDED_ */

@@ -27,12 +27,5 @@ int ratepool_parse_duration_ms(const unsigned char *p, size_t len,
 
 int64_t ratepool_days_from_civil(int64_t y, unsigned m, unsigned d);
 
-int ratepool_error_spent(int status, const unsigned char *body, size_t len);
-int ratepool_error_too_large(int status, const unsigned char *body,
-    size_t len);
-int ratepool_openai_path(const unsigned char *uri, size_t len);
-void ratepool_openai_error(const char *type, const char *error_code,
-    const char **openai_type, const char **openai_code);
-
 
 #endif /* _RATEPOOL_PARSE_H_INCLUDED_ */

@@ -10,6 +10,7 @@ use warnings;
 use lib 't/lib';
 
 use JSON::PP;
+use POSIX ();
 use Test::More;
 use Time::HiRes;
 
@@ -236,6 +237,30 @@ is(join(',', @$statuses), '200,200,200,200',
 is(credentials()->{u1}, 1, 'the unknown org got one of them');
 is(scalar(grep { $_->{status} == 429 } @{ $mock->log }), 0,
     'so its 1 rpm was never exceeded');
+
+# every rate-limit header of either dialect, whichever key answers (last:
+# what it teaches the gateway of its org would change the tests above)
+
+my $reset = POSIX::strftime('%Y-%m-%dT%H:%M:%SZ', gmtime(time));
+my %limit_of = (requests => 100, tokens => 1e6, 'input-tokens' => 1e6,
+                'output-tokens' => 1e6, 'project-tokens' => 1e6);
+my @limit_headers = (
+    (map { ("anthropic-ratelimit-$_-limit" => $limit_of{$_},
+            "anthropic-ratelimit-$_-remaining" => $limit_of{$_},
+            "anthropic-ratelimit-$_-reset" => $reset) }
+     qw(requests tokens input-tokens output-tokens)),
+    (map { ("x-ratelimit-limit-$_" => $limit_of{$_},
+            "x-ratelimit-remaining-$_" => $limit_of{$_},
+            "x-ratelimit-reset-$_" => '6s') }
+     qw(requests tokens project-tokens)),
+);
+
+$mock->script($KEY{$_}, [ { status => 200, headers => { @limit_headers } } ])
+    for qw(u1 g1);
+$r = $t->messages(token => $TOKEN, path => '/probe/v1/messages');
+is($r->{status}, 200, 'an answer carrying every rate-limit header');
+is_deeply([ sort grep { /ratelimit/ } keys %{ $r->{headers} } ], [],
+    'reaches the client with none of them');
 
 $t->stop;
 $t->check_log;

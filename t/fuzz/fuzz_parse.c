@@ -7,6 +7,7 @@
 #include <stdlib.h>
 
 #include "ratepool_parse.h"
+#include "ratepool_dialect.h"
 
 
 int

@@ -10,6 +10,7 @@
 #include "ratepool_bucket.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
+#include "ratepool_dialect.h"
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"

@@ -1,0 +1,180 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+/*
+ * What the gateway knows of each provider's dialect that is not a
+ * header: which request paths are OpenAI's APIs, how its errors are
+ * typed there, and which error answers mean "out of money" or "too
+ * large for any key" rather than "busy".
+ */
+
+
+#include <string.h>
+
+#include "ratepool_dialect.h"
+
+
+/*
+ * Whether an error answer says its key's money is spent (a spend cap, a
+ * quota, no credit left) rather than that it is busy: such a key is of
+ * no use until its billing period turns, however long it cools down.
+ * Only the part of the body that has arrived is looked at; the error
+ * codes come early in every provider's error object.
+ */
+
+static const char  *ratepool_spent_markers[] = {
+    "enforced_spend_limit_reached",         /* Anthropic's spend cap */
+    "specified API usage limits",           /* Anthropic's own limits, */
+    "specified workspace API usage limits", /* as a 400 */
+    "credit balance is too low",
+    "insufficient_quota",                   /* OpenAI */
+    "organization_spend_limit_exceeded",
+    "project_spend_limit_exceeded",
+    NULL
+};
+
+
+static int
+ratepool_body_says(const unsigned char *body, size_t len,
+    const char **markers)
+{
+    size_t        n, i;
+    const char  **m;
+
+    for (m = markers; *m; m++) {
+        n = strlen(*m);
+
+        for (i = 0; i + n <= len; i++) {
+            if (body[i] == (unsigned char) (*m)[0]
+                && memcmp(body + i, *m, n) == 0)
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+int
+ratepool_error_spent(int status, const unsigned char *body, size_t len)
+{
+    if (status == 402) {
+        return 1;
+    }
+
+    if (status != 429 && status != 400 && status != 403) {
+        return 0;
+    }
+
+    return ratepool_body_says(body, len, ratepool_spent_markers);
+}
+
+
+/*
+ * Whether a 429 says the request alone is larger than its org's limit
+ * ("Request too large for gpt-4o in organization ... on tokens per min"):
+ * the org is not busy, and a key with the same limit would refuse it too.
+ */
+
+static const char  *ratepool_too_large_markers[] = {
+    "Request too large for",                /* OpenAI */
+    NULL
+};
+
+
+int
+ratepool_error_too_large(int status, const unsigned char *body, size_t len)
+{
+    if (status != 429) {
+        return 0;
+    }
+
+    return ratepool_body_says(body, len, ratepool_too_large_markers);
+}
+
+
+/*
+ * Whether a request path is one of OpenAI's APIs (Chat Completions,
+ * Completions, Responses, Embeddings), whose clients expect OpenAI's
+ * error objects; every other path gets Anthropic's.  The query string is
+ * not looked at.
+ */
+
+static const char  *ratepool_openai_paths[] = {
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/embeddings",
+    NULL
+};
+
+
+int
+ratepool_openai_path(const unsigned char *uri, size_t len)
+{
+    size_t        i, n;
+    const char  **m;
+
+    for (i = 0; i < len; i++) {
+        if (uri[i] == '?') {
+            len = i;
+            break;
+        }
+    }
+
+    for (m = ratepool_openai_paths; *m; m++) {
+        n = strlen(*m);
+
+        for (i = 0; i + n <= len; i++) {
+            if (memcmp(uri + i, *m, n) == 0
+                && (i + n == len || uri[i + n] == '/'))
+            {
+                return 1;
+            }
+        }
+    }
+
+    return 0;
+}
+
+
+/*
+ * The gateway's errors, typed the Anthropic way, as OpenAI types and
+ * codes them: its clients look at "code" for rate limits and quota.
+ */
+
+void
+ratepool_openai_error(const char *type, const char *error_code,
+    const char **openai_type, const char **openai_code)
+{
+    *openai_code = NULL;
+
+    if (error_code && strcmp(error_code, "enforced_spend_limit_reached") == 0)
+    {
+        *openai_type = "insufficient_quota";
+        *openai_code = "insufficient_quota";
+
+    } else if (strcmp(type, "rate_limit_error") == 0) {
+        *openai_type = "requests";
+        *openai_code = "rate_limit_exceeded";
+
+    } else if (strcmp(type, "authentication_error") == 0) {
+        *openai_type = "invalid_request_error";
+        *openai_code = "invalid_api_key";
+
+    } else if (strcmp(type, "invalid_request_error") == 0
+               || strcmp(type, "request_too_large") == 0
+               || strcmp(type, "not_found_error") == 0
+               || strcmp(type, "permission_error") == 0)
+    {
+        *openai_type = "invalid_request_error";
+
+    } else {
+        *openai_type = "server_error";
+    }
+}
