@@ -110,6 +110,14 @@ ngx_http_ratepool_decide(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
 
     rc = ngx_http_ratepool_try_admit(ctx, &wait_ms);
 
+    ngx_log_debug5(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
+                   "ratepool: admission %i for %uL input, %uL output "
+                   "tokens; limited by %s, may fit in %uL ms", rc,
+                   ctx->input_cost, ctx->output_cost,
+                   rc == NGX_OK ? "nothing"
+                   : ctx->limited_pool ? "the pool" : ctx->limited_what,
+                   rc == NGX_OK ? 0 : wait_ms);
+
     if (rc == NGX_OK) {
         return ngx_http_ratepool_go(r, ctx);
     }

@@ -380,22 +380,24 @@ ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
     if (us->shm_zone) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "upstream \"%V\" is a ratepool pool: its state lives "
-                      "in the ratepool_zone, remove \"zone\"", &us->host);
+                      "in the ratepool_zone, remove \"zone\" in %s:%ui",
+                      &us->host, us->file_name, us->line);
         return NGX_ERROR;
     }
 
     if (pool->keys && us->servers->nelts != pool->keys->nelts) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "upstream \"%V\" is a ratepool pool: declare its keys "
-                      "with \"ratepool_key\", not \"server\"", &us->host);
+                      "with \"ratepool_key\", not \"server\" in %s:%ui",
+                      &us->host, us->file_name, us->line);
         return NGX_ERROR;
     }
 
     if (pool->keys == NULL || pool->keys->nelts == 0) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "upstream \"%V\" has no keys, add "
-                      "\"ratepool_key NAME server=HOST key_file=PATH;\"",
-                      &us->host);
+                      "\"ratepool_key NAME server=HOST key_file=PATH;\" "
+                      "in %s:%ui", &us->host, us->file_name, us->line);
         return NGX_ERROR;
     }
 
@@ -409,8 +411,9 @@ ngx_http_ratepool_init_upstream(ngx_conf_t *cf,
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "upstream \"%V\" uses ratepool zone \"%V\", which is "
                       "not declared; add \"ratepool_zone %V:1m;\" to the "
-                      "http block", &us->host, &pool->zone_name,
-                      &pool->zone_name);
+                      "http block (upstream in %s:%ui)", &us->host,
+                      &pool->zone_name, &pool->zone_name, us->file_name,
+                      us->line);
         return NGX_ERROR;
     }
 

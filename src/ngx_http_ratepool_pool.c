@@ -334,6 +334,10 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 
     if (i < 0) {
         ngx_shmtx_unlock(&shpool->mutex);
+
+        ngx_log_debug1(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+                       "ratepool: no key has room, the first frees up at "
+                       "%uL", *soonest_ms);
         return NULL;
     }
 
@@ -350,6 +354,11 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     key->sh->last_pick_ms = now_ms;
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+                   "ratepool: key \"%V\" of org \"%V\" chosen, headroom "
+                   "%uD permille, try %ui", &key->name, &org->entry,
+                   c[i].headroom_permille, ctx->tries + 1);
 
     return key;
 }

@@ -497,6 +497,11 @@ ngx_http_ratepool_redis_timed_out(ngx_http_ratepool_redis_t *redis)
 {
     (void) ngx_atomic_fetch_add(&redis->sh->redis_timeouts, 1);
 
+    ngx_log_debug2(NGX_LOG_DEBUG_HTTP, redis->log, 0,
+                   "ratepool: redis timed out, %ui failures in a row of %d "
+                   "open the breaker", redis->failures + 1,
+                   RATEPOOL_REDIS_FAILURES);
+
     if (redis->state != RATEPOOL_REDIS_DOWN
         && ++redis->failures >= RATEPOOL_REDIS_FAILURES)
     {

@@ -681,6 +681,10 @@ static void
 ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc,
     uint64_t wait_ms, ngx_uint_t mask)
 {
+    ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+                   "ratepool: redis answered the take: %i, wait %uL ms, "
+                   "full: %ui, ask %ui", rc, wait_ms, mask, ctx->shared.asks);
+
     if (rc == NGX_ERROR) {
         rc = ngx_http_ratepool_shared_fallback(ctx);
     }

@@ -26,7 +26,7 @@ my @cases = (
     [ 'a pool without a zone',
       "upstream p { ratepool zone=llm; ratepool_key k server=127.0.0.1:1 "
       . "key=$SECRET; }",
-      qr/uses ratepool zone "llm", which is not declared; add "ratepool_zone llm:1m;" to the http block/ ],
+      qr/uses ratepool zone "llm", which is not declared; add "ratepool_zone llm:1m;" to the http block \(upstream in \S+nginx\.conf:\d+\)/ ],
 
     [ 'a pool naming an undeclared zone',
       "ratepool_zone llm:1m; upstream p { ratepool zone=other; "
@@ -50,12 +50,12 @@ my @cases = (
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "server 127.0.0.1:1; ratepool_key k server=127.0.0.1:1 "
       . "key=$SECRET; }",
-      qr/upstream "p" is a ratepool pool: declare its keys with "ratepool_key"/ ],
+      qr/upstream "p" is a ratepool pool: declare its keys with "ratepool_key", not "server" in \S+nginx\.conf:\d+/ ],
 
     [ 'a pool with no keys',
       'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
       . 'server 127.0.0.1:1; }',
-      qr/upstream "p" has no keys, add "ratepool_key/ ],
+      qr/upstream "p" has no keys, add "ratepool_key .* in \S+nginx\.conf:\d+/ ],
 
     [ 'a key without a secret',
       'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
@@ -113,7 +113,7 @@ my @cases = (
     [ 'a zone in a pool',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_key a server=127.0.0.1:1 key=$SECRET; zone p 64k; }",
-      qr/upstream "p" is a ratepool pool: its state lives in the ratepool_zone, remove "zone"/ ],
+      qr/upstream "p" is a ratepool pool: its state lives in the ratepool_zone, remove "zone" in \S+nginx\.conf:\d+/ ],
 
     [ 'one org with two sets of limits',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
