@@ -15,6 +15,7 @@
 #include <openssl/evp.h>
 
 #include "ratepool_bucket.h"
+#include "ratepool_limits.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
 #include "ratepool_dialect.h"
@@ -60,8 +61,8 @@
  * come back (a lease given back, a refund) before the time it said.
  */
 #define ngx_http_ratepool_busy(sh, now_ms)                                    \
-    ((sh)->busy_until_ms > (now_ms)                                           \
-     && (now_ms) - (sh)->busy_seen_ms < RATEPOOL_BUSY_TRUST_MS)
+    ((sh)->lim.busy_until_ms > (now_ms)                                       \
+     && (now_ms) - (sh)->lim.busy_seen_ms < RATEPOOL_BUSY_TRUST_MS)
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
@@ -98,30 +99,39 @@ typedef struct {
 } ngx_http_ratepool_learned_t;
 
 
-typedef struct {
-    ngx_http_ratepool_entry_t       entry;
+/*
+ * What is counted against one set of limits, an org's class or a
+ * workspace: its buckets, what its requests in flight reserved and, with
+ * a Redis store, what Redis last said and what this gateway leased.
+ */
 
-    ratepool_bucket_t               rpm_bucket;         /* requests */
-    ratepool_bucket_t               itpm_bucket;        /* input tokens */
-    ratepool_bucket_t               otpm_bucket;        /* output tokens */
-    uint64_t                        cooldown_until_ms;  /* monotonic */
-    uint64_t                        spent_until_ms;     /* out of money */
-    time_t                          spent_until;        /* wall clock */
+typedef struct {
+    ratepool_bucket_t               bucket[RATEPOOL_DIMS];
+    uint64_t                        reserved_input;     /* by requests */
+    uint64_t                        reserved_output;    /* in flight */
     uint64_t                        busy_until_ms;      /* full, as other
                                                            gateways used it */
     uint64_t                        busy_seen_ms;       /* Redis said so */
-    ratepool_bucket_t               shared_left[3];     /* in Redis, as its
-                                                           last answer said */
+    ratepool_bucket_t               shared_left[RATEPOOL_DIMS];
+                                            /* in Redis, as it last said */
     uint64_t                        shared_seen_ms;     /* that answer */
-    uint64_t                        lease[3];           /* taken in Redis,
-                                                           not yet used */
+    uint64_t                        lease[RATEPOOL_DIMS];
+                                            /* taken in Redis, not yet used */
     uint64_t                        lease_until_ms;
     uint64_t                        lease_asked_ms;     /* one at a time */
+} ngx_http_ratepool_limits_sh_t;
+
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+
+    ngx_http_ratepool_limits_sh_t   lim;
+    uint64_t                        cooldown_until_ms;  /* monotonic */
+    uint64_t                        spent_until_ms;     /* out of money */
+    time_t                          spent_until;        /* wall clock */
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
     ngx_uint_t                      inflight;
-    uint64_t                        reserved_input;     /* by requests */
-    uint64_t                        reserved_output;    /* in flight */
 
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
@@ -156,18 +166,7 @@ typedef struct {
 typedef struct {
     ngx_http_ratepool_entry_t       entry;
 
-    ratepool_bucket_t               rpm_bucket;
-    ratepool_bucket_t               itpm_bucket;        /* charged after */
-    ratepool_bucket_t               otpm_bucket;
-    uint64_t                        reserved_input;
-    uint64_t                        reserved_output;
-    uint64_t                        busy_until_ms;      /* as the org's */
-    uint64_t                        busy_seen_ms;
-    ratepool_bucket_t               shared_left[3];
-    uint64_t                        shared_seen_ms;
-    uint64_t                        lease[3];
-    uint64_t                        lease_until_ms;
-    uint64_t                        lease_asked_ms;
+    ngx_http_ratepool_limits_sh_t   lim;        /* input charged after */
     uint32_t                        input_rate;         /* learned, see
                                                    ratepool_estimate_learn() */
     uint64_t                        admitted;
@@ -469,7 +468,8 @@ typedef struct {
     ngx_http_ratepool_org_t        *org;        /* charged there */
     uint64_t                        input;
     uint64_t                        output;
-    uint64_t                        block[6];   /* a take's lease:
+    uint64_t                        block[RATEPOOL_LEASE_BLOCKS];
+                                                /* a take's lease:
                                                    workspace's, org's */
     ngx_uint_t                      asks;
     ngx_http_ratepool_taken_pt      handler;    /* told of the take's */

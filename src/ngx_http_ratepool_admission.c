@@ -442,13 +442,13 @@ ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
     sh = ws->sh;
     zone = ctx->pool->zone;
 
-    wait_in = ratepool_bucket_fit_ms(&sh->itpm_bucket,
+    wait_in = ratepool_bucket_fit_ms(&sh->lim.bucket[RATEPOOL_ITPM],
                                      ngx_http_ratepool_share(zone, ws->itpm),
-                                     ctx->input_cost, sh->reserved_input,
+                                     ctx->input_cost, sh->lim.reserved_input,
                                      now_ms);
-    wait_out = ratepool_bucket_fit_ms(&sh->otpm_bucket,
+    wait_out = ratepool_bucket_fit_ms(&sh->lim.bucket[RATEPOOL_OTPM],
                                       ngx_http_ratepool_share(zone, ws->otpm),
-                                      ctx->output_cost, sh->reserved_output,
+                                      ctx->output_cost, sh->lim.reserved_output,
                                       now_ms);
 
     if (wait_in || wait_out) {
@@ -466,15 +466,15 @@ ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
     ctx->limited_what = "requests";
     ctx->limited_limit = ws->rpm;
 
-    wait_rpm = ratepool_bucket_wait_ms(&sh->rpm_bucket,
+    wait_rpm = ratepool_bucket_wait_ms(&sh->lim.bucket[RATEPOOL_RPM],
                                        ngx_http_ratepool_share(zone, ws->rpm),
                                        1, now_ms);
 
     /* other gateways used the workspace's room, as Redis said */
     if (ngx_http_ratepool_busy(sh, now_ms)
-        && sh->busy_until_ms > now_ms + wait_rpm)
+        && sh->lim.busy_until_ms > now_ms + wait_rpm)
     {
-        wait_rpm = sh->busy_until_ms - now_ms;
+        wait_rpm = sh->lim.busy_until_ms - now_ms;
     }
 
     return wait_rpm;
@@ -528,15 +528,15 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     }
 
     /* there is a request in the bucket: the wait above says so */
-    (void) ratepool_bucket_take(&sh->rpm_bucket,
+    (void) ratepool_bucket_take(&sh->lim.bucket[RATEPOOL_RPM],
                                 ngx_http_ratepool_share(ctx->pool->zone,
                                                         ws->rpm),
                                 1, now_ms, &taken_ms);
 
     rc = NGX_OK;
     sh->admitted++;
-    sh->reserved_input += ctx->input_cost;
-    sh->reserved_output += ctx->output_cost;
+    sh->lim.reserved_input += ctx->input_cost;
+    sh->lim.reserved_output += ctx->output_cost;
     ctx->ws_reserved = 1;
 
 done:
@@ -632,14 +632,15 @@ ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_shmtx_lock(&shpool->mutex);
 
     if (ctx->ws_reserved) {
-        sh->reserved_input -= ngx_min(ctx->input_cost, sh->reserved_input);
-        sh->reserved_output -= ngx_min(ctx->output_cost,
-                                       sh->reserved_output);
+        sh->lim.reserved_input -= ngx_min(ctx->input_cost,
+                                          sh->lim.reserved_input);
+        sh->lim.reserved_output -= ngx_min(ctx->output_cost,
+                                           sh->lim.reserved_output);
     }
 
     if (request) {
         if (ws->rpm) {
-            ratepool_bucket_put(&sh->rpm_bucket, ws->rpm, 1);
+            ratepool_bucket_put(&sh->lim.bucket[RATEPOOL_RPM], ws->rpm, 1);
         }
 
         sh->admitted--;

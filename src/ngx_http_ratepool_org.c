@@ -26,6 +26,7 @@ void
 ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     ratepool_bucket_t **bucket, uint64_t *limit)
 {
+    ngx_uint_t                   d;
     ngx_http_ratepool_org_sh_t  *osh;
 
     osh = org->sh;
@@ -35,31 +36,32 @@ ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
      * shared store is down, this gateway has its share of it.
      */
 
-    bucket[0] = &osh->rpm_bucket;
-    limit[0] = osh->requests.limit ? osh->requests.limit : org->rpm;
-
-    bucket[1] = &osh->itpm_bucket;
-    limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit : org->itpm;
-
-    bucket[2] = &osh->otpm_bucket;
-    limit[2] = osh->output_tokens.limit ? osh->output_tokens.limit
-                                        : org->otpm;
+    limit[RATEPOOL_RPM] = osh->requests.limit ? osh->requests.limit
+                                              : org->rpm;
 
     if (org->combined) {
-        limit[1] = osh->input_tokens.limit ? osh->input_tokens.limit
-                                           : org->tpm;
-        limit[2] = 0;
+        limit[RATEPOOL_ITPM] = osh->input_tokens.limit
+                               ? osh->input_tokens.limit : org->tpm;
+        limit[RATEPOOL_OTPM] = 0;
+
+    } else {
+        limit[RATEPOOL_ITPM] = osh->input_tokens.limit
+                               ? osh->input_tokens.limit : org->itpm;
+        limit[RATEPOOL_OTPM] = osh->output_tokens.limit
+                               ? osh->output_tokens.limit : org->otpm;
     }
 
-    limit[0] = ngx_http_ratepool_share(org->zone, limit[0]);
-    limit[1] = ngx_http_ratepool_share(org->zone, limit[1]);
-    limit[2] = ngx_http_ratepool_share(org->zone, limit[2]);
+    for (d = 0; d < RATEPOOL_DIMS; d++) {
+        bucket[d] = &osh->lim.bucket[d];
+        limit[d] = ngx_http_ratepool_share(org->zone, limit[d]);
+    }
 }
 
 
 /*
  * What input and output tokens weigh in the org's token buckets: where
- * one limit counts both, they all go to the first.
+ * one limit counts both, they all go to the first.  The request's own
+ * weight (RATEPOOL_RPM) is the caller's.
  */
 
 void
@@ -67,12 +69,11 @@ ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org, uint64_t input,
     uint64_t output, uint64_t *tokens)
 {
     if (org->combined) {
-        tokens[1] = input + output;
-        tokens[2] = 0;
+        tokens[RATEPOOL_ITPM] = input + output;
+        tokens[RATEPOOL_OTPM] = 0;
 
     } else {
-        tokens[1] = input;
-        tokens[2] = output;
+        tokens[RATEPOOL_ITPM] = input;
+        tokens[RATEPOOL_OTPM] = output;
     }
 }
-

@@ -118,8 +118,8 @@ static ngx_http_ratepool_learn_header_t  ngx_http_ratepool_learn_headers[] = {
 /* what one response said, collected before the zone is locked */
 
 typedef struct {
-    uint64_t                        value[3][3];
-    unsigned                        seen[3][3];
+    uint64_t                        value[RATEPOOL_DIMS][3];
+    unsigned                        seen[RATEPOOL_DIMS][3];
     uint64_t                        retry_after_ms;
     unsigned                        has_retry_after:1;
     unsigned                        retry_after_ms_seen:1;
@@ -146,17 +146,18 @@ static void
 ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     ratepool_candidate_t *c)
 {
-    uint64_t                     limit[3], cost[3], reserved[3], wait_ms,
-                                 level, permille;
+    uint64_t                     limit[RATEPOOL_DIMS], cost[RATEPOOL_DIMS],
+                                 reserved[RATEPOOL_DIMS], wait_ms, level,
+                                 permille;
     ngx_uint_t                   i, b, dialect, same;
-    ratepool_bucket_t           *bucket[3];
+    ratepool_bucket_t           *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t     *org;
     ngx_http_ratepool_key_t     *keys;
     ngx_http_ratepool_org_sh_t  *osh;
 
     keys = ctx->pool->keys->elts;
 
-    cost[0] = 1;
+    cost[RATEPOOL_RPM] = 1;
 
     /*
      * A request goes to keys of its client's dialect (and a later try to
@@ -183,9 +184,9 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
                                     cost);
 
-        reserved[0] = 0;
-        ngx_http_ratepool_org_split(org, osh->reserved_input,
-                                    osh->reserved_output, reserved);
+        reserved[RATEPOOL_RPM] = 0;
+        ngx_http_ratepool_org_split(org, osh->lim.reserved_input,
+                                    osh->lim.reserved_output, reserved);
 
         /* a key whose org spent its money is of no use until it resets */
         c[i].usable = (keys[i].sh->dead_status == 0
@@ -204,7 +205,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
             c[i].usable = 0;
         }
         if (ngx_http_ratepool_busy(osh, now_ms)) {
-            c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->busy_until_ms);
+            c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->lim.busy_until_ms);
         }
 
         /*
@@ -215,7 +216,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 
         c[i].headroom_permille = 1000;
 
-        for (b = 0; b < 3; b++) {
+        for (b = 0; b < RATEPOOL_DIMS; b++) {
             if (limit[b] == 0) {
                 continue;
             }
@@ -236,7 +237,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
             }
         }
 
-        if (limit[0] == 0 && limit[1] == 0 && limit[2] == 0) {
+        if (ratepool_dims_zero(limit)) {
             /*
              * Nothing is known of this org until its first answer: it is
              * tried with one request, and ranks last while that runs.
@@ -307,10 +308,10 @@ ngx_http_ratepool_key_t *
 ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 {
     long                        i;
-    uint64_t                    now_ms, wait_ms, limits[3];
+    uint64_t                    now_ms, wait_ms, limits[RATEPOOL_DIMS];
     ngx_uint_t                  n, k;
     ngx_slab_pool_t            *shpool;
-    ratepool_bucket_t          *bucket[3];
+    ratepool_bucket_t          *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t    *org;
     ngx_http_ratepool_key_t    *keys, *key;
     ratepool_candidate_t        c[RATEPOOL_KEYS_MAX];
@@ -345,9 +346,10 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     org = ngx_http_ratepool_ctx_org(ctx, key);
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
-    (void) ratepool_bucket_take(bucket[0], limits[0], 1, now_ms, &wait_ms);
-    org->sh->reserved_input += ctx->input_cost;
-    org->sh->reserved_output += ctx->output_cost;
+    (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM], 1,
+                                now_ms, &wait_ms);
+    org->sh->lim.reserved_input += ctx->input_cost;
+    org->sh->lim.reserved_output += ctx->output_cost;
     org->sh->inflight++;
     key->sh->inflight++;
     (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
@@ -421,10 +423,10 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     k->sh->inflight--;
     org->sh->inflight--;
-    org->sh->reserved_input -= ngx_min(ctx->input_cost,
-                                       org->sh->reserved_input);
-    org->sh->reserved_output -= ngx_min(ctx->output_cost,
-                                        org->sh->reserved_output);
+    org->sh->lim.reserved_input -= ngx_min(ctx->input_cost,
+                                       org->sh->lim.reserved_input);
+    org->sh->lim.reserved_output -= ngx_min(ctx->output_cost,
+                                        org->sh->lim.reserved_output);
 
     if (failed) {
         k->sh->failed++;
@@ -578,16 +580,9 @@ static void
 ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a, ngx_uint_t set,
     ngx_uint_t field, uint64_t value)
 {
-    uint64_t  *v;
-
-    v = &a->value[set][field];
-
-    if (!a->seen[set][field]
-        || (field == RATEPOOL_LEARN_RESET ? value > *v : value < *v))
-    {
-        *v = value;
-    }
-
+    a->value[set][field] = ratepool_tighter(field == RATEPOOL_LEARN_RESET,
+                                            a->seen[set][field],
+                                            a->value[set][field], value);
     a->seen[set][field] = 1;
 }
 
@@ -602,11 +597,12 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h)
 {
     ngx_tm_t                      tm;
-    int64_t                       remaining[3];
-    uint64_t                      now_ms, floor_ms, limit, limits[3],
-                                  seen[3], cost[3], cooldown_ms;
+    int64_t                       remaining[RATEPOOL_DIMS];
+    uint64_t                      now_ms, floor_ms, limit, cooldown_ms,
+                                  limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS],
+                                  cost[RATEPOOL_DIMS];
     ngx_uint_t                    status, set, shared;
-    ratepool_bucket_t            *bucket[3];
+    ratepool_bucket_t            *bucket[RATEPOOL_DIMS];
     ngx_slab_pool_t              *shpool;
     ngx_http_request_t           *r;
     ngx_http_ratepool_org_t      *org;
@@ -634,7 +630,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     shared = 0;
 
-    for (set = 0; set < 3; set++) {
+    for (set = 0; set < RATEPOOL_DIMS; set++) {
         learned = &osh->requests + set;
         seen[set] = 0;
 
@@ -659,7 +655,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost, cost);
-    limit = limits[0];
+    limit = limits[RATEPOOL_RPM];
 
     /*
      * What the provider has left counts this request's input already,
@@ -667,7 +663,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
      * much it was: until then, its estimate is left out of both.
      */
 
-    for (set = 0; set < 3; set++) {
+    for (set = 0; set < RATEPOOL_DIMS; set++) {
         remaining[set] = -1;
 
         if (limits[set] == 0 || !a.seen[set][RATEPOOL_LEARN_REMAINING]) {
@@ -676,7 +672,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
         ratepool_bucket_clamp(bucket[set], limits[set],
                               a.value[set][RATEPOOL_LEARN_REMAINING]
-                              + (set == 1 ? cost[1] : 0),
+                              + (set == RATEPOOL_ITPM ? cost[RATEPOOL_ITPM]
+                                                      : 0),
                               now_ms);
 
         /*
@@ -685,7 +682,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
          * others use the org too.
          */
 
-        if (ratepool_bucket_level(&osh->shared_left[set], limits[set], now_ms)
+        if (ratepool_bucket_level(&osh->lim.shared_left[set], limits[set],
+                                  now_ms)
             > a.value[set][RATEPOOL_LEARN_REMAINING] + limits[set] / 10)
         {
             remaining[set] = (int64_t) a.value[set][RATEPOOL_LEARN_REMAINING];
@@ -724,7 +722,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
         /* the provider has nothing left for this org until then */
         if (limit) {
-            ratepool_bucket_clamp(&osh->rpm_bucket, limit, 0, now_ms);
+            ratepool_bucket_clamp(&osh->lim.bucket[RATEPOOL_RPM], limit, 0,
+                                  now_ms);
         }
 
     } else if (status == 529 || status == NGX_HTTP_SERVICE_UNAVAILABLE) {
@@ -846,10 +845,11 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage)
 {
     time_t                          now;
-    uint64_t                        total, now_ms, limits[3], tokens[3];
+    uint64_t                        total, now_ms, limits[RATEPOOL_DIMS],
+                                    tokens[RATEPOOL_DIMS];
     ngx_uint_t                      i;
     ngx_slab_pool_t                *shpool;
-    ratepool_bucket_t              *bucket[3];
+    ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t        *org;
     uint64_t                        counted;
     ngx_http_ratepool_tokens_t     *used[3], add;
@@ -899,14 +899,16 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_http_ratepool_org_split(org, counted, add.output, tokens);
 
-    ratepool_bucket_debit(bucket[1], limits[1], tokens[1], now_ms);
-    ratepool_bucket_debit(bucket[2], limits[2], tokens[2], now_ms);
+    ratepool_bucket_debit(bucket[RATEPOOL_ITPM], limits[RATEPOOL_ITPM],
+                          tokens[RATEPOOL_ITPM], now_ms);
+    ratepool_bucket_debit(bucket[RATEPOOL_OTPM], limits[RATEPOOL_OTPM],
+                          tokens[RATEPOOL_OTPM], now_ms);
 
     if (ctx->workspace) {
         ws = ctx->workspace;
 
-        ratepool_bucket_debit(&ws->sh->itpm_bucket, ws->itpm, counted,
-                              now_ms);
+        ratepool_bucket_debit(&ws->sh->lim.bucket[RATEPOOL_ITPM], ws->itpm,
+                              counted, now_ms);
 
         if (usage->seen & RATEPOOL_USAGE_INPUT) {
             ws->sh->input_rate = ratepool_estimate_learn(ws->sh->input_rate,
@@ -914,8 +916,8 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
                                                          counted);
         }
 
-        ratepool_bucket_debit(&ws->sh->otpm_bucket, ws->otpm, add.output,
-                              now_ms);
+        ratepool_bucket_debit(&ws->sh->lim.bucket[RATEPOOL_OTPM], ws->otpm,
+                              add.output, now_ms);
 
         /* budgets count every token billed, cached or not */
         total = add.input + add.output + add.cache_read + add.cache_creation;

@@ -20,7 +20,7 @@
 
 /* changes whenever a shared structure does, so a reload cannot mix them */
 #define RATEPOOL_SHM_LAYOUT                                                   \
-    (1 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
+    (2 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
      + (sizeof(ngx_http_ratepool_org_sh_t) << 12)                             \
      + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
      + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28)                       \

@@ -71,12 +71,12 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 {
     u_char                              *p;
     size_t                               size;
-    uint64_t                             now_ms, limits[3];
+    uint64_t                             now_ms, limits[RATEPOOL_DIMS];
     ngx_int_t                            rc;
     ngx_str_t                            format;
-    ratepool_bucket_t                   *bucket[3];
+    ratepool_bucket_t                   *bucket[RATEPOOL_DIMS];
     ngx_buf_t                           *b;
-    ngx_uint_t                           i, prometheus;
+    ngx_uint_t                           i, d, prometheus;
     ngx_http_ratepool_zone_t            *zone;
     ngx_http_ratepool_pool_t           **pools;
     ngx_http_ratepool_workspace_t       *ws;
@@ -158,12 +158,13 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     p = ngx_cpymem(p, "],\"workspaces\":[", sizeof("],\"workspaces\":[") - 1);
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
-        bucket[0] = &ws[i].sh->rpm_bucket;
-        bucket[1] = &ws[i].sh->itpm_bucket;
-        bucket[2] = &ws[i].sh->otpm_bucket;
-        limits[0] = ws[i].rpm;
-        limits[1] = ws[i].itpm;
-        limits[2] = ws[i].otpm;
+        for (d = 0; d < RATEPOOL_DIMS; d++) {
+            bucket[d] = &ws[i].sh->lim.bucket[d];
+        }
+
+        limits[RATEPOOL_RPM] = ws[i].rpm;
+        limits[RATEPOOL_ITPM] = ws[i].itpm;
+        limits[RATEPOOL_OTPM] = ws[i].otpm;
 
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",", i ? "," : "",
                         &ws[i].name);
@@ -171,7 +172,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
         p = ngx_sprintf(p, "\"reserved_input_tokens\":%uL,"
                         "\"reserved_output_tokens\":%uL,"
                         "\"input_bytes_per_token\":%uL,",
-                        ws[i].sh->reserved_input, ws[i].sh->reserved_output,
+                        ws[i].sh->lim.reserved_input,
+                        ws[i].sh->lim.reserved_output,
                         (uint64_t) 1024 * 1000
                         / ratepool_estimate_input(1024 * 1000,
                                                   ws[i].sh->input_rate));
@@ -303,9 +305,9 @@ static u_char *
 ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
-    uint64_t                     limits[3], cooldown_ms, refused_ms,
+    uint64_t                     limits[RATEPOOL_DIMS], cooldown_ms, refused_ms,
                                  oldest_ms, tpm;
-    ratepool_bucket_t           *bucket[3];
+    ratepool_bucket_t           *bucket[RATEPOOL_DIMS];
     ngx_uint_t                   j;
     const char                  *state;
     ngx_http_ratepool_org_t     *orgs, *org;
@@ -350,14 +352,14 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         tpm = 0;
 
         if (org->combined) {
-            tpm = limits[1];
-            limits[1] = 0;
+            tpm = limits[RATEPOOL_ITPM];
+            limits[RATEPOOL_ITPM] = 0;
         }
 
         p = ngx_http_ratepool_status_buckets(p, bucket, limits, now_ms);
         p = ngx_sprintf(p, "\"tpm_limit\":%uL,\"tpm_available\":%uL,",
-                        tpm, tpm ? ratepool_bucket_level(bucket[1], tpm,
-                                                         now_ms)
+                        tpm, tpm ? ratepool_bucket_level(bucket[RATEPOOL_ITPM],
+                                                         tpm, now_ms)
                                  : 0);
         p = ngx_sprintf(p, "\"spent_until\":%T,", osh->spent_until_ms > now_ms
                                                   ? osh->spent_until : 0);
@@ -366,8 +368,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         "\"reserved_output_tokens\":%uL,\"learned\":{",
                         ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                        now_ms),
-                        osh->inflight, osh->reserved_input,
-                        osh->reserved_output);
+                        osh->inflight, osh->lim.reserved_input,
+                        osh->lim.reserved_output);
 
         p = ngx_http_ratepool_status_learned(p, "requests", &osh->requests,
                                              ngx_time());
@@ -408,9 +410,12 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         } else if (cooldown_ms) {
             state = "cooling";
 
-        } else if (ratepool_bucket_wait_ms(bucket[0], limits[0], 1, now_ms)
-                   || ratepool_bucket_wait_ms(bucket[1], limits[1], 1, now_ms)
-                   || ratepool_bucket_wait_ms(bucket[2], limits[2], 1, now_ms))
+        } else if (ratepool_bucket_wait_ms(bucket[RATEPOOL_RPM],
+                                           limits[RATEPOOL_RPM], 1, now_ms)
+                   || ratepool_bucket_wait_ms(bucket[RATEPOOL_ITPM],
+                                              limits[RATEPOOL_ITPM], 1, now_ms)
+                   || ratepool_bucket_wait_ms(bucket[RATEPOOL_OTPM],
+                                              limits[RATEPOOL_OTPM], 1, now_ms))
         {
             /* an unknown limit (0) never waits */
             state = "limited";
@@ -475,7 +480,7 @@ ngx_http_ratepool_status_buckets(u_char *p, ratepool_bucket_t **bucket,
 
     static const char  *names[] = { "rpm", "itpm", "otpm" };
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         p = ngx_sprintf(p, "\"%s_limit\":%uL,\"%s_available\":%uL,",
                         names[i], limits[i], names[i],
                         limits[i] ? ratepool_bucket_level(bucket[i], limits[i],
@@ -536,9 +541,10 @@ static u_char *
 ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     uint64_t now_ms)
 {
-    uint64_t                         v, limits[3], reserved[3];
+    uint64_t                         v, limits[RATEPOOL_DIMS],
+                                     reserved[RATEPOOL_DIMS];
     ngx_uint_t                       i, j, k, f;
-    ratepool_bucket_t               *bucket[3];
+    ratepool_bucket_t               *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t         *orgs;
     ngx_http_ratepool_key_t         *keys;
     ngx_http_ratepool_key_sh_t      *ksh;
@@ -705,12 +711,12 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
             for (j = 0; j < pools[i]->orgs->nelts; j++) {
                 ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
                 ngx_http_ratepool_org_split(&orgs[j],
-                                            orgs[j].sh->reserved_input,
-                                            orgs[j].sh->reserved_output,
+                                            orgs[j].sh->lim.reserved_input,
+                                            orgs[j].sh->lim.reserved_output,
                                             reserved);
 
                 /* requests are not reserved, tokens are */
-                for (k = (f == 2); k < 3; k++) {
+                for (k = (f == 2); k < RATEPOOL_DIMS; k++) {
                     v = limits[k];
 
                     if (f == 1 && v) {

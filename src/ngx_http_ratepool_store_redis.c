@@ -71,7 +71,7 @@ typedef struct {
     ngx_queue_t                     queue;      /* while there are some */
     ngx_http_ratepool_workspace_t  *workspace;
     ngx_http_ratepool_org_t        *org;
-    int64_t                         delta[3];
+    int64_t                         delta[RATEPOOL_DIMS];
     uint64_t                        tokens;     /* toward budgets */
     unsigned                        dirty:1;
 } ngx_http_ratepool_entry_ledger_t;
@@ -294,9 +294,9 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
     ngx_http_ratepool_org_t *org, const char *op)
 {
     time_t              now;
-    uint64_t            limits[3];
+    uint64_t            limits[RATEPOOL_DIMS];
     ngx_uint_t          i;
-    ratepool_bucket_t  *bucket[3];
+    ratepool_bucket_t  *bucket[RATEPOOL_DIMS];
 
     call->n = 0;
     call->p = call->buf;
@@ -327,15 +327,13 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
     ngx_http_ratepool_call_int(call,
                           ratepool_budget_period(RATEPOOL_BUDGET_MONTH, now));
 
-    limits[0] = 0;
-    limits[1] = 0;
-    limits[2] = 0;
+    ngx_memzero(limits, sizeof(limits));
 
     if (org) {
         ngx_http_ratepool_org_buckets(org, bucket, limits);
     }
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         ngx_http_ratepool_call_int(call, (int64_t) limits[i]);
     }
 
@@ -345,95 +343,65 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
 
 /*
  * A lease is capacity taken in Redis along with a request, for the
- * gateway's next requests: a block of each limit, so small that all the
- * live gateways (and one more, yet to beat) together lease at most a
- * quarter of a bucket.  Redis grants it only while the bucket stays over
- * half full, so near a limit every request asks, and limits hold exactly.
+ * gateway's next requests (ratepool_lease_blocks()).  Redis grants it
+ * only while the bucket stays over half full, so near a limit every
+ * request asks, and limits hold exactly.
  */
 
 static void
 ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *block)
 {
-    uint64_t                        n, now_ms, limits[3], cost[6],
-                                   *lease[2], *asked[2];
-    ngx_uint_t                      d, k, ask;
+    uint64_t                        now_ms, *lease[2], *asked[2],
+                                    limits[RATEPOOL_LEASE_BLOCKS],
+                                    cost[RATEPOOL_LEASE_BLOCKS];
+    ngx_uint_t                      k, d, ask;
     ngx_slab_pool_t                *shpool;
-    ratepool_bucket_t              *bucket[3];
+    ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_workspace_t  *ws;
 
     ws = ctx->workspace;
-    n = 4 * (ngx_max(ctx->pool->zone->sh->gateways, 1) + 1);
     now_ms = ngx_http_ratepool_now_ms();
     shpool = ctx->pool->zone->shpool;
 
+    limits[RATEPOOL_RPM] = ws->rpm;
+    limits[RATEPOOL_ITPM] = ws->itpm;
+    limits[RATEPOOL_OTPM] = ws->otpm;
+
+    cost[RATEPOOL_RPM] = 1;
+    cost[RATEPOOL_ITPM] = ctx->input_cost;
+    cost[RATEPOOL_OTPM] = ctx->output_cost;
+    cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
+    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
+                                &cost[RATEPOOL_DIMS]);
+
     ngx_shmtx_lock(&shpool->mutex);
 
-    ngx_http_ratepool_org_buckets(org, bucket, limits);
+    ngx_http_ratepool_org_buckets(org, bucket, &limits[RATEPOOL_DIMS]);
 
-    block[0] = ws->rpm / n;
-    block[1] = ws->itpm / n;
-    block[2] = ws->otpm / n;
-    block[3] = limits[0] / n;
-    block[4] = limits[1] / n;
-    block[5] = limits[2] / n;
-
-    cost[0] = 1;
-    cost[1] = ctx->input_cost;
-    cost[2] = ctx->output_cost;
-    cost[3] = 1;
-    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
-                                &cost[3]);
-
-    /* a block that would not hold this request is no use */
-    for (d = 0; d < 6; d++) {
-        if (block[d] && block[d] < cost[d]) {
-            block[d] = 0;
-        }
-    }
-
-    /* a lease missing a limited dimension would never be used */
-
-    for (k = 0; k < 2; k++) {
-        for (d = 0; d < 3; d++) {
-            if (block[3 * k + d] == 0
-                && (k == 0 ? (d == 0 ? ws->rpm : d == 1 ? ws->itpm : ws->otpm)
-                           : limits[d]))
-            {
-                block[3 * k] = 0;
-                block[3 * k + 1] = 0;
-                block[3 * k + 2] = 0;
-                break;
-            }
-        }
-    }
+    ratepool_lease_blocks(limits, cost, ctx->pool->zone->sh->gateways, block);
 
     /*
      * One lease at a time, and none while one is held: a burst must not
      * gather blocks it cannot use before they expire.
      */
 
-    lease[0] = ws->sh->lease;
-    lease[1] = org->sh->lease;
-    asked[0] = &ws->sh->lease_asked_ms;
-    asked[1] = &org->sh->lease_asked_ms;
+    lease[0] = ws->sh->lim.lease;
+    lease[1] = org->sh->lim.lease;
+    asked[0] = &ws->sh->lim.lease_asked_ms;
+    asked[1] = &org->sh->lim.lease_asked_ms;
 
     for (k = 0; k < 2; k++) {
-        ask = (*asked[k] == 0
-               || now_ms - *asked[k] > RATEPOOL_SHARED_ASK_MS);
-
-        for (d = 0; d < 3; d++) {
-            if (lease[k][d]) {
-                ask = 0;
-            }
-        }
+        ask = ((*asked[k] == 0
+                || now_ms - *asked[k] > RATEPOOL_SHARED_ASK_MS)
+               && ratepool_dims_zero(lease[k]));
 
         if (!ask) {
-            block[3 * k] = 0;
-            block[3 * k + 1] = 0;
-            block[3 * k + 2] = 0;
+            for (d = 0; d < RATEPOOL_DIMS; d++) {
+                block[RATEPOOL_DIMS * k + d] = 0;
+            }
 
-        } else if (block[3 * k] || block[3 * k + 1] || block[3 * k + 2]) {
+        } else if (!ratepool_dims_zero(&block[RATEPOOL_DIMS * k])) {
             *asked[k] = now_ms;
         }
     }
@@ -452,7 +420,7 @@ ngx_http_ratepool_lease_expire(ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
     uint64_t *lease, uint64_t until_ms, uint64_t now_ms)
 {
-    if (lease[0] == 0 && lease[1] == 0 && lease[2] == 0) {
+    if (ratepool_dims_zero(lease)) {
         return 0;
     }
 
@@ -461,12 +429,11 @@ ngx_http_ratepool_lease_expire(ngx_http_ratepool_main_conf_t *rmcf,
         return 1;
     }
 
-    ngx_http_ratepool_ledger_add(rmcf, ws, org, -(int64_t) lease[0],
-                                 -(int64_t) lease[1], -(int64_t) lease[2],
-                                 0);
-    lease[0] = 0;
-    lease[1] = 0;
-    lease[2] = 0;
+    ngx_http_ratepool_ledger_add(rmcf, ws, org,
+                                 -(int64_t) lease[RATEPOOL_RPM],
+                                 -(int64_t) lease[RATEPOOL_ITPM],
+                                 -(int64_t) lease[RATEPOOL_OTPM], 0);
+    ngx_memzero(lease, RATEPOOL_DIMS * sizeof(uint64_t));
 
     return 0;
 }
@@ -483,16 +450,18 @@ static ngx_int_t
 ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org)
 {
-    uint64_t                           now_ms, limits[3], ws_limits[3],
-                                       ws_cost[3], org_cost[3];
+    int                                held[2];
+    uint64_t                           now_ms,
+                                       limits[RATEPOOL_LEASE_BLOCKS],
+                                       cost[RATEPOOL_LEASE_BLOCKS];
     ngx_int_t                          rc;
-    ngx_uint_t                         d, k, leased;
-    ratepool_bucket_t                 *bucket[3];
+    ngx_uint_t                         k;
+    ratepool_bucket_t                 *bucket[RATEPOOL_DIMS];
     ngx_slab_pool_t                   *shpool;
     ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_org_sh_t        *osh;
     ngx_http_ratepool_workspace_sh_t  *wsh;
-    uint64_t                          *limit[2], *lease[2], *cost[2];
+    uint64_t                          *lease[2];
 
     ws = ctx->workspace;
     wsh = ws->sh;
@@ -500,51 +469,41 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
-    ws_cost[0] = 1;
-    ws_cost[1] = ctx->input_cost;
-    ws_cost[2] = ctx->output_cost;
-    org_cost[0] = 1;
-    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
-                                org_cost);
+    limits[RATEPOOL_RPM] = ws->rpm;
+    limits[RATEPOOL_ITPM] = ws->itpm;
+    limits[RATEPOOL_OTPM] = ws->otpm;
 
-    ws_limits[0] = ws->rpm;
-    ws_limits[1] = ws->itpm;
-    ws_limits[2] = ws->otpm;
+    cost[RATEPOOL_RPM] = 1;
+    cost[RATEPOOL_ITPM] = ctx->input_cost;
+    cost[RATEPOOL_OTPM] = ctx->output_cost;
+    cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
+    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
+                                &cost[RATEPOOL_DIMS]);
+
+    lease[0] = wsh->lim.lease;
+    lease[1] = osh->lim.lease;
 
     rc = NGX_OK;
-    leased = 0;
 
     ngx_shmtx_lock(&shpool->mutex);
 
     /* a lease is used even late: Redis counted it when it was granted */
 
-    ngx_http_ratepool_org_buckets(org, bucket, limits);
-
-    limit[0] = ws_limits;
-    limit[1] = limits;
-    lease[0] = wsh->lease;
-    lease[1] = osh->lease;
-    cost[0] = ws_cost;
-    cost[1] = org_cost;
+    ngx_http_ratepool_org_buckets(org, bucket, &limits[RATEPOOL_DIMS]);
 
     for (k = 0; k < 2; k++) {
-        for (d = 0; d < 3; d++) {
-            if (limit[k][d] == 0) {
-                continue;
-            }
+        held[k] = ratepool_lease_holds(&limits[RATEPOOL_DIMS * k], lease[k],
+                                       &cost[RATEPOOL_DIMS * k]);
 
-            if (lease[k][d] < cost[k][d]) {
-                rc = NGX_DECLINED;
-                goto done;
-            }
-
-            leased |= (1 << k);
+        if (held[k] < 0) {
+            rc = NGX_DECLINED;
+            goto done;
         }
     }
 
-    if (!(leased & 2)
-        && (osh->shared_seen_ms == 0
-            || now_ms - osh->shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
+    if (held[1] == 0
+        && (osh->lim.shared_seen_ms == 0
+            || now_ms - osh->lim.shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
     {
         rc = NGX_DECLINED;
         goto done;
@@ -552,19 +511,16 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
 
     /* budgets are the fleet's: what Redis last said of them must be new */
     if ((ws->daily_tokens || ws->monthly_tokens)
-        && (wsh->shared_seen_ms == 0
-            || now_ms - wsh->shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
+        && (wsh->lim.shared_seen_ms == 0
+            || now_ms - wsh->lim.shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
     {
         rc = NGX_DECLINED;
         goto done;
     }
 
     for (k = 0; k < 2; k++) {
-        for (d = 0; d < 3; d++) {
-            if (limit[k][d]) {
-                lease[k][d] -= cost[k][d];
-            }
-        }
+        ratepool_lease_take(&limits[RATEPOOL_DIMS * k], lease[k],
+                            &cost[RATEPOOL_DIMS * k]);
     }
 
 done:
@@ -812,20 +768,20 @@ ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx)
 
     ngx_shmtx_lock(&shpool->mutex);
 
-    for (d = 0; d < 3; d++) {
-        wsh->lease[d] += block[d];
-        osh->lease[d] += block[3 + d];
+    for (d = 0; d < RATEPOOL_DIMS; d++) {
+        wsh->lim.lease[d] += block[d];
+        osh->lim.lease[d] += block[RATEPOOL_DIMS + d];
     }
 
-    wsh->lease_asked_ms = 0;
-    osh->lease_asked_ms = 0;
+    wsh->lim.lease_asked_ms = 0;
+    osh->lim.lease_asked_ms = 0;
 
-    if (block[0] || block[1] || block[2]) {
-        wsh->lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
+    if (!ratepool_dims_zero(block)) {
+        wsh->lim.lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
     }
 
-    if (block[3] || block[4] || block[5]) {
-        osh->lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
+    if (!ratepool_dims_zero(&block[RATEPOOL_DIMS])) {
+        osh->lim.lease_until_ms = now_ms + RATEPOOL_SHARED_LEASE_MS;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -889,10 +845,11 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
 {
     time_t                             now;
     uint64_t                           now_ms, ms, mask, used, n,
-                                       limits[3], ws_limits[3];
+                                       limits[RATEPOOL_DIMS],
+                                       ws_limits[RATEPOOL_DIMS];
     ngx_uint_t                         i;
     ngx_slab_pool_t                   *shpool;
-    ratepool_bucket_t                 *bucket[3];
+    ratepool_bucket_t                 *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_sh_t        *osh;
     ngx_http_ratepool_learned_t       *learned;
     ngx_http_ratepool_workspace_sh_t  *wsh;
@@ -919,7 +876,7 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
                                                   RATEPOOL_COOLDOWN_MAX_MS));
     }
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         learned = &osh->requests + i;
         n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_LEARNED + i);
 
@@ -932,17 +889,17 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_ORG_LEFT + i);
-        ratepool_bucket_init(&osh->shared_left[i], limits[i], now_ms);
-        ratepool_bucket_clamp(&osh->shared_left[i], limits[i], n, now_ms);
+        ratepool_bucket_init(&osh->lim.shared_left[i], limits[i], now_ms);
+        ratepool_bucket_clamp(&osh->lim.shared_left[i], limits[i], n, now_ms);
     }
 
-    osh->shared_seen_ms = now_ms;
+    osh->lim.shared_seen_ms = now_ms;
 
     if (mask & RATEPOOL_DENY_ORG) {
-        osh->busy_until_ms = now_ms + ms;
-        osh->busy_seen_ms = now_ms;
+        osh->lim.busy_until_ms = now_ms + ms;
+        osh->lim.busy_seen_ms = now_ms;
     }
 
 workspace:
@@ -970,21 +927,22 @@ workspace:
                                                         now);
     }
 
-    ws_limits[0] = ws->rpm;
-    ws_limits[1] = ws->itpm;
-    ws_limits[2] = ws->otpm;
+    ws_limits[RATEPOOL_RPM] = ws->rpm;
+    ws_limits[RATEPOOL_ITPM] = ws->itpm;
+    ws_limits[RATEPOOL_OTPM] = ws->otpm;
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         n = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_WS_LEFT + i);
-        ratepool_bucket_init(&wsh->shared_left[i], ws_limits[i], now_ms);
-        ratepool_bucket_clamp(&wsh->shared_left[i], ws_limits[i], n, now_ms);
+        ratepool_bucket_init(&wsh->lim.shared_left[i], ws_limits[i], now_ms);
+        ratepool_bucket_clamp(&wsh->lim.shared_left[i], ws_limits[i], n,
+                              now_ms);
     }
 
-    wsh->shared_seen_ms = now_ms;
+    wsh->lim.shared_seen_ms = now_ms;
 
     if (mask & RATEPOOL_DENY_WORKSPACE) {
-        wsh->busy_until_ms = now_ms + ms;
-        wsh->busy_seen_ms = now_ms;
+        wsh->lim.busy_until_ms = now_ms + ms;
+        wsh->lim.busy_seen_ms = now_ms;
     }
 
 done:
@@ -1110,9 +1068,9 @@ ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
 
     e->workspace = ws;
     e->org = org;
-    e->delta[0] += requests;
-    e->delta[1] += input;
-    e->delta[2] += output;
+    e->delta[RATEPOOL_RPM] += requests;
+    e->delta[RATEPOOL_ITPM] += input;
+    e->delta[RATEPOOL_OTPM] += output;
     e->tokens += tokens;
 
     if (!e->dirty) {
@@ -1146,8 +1104,8 @@ ngx_http_ratepool_ledger_flush(ngx_event_t *ev)
         e = ngx_queue_data(q, ngx_http_ratepool_entry_ledger_t, queue);
         e->dirty = 0;
 
-        if (e->delta[0] == 0 && e->delta[1] == 0 && e->delta[2] == 0
-            && e->tokens == 0)
+        if (e->delta[RATEPOOL_RPM] == 0 && e->delta[RATEPOOL_ITPM] == 0
+            && e->delta[RATEPOOL_OTPM] == 0 && e->tokens == 0)
         {
             continue;
         }
@@ -1155,7 +1113,7 @@ ngx_http_ratepool_ledger_flush(ngx_event_t *ev)
         ngx_http_ratepool_call_start(&call, rmcf->redis, e->workspace,
                                      e->org, "a");
 
-        for (i = 0; i < 3; i++) {
+        for (i = 0; i < RATEPOOL_DIMS; i++) {
             ngx_http_ratepool_call_int(&call, e->delta[i]);
             e->delta[i] = 0;
         }
@@ -1199,8 +1157,8 @@ static void
 ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t cooldown_ms)
 {
-    uint64_t                        limits[3];
-    ratepool_bucket_t              *bucket[3];
+    uint64_t                        limits[RATEPOOL_DIMS];
+    ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_redis_t      *redis;
     ngx_http_ratepool_call_t        call;
     ngx_http_ratepool_main_conf_t  *rmcf;
@@ -1221,7 +1179,7 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_call_key(&call, rmcf->redis, 'o', &org->entry);
     ngx_http_ratepool_call_str(&call, (u_char *) "c", 1);
     ngx_http_ratepool_call_int(&call, (int64_t) cooldown_ms);
-    ngx_http_ratepool_call_int(&call, (int64_t) limits[0]);
+    ngx_http_ratepool_call_int(&call, (int64_t) limits[RATEPOOL_RPM]);
 
     /* before the 429 reaches anyone who might try another gateway */
     if (ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
@@ -1258,15 +1216,15 @@ ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_call_key(&call, rmcf->redis, 'o', &org->entry);
     ngx_http_ratepool_call_str(&call, (u_char *) "l", 1);
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         ngx_http_ratepool_call_int(&call, (int64_t) seen[i]);
     }
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         ngx_http_ratepool_call_int(&call, (int64_t) limits[i]);
     }
 
-    for (i = 0; i < 3; i++) {
+    for (i = 0; i < RATEPOOL_DIMS; i++) {
         ngx_http_ratepool_call_int(&call, remaining[i]);
     }
 
@@ -1300,8 +1258,8 @@ ngx_http_ratepool_shared_expire(ngx_http_ratepool_main_conf_t *rmcf)
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
         held |= ngx_http_ratepool_lease_expire(rmcf, &ws[i], NULL,
-                                               ws[i].sh->lease,
-                                               ws[i].sh->lease_until_ms,
+                                               ws[i].sh->lim.lease,
+                                               ws[i].sh->lim.lease_until_ms,
                                                now_ms);
     }
 
@@ -1310,9 +1268,9 @@ ngx_http_ratepool_shared_expire(ngx_http_ratepool_main_conf_t *rmcf)
 
         for (j = 0; j < pools[i]->orgs->nelts; j++) {
             held |= ngx_http_ratepool_lease_expire(rmcf, NULL, &orgs[j],
-                                                   orgs[j].sh->lease,
-                                                   orgs[j].sh->lease_until_ms,
-                                                   now_ms);
+                                           orgs[j].sh->lim.lease,
+                                           orgs[j].sh->lim.lease_until_ms,
+                                           now_ms);
         }
     }
 

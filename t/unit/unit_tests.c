@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "ratepool_bucket.h"
+#include "ratepool_limits.h"
 #include "ratepool_pick.h"
 #include "ratepool_parse.h"
 #include "ratepool_dialect.h"
@@ -900,10 +901,82 @@ test_resp(void)
 }
 
 
+static void
+test_lease(void)
+{
+    uint64_t  limits[RATEPOOL_LEASE_BLOCKS], cost[RATEPOOL_LEASE_BLOCKS],
+              block[RATEPOOL_LEASE_BLOCKS], lease[RATEPOOL_DIMS];
+
+    /* a workspace of 120 rpm, 60000 itpm, no otpm; an org of 600 rpm,
+       300000 itpm, 60000 otpm; one live gateway: blocks of 1/8 */
+    uint64_t  ws_org[] = { 120, 60000, 0, 600, 300000, 60000 };
+    uint64_t  small[] = { 1, 1000, 100, 1, 1000, 100 };
+
+    memcpy(limits, ws_org, sizeof(limits));
+    memcpy(cost, small, sizeof(cost));
+
+    ratepool_lease_blocks(limits, cost, 1, block);
+    check(block[RATEPOOL_RPM] == 15 && block[RATEPOOL_ITPM] == 7500
+          && block[RATEPOOL_OTPM] == 0,
+          "a lease block is an eighth of each limit with one gateway, "
+          "none where there is no limit");
+    check(block[RATEPOOL_DIMS + RATEPOOL_RPM] == 75
+          && block[RATEPOOL_DIMS + RATEPOOL_ITPM] == 37500
+          && block[RATEPOOL_DIMS + RATEPOOL_OTPM] == 7500,
+          "the org's blocks are sized from its own limits");
+
+    ratepool_lease_blocks(limits, cost, 3, block);
+    check(block[RATEPOOL_RPM] == 7 && block[RATEPOOL_DIMS + RATEPOOL_RPM] == 37,
+          "more live gateways lease smaller blocks (a sixteenth with 3)");
+
+    ratepool_lease_blocks(limits, cost, 0, block);
+    check(block[RATEPOOL_RPM] == 15,
+          "no gateway counted yet is taken as one");
+
+    cost[RATEPOOL_ITPM] = 8000;
+    ratepool_lease_blocks(limits, cost, 1, block);
+    check(block[RATEPOOL_RPM] == 0 && block[RATEPOOL_ITPM] == 0
+          && block[RATEPOOL_DIMS + RATEPOOL_ITPM] == 37500,
+          "a block too small for the request empties that holder's lease, "
+          "not the other's");
+
+    memset(lease, 0, sizeof(lease));
+    lease[RATEPOOL_RPM] = 2;
+    lease[RATEPOOL_ITPM] = 1500;
+
+    check(ratepool_lease_holds(ws_org, lease, small) == 1,
+          "a lease holds a request that fits every limited dimension");
+
+    ratepool_lease_take(ws_org, lease, small);
+    check(lease[RATEPOOL_RPM] == 1 && lease[RATEPOOL_ITPM] == 500
+          && lease[RATEPOOL_OTPM] == 0,
+          "taking from it leaves the rest, and leaves unlimited ones alone");
+
+    check(ratepool_lease_holds(ws_org, lease, small) == -1,
+          "then it no longer holds the same request");
+
+    memset(limits, 0, sizeof(limits));
+    check(ratepool_lease_holds(limits, lease, small) == 0,
+          "where nothing is limited there is nothing to hold");
+
+    check(!ratepool_dims_zero(lease) && ratepool_dims_zero(limits),
+          "a lease with anything in it is not empty");
+
+    check(ratepool_tighter(0, 0, 0, 500) == 500
+          && ratepool_tighter(0, 1, 500, 200) == 200
+          && ratepool_tighter(0, 1, 200, 500) == 200,
+          "of two limits or remainders the smaller is kept, in any order");
+    check(ratepool_tighter(1, 1, 1000, 2000) == 2000
+          && ratepool_tighter(1, 1, 2000, 1000) == 2000,
+          "of two resets the later is kept");
+}
+
+
 int
 main(void)
 {
     test_bucket();
+    test_lease();
     test_pick();
     test_cooldown();
     test_parse();
