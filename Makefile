@@ -25,7 +25,7 @@ MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS    = src/ratepool_bucket.c src/ratepool_pick.c src/ratepool_parse.c \
                src/ratepool_resp.c \
                src/ratepool_usage.c src/ratepool_budget.c \
-               src/ratepool_request.c
+               src/ratepool_request.c src/ratepool_conversation.c
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config
 
 .PHONY: all deps module unit fuzz test demo bench capacity clean
