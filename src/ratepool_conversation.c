@@ -214,9 +214,10 @@ ratepool_conversation_finish(ratepool_conversation_t *cv)
     h = ratepool_conv_add(h, leading);
 
     cv->prefix_hash = ratepool_conv_mix(h);
-    cv->conversation_hash = ratepool_conv_mix(ratepool_conv_add(h,
-                                                          cv->first_hash));
     cv->has_prefix = (cv->tools_hash || cv->system_hash || leading);
+
+    h = ratepool_conv_add(h, cv->first_hash);
+    cv->conversation_hash = ratepool_conv_mix(h);
 }
 
 
