@@ -21,12 +21,15 @@
 #define RQ_AFTER_VALUE      9
 #define RQ_DONE             10
 #define RQ_ERROR            11  /* not a JSON object: nothing more is read */
+#define RQ_CONV             12  /* a value the conversation scanner reads */
 
 #define RQ_KEY_OTHER        0
 #define RQ_KEY_MODEL        1
 #define RQ_KEY_MAX_TOKENS   2
 #define RQ_KEY_STREAM       3
 #define RQ_KEY_STREAM_OPTS  4
+#define RQ_KEY_CONV         5   /* and on: + RATEPOOL_CONV_*, values the
+                                   conversation scanner reads */
 
 #define RQ_MAX_DIGITS       18
 
@@ -44,13 +47,18 @@ static const ratepool_request_key_t  ratepool_request_keys[] = {
     { "max_output_tokens", RQ_KEY_MAX_TOKENS },
     { "stream", RQ_KEY_STREAM },
     { "stream_options", RQ_KEY_STREAM_OPTS },
+    { "tools", RQ_KEY_CONV + RATEPOOL_CONV_TOOLS },
+    { "system", RQ_KEY_CONV + RATEPOOL_CONV_SYSTEM },
+    { "messages", RQ_KEY_CONV + RATEPOOL_CONV_MESSAGES },
+    { "cache_control", RQ_KEY_CONV + RATEPOOL_CONV_CACHE },
     { NULL, RQ_KEY_OTHER }
 };
 
 
 static int ratepool_request_space(unsigned char c);
 static unsigned ratepool_request_key_id(ratepool_request_t *rq);
-static void ratepool_request_byte(ratepool_request_t *rq, unsigned char c);
+static void ratepool_request_byte(ratepool_request_t *rq, unsigned char c,
+    uint64_t at);
 
 
 /* the body was one JSON object, as far as the scanner looked */
@@ -67,6 +75,7 @@ ratepool_request_init(ratepool_request_t *rq)
 {
     memset(rq, 0, sizeof(ratepool_request_t));
     rq->state = RQ_START;
+    ratepool_conversation_init(&rq->conv);
 }
 
 
@@ -102,14 +111,28 @@ void
 ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
     size_t len)
 {
-    const unsigned char  *end;
+    uint64_t              base;
+    const unsigned char  *start, *end;
 
+    start = p;
     end = p + len;
+    base = rq->offset;
+    rq->offset += len;
 
     while (p < end) {
 
         if (rq->state == RQ_DONE || rq->state == RQ_ERROR) {
             return;
+        }
+
+        if (rq->state == RQ_CONV) {
+            p += ratepool_conversation_feed(&rq->conv, p, end - p);
+
+            if (!rq->conv.in_value) {
+                rq->state = RQ_AFTER_VALUE;
+            }
+
+            continue;
         }
 
         /* the bulk of a body is text of no interest: run through it */
@@ -138,13 +161,16 @@ ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
             }
         }
 
-        ratepool_request_byte(rq, *p++);
+        ratepool_request_byte(rq, *p, base + (p - start));
+        p++;
     }
 }
 
 
+/* c is the byte at body offset "at" */
+
 static void
-ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
+ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
 {
     switch (rq->state) {
 
@@ -166,6 +192,7 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
 
         } else if (c == '}') {
             rq->state = RQ_DONE;
+            ratepool_conversation_finish(&rq->conv);
 
         } else if (!ratepool_request_space(c)) {
             rq->state = RQ_ERROR;
@@ -222,6 +249,20 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
         }
 
         rq->value_bad = 0;
+
+        if (rq->key >= RQ_KEY_CONV
+            && ratepool_conversation_value(&rq->conv, rq->key - RQ_KEY_CONV,
+                                           at, c))
+        {
+            rq->state = RQ_CONV;
+            (void) ratepool_conversation_feed(&rq->conv, &c, 1);
+
+            if (!rq->conv.in_value) {
+                rq->state = RQ_AFTER_VALUE;
+            }
+
+            return;
+        }
 
         if (c == '"') {
             rq->state = RQ_STRING;
@@ -312,7 +353,7 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
         }
 
         rq->state = RQ_AFTER_VALUE;
-        ratepool_request_byte(rq, c);
+        ratepool_request_byte(rq, c, at);
         return;
 
     case RQ_LITERAL:
@@ -321,7 +362,7 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
         }
 
         rq->state = RQ_AFTER_VALUE;
-        ratepool_request_byte(rq, c);
+        ratepool_request_byte(rq, c, at);
         return;
 
     case RQ_NESTED:
@@ -359,6 +400,7 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c)
 
         } else if (c == '}') {
             rq->state = RQ_DONE;
+            ratepool_conversation_finish(&rq->conv);
 
         } else if (!ratepool_request_space(c)) {
             rq->state = RQ_ERROR;

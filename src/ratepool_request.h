@@ -11,38 +11,44 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ratepool_conversation.h"
+
 
 /*
  * Reads what admission needs from a request body as it comes, in pieces
  * split anywhere: the top-level "model", the output cap ("max_tokens",
  * or OpenAI's "max_completion_tokens", "max_output_tokens"), "stream"
- * and whether OpenAI's "stream_options" is there.  Everything nested
- * (messages, tools, system) is skipped without being looked at, so
- * nothing a user wrote can match.
+ * and whether OpenAI's "stream_options" is there.  The values of
+ * "tools", "system", "messages" and "cache_control" go to the
+ * conversation scanner (conv); everything else nested is skipped without
+ * being looked at, so nothing a user wrote can match.
  */
 
 #define RATEPOOL_MODEL_MAX      128
 
 
 typedef struct {
-    unsigned char    model[RATEPOOL_MODEL_MAX];
-    size_t           model_len;         /* 0: none, or not a plain string */
-    uint64_t         max_tokens;
-    unsigned         has_max_tokens:1;
-    unsigned         stream:1;
-    unsigned         stream_options:1;  /* OpenAI's, given by the client */
+    unsigned char            model[RATEPOOL_MODEL_MAX];
+    size_t                   model_len;    /* 0: none, or not a plain
+                                              string */
+    uint64_t                 max_tokens;
+    unsigned                 has_max_tokens:1;
+    unsigned                 stream:1;
+    unsigned                 stream_options:1;  /* OpenAI's, the client's */
+    ratepool_conversation_t  conv;         /* hashes once the body is whole */
 
     /* scanner state */
-    unsigned         state;
-    unsigned         depth;             /* of nested containers skipped */
-    unsigned         in_string:1;
-    unsigned         escape:1;
-    unsigned         value_bad:1;
-    unsigned         key;               /* which top-level key */
-    unsigned         key_len;
-    unsigned char    key_text[24];
-    uint64_t         number;
-    unsigned         digits;
+    unsigned                 state;
+    unsigned                 depth;        /* of nested containers skipped */
+    unsigned                 in_string:1;
+    unsigned                 escape:1;
+    unsigned                 value_bad:1;
+    unsigned                 key;          /* which top-level key */
+    unsigned                 key_len;
+    unsigned char            key_text[24];
+    uint64_t                 number;
+    unsigned                 digits;
+    uint64_t                 offset;       /* of the next byte fed */
 } ratepool_request_t;
 
 

@@ -15,6 +15,7 @@
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"
+#include "ratepool_conversation.h"
 #include "ratepool_resp.h"
 
 
@@ -670,6 +671,550 @@ test_request(void)
     }
 }
 
+/*
+ * Conversation bodies are written with ' for " to stay readable.  Each
+ * is read whole, byte by byte, split in two at every byte and in three
+ * at a sample of pairs of bytes, and must read the same every way.
+ */
+
+static char  conv_body[4096];
+
+
+static int
+conv_same(const ratepool_request_t *a, const ratepool_request_t *b)
+{
+    return a->conv.valid == b->conv.valid
+           && a->conv.prefix_hash == b->conv.prefix_hash
+           && a->conv.conversation_hash == b->conv.conversation_hash
+           && a->conv.has_prefix == b->conv.has_prefix
+           && a->conv.cache_control == b->conv.cache_control
+           && a->conv.ttl_1h == b->conv.ttl_1h
+           && a->conv.last_message_at == b->conv.last_message_at
+           && a->model_len == b->model_len
+           && memcmp(a->model, b->model, a->model_len) == 0
+           && a->has_max_tokens == b->has_max_tokens
+           && a->max_tokens == b->max_tokens
+           && a->stream == b->stream
+           && ratepool_request_whole(a) == ratepool_request_whole(b);
+}
+
+
+static int
+conv_scan(const char *src, ratepool_request_t *whole)
+{
+    size_t               i, j, len;
+    const unsigned char  *p;
+    ratepool_request_t   split;
+
+    for (len = 0; src[len] && len < sizeof(conv_body) - 1; len++) {
+        conv_body[len] = (src[len] == '\'') ? '"' : src[len];
+    }
+
+    conv_body[len] = '\0';
+    p = (const unsigned char *) conv_body;
+
+    ratepool_request_init(whole);
+    ratepool_request_feed(whole, p, len);
+
+    ratepool_request_init(&split);
+
+    for (i = 0; i < len; i++) {
+        ratepool_request_feed(&split, p + i, 1);
+    }
+
+    if (!conv_same(whole, &split)) {
+        return 0;
+    }
+
+    for (i = 1; i < len; i++) {
+        ratepool_request_init(&split);
+        ratepool_request_feed(&split, p, i);
+        ratepool_request_feed(&split, p + i, len - i);
+
+        if (!conv_same(whole, &split)) {
+            return 0;
+        }
+    }
+
+    for (i = 1; i < len; i += 5) {
+        for (j = i + 1; j < len; j += 3) {
+            ratepool_request_init(&split);
+            ratepool_request_feed(&split, p, i);
+            ratepool_request_feed(&split, p + i, j - i);
+            ratepool_request_feed(&split, p + j, len - j);
+
+            if (!conv_same(whole, &split)) {
+                return 0;
+            }
+        }
+    }
+
+    return 1;
+}
+
+
+#define CONV_TOOLS                                                           \
+    "'tools':[{'name':'read','description':'Reads a {file}',"                \
+    "'input_schema':{'type':'object','properties':{'path':"                  \
+    "{'type':'string'}}}}]"
+
+#define CONV_SYSTEM                                                          \
+    "'system':[{'type':'text','text':'You are Claude Code.'},"               \
+    "{'type':'text','text':'Be brief.',"                                     \
+    "'cache_control':{'type':'ephemeral'}}]"
+
+#define CONV_FIRST                                                           \
+    "{'role':'user','content':[{'type':'text','text':'fix the bug'}]}"
+
+#define CONV_FIRST_CC                                                        \
+    "{'role':'user','content':[{'type':'text','text':'fix the bug',"         \
+    "'cache_control':{'type':'ephemeral'}}]}"
+
+
+static void
+test_conversation(void)
+{
+    ratepool_request_t  a, b;
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS "," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST_CC "],'stream':true}", &a),
+          "a conversation reads the same split anywhere");
+    check(a.conv.valid && a.conv.prefix_hash && a.conv.conversation_hash
+          && a.conv.prefix_hash != a.conv.conversation_hash
+          && a.conv.has_prefix,
+          "an Anthropic body has a prefix and a conversation hash");
+    check(a.conv.cache_control && !a.conv.ttl_1h,
+          "its cache_control breakpoints are seen");
+    check(a.model_len == 15 && memcmp(a.model, "claude-opus-4-6", 15) == 0
+          && a.has_max_tokens && a.max_tokens == 1024 && a.stream
+          && ratepool_request_whole(&a),
+          "and its model, max_tokens and stream are read as before");
+
+    check(conv_scan("{'messages':[" CONV_FIRST_CC "]," CONV_SYSTEM
+                    ",'stream':true,'max_tokens':1024," CONV_TOOLS
+                    ",'model':'claude-opus-4-6'}", &b)
+          && a.conv.prefix_hash == b.conv.prefix_hash
+          && a.conv.conversation_hash == b.conv.conversation_hash,
+          "the order of the top-level keys does not matter");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS "," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST ",{'role':'assistant','content':[{'type':"
+                    "'text','text':'done'}]},{'role':'user','content':"
+                    "[{'type':'text','text':'thanks','cache_control':"
+                    "{'type':'ephemeral'}}]}],'stream':true}", &b)
+          && b.conv.valid
+          && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash == a.conv.conversation_hash,
+          "turn 2, its breakpoint moved to the last user block, is the "
+          "same conversation");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS "," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST "],'stream':true}", &b)
+          && b.conv.conversation_hash == a.conv.conversation_hash,
+          "a first message with or without its cache_control is the same");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS "," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST_CC ",{'role':'assistant','content':'ok'},"
+                    "{'role':'user','content':'go on'}]}", &b)
+          && b.conv.conversation_hash == a.conv.conversation_hash
+          && b.conv.last_message_at == (uint64_t) (strstr(conv_body,
+                                       "{\"role\":\"user\",\"content\":\"go")
+                                       - conv_body),
+          "more turns appended are the same conversation, and the last "
+          "message's offset is known");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS "," CONV_SYSTEM ",'messages':[{'role':"
+                    "'user','content':[{'type':'text','text':'fix a bug'}]}"
+                    "],'stream':true}", &b)
+          && b.conv.valid
+          && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash != a.conv.conversation_hash,
+          "another first message: another conversation, the same prefix");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    CONV_TOOLS ",'system':[{'type':'text','text':'You are "
+                    "Claude Code!'},{'type':'text','text':'Be brief.',"
+                    "'cache_control':{'type':'ephemeral'}}],'messages':["
+                    CONV_FIRST_CC "],'stream':true}", &b)
+          && b.conv.valid
+          && b.conv.prefix_hash != a.conv.prefix_hash
+          && b.conv.conversation_hash != a.conv.conversation_hash,
+          "another system prompt: another prefix and conversation");
+
+    check(conv_scan("{'model':'claude-opus-4-6','max_tokens':1024,"
+                    "'tools':[]," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST_CC "],'stream':true}", &b)
+          && b.conv.valid
+          && b.conv.prefix_hash != a.conv.prefix_hash
+          && b.conv.conversation_hash != a.conv.conversation_hash,
+          "other tools: another prefix and conversation");
+
+    check(conv_scan("{'tools':[{'name':'x'}],'messages':[{'role':'user',"
+                    "'content':'hi'}]}", &a)
+          && conv_scan("{'system':[{'name':'x'}],'messages':[{'role':"
+                       "'user','content':'hi'}]}", &b)
+          && a.conv.valid && b.conv.valid
+          && a.conv.prefix_hash != b.conv.prefix_hash,
+          "the same value as tools or as system is not the same prefix");
+
+    check(conv_scan("\n{\n  'model': 'claude-opus-4-6',\n  'max_tokens': "
+                    "1024,\n  'tools': [\n    {\n      'name': 'read',\n"
+                    "      'description': 'Reads a {file}',\n      "
+                    "'input_schema': {\n        'type': 'object',\n"
+                    "        'properties': {\n          'path': { 'type' : "
+                    "'string' }\n        }\n      }\n    }\n  ],\r\n  "
+                    "'system': [ { 'type': 'text', 'text': 'You are Claude"
+                    " Code.' }, {\t'type': 'text', 'text': 'Be brief.' } ]"
+                    ",\n  'messages': [\n    { 'role': 'user', 'content': "
+                    "[ { 'type': 'text', 'text': 'fix the bug' } ] }\n  ],"
+                    "\n  'stream': true\n}\n", &b), "a pretty-printed body "
+          "reads the same split anywhere");
+    conv_scan("{'model':'claude-opus-4-6','max_tokens':1024," CONV_TOOLS
+              "," CONV_SYSTEM ",'messages':[" CONV_FIRST_CC "]}", &a);
+    check(b.conv.valid && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash == a.conv.conversation_hash,
+          "spacing between tokens does not change the hashes");
+
+    conv_scan("{'messages':[{'role':'user','content':'fix the  bug'}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':'fix the bug'}]}", &b);
+    check(a.conv.valid && b.conv.valid
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "spacing inside a string does");
+
+    conv_scan("{'messages':[{'role':'user','content':'h\\u0069'}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':'hi'}]}", &b);
+    check(a.conv.valid && a.conv.conversation_hash != b.conv.conversation_hash
+          && !b.conv.has_prefix, "strings are hashed as written, escapes "
+          "too, and no tools or system is no prefix");
+
+    conv_scan("{'messages':[{'role':'user','content':[10,true]}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':[11,true]}]}", &b);
+    check(a.conv.valid && b.conv.valid
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "numbers are hashed");
+
+    conv_scan("{'messages':[{'role':'user','content':[10,false]}]}", &b);
+    check(b.conv.valid && a.conv.conversation_hash != b.conv.conversation_hash,
+          "and literals");
+
+    conv_scan("{'messages':[{'role':'user','content':[1,2]}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':[12]}]}", &b);
+    check(a.conv.valid && b.conv.valid
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "array elements stay apart");
+
+    conv_scan("{'messages':[{'role':'user','content':'x','abcdefghijklmnop"
+              "q':1}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':'x','Abcdefghijklmnop"
+              "q':1}]}", &b);
+    check(a.conv.valid && b.conv.valid
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "a key longer than what is held back is hashed in full");
+
+    conv_scan("{'messages':[{'role':'user','content':'x','abcdefghijklmnop"
+              "qrstuvwxyz1':1}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':'x','abcdefghijklmnop"
+              "qrstuvwxyz2':1}]}", &b);
+    check(a.conv.valid && b.conv.valid
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "so is a much longer one");
+
+    conv_scan("{'messages':[{'role':'user','content':'x','cache_controls':"
+              "1}]}", &a);
+    conv_scan("{'messages':[{'role':'user','content':'x'}]}", &b);
+    check(a.conv.valid && a.conv.conversation_hash != b.conv.conversation_hash
+          && !a.conv.cache_control,
+          "only cache_control itself is left out");
+}
+
+
+static void
+test_conversation_openai(void)
+{
+    ratepool_request_t  a, b;
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'system',"
+                    "'content':'You are terse.'},{'role':'user','content':"
+                    "'hello'},{'role':'assistant','content':'hi'},{'role':"
+                    "'user','content':'more'}],'max_completion_tokens':300}",
+                    &a)
+          && a.conv.valid && a.conv.has_prefix
+          && a.model_len == 6 && a.max_tokens == 300,
+          "an OpenAI body has hashes, its model and cap read as before");
+
+    check(conv_scan("{'messages':[{'content':'You are terse.','role':"
+                    "'system'},{'role':'user','content':'hello'}],'model':"
+                    "'gpt-4o'}", &b)
+          && b.conv.valid && b.conv.prefix_hash != a.conv.prefix_hash,
+          "a message is hashed as written, its keys in their order");
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'system',"
+                    "'content':'You are terse.'},{'role':'user','content':"
+                    "'hello'}]}", &b)
+          && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash == a.conv.conversation_hash,
+          "OpenAI: turn 1 and turn 2 are one conversation");
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'system',"
+                    "'content':'You are terse.'},{'role':'user','content':"
+                    "'goodbye'}]}", &b)
+          && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash != a.conv.conversation_hash,
+          "OpenAI: another first user message, the same prefix");
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'system',"
+                    "'content':'You are terse.'},{'role':'developer',"
+                    "'content':'Use JSON.'},{'role':'user','content':"
+                    "'hello'}]}", &b)
+          && b.conv.valid && b.conv.prefix_hash != a.conv.prefix_hash,
+          "OpenAI: each leading system or developer message is prefix");
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'system',"
+                    "'content':'You are terse.'},{'role':'assistant',"
+                    "'content':'Hi, how can I help?'},{'role':'user',"
+                    "'content':'hello'},{'role':'system','content':'late'}"
+                    "]}", &b)
+          && b.conv.valid && b.conv.prefix_hash == a.conv.prefix_hash
+          && b.conv.conversation_hash == a.conv.conversation_hash,
+          "OpenAI: the first user message counts, after a greeting too, "
+          "and a later system message is no prefix");
+
+    check(conv_scan("{'model':'gpt-4o','messages':[{'role':'user',"
+                    "'content':'hello'}]}", &b)
+          && b.conv.valid && !b.conv.has_prefix
+          && b.conv.prefix_hash != a.conv.prefix_hash,
+          "OpenAI: no system message, no prefix");
+
+    check(conv_scan("{'model':'gpt-4o','tools':null,'messages':[{'role':"
+                    "'user','content':'hello'}]}", &a)
+          && a.conv.valid && a.conv.conversation_hash
+                             == b.conv.conversation_hash,
+          "tools: null is no tools");
+
+    check(conv_scan("{'messages':[{'role':'assistant','content':[{'type':"
+                    "'text','role':'user','text':'x'}]},{'role':'user',"
+                    "'content':'hello'}]}", &a)
+          && a.conv.valid && a.conv.conversation_hash
+                             == b.conv.conversation_hash,
+          "only a message's own role counts, not one inside its content");
+
+    check(conv_scan("{'messages':[{'role':'us\\u0065r','content':'x'}]}",
+                    &a) && !a.conv.valid,
+          "a role is compared as written");
+}
+
+
+static void
+test_conversation_bad(void)
+{
+    size_t              i, len;
+    ratepool_request_t  a, b;
+
+    conv_scan("{'model':'m'," CONV_SYSTEM ",'messages':[" CONV_FIRST
+              ",{'role':'assistant','content':'x'}]}", &a);
+    len = strlen(conv_body);
+
+    for (i = 0; i < len; i++) {
+        ratepool_request_init(&b);
+        ratepool_request_feed(&b, (const unsigned char *) conv_body, i);
+
+        if (b.conv.valid || b.conv.prefix_hash || b.conv.conversation_hash) {
+            break;
+        }
+    }
+
+    check(a.conv.valid && i == len, "a body cut short anywhere has no hashes");
+
+    check(conv_scan("{'model':'m'," CONV_SYSTEM ",'max_tokens':5}", &a)
+          && !a.conv.valid && !a.conv.prefix_hash
+          && !a.conv.conversation_hash && a.conv.cache_control
+          && a.max_tokens == 5,
+          "no messages, no hashes");
+
+    check(conv_scan("{'model':'m','messages':[]}", &a) && !a.conv.valid
+          && conv_scan("{'messages':[{'role':'assistant','content':'x'}]}",
+                       &b) && !b.conv.valid,
+          "no user message, no hashes");
+
+    check(conv_scan("{'messages':'hello','model':'m'}", &a) && !a.conv.valid
+          && a.model_len == 1,
+          "messages that are no array: no hashes, the model is read");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[1 2]}],"
+                    "'model':'m','max_tokens':7}", &a)
+          && !a.conv.valid && a.model_len == 1 && a.max_tokens == 7
+          && ratepool_request_whole(&a),
+          "a malformed message: no hashes, the rest is read as before");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[}]],"
+                    "'model':'m','max_tokens':7}", &a)
+          && !a.conv.valid && a.model_len == 1 && a.max_tokens == 7,
+          "mismatched brackets: no hashes, the rest is read as before");
+
+    check(conv_scan("{'messages':[{'role':'user','content':'x'},{'role':"
+                    "'assistant','content':[1 2]}],'model':'m'}", &a)
+          && !a.conv.valid && a.model_len == 1,
+          "a malformed message after the first: no hashes either");
+
+    check(conv_scan("{'messages':[{'role':'user','content':'x'},{'role':"
+                    "'assistant','content':[1}]],'model':'m'}", &a)
+          && !a.conv.valid && a.model_len == 1
+          && ratepool_request_whole(&a),
+          "nor an array closed as an object, where it ends as before");
+
+    check(conv_scan("{'messages':{'a':{'role':'user','content':'x'}}}", &a)
+          && !a.conv.valid, "messages that are an object: no hashes");
+
+    check(conv_scan("{" CONV_SYSTEM "," CONV_SYSTEM ",'messages':["
+                    CONV_FIRST "]}", &a) && !a.conv.valid,
+          "a repeated system: no hashes");
+
+    check(conv_scan("{'system':true,'messages':[" CONV_FIRST "]}", &a)
+          && !a.conv.valid, "a system that is true: no hashes");
+
+    check(conv_scan("{'messages':[" CONV_FIRST "]} x", &a) && a.conv.valid,
+          "what follows the body is not read");
+
+    check(conv_scan("[{'messages':[" CONV_FIRST "]}]", &a) && !a.conv.valid,
+          "a body that is no object has no hashes");
+}
+
+
+static void
+test_conversation_deep(void)
+{
+    char                src[2048], *p;
+    unsigned            i;
+    ratepool_request_t  a;
+
+    p = src;
+    p += sprintf(p, "{'messages':[{'role':'user','content':");
+
+    for (i = 0; i < RATEPOOL_CONV_DEPTH - 2; i++) {
+        *p++ = '[';
+    }
+
+    for (i = 0; i < RATEPOOL_CONV_DEPTH - 2; i++) {
+        *p++ = ']';
+    }
+
+    sprintf(p, "}],'model':'m'}");
+
+    check(conv_scan(src, &a) && a.conv.valid && a.model_len == 1,
+          "nesting up to the limit is hashed");
+
+    p = src;
+    p += sprintf(p, "{'messages':[{'role':'user','content':");
+
+    for (i = 0; i < RATEPOOL_CONV_DEPTH - 1; i++) {
+        *p++ = '[';
+    }
+
+    for (i = 0; i < RATEPOOL_CONV_DEPTH - 1; i++) {
+        *p++ = ']';
+    }
+
+    sprintf(p, "}],'model':'m'}");
+
+    check(conv_scan(src, &a) && !a.conv.valid && a.model_len == 1
+          && ratepool_request_whole(&a),
+          "one level deeper is not, and the rest is read as before");
+
+    p = src;
+    p += sprintf(p, "{'tools':");
+
+    for (i = 0; i < 300; i++) {
+        *p++ = '{';
+        *p++ = '\'';
+        *p++ = 'a';
+        *p++ = '\'';
+        *p++ = ':';
+    }
+
+    sprintf(p, "1}}}],'model':'m'}");
+
+    check(conv_scan(src, &a) && !a.conv.valid && !ratepool_request_whole(&a),
+          "a deep body cut short: no hashes, no crash");
+}
+
+
+static void
+test_conversation_text(void)
+{
+    ratepool_request_t  a, b;
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'say \\'cache_control\\': {\\'ttl\\':\\'1h\\'}"
+                    " ]}[{ \\\\'}]}],'model':'m','max_tokens':3}", &a)
+          && a.conv.valid && !a.conv.cache_control && !a.conv.ttl_1h
+          && a.model_len == 1 && a.max_tokens == 3,
+          "cache_control, quotes, brackets and escapes in text are text");
+
+    check(conv_scan("{'messages':[{'role':'user','content':'cache_control'}"
+                    "]}", &a)
+          && conv_scan("{'messages':[{'role':'user','content':'other'}]}",
+                       &b)
+          && a.conv.valid && !a.conv.cache_control
+          && a.conv.conversation_hash != b.conv.conversation_hash,
+          "a string cache_control is hashed like any other");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'x','cache_control':{'type':'ephemeral','ttl':"
+                    "'1h'}}]}]}", &a)
+          && a.conv.cache_control && a.conv.ttl_1h,
+          "a one-hour breakpoint is seen");
+
+    check(conv_scan("{'cache_control':{'type':'ephemeral','ttl':'1h'},"
+                    "'messages':[{'role':'user','content':'x'}]}", &a)
+          && conv_scan("{'messages':[{'role':'user','content':'x'}]}", &b)
+          && a.conv.cache_control && a.conv.ttl_1h
+          && a.conv.conversation_hash == b.conv.conversation_hash,
+          "the top-level automatic breakpoint is seen, and not hashed");
+
+    check(conv_scan("{'tools':[{'name':'t','input_schema':{'ttl':'1h'}}],"
+                    "'messages':[{'role':'user','content':'x'}]}", &a)
+          && a.conv.valid && !a.conv.cache_control && !a.conv.ttl_1h,
+          "a ttl outside a cache_control is no breakpoint");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'x','cache_control':{'type':'ephemeral','x':{"
+                    "'ttl':'1h'}}}]}]}", &a)
+          && a.conv.valid && a.conv.cache_control && !a.conv.ttl_1h,
+          "nor one deeper inside it");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'x','cache_control':{'type':'ephemeral'}},"
+                    "{'cache_control':{'type':'ephemeral'},'type':'text',"
+                    "'text':'y'}]}]}", &a)
+          && conv_scan("{'messages':[{'role':'user','content':[{'type':"
+                       "'text','text':'x'},{'type':'text','text':'y'}]}]}",
+                       &b)
+          && a.conv.valid
+          && a.conv.conversation_hash == b.conv.conversation_hash,
+          "cache_control first or last in a block leaves no trace");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'x','cache_control':{'type':'ephemeral'}}]}]}",
+                    &a)
+          && conv_scan("{'messages':[{'role':'user','content':[{'type':"
+                       "'text','text':'x','cache_control':{'type':"
+                       "'ephemeral','ttl':'5m'}}]}]}", &b)
+          && a.conv.conversation_hash == b.conv.conversation_hash,
+          "nor does a changed cache_control");
+
+    check(conv_scan("{'messages':[{'role':'user','content':[{'type':'text',"
+                    "'text':'x','c\\u0061che_control':{'type':'ephemeral'}}"
+                    "]}]}", &a)
+          && a.conv.valid && !a.conv.cache_control,
+          "an escaped key is not read as cache_control");
+}
+
+
 static void
 test_reserve(void)
 {
@@ -983,6 +1528,11 @@ main(void)
     test_usage();
     test_budget();
     test_request();
+    test_conversation();
+    test_conversation_openai();
+    test_conversation_bad();
+    test_conversation_deep();
+    test_conversation_text();
     test_reserve();
     test_resp();
     test_spent();
