@@ -22,6 +22,7 @@
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"
+#include "ratepool_home.h"
 #include "ratepool_resp.h"
 #include "ratepool_script.h"
 
@@ -65,6 +66,12 @@
      && (now_ms) - (sh)->lim.busy_seen_ms < RATEPOOL_BUSY_TRUST_MS)
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
+
+/* where a request went, for $ratepool_conversation */
+#define RATEPOOL_PLACED_NONE        0       /* not a conversation */
+#define RATEPOOL_PLACED_NEW         1       /* a conversation's first */
+#define RATEPOOL_PLACED_HOME        2       /* where its cache is */
+#define RATEPOOL_PLACED_MOVED       3       /* away from it */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
 
 
@@ -132,6 +139,8 @@ typedef struct {
     ngx_uint_t                      backoff_level;      /* 429s without
                                                            retry-after */
     ngx_uint_t                      inflight;
+    ngx_uint_t                      homes;      /* conversations whose
+                                                   cache it holds */
 
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
@@ -205,6 +214,24 @@ typedef struct {
 } ngx_http_ratepool_queue_sh_t;
 
 
+/*
+ * A conversation's home (or a shared prefix's): the org whose prompt
+ * cache holds it, found by the conversation's key, until its cache
+ * expires; the least recently used are given up when the zone is full.
+ */
+
+typedef struct {
+    ngx_rbtree_node_t               node;       /* key: the id, or what of
+                                                   it fits */
+    ngx_queue_t                     lru;
+    uint64_t                        id;
+    ngx_http_ratepool_org_sh_t     *org;        /* its default class */
+    uint64_t                        until_ms;   /* the cache's TTL */
+    ratepool_turn_t                 last;       /* what its last turn
+                                                   said of its prompt */
+} ngx_http_ratepool_home_t;
+
+
 /* the zone's counters are atomics, counted without the lock */
 
 typedef struct {
@@ -233,6 +260,13 @@ typedef struct {
     ngx_atomic_t                    local_share;    /* limits divided by
                                                        this while down */
     u_char                          gateway[16];    /* this one's id */
+
+    /* conversations' homes, under the zone's lock */
+    ngx_rbtree_t                    homes;
+    ngx_rbtree_node_t               homes_sentinel;
+    ngx_queue_t                     homes_lru;
+    ngx_uint_t                      nhomes;
+    uint64_t                        homes_evicted;  /* still live */
 } ngx_http_ratepool_shctx_t;
 
 
@@ -495,6 +529,15 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        soonest_ms; /* when exhausted */
 
     ngx_str_t                       model;      /* from the body */
+
+    /* the conversation the request belongs to, and its cache's home */
+    uint64_t                        conversation;   /* key, 0: none */
+    uint64_t                        prefix;     /* of its tools and system */
+    ngx_http_ratepool_org_sh_t     *home;       /* NULL: new, or none */
+    ngx_http_ratepool_org_sh_t     *prefix_home;
+    uint64_t                        input_full;     /* written anew */
+    uint64_t                        input_prefix;   /* at prefix_home */
+    ngx_uint_t                      placement;  /* RATEPOOL_PLACED_* */
     ngx_uint_t                     *classes;    /* org index to the class
                                                    this model uses there */
     uint64_t                        body_bytes;
@@ -503,6 +546,7 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        output_cost;    /* reserved */
     ngx_int_t                       phase_rc;   /* once the body is read */
     unsigned                        stream:1;   /* the body asks for SSE */
+    unsigned                        cache_long:1;   /* "ttl":"1h" */
     unsigned                        stream_options:1;
     unsigned                        body_whole:1;
     unsigned                        usage_added:1;  /* include_usage, by

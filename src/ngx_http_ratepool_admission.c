@@ -11,6 +11,7 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_admission.h"
 #include "ngx_http_ratepool_body.h"
+#include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_reply.h"
 #include "ngx_http_ratepool_store.h"
@@ -46,6 +47,8 @@ static uint64_t ngx_http_ratepool_workspace_wait(
     ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms);
 static ngx_int_t ngx_http_ratepool_admit_workspace(
     ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
+static void ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms);
 
 
 /* what the wait queue calls back, set on each pool when it is configured */
@@ -511,6 +514,8 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
                                                   sh->input_rate);
     }
 
+    ngx_http_ratepool_conversation_cost(ctx, now_ms);
+
     *wait_ms = 0;
     ctx->limited_what = "input tokens";
     ctx->limited_limit = ws->itpm;
@@ -544,6 +549,60 @@ done:
     ngx_shmtx_unlock(&shpool->mutex);
 
     return rc;
+}
+
+
+/*
+ * With the zone locked: what the request's input costs where its cache
+ * is, and anywhere else.  A turn of a conversation with a home costs
+ * that org only what is new since its last turn, and the workspace is
+ * charged that, as it will most likely go there; a first turn costs the
+ * whole prompt, less a prefix another conversation left in an org's
+ * cache, there.
+ */
+
+static void
+ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t now_ms)
+{
+    uint64_t                   full, cost;
+    ngx_http_ratepool_home_t  *home;
+
+    ctx->home = NULL;
+    ctx->prefix_home = NULL;
+    ctx->input_full = ctx->input_cost;
+    ctx->input_prefix = ctx->input_cost;
+
+    if (ctx->conversation == 0 || ctx->body_bytes == 0) {
+        return;
+    }
+
+    home = ngx_http_ratepool_home_find(ctx->pool->zone, ctx->conversation,
+                                       now_ms);
+
+    if (home && ratepool_home_cost(&home->last, ctx->body_bytes, 0, &full,
+                                   &cost))
+    {
+        ctx->home = home->org;
+        ctx->input_full = full;
+        ctx->input_cost = cost;
+        return;
+    }
+
+    if (ctx->prefix == 0) {
+        return;
+    }
+
+    home = ngx_http_ratepool_home_find(ctx->pool->zone, ctx->prefix, now_ms);
+
+    if (home && ratepool_home_cost(&home->last, ctx->body_bytes, 1, &full,
+                                   &cost))
+    {
+        ctx->prefix_home = home->org;
+        ctx->input_full = full;
+        ctx->input_prefix = cost;
+        ctx->input_cost = full;
+    }
 }
 
 

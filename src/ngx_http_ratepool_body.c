@@ -21,6 +21,10 @@
 
 static void ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx,
     u_char *data, size_t len);
+static void ngx_http_ratepool_conversation(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ratepool_request_t *rq);
+static ngx_str_t *ngx_http_ratepool_header_in(ngx_http_request_t *r,
+    ngx_str_t *name);
 static ngx_chain_t *ngx_http_ratepool_chain_link(ngx_pool_t *pool,
     ngx_buf_t *b, ngx_chain_t *next);
 
@@ -120,7 +124,107 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
         ctx->output_cost = rlcf->output_reserve;
     }
 
+    ngx_http_ratepool_conversation(r, ctx, &rq);
+
     return NGX_OK;
+}
+
+
+/*
+ * The conversation a request is a turn of, for one model (each model
+ * has a cache of its own): the session Claude Code names in its headers
+ * (and the subagent, whose prompts are its own), or else the hash of
+ * the body's tools, system and first user message.  Its tools and system
+ * alone are a prefix other conversations may share.
+ */
+
+static void
+ngx_http_ratepool_conversation(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ratepool_request_t *rq)
+{
+    uint64_t    id;
+    ngx_str_t  *session, *agent;
+
+    static ngx_str_t  session_id = ngx_string("x-claude-code-session-id");
+    static ngx_str_t  agent_id = ngx_string("x-claude-code-agent-id");
+
+    /*
+     * Only a prompt the provider caches has a home worth keeping: not a
+     * body with no conversation in it, one too small, one of Anthropic's
+     * API that marks nothing for caching, or one only counted.
+     */
+
+    if (!rq->conv.valid
+        || ctx->body_bytes < RATEPOOL_HOME_MIN_BYTES
+        || (!rq->conv.cache_control
+            && ctx->dialect != RATEPOOL_DIALECT_OPENAI)
+        || ngx_strlcasestrn(r->uri.data, r->uri.data + r->uri.len,
+                            (u_char *) "count_tokens",
+                            sizeof("count_tokens") - 2)
+           != NULL)
+    {
+        return;
+    }
+
+    id = rq->conv.conversation_hash;
+    session = ngx_http_ratepool_header_in(r, &session_id);
+
+    if (session) {
+        id = ratepool_hash_fnv(RATEPOOL_HASH_BASIS, session->data,
+                               session->len);
+
+        agent = ngx_http_ratepool_header_in(r, &agent_id);
+
+        if (agent) {
+            id = ratepool_hash_fnv(id, (u_char *) "/", 1);
+            id = ratepool_hash_fnv(id, agent->data, agent->len);
+        }
+
+        id = ratepool_hash_mix(id);
+    }
+
+    ctx->conversation = ratepool_home_key(id, ctx->model.data,
+                                          ctx->model.len);
+
+    if (rq->conv.has_prefix) {
+        ctx->prefix = ratepool_home_key(rq->conv.prefix_hash,
+                                        ctx->model.data, ctx->model.len);
+    }
+
+    ctx->cache_long = rq->conv.ttl_1h;
+}
+
+
+/* a request header's value, NULL if absent or empty */
+
+static ngx_str_t *
+ngx_http_ratepool_header_in(ngx_http_request_t *r, ngx_str_t *name)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    part = &r->headers_in.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return NULL;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].key.len == name->len && h[i].value.len
+            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+        {
+            return &h[i].value;
+        }
+    }
 }
 
 

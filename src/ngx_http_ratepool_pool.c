@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_org.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_store.h"
@@ -129,7 +130,11 @@ typedef struct {
 static void ngx_http_ratepool_overloaded(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t *key, uint64_t until_ms);
 static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t now_ms, ratepool_candidate_t *c);
+    uint64_t now_ms, ratepool_candidate_t *c, uint64_t *home_itpm);
+static uint64_t ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx,
+    uint64_t home_itpm, uint64_t now_ms);
+static void ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_tokens_t *used, uint64_t now_ms);
 static void ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a,
     ngx_uint_t set, ngx_uint_t field, uint64_t value);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
@@ -144,7 +149,7 @@ static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
 
 static void
 ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
-    ratepool_candidate_t *c)
+    ratepool_candidate_t *c, uint64_t *home_itpm)
 {
     uint64_t                     limit[RATEPOOL_DIMS], cost[RATEPOOL_DIMS],
                                  reserved[RATEPOOL_DIMS], wait_ms, level,
@@ -181,8 +186,17 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         osh = org->sh;
 
         ngx_http_ratepool_org_buckets(org, bucket, limit);
-        ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
-                                    cost);
+        ngx_http_ratepool_org_split(org,
+                                    ngx_http_ratepool_input_at(ctx, &keys[i]),
+                                    ctx->output_cost, cost);
+
+        c[i].home = (ctx->home != NULL
+                     && ngx_http_ratepool_key_org(ctx->pool, &keys[i])->sh
+                        == ctx->home);
+
+        if (c[i].home && home_itpm) {
+            *home_itpm = limit[RATEPOOL_ITPM];
+        }
 
         reserved[RATEPOOL_RPM] = 0;
         ngx_http_ratepool_org_split(org, osh->lim.reserved_input,
@@ -253,6 +267,39 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 
 
 /*
+ * How long a first try may wait for its home to have room: while that
+ * costs less than a move would (ratepool_home_move_ms()), and within
+ * its ratepool_wait.  A re-send never waits.
+ */
+
+static uint64_t
+ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx, uint64_t home_itpm,
+    uint64_t now_ms)
+{
+    uint64_t                       left_ms;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    if (ctx->tries) {
+        return 0;
+    }
+
+    rlcf = ngx_http_get_module_loc_conf(ctx->request,
+                                        ngx_http_ratepool_module);
+
+    left_ms = rlcf->wait;
+
+    if (ctx->wait_until_ms) {
+        left_ms = ctx->wait_until_ms > now_ms ? ctx->wait_until_ms - now_ms
+                                              : 0;
+    }
+
+    return ngx_min(left_ms, ratepool_home_move_ms(ctx->input_full,
+                                                  ctx->input_cost,
+                                                  home_itpm));
+}
+
+
+/*
  * Which class of each org a request's model uses: the first of the org's
  * model patterns that matches, else the org's default limits.
  */
@@ -308,7 +355,8 @@ ngx_http_ratepool_key_t *
 ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
 {
     long                        i;
-    uint64_t                    now_ms, wait_ms, limits[RATEPOOL_DIMS];
+    uint64_t                    now_ms, wait_ms, home_itpm,
+                                limits[RATEPOOL_DIMS];
     ngx_uint_t                  n, k;
     ngx_slab_pool_t            *shpool;
     ratepool_bucket_t          *bucket[RATEPOOL_DIMS];
@@ -321,9 +369,11 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
+    home_itpm = 0;
+
     ngx_shmtx_lock(&shpool->mutex);
 
-    ngx_http_ratepool_candidates(ctx, now_ms, c);
+    ngx_http_ratepool_candidates(ctx, now_ms, c, &home_itpm);
 
     for (k = 0; k < n; k++) {
         if (ctx->tried & ((uint64_t) 1 << k)) {
@@ -331,7 +381,12 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
         }
     }
 
-    i = ratepool_pick(c, n, now_ms, soonest_ms);
+    i = ctx->home ? ratepool_pick_home(c, n, now_ms,
+                                       ngx_http_ratepool_home_wait(ctx,
+                                                                   home_itpm,
+                                                                   now_ms),
+                                       soonest_ms)
+                  : ratepool_pick(c, n, now_ms, soonest_ms);
 
     if (i < 0) {
         ngx_shmtx_unlock(&shpool->mutex);
@@ -348,7 +403,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM], 1,
                                 now_ms, &wait_ms);
-    org->sh->lim.reserved_input += ctx->input_cost;
+    org->sh->lim.reserved_input += ngx_http_ratepool_input_at(ctx, key);
     org->sh->lim.reserved_output += ctx->output_cost;
     org->sh->inflight++;
     key->sh->inflight++;
@@ -356,6 +411,11 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     key->sh->last_pick_ms = now_ms;
 
     ngx_shmtx_unlock(&shpool->mutex);
+
+    ctx->placement = ctx->conversation == 0 ? RATEPOOL_PLACED_NONE
+                     : ctx->home == NULL ? RATEPOOL_PLACED_NEW
+                     : c[i].home ? RATEPOOL_PLACED_HOME
+                     : RATEPOOL_PLACED_MOVED;
 
     ngx_log_debug4(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
                    "ratepool: key \"%V\" of org \"%V\" chosen, headroom "
@@ -383,7 +443,7 @@ ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx)
     now_ms = ngx_http_ratepool_now_ms();
 
     ngx_shmtx_lock(&shpool->mutex);
-    ngx_http_ratepool_candidates(ctx, now_ms, c);
+    ngx_http_ratepool_candidates(ctx, now_ms, c, NULL);
     ngx_shmtx_unlock(&shpool->mutex);
 
     if (ratepool_pick(c, ctx->pool->keys->nelts, now_ms, &soonest_ms) >= 0) {
@@ -423,10 +483,10 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     k->sh->inflight--;
     org->sh->inflight--;
-    org->sh->lim.reserved_input -= ngx_min(ctx->input_cost,
-                                       org->sh->lim.reserved_input);
+    org->sh->lim.reserved_input -= ngx_min(ngx_http_ratepool_input_at(ctx, k),
+                                           org->sh->lim.reserved_input);
     org->sh->lim.reserved_output -= ngx_min(ctx->output_cost,
-                                        org->sh->lim.reserved_output);
+                                            org->sh->lim.reserved_output);
 
     if (failed) {
         k->sh->failed++;
@@ -654,7 +714,8 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
-    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost, cost);
+    ngx_http_ratepool_org_split(org, ngx_http_ratepool_input_at(ctx, key),
+                                ctx->output_cost, cost);
     limit = limits[RATEPOOL_RPM];
 
     /*
@@ -904,6 +965,10 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_bucket_debit(bucket[RATEPOOL_OTPM], limits[RATEPOOL_OTPM],
                           tokens[RATEPOOL_OTPM], now_ms);
 
+    if (ctx->conversation && (usage->seen & RATEPOOL_USAGE_INPUT)) {
+        ngx_http_ratepool_count_turn(ctx, &add, now_ms);
+    }
+
     if (ctx->workspace) {
         ws = ctx->workspace;
 
@@ -932,6 +997,47 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 
     total = add.input + add.output + add.cache_read + add.cache_creation;
     ctx->pool->zone->store->usage(ctx, counted, add.output, total);
+}
+
+
+/*
+ * With the zone locked: the org that answered a turn holds its
+ * conversation's cache now, up to what the provider read or wrote of it,
+ * until the cache's TTL; a conversation that moved has a new home.  A
+ * conversation's first turn tells what its tools and system come to, as
+ * the org's cache held them.
+ */
+
+static void
+ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_tokens_t *used, uint64_t now_ms)
+{
+    uint64_t                     ttl_ms;
+    ratepool_turn_t              turn;
+    ngx_http_ratepool_org_sh_t  *osh;
+
+    osh = ngx_http_ratepool_key_org(ctx->pool, ctx->key)->sh;
+    ttl_ms = ctx->cache_long ? RATEPOOL_HOME_TTL_LONG_MS
+                             : RATEPOOL_HOME_TTL_MS;
+
+    turn.bytes = ctx->body_bytes;
+    turn.total = used->input + used->cache_read + used->cache_creation;
+    turn.cached = used->cache_read + used->cache_creation;
+
+    if (turn.bytes == 0 || turn.total == 0) {
+        return;
+    }
+
+    ngx_http_ratepool_home_set(ctx->pool->zone, ctx->conversation, osh,
+                               ttl_ms, &turn, now_ms);
+
+    if (ctx->prefix && ctx->placement == RATEPOOL_PLACED_NEW) {
+        /* only a first turn's cache reads are the shared prefix alone */
+        turn.cached = used->cache_read;
+
+        ngx_http_ratepool_home_set(ctx->pool->zone, ctx->prefix, osh,
+                                   ttl_ms, &turn, now_ms);
+    }
 }
 
 

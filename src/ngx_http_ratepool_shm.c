@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_shm.h"
 
 
@@ -74,6 +75,7 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 
         zone->sh->layout = RATEPOOL_SHM_LAYOUT;
         ngx_queue_init(&zone->sh->entries);
+        ngx_http_ratepool_home_init(zone->sh);
         zone->sh->started = ngx_time();
 
         /* this gateway, among those sharing a Redis store */

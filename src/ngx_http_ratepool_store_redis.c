@@ -372,8 +372,9 @@ ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
     cost[RATEPOOL_ITPM] = ctx->input_cost;
     cost[RATEPOOL_OTPM] = ctx->output_cost;
     cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
-    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
-                                &cost[RATEPOOL_DIMS]);
+    ngx_http_ratepool_org_split(org,
+                                ngx_http_ratepool_input_at(ctx, ctx->key),
+                                ctx->output_cost, &cost[RATEPOOL_DIMS]);
 
     ngx_shmtx_lock(&shpool->mutex);
 
@@ -477,8 +478,9 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     cost[RATEPOOL_ITPM] = ctx->input_cost;
     cost[RATEPOOL_OTPM] = ctx->output_cost;
     cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
-    ngx_http_ratepool_org_split(org, ctx->input_cost, ctx->output_cost,
-                                &cost[RATEPOOL_DIMS]);
+    ngx_http_ratepool_org_split(org,
+                                ngx_http_ratepool_input_at(ctx, ctx->key),
+                                ctx->output_cost, &cost[RATEPOOL_DIMS]);
 
     lease[0] = wsh->lim.lease;
     lease[1] = osh->lim.lease;
@@ -566,7 +568,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     {
         ctx->shared.taken = 1;
         ctx->shared.org = org;
-        ctx->shared.input = ctx->input_cost;
+        ctx->shared.input = ngx_http_ratepool_input_at(ctx, ctx->key);
         ctx->shared.output = ctx->output_cost;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fast, 1);
@@ -577,7 +579,8 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_call_start(&call, rmcf->redis, ctx->workspace, org,
                                  "t");
     ngx_http_ratepool_call_int(&call, 1);
-    ngx_http_ratepool_call_int(&call, (int64_t) ctx->input_cost);
+    ngx_http_ratepool_call_int(&call,
+                   (int64_t) ngx_http_ratepool_input_at(ctx, ctx->key));
     ngx_http_ratepool_call_int(&call, (int64_t) ctx->output_cost);
     ngx_http_ratepool_call_int(&call, 0);
 
@@ -603,7 +606,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     ctx->shared.asks++;
     ctx->shared.late = 0;
     ctx->shared.org = org;
-    ctx->shared.input = ctx->input_cost;
+    ctx->shared.input = ngx_http_ratepool_input_at(ctx, ctx->key);
     ctx->shared.output = ctx->output_cost;
 
     ctx->shared.timer.handler = ngx_http_ratepool_shared_timeout;

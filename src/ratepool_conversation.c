@@ -34,15 +34,11 @@
 #define CV_ROLE_USER        1
 #define CV_ROLE_SYSTEM      2   /* "system" or "developer" */
 
-/* FNV-1a, 64 bits */
-#define CV_FNV_BASIS        0xcbf29ce484222325ULL
+/* FNV-1a, 64 bits, from RATEPOOL_HASH_BASIS */
 #define CV_FNV_PRIME        0x00000100000001b3ULL
 
 
-static uint64_t ratepool_conv_fnv(uint64_t h, const unsigned char *p,
-    size_t len);
 static uint64_t ratepool_conv_add(uint64_t h, uint64_t x);
-static uint64_t ratepool_conv_mix(uint64_t h);
 static int ratepool_conv_text(ratepool_conversation_t *cv, const char *s);
 static void ratepool_conv_byte(ratepool_conversation_t *cv, unsigned char c);
 static void ratepool_conv_hash(ratepool_conversation_t *cv, unsigned char c);
@@ -105,7 +101,7 @@ ratepool_conversation_value(ratepool_conversation_t *cv, unsigned which,
 
         cv->leading = 1;
         cv->leading_n = 0;
-        cv->leading_hash = CV_FNV_BASIS;
+        cv->leading_hash = RATEPOOL_HASH_BASIS;
         cv->found_user = 0;
         cv->first_hash = 0;
     }
@@ -117,7 +113,7 @@ ratepool_conversation_value(ratepool_conversation_t *cv, unsigned which,
     cv->cc_depth = (which == RATEPOOL_CONV_CACHE) ? 1 : 0;
     cv->hashing = (which == RATEPOOL_CONV_TOOLS
                    || which == RATEPOOL_CONV_SYSTEM);
-    cv->hash = CV_FNV_BASIS;
+    cv->hash = RATEPOOL_HASH_BASIS;
     cv->escape = 0;
     cv->key = CV_KEY_OTHER;
     cv->capture = CV_KEY_OTHER;
@@ -146,7 +142,7 @@ ratepool_conversation_feed(ratepool_conversation_t *cv,
             }
 
             if (cv->hashing && cv->cc_depth == 0) {
-                cv->hash = ratepool_conv_fnv(cv->hash, p, q - p);
+                cv->hash = ratepool_hash_fnv(cv->hash, p, q - p);
             }
 
             cv->pos += q - p;
@@ -205,24 +201,24 @@ ratepool_conversation_finish(ratepool_conversation_t *cv)
         return;
     }
 
-    leading = cv->leading_n ? ratepool_conv_mix(cv->leading_hash) : 0;
+    leading = cv->leading_n ? ratepool_hash_mix(cv->leading_hash) : 0;
 
     /* the parts in the order a provider's cache reads them */
 
-    h = ratepool_conv_add(CV_FNV_BASIS, cv->tools_hash);
+    h = ratepool_conv_add(RATEPOOL_HASH_BASIS, cv->tools_hash);
     h = ratepool_conv_add(h, cv->system_hash);
     h = ratepool_conv_add(h, leading);
 
-    cv->prefix_hash = ratepool_conv_mix(h);
+    cv->prefix_hash = ratepool_hash_mix(h);
     cv->has_prefix = (cv->tools_hash || cv->system_hash || leading);
 
     h = ratepool_conv_add(h, cv->first_hash);
-    cv->conversation_hash = ratepool_conv_mix(h);
+    cv->conversation_hash = ratepool_hash_mix(h);
 }
 
 
-static uint64_t
-ratepool_conv_fnv(uint64_t h, const unsigned char *p, size_t len)
+uint64_t
+ratepool_hash_fnv(uint64_t h, const unsigned char *p, size_t len)
 {
     while (len--) {
         h ^= *p++;
@@ -257,8 +253,8 @@ ratepool_conv_add(uint64_t h, uint64_t x)
  * 0: that means "no hash".
  */
 
-static uint64_t
-ratepool_conv_mix(uint64_t h)
+uint64_t
+ratepool_hash_mix(uint64_t h)
 {
     h ^= h >> 30;
     h *= 0xbf58476d1ce4e5b9ULL;
@@ -549,9 +545,9 @@ ratepool_conv_key_byte(ratepool_conversation_t *cv, unsigned char c)
     cv->key_long = 1;
 
     if (cv->hashing && cv->cc_depth == 0) {
-        cv->hash = ratepool_conv_fnv(cv->hash, (const unsigned char *) "\"",
+        cv->hash = ratepool_hash_fnv(cv->hash, (const unsigned char *) "\"",
                                      1);
-        cv->hash = ratepool_conv_fnv(cv->hash, cv->text, cv->text_len);
+        cv->hash = ratepool_hash_fnv(cv->hash, cv->text, cv->text_len);
     }
 
     ratepool_conv_hash(cv, c);
@@ -593,10 +589,10 @@ ratepool_conv_key_end(ratepool_conversation_t *cv)
     }
 
     if (cv->hashing && cv->cc_depth == 0) {
-        cv->hash = ratepool_conv_fnv(cv->hash, (const unsigned char *) "\"",
+        cv->hash = ratepool_hash_fnv(cv->hash, (const unsigned char *) "\"",
                                      1);
-        cv->hash = ratepool_conv_fnv(cv->hash, cv->text, cv->text_len);
-        cv->hash = ratepool_conv_fnv(cv->hash, (const unsigned char *) "\"",
+        cv->hash = ratepool_hash_fnv(cv->hash, cv->text, cv->text_len);
+        cv->hash = ratepool_hash_fnv(cv->hash, (const unsigned char *) "\"",
                                      1);
     }
 }
@@ -610,7 +606,7 @@ ratepool_conv_value_start(ratepool_conversation_t *cv, unsigned char c)
     if (cv->which == RATEPOOL_CONV_MESSAGES && cv->depth == 1) {
         cv->last_message_at = cv->pos;
         cv->role = CV_ROLE_OTHER;
-        cv->hash = CV_FNV_BASIS;
+        cv->hash = RATEPOOL_HASH_BASIS;
 
         /* once the first user message is known, the rest is only read */
 
@@ -661,10 +657,10 @@ ratepool_conv_value_end(ratepool_conversation_t *cv)
     cv->in_value = 0;
 
     if (cv->which == RATEPOOL_CONV_TOOLS) {
-        cv->tools_hash = ratepool_conv_mix(cv->hash);
+        cv->tools_hash = ratepool_hash_mix(cv->hash);
 
     } else if (cv->which == RATEPOOL_CONV_SYSTEM) {
-        cv->system_hash = ratepool_conv_mix(cv->hash);
+        cv->system_hash = ratepool_hash_mix(cv->hash);
     }
 }
 
@@ -684,7 +680,7 @@ ratepool_conv_message_end(ratepool_conversation_t *cv)
     }
 
     cv->hashing = 0;
-    h = ratepool_conv_mix(cv->hash);
+    h = ratepool_hash_mix(cv->hash);
 
     if (cv->leading && cv->role == CV_ROLE_SYSTEM) {
         cv->leading_hash = ratepool_conv_add(cv->leading_hash, h);

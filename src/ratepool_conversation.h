@@ -91,6 +91,12 @@ typedef struct {
 } ratepool_conversation_t;
 
 
+/* FNV-1a, 64 bits, carried on from h; and a finalizer that is never 0 */
+#define RATEPOOL_HASH_BASIS     0xcbf29ce484222325ULL
+
+uint64_t ratepool_hash_fnv(uint64_t h, const unsigned char *p, size_t len);
+uint64_t ratepool_hash_mix(uint64_t h);
+
 void ratepool_conversation_init(ratepool_conversation_t *cv);
 
 /*

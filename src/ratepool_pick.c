@@ -85,6 +85,50 @@ ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
 }
 
 
+long
+ratepool_pick_home(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
+    uint64_t wait_home_ms, uint64_t *soonest_ms)
+{
+    long      best;
+    size_t    i;
+    uint64_t  home_at_ms;
+
+    best = -1;
+    home_at_ms = 0;
+
+    for (i = 0; i < n; i++) {
+
+        if (!c[i].usable || !c[i].home) {
+            continue;
+        }
+
+        if (c[i].free_at_ms > now_ms) {
+            if (home_at_ms == 0 || c[i].free_at_ms < home_at_ms) {
+                home_at_ms = c[i].free_at_ms;
+            }
+
+            continue;
+        }
+
+        if (best == -1 || ratepool_better(&c[i], &c[best])) {
+            best = (long) i;
+        }
+    }
+
+    if (best != -1) {
+        *soonest_ms = 0;
+        return best;
+    }
+
+    if (home_at_ms && home_at_ms - now_ms <= wait_home_ms) {
+        *soonest_ms = home_at_ms;
+        return -1;
+    }
+
+    return ratepool_pick(c, n, now_ms, soonest_ms);
+}
+
+
 /*
  * retry-after is a floor: the org may be used again no earlier than
  * now + floor, plus a positive jitter so that several gateways (or

@@ -16,6 +16,7 @@
 
 typedef struct {
     unsigned   usable:1;            /* not dead, not tried by this request */
+    unsigned   home:1;              /* its org holds the request's cache */
     uint64_t   free_at_ms;          /* cooldown end or refill, if later */
     uint32_t   headroom_permille;   /* org bucket level / capacity; 1000 if
                                        the limit is unknown */
@@ -33,6 +34,16 @@ typedef struct {
 
 long ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
     uint64_t *soonest_ms);
+
+/*
+ * The same, for a request whose conversation has a home (the candidates
+ * marked home): a home key that can be used now is chosen over any
+ * other; if none can but one frees up within wait_home_ms, nothing is
+ * chosen and *soonest_ms says when (the request waits for its home);
+ * else the best other key (the conversation moves).
+ */
+long ratepool_pick_home(const ratepool_candidate_t *c, size_t n,
+    uint64_t now_ms, uint64_t wait_home_ms, uint64_t *soonest_ms);
 
 uint64_t ratepool_cooldown_until(uint64_t current_until_ms, uint64_t now_ms,
     uint64_t floor_ms, uint32_t rnd);

@@ -15,6 +15,7 @@
 #include "ratepool_usage.h"
 #include "ratepool_budget.h"
 #include "ratepool_request.h"
+#include "ratepool_home.h"
 #include "ratepool_conversation.h"
 #include "ratepool_resp.h"
 
@@ -1517,10 +1518,104 @@ test_lease(void)
 }
 
 
+static void
+test_home(void)
+{
+    long                  i;
+    uint64_t              full, home, soonest;
+    ratepool_turn_t       last;
+    ratepool_candidate_t  c[3];
+
+    check(ratepool_home_key(42, (const unsigned char *) "claude-sonnet-4-6",
+                            17)
+          == ratepool_home_key(42, (const unsigned char *)
+                                   "claude-sonnet-4-6", 17)
+          && ratepool_home_key(42, (const unsigned char *)
+                                   "claude-sonnet-4-6", 17)
+             != ratepool_home_key(42, (const unsigned char *)
+                                      "claude-haiku-4-5", 16)
+          && ratepool_home_key(42, (const unsigned char *) "m", 1)
+             != ratepool_home_key(43, (const unsigned char *) "m", 1),
+          "a conversation's key is its id's for one model");
+
+    last.bytes = 0;
+    last.total = 0;
+    last.cached = 0;
+    check(ratepool_home_cost(&last, 1000, 0, &full, &home) == 0,
+          "a conversation with no turn yet has no cost of its own");
+
+    /* 80 kB counted 20000 tokens, 19000 of them cached up to its last
+       breakpoint; the next turn adds 5.2 kB */
+    last.bytes = 80000;
+    last.total = 20000;
+    last.cached = 19000;
+    check(ratepool_home_cost(&last, 85200, 0, &full, &home) == 1
+          && full == 21300 && home == 2300,
+          "a turn costs its home only what its last turn did not cache");
+
+    check(ratepool_home_cost(&last, 40000, 0, &full, &home) == 1
+          && full == 10000 && home == 10000,
+          "a shorter body was rewritten: all of it is written anew");
+
+    last.cached = 6000;
+    check(ratepool_home_cost(&last, 40000, 1, &full, &home) == 1
+          && full == 10000 && home == 4000,
+          "a shorter body after a shared prefix reads that prefix");
+
+    last.cached = 25000;
+    check(ratepool_home_cost(&last, 80000, 0, &full, &home) == 1
+          && home == 1,
+          "a turn with nothing new still costs a token");
+
+    check(ratepool_home_move_ms(21300, 2300, 30000) == 38000,
+          "a move that writes 19000 tokens more costs an org of 30000 "
+          "tokens a minute 38 s of refill");
+    check(ratepool_home_move_ms(21300, 2300, 0) == RATEPOOL_HOME_WAIT_MS,
+          "an org of unknown limits is worth a few seconds' wait");
+
+    memset(c, 0, sizeof(c));
+
+    for (i = 0; i < 3; i++) {
+        c[i].usable = 1;
+        c[i].headroom_permille = 900;
+    }
+
+    c[1].home = 1;
+    c[1].headroom_permille = 100;
+
+    check(ratepool_pick_home(c, 3, 1000, 0, &soonest) == 1,
+          "a conversation goes home while home has room, however little");
+
+    c[1].free_at_ms = 3000;
+    check(ratepool_pick_home(c, 3, 1000, 5000, &soonest) == -1
+          && soonest == 3000,
+          "it waits for its home when that costs less than a move");
+
+    i = ratepool_pick_home(c, 3, 1000, 1000, &soonest);
+    check(i == 0 || i == 2,
+          "and moves when waiting would cost more, or may not be waited");
+
+    c[1].usable = 0;
+    i = ratepool_pick_home(c, 3, 1000, 60000, &soonest);
+    check(i == 0 || i == 2,
+          "a home that cannot be used (cooling, spent, tried) is left");
+
+    c[0].home = 1;
+    c[0].usable = 1;
+    c[1].usable = 1;
+    c[1].free_at_ms = 0;
+    c[0].headroom_permille = 50;
+    c[1].headroom_permille = 700;
+    check(ratepool_pick_home(c, 3, 1000, 0, &soonest) == 1,
+          "among the keys of its home org, the one with most headroom");
+}
+
+
 int
 main(void)
 {
     test_bucket();
+    test_home();
     test_lease();
     test_pick();
     test_cooldown();

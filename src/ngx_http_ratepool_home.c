@@ -1,0 +1,183 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_home.h"
+
+
+/*
+ * Where each conversation's prompt cache lives: an rbtree of homes in
+ * the zone, keyed by the conversation's key, with a queue from the most
+ * to the least recently used, as limit_req keeps its nodes.  A home
+ * lives as long as the provider keeps the cache (each turn renews it);
+ * when the zone is full the least recently used homes are given up.
+ * The tree uses nginx's own insert function, so that a reload with
+ * another build of the module finds it working.
+ */
+
+
+static void ngx_http_ratepool_home_free(ngx_http_ratepool_zone_t *zone,
+    ngx_http_ratepool_home_t *home);
+static void ngx_http_ratepool_home_expire(ngx_http_ratepool_zone_t *zone,
+    ngx_uint_t n, uint64_t now_ms);
+
+
+void
+ngx_http_ratepool_home_init(ngx_http_ratepool_shctx_t *sh)
+{
+    ngx_rbtree_init(&sh->homes, &sh->homes_sentinel, ngx_rbtree_insert_value);
+    ngx_queue_init(&sh->homes_lru);
+}
+
+
+ngx_http_ratepool_home_t *
+ngx_http_ratepool_home_find(ngx_http_ratepool_zone_t *zone, uint64_t id,
+    uint64_t now_ms)
+{
+    ngx_rbtree_key_t           key;
+    ngx_rbtree_node_t         *node, *sentinel;
+    ngx_http_ratepool_home_t  *home;
+
+    key = (ngx_rbtree_key_t) id;
+    node = zone->sh->homes.root;
+    sentinel = zone->sh->homes.sentinel;
+
+    while (node != sentinel) {
+
+        if (key != node->key) {
+            node = (key < node->key) ? node->left : node->right;
+            continue;
+        }
+
+        home = (ngx_http_ratepool_home_t *) node;
+
+        if (home->id != id) {
+            /* the same low bits, where keys are narrower than ids */
+            node = node->right;
+            continue;
+        }
+
+        if (home->until_ms <= now_ms) {
+            /* the provider has let the cache go */
+            ngx_http_ratepool_home_free(zone, home);
+            return NULL;
+        }
+
+        return home;
+    }
+
+    return NULL;
+}
+
+
+void
+ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone, uint64_t id,
+    ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms, ratepool_turn_t *turn,
+    uint64_t now_ms)
+{
+    ngx_http_ratepool_home_t  *home;
+
+    ngx_http_ratepool_home_expire(zone, 2, now_ms);
+
+    home = ngx_http_ratepool_home_find(zone, id, now_ms);
+
+    if (home == NULL) {
+        home = ngx_slab_calloc_locked(zone->shpool,
+                                      sizeof(ngx_http_ratepool_home_t));
+
+        if (home == NULL) {
+            /* full: the least recently used give way */
+            ngx_http_ratepool_home_expire(zone, 0, now_ms);
+
+            home = ngx_slab_calloc_locked(zone->shpool,
+                                          sizeof(ngx_http_ratepool_home_t));
+            if (home == NULL) {
+                return;
+            }
+        }
+
+        home->id = id;
+        home->node.key = (ngx_rbtree_key_t) id;
+
+        ngx_rbtree_insert(&zone->sh->homes, &home->node);
+        ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
+        zone->sh->nhomes++;
+
+    } else {
+        ngx_queue_remove(&home->lru);
+        ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
+    }
+
+    if (home->org != org) {
+        if (home->org && home->org->homes) {
+            home->org->homes--;
+        }
+
+        org->homes++;
+        home->org = org;
+    }
+
+    /* a 1-hour breakpoint keeps the cache that long, a later 5-minute
+       one does not shorten it */
+    home->until_ms = ngx_max(home->until_ms, now_ms + ttl_ms);
+    home->last = *turn;
+}
+
+
+/*
+ * Gives up expired homes from the least recently used end, at most n
+ * of them; n = 0: the least recently used ones, live or not, to make
+ * room.
+ */
+
+static void
+ngx_http_ratepool_home_expire(ngx_http_ratepool_zone_t *zone, ngx_uint_t n,
+    uint64_t now_ms)
+{
+    ngx_uint_t                 i;
+    ngx_queue_t               *q;
+    ngx_http_ratepool_home_t  *home;
+
+    for (i = 0; i < (n ? n : 3); i++) {
+
+        if (ngx_queue_empty(&zone->sh->homes_lru)) {
+            return;
+        }
+
+        q = ngx_queue_last(&zone->sh->homes_lru);
+        home = ngx_queue_data(q, ngx_http_ratepool_home_t, lru);
+
+        if (n && home->until_ms > now_ms) {
+            return;
+        }
+
+        if (home->until_ms > now_ms) {
+            zone->sh->homes_evicted++;
+        }
+
+        ngx_http_ratepool_home_free(zone, home);
+    }
+}
+
+
+static void
+ngx_http_ratepool_home_free(ngx_http_ratepool_zone_t *zone,
+    ngx_http_ratepool_home_t *home)
+{
+    if (home->org && home->org->homes) {
+        home->org->homes--;
+    }
+
+    ngx_queue_remove(&home->lru);
+    ngx_rbtree_delete(&zone->sh->homes, &home->node);
+    zone->sh->nhomes--;
+
+    ngx_slab_free_locked(zone->shpool, home);
+}
