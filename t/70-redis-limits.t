@@ -4,7 +4,8 @@
 # org's requests per minute count across both, what a request used
 # replaces what it reserved, limits one gateway learned from the
 # provider are the other's too, and a workspace's daily budget is the
-# fleet's.  Far from a limit a gateway admits on a lease, and a burst
+# fleet's.  A request that waits (ratepool_wait) waits for the fleet's
+# room.  Far from a limit a gateway admits on a lease, and a burst
 # across both still gets no more than the limit.  What Redis holds is under one hash tag, with no key, token
 # or token hash in it.  Real redis-server, real nginx.
 
@@ -35,7 +36,7 @@ my $KEY4 = 'sk-ant-mock-r4-' . int(rand(1e9));
 my $teacher = $a->start_mock(port => 2, config => {
     keys => { $KEY4 => { org => 'taught', name => 'r4' } },
     orgs => { taught => { rpm => 100, itpm => 50000, otpm => 10000 } } });
-my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops capped);
+my %TOKEN = map { $_ => "gw-$_-" . int(rand(1e9)) } qw(ci backend ops slow capped);
 
 sub config {
     my ($t) = @_;
@@ -81,6 +82,8 @@ http {
     ratepool_client backend ${\ $t->token_hash($TOKEN{backend})};
     ratepool_workspace ops rpm=10 itpm=6000 otpm=6000;
     ratepool_client ops ${\ $t->token_hash($TOKEN{ops})};
+    ratepool_workspace slow rpm=8;
+    ratepool_client slow ${\ $t->token_hash($TOKEN{slow})};
     ratepool_workspace capped daily_tokens=1000;
     ratepool_client capped ${\ $t->token_hash($TOKEN{capped})};
 
@@ -104,6 +107,12 @@ http {
         location /learnt/ {
             rewrite ^/learnt(/.*)\$ \$1 break;
             ratepool_pass http://learnt;
+        }
+
+        location /wait/ {
+            rewrite ^/wait(/.*)\$ \$1 break;
+            ratepool_pass http://big;
+            ratepool_wait 15s;
         }
 
         location = /ratepool/status {
@@ -231,6 +240,26 @@ is($r->{status}, 429, 'and the one after');
 ok($took_ms < 150, sprintf('knowing it without asking Redis (%.0f ms)',
                            $took_ms));
 
+# --- waiting for room the fleet shares -----------------------------------------
+
+# 8 rpm: one request every 7.5 s.  The second gateway's own buckets have
+# room; Redis says the workspace is full, and when it has room again.
+@codes = ();
+push @codes, $a->messages(token => $TOKEN{slow}, path => '/wait/v1/messages')
+    ->{status} for 1 .. 4;
+push @codes, $b->messages(token => $TOKEN{slow}, path => '/wait/v1/messages')
+    ->{status} for 1 .. 4;
+is(join(',', @codes), join(',', (200) x 8),
+    'a workspace of 8 rpm gets 8 at once from two gateways');
+
+$t0 = time;
+$r = $b->messages(token => $TOKEN{slow}, path => '/wait/v1/messages',
+                  timeout => 20);
+my $waited = time - $t0;
+is($r->{status}, 200, 'the ninth waits (ratepool_wait) and is served');
+ok($waited > 5 && $waited < 10,
+    sprintf('once the fleet\'s workspace refilled (%.1f s)', $waited));
+
 # --- the fast path keeps the limit too ---------------------------------------
 
 # Far from a limit a gateway admits on its copy of Redis's buckets and
@@ -280,7 +309,7 @@ is(scalar @{ $mock->log }, $served + $later, 'and the provider saw no more');
 # --- secrets stay out of Redis -----------------------------------------------
 
 # what the limits above left in Redis: workspaces and orgs, usage,
-# learned limits, a spent budget, leases
+# learned limits, a spent budget, a wait, leases
 my @keys = split /\n/, $redis->cli('--scan');
 ok(@keys >= 4, 'Redis holds the pool\'s state (' . scalar(@keys) . ' keys)');
 is(scalar(grep { !/^ratepool:\{llm\}:/ } @keys), 0,
