@@ -316,6 +316,27 @@ sub start_redis {
     return $redis;
 }
 
+# True once every worker (worker_processes 2) of each gateway given is
+# connected to Redis and Redis sees that many gateways alive; false if
+# that takes more than 10 s.
+#   ok(Ratepool::Test::redis_connected($a, $b), 'both gateways connect');
+sub redis_connected {
+    my (@gateways) = @_;
+    my $deadline = time + 10;
+
+    while (time < $deadline) {
+        return 1 unless grep {
+            my $store = $_->status->{store};
+            ($store->{state} // '') ne 'up'
+                || ($store->{connected_workers} // 0) < 2
+                || ($store->{gateways} // 0) < @gateways
+        } @gateways;
+        sleep 0.1;
+    }
+
+    return 0;
+}
+
 sub _anonymous_port {
     my ($self) = @_;
     my $port = $self->_free_port;
