@@ -267,6 +267,7 @@ typedef struct {
     ngx_queue_t                     homes_lru;
     ngx_uint_t                      nhomes;
     uint64_t                        homes_evicted;  /* still live */
+    uint64_t                        turns[4];   /* by RATEPOOL_PLACED_* */
 } ngx_http_ratepool_shctx_t;
 
 

@@ -1028,6 +1028,8 @@ ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
+    ctx->pool->zone->sh->turns[ctx->placement]++;
+
     ngx_http_ratepool_home_set(ctx->pool->zone, ctx->conversation, osh,
                                ttl_ms, &turn, now_ms);
 

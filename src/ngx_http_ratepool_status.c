@@ -25,8 +25,8 @@
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */
 #define RATEPOOL_STATUS_POOL     384
-#define RATEPOOL_STATUS_TOKENS   192
-#define RATEPOOL_PROM_HEAD       4096   /* the totals and HELP/TYPE lines */
+#define RATEPOOL_STATUS_TOKENS   256
+#define RATEPOOL_PROM_HEAD       6144   /* the totals and HELP/TYPE lines */
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
@@ -144,6 +144,13 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                     (uint64_t) zone->sh->rejected_pool,
                     (uint64_t) zone->sh->rerouted);
 
+    p = ngx_sprintf(p, "\"conversations\":{\"homes\":%ui,\"evicted\":%uL,"
+                    "\"turns\":{\"new\":%uL,\"home\":%uL,\"moved\":%uL}},",
+                    zone->sh->nhomes, zone->sh->homes_evicted,
+                    zone->sh->turns[RATEPOOL_PLACED_NEW],
+                    zone->sh->turns[RATEPOOL_PLACED_HOME],
+                    zone->sh->turns[RATEPOOL_PLACED_MOVED]);
+
     p = ngx_http_ratepool_status_store(p, rmcf, zone);
     p = ngx_cpymem(p, ",\"pools\":[", sizeof(",\"pools\":[") - 1);
 
@@ -228,7 +235,7 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
             size += 3 * (RATEPOOL_PROM_LINE + host)
                     + pools[i]->keys->nelts * 9
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
-                    + pools[i]->orgs->nelts * 8
+                    + pools[i]->orgs->nelts * 13
                       * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
         }
 
@@ -363,6 +370,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                                  : 0);
         p = ngx_sprintf(p, "\"spent_until\":%T,", osh->spent_until_ms > now_ms
                                                   ? osh->spent_until : 0);
+        p = ngx_sprintf(p, "\"conversations\":%ui,", osh->homes);
         p = ngx_sprintf(p, "\"cooldown_ms\":%uL,\"in_flight\":%ui,"
                         "\"reserved_input_tokens\":%uL,"
                         "\"reserved_output_tokens\":%uL,\"learned\":{",
@@ -463,10 +471,18 @@ ngx_http_ratepool_status_learned(u_char *p, const char *name,
 static u_char *
 ngx_http_ratepool_status_tokens(u_char *p, ngx_http_ratepool_tokens_t *used)
 {
+    uint64_t  all, permille;
+
+    /* the share of all input that was read from a prompt cache */
+    all = used->input + used->cache_read + used->cache_creation;
+    permille = all ? used->cache_read * 1000 / all : 0;
+
     return ngx_sprintf(p, "\"tokens\":{\"input\":%uL,\"output\":%uL,"
-                       "\"cache_read\":%uL,\"cache_creation\":%uL}",
+                       "\"cache_read\":%uL,\"cache_creation\":%uL,"
+                       "\"cache_hit_ratio\":%uL.%03uL}",
                        used->input, used->output, used->cache_read,
-                       used->cache_creation);
+                       used->cache_creation, permille / 1000,
+                       permille % 1000);
 }
 
 
@@ -737,6 +753,59 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
             }
         }
     }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_org_conversations",
+                                    "Conversations whose prompt cache the "
+                                    "org holds.", "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            if (orgs[j].model.len == 0) {
+                p = ngx_sprintf(p, "ratepool_org_conversations{pool=\"%V\","
+                                "org=\"%V\"} %ui\n",
+                                &pools[i]->upstream->host, &orgs[j].name,
+                                orgs[j].sh->homes);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_org_tokens_total",
+                                    "Tokens the provider reported, by kind.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            for (k = 0; k < 4; k++) {
+                v = k == 0 ? orgs[j].sh->used.input
+                    : k == 1 ? orgs[j].sh->used.output
+                    : k == 2 ? orgs[j].sh->used.cache_read
+                    : orgs[j].sh->used.cache_creation;
+
+                p = ngx_sprintf(p, "ratepool_org_tokens_total{pool=\"%V\","
+                                "org=\"%V\",model=\"%V\",kind=\"%s\"} %uL\n",
+                                &pools[i]->upstream->host, &orgs[j].name,
+                                &orgs[j].model, token_kinds[k], v);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_conversation_turns_total",
+                                    "Turns of conversations, by where they "
+                                    "went: a first turn, home to its cache, "
+                                    "or moved away from it.", "counter");
+    p = ngx_sprintf(p, "ratepool_conversation_turns_total{placement=\"new\"} "
+                    "%uL\n"
+                    "ratepool_conversation_turns_total{placement=\"home\"} "
+                    "%uL\n"
+                    "ratepool_conversation_turns_total{placement=\"moved\"} "
+                    "%uL\n",
+                    zone->sh->turns[RATEPOOL_PLACED_NEW],
+                    zone->sh->turns[RATEPOOL_PLACED_HOME],
+                    zone->sh->turns[RATEPOOL_PLACED_MOVED]);
 
     p = ngx_http_ratepool_prom_head(p, "ratepool_pool_waiting",
                                     "Requests waiting for room in the pool.",

@@ -34,6 +34,7 @@ static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
 #define RATEPOOL_VAR_KEY               3
 #define RATEPOOL_VAR_WORKSPACE         4
 #define RATEPOOL_VAR_API_KEY           5
+#define RATEPOOL_VAR_CONVERSATION      6
 
 
 static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
@@ -64,6 +65,10 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 
     { ngx_string("ratepool_workspace"), NULL,
       ngx_http_ratepool_variable, RATEPOOL_VAR_WORKSPACE,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_conversation"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_CONVERSATION,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("ratepool_tries"), NULL,
@@ -103,6 +108,13 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
     ngx_str_t                 *s;
     ngx_http_ratepool_ctx_t   *ctx;
 
+    static ngx_str_t  placements[] = {
+        ngx_null_string,
+        ngx_string("new"),
+        ngx_string("home"),
+        ngx_string("moved")
+    };
+
     ctx = ngx_http_ratepool_get_ctx(r);
 
     s = NULL;
@@ -113,6 +125,11 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
 
         case RATEPOOL_VAR_WORKSPACE:
             s = ctx->workspace ? &ctx->workspace->name : NULL;
+            break;
+
+        case RATEPOOL_VAR_CONVERSATION:
+            /* "new", "home" or "moved", once a key was chosen */
+            s = ctx->key ? &placements[ctx->placement] : NULL;
             break;
 
         default:
