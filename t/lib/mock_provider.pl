@@ -45,7 +45,8 @@
 #
 # Steering, per request (headers the gateway forwards unchanged):
 #   x-mock-delay-ms, x-mock-stream-delay-ms, x-mock-status, x-mock-retry-after,
-#   x-mock-usage (JSON object overriding usage fields)
+#   x-mock-usage (JSON object overriding usage fields); a request the
+#   org's buckets refuse gets its 429 at once, without the delays
 # Steering, per key (POST /_mock/script), one action consumed per request:
 #   {"key": K, "sticky": false, "actions": [{"status": 429, "retry_after": "7",
 #    "headers": {...}, "delay_ms": N, "body": STRING_OR_OBJECT,
@@ -739,9 +740,11 @@ sub answer {
         my $refused = admit($ctx->{org}, $ctx->{class}, $usage,
                             $payload->{max_completion_tokens}
                             // $payload->{max_tokens}, $ctx->{now});
-        return error_res($req, 429, 'rate_limit_error',
-                         rate_limit_message($ctx->{org}, @$refused[0, 1]),
-                         ['retry-after', $refused->[2]])
+        # refused before it starts: at once, whatever its latency
+        return { %{ error_res($req, 429, 'rate_limit_error',
+                              rate_limit_message($ctx->{org}, @$refused[0, 1]),
+                              ['retry-after', $refused->[2]]) },
+                 delay_ms => 0 }
             if $refused;
     }
 
