@@ -10,6 +10,7 @@ use lib 't/lib';
 
 use JSON::PP;
 use Test::More;
+use Time::HiRes ();
 
 use Ratepool::Test;
 
@@ -181,6 +182,12 @@ is($r->{headers}{'anthropic-ratelimit-requests-remaining'}, 0,
 like(decode_json($r->{body})->{error}{message},
     qr/organization \(org-c\) of 3 requests per minute/,
     'the message names the org and the limit');
+
+my $t0 = Time::HiRes::time;
+$r = messages($KEY{c1}, headers => [ 'x-mock-delay-ms' => 3000 ]);
+is($r->{status}, 429, 'a slow request over the limit is limited too');
+cmp_ok(Time::HiRes::time - $t0, '<', 2,
+    'at once: the provider refuses before it starts to answer');
 
 my $parallel = $t->parallel(5, sub { messages($KEY{d1})->{status} });
 is_deeply([ sort @$parallel ], [ 200, 200, 200, 429, 429 ],

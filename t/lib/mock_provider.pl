@@ -17,17 +17,45 @@
 #                       "project_tpm": 20000,   (and a project's, lower)
 #                       "models": {"claude-opus": {"rpm": 5, ...}}}},
 #    "latency_ms": 0, "stream_delay_ms": 50,
-#    "close_reused": false}   (true: close a reused connection unanswered)
+#    "close_reused": false,   (true: close a reused connection unanswered)
+#    "prompt_cache": false,   (true: per-org prompt caches, see below)
+#    "cache_ttl_s": 300, "cache_ttl_1h_s": 3600,   (their lifetimes)
+#    "log_body": true}        (false: the log leaves request bodies out)
+#
+# Prompt caches ("prompt_cache": true), with the provider's rules: one
+# cache per org (keys of an org share it) and model.  Messages API: the
+# prefix runs tools -> system -> messages, one block per tool, system
+# block (a string system is one block) and message content block (a
+# string content is one); a block's identity is its JSON re-encoded
+# without cache_control, so moving a breakpoint keeps the prefix.
+# Breakpoints are the blocks with cache_control {"type":"ephemeral"}
+# ("ttl":"1h" for the longer lifetime), plus the last block when the body
+# has a top-level cache_control; more than 4 is a 400.  Each breakpoint
+# reads the longest live cached prefix ending at one of the 20 block
+# boundaries up to it, and writes its own prefix; a read refreshes the
+# TTL.  Prefixes under 1024 tokens are neither read nor written.  Usage:
+# cache_read_input_tokens up to the hit, cache_creation_input_tokens from
+# there to the last breakpoint, input_tokens the rest of the body's
+# estimate (a token per 4 bytes, block sizes from their encoding).  Reads
+# are free against itpm unless the org has itpm_cache_reads.  Chat
+# Completions: automatic, the longest cached prefix ending at a message
+# boundary is read and the whole prompt written when 1024+ tokens; it is
+# reported as prompt_tokens_details.cached_tokens and counts toward tpm.
+# x-mock-usage and scripts override single usage fields as before.
 #
 # Steering, per request (headers the gateway forwards unchanged):
 #   x-mock-delay-ms, x-mock-stream-delay-ms, x-mock-status, x-mock-retry-after,
-#   x-mock-usage (JSON object overriding usage fields)
+#   x-mock-usage (JSON object overriding usage fields); a request the
+#   org's buckets refuse gets its 429 at once, without the delays
 # Steering, per key (POST /_mock/script), one action consumed per request:
 #   {"key": K, "sticky": false, "actions": [{"status": 429, "retry_after": "7",
 #    "headers": {...}, "delay_ms": N, "body": STRING_OR_OBJECT,
 #    "usage": {...}, "stream_error": "overloaded_error"}, ...]}
 # Control: POST /_mock/reset, POST /_mock/config, GET /_mock/config,
-#   GET /_mock/log, GET|HEAD /_mock/health.
+#   GET /_mock/log, GET|HEAD /_mock/health.  The log (and the --log file,
+#   a JSON line each) records every /v1/ request; an answered message
+#   carries "usage": the four counts it was answered with, in Anthropic's
+#   names whatever the dialect.
 
 use strict;
 use warnings;
@@ -104,6 +132,8 @@ my $RATE_LIMIT_DOCS = 'For details, refer to: https://docs.claude.com/en/api/'
 
 my $config = normalize_config({});
 my %bucket;     # "org|class|rpm" => { tokens => available, at => epoch s }
+my %cache;      # org => { prefix digest => { expires => epoch s, ttl_s } }
+my %pruned;     # org => epoch s its cache was last rid of expired entries
 my %script;     # credential => { actions => [...], sticky => bool }
 my @log;        # request records, see log_request()
 my @timers;     # [ due epoch s, sequence, code ]
@@ -545,6 +575,7 @@ sub control {
     if ($path eq '/_mock/reset') {
         %script = ();
         %bucket = ();
+        %cache = ();
         @log = ();
         return json_res(200, { ok => JSON::PP::true });
     }
@@ -554,6 +585,7 @@ sub control {
             or return error_res($req, 400, 'invalid_request_error', "$@");
         $config = $new;
         %bucket = ();
+        %cache = ();
         return json_res(200, { ok => JSON::PP::true });
     }
 
@@ -583,6 +615,8 @@ sub normalize_config {
             unless ref $cfg->{$field} eq 'HASH';
     }
     $cfg->{latency_ms} //= 0;
+    $cfg->{cache_ttl_s} //= 300;
+    $cfg->{cache_ttl_1h_s} //= 3600;
 
     return $cfg;
 }
@@ -694,18 +728,29 @@ sub answer {
     }
 
     $ctx->{class} = model_class($payload->{model});
-    my $usage = usage_of($ctx, $payload, $action || {});
+
+    my $plan = cache_plan($ctx, $payload);
+    return error_res($req, 400, 'invalid_request_error', $plan->{error})
+        if $plan && $plan->{error};
+
+    my $usage = usage_of($ctx, $payload, $action || {}, $plan);
 
     # scripted answers bypass the buckets; everything else draws from them
     if (!$action) {
         my $refused = admit($ctx->{org}, $ctx->{class}, $usage,
                             $payload->{max_completion_tokens}
                             // $payload->{max_tokens}, $ctx->{now});
-        return error_res($req, 429, 'rate_limit_error',
-                         rate_limit_message($ctx->{org}, @$refused[0, 1]),
-                         ['retry-after', $refused->[2]])
+        # refused before it starts: at once, whatever its latency
+        return { %{ error_res($req, 429, 'rate_limit_error',
+                              rate_limit_message($ctx->{org}, @$refused[0, 1]),
+                              ['retry-after', $refused->[2]]) },
+                 delay_ms => 0 }
             if $refused;
     }
+
+    # the answer starts: what it wrote can be read from now on
+    cache_commit($ctx, $plan) if $plan;
+    $ctx->{usage} = $usage;
 
     my $res = openai_path($path)
             ? chat_res($ctx, $payload, $action || {}, $usage)
@@ -790,18 +835,23 @@ sub rate_limit_message {
 
 # --- the Messages API proper ----------------------------------------------
 
-# What a request uses: its body's size in input tokens, up to 15 output
-# tokens, or what x-mock-usage or the script says.
+# What a request uses: its body's size in input tokens (split by the
+# prompt cache's plan, if any, into read, written and the rest), up to 15
+# output tokens, or what x-mock-usage or the script says.
 sub usage_of {
-    my ($ctx, $payload, $action) = @_;
+    my ($ctx, $payload, $action, $plan) = @_;
     my $req = $ctx->{req};
 
     my $cap = $payload->{max_tokens} // $payload->{max_completion_tokens};
     my $max_tokens = looks_like_number($cap) ? $cap : 15;
+    my $total = estimate_input_tokens($req->{body});
+    my ($read, $written) = $plan ? @$plan{qw(read_tokens write_tokens)}
+                                 : (0, 0);
     my %usage = (
-        input_tokens                => estimate_input_tokens($req->{body}),
-        cache_creation_input_tokens => 0,
-        cache_read_input_tokens     => 0,
+        # what the blocks' own sizes leave of the whole body's estimate
+        input_tokens                => max(0, $total - $read - $written),
+        cache_creation_input_tokens => $written,
+        cache_read_input_tokens     => $read,
         output_tokens               => min($max_tokens, 15),
     );
 
@@ -814,6 +864,182 @@ sub usage_of {
 
     return \%usage;
 }
+
+# --- prompt caches ---------------------------------------------------------
+
+use constant CACHE_MIN_TOKENS => 1024;      # Sonnet's minimum prefix
+use constant CACHE_LOOKBACK   => 20;        # block boundaries per breakpoint
+use constant CACHE_BREAKPOINTS => 4;
+
+# What the org's cache makes of a request, before it is admitted: the
+# tokens read and to be written, and the entries to refresh and to write
+# once it is answered.  Undef when caching is off or nothing is cacheable;
+# { error => ... } for a request the API would refuse.
+sub cache_plan {
+    my ($ctx, $payload) = @_;
+
+    return undef unless $config->{prompt_cache};
+
+    my $openai = openai_path($ctx->{req}{path});
+    my ($blocks, $error) = $openai ? chat_blocks($payload)
+                                   : message_blocks($payload);
+    return { error => $error } if $error;
+    return undef unless @$blocks;
+
+    # OpenAI's caching is automatic: the whole prompt is one breakpoint,
+    # looked up at every message boundary
+    my @points = $openai
+        ? ([ $#$blocks, $config->{cache_ttl_s}, scalar @$blocks ])
+        : map { [ $_, $blocks->[$_]{ttl_s}, CACHE_LOOKBACK ] }
+          grep { defined $blocks->[$_]{ttl_s} } 0 .. $#$blocks;
+    return undef unless @points;
+
+    my $org_cache = $cache{ $ctx->{org} } //= {};
+    my $now = $ctx->{now};
+    my ($hit, @refresh) = (-1);
+
+    for my $point (@points) {
+        my ($at, undef, $lookback) = @$point;
+
+        for my $i (reverse max(0, $at - $lookback + 1) .. $at) {
+            last if $blocks->[$i]{tokens} < CACHE_MIN_TOKENS;
+            my $entry = $org_cache->{ $blocks->[$i]{digest} } or next;
+            next if $entry->{expires} <= $now;
+            push @refresh, $blocks->[$i]{digest};
+            $hit = max($hit, $i);
+            last;
+        }
+    }
+
+    my $last = $blocks->[ $points[-1][0] ]{tokens};
+    my $read = $hit >= 0 ? $blocks->[$hit]{tokens} : 0;
+
+    return {
+        read_tokens  => $read,
+        # OpenAI bills no writes: a miss is ordinary input
+        write_tokens => $last >= CACHE_MIN_TOKENS && !$openai
+                        ? $last - $read : 0,
+        refresh      => \@refresh,
+        write        => [ map { [ $blocks->[ $_->[0] ]{digest}, $_->[1] ] }
+                          grep { $blocks->[ $_->[0] ]{tokens}
+                                 >= CACHE_MIN_TOKENS } @points ],
+    };
+}
+
+# The answer has started: the prefixes read live on, those written exist.
+sub cache_commit {
+    my ($ctx, $plan) = @_;
+
+    my $org_cache = $cache{ $ctx->{org} } //= {};
+    my $now = $ctx->{now};
+
+    for my $digest (@{ $plan->{refresh} }) {
+        my $entry = $org_cache->{$digest} or next;
+        $entry->{expires} = $now + $entry->{ttl_s};
+    }
+
+    for my $write (@{ $plan->{write} }) {
+        my ($digest, $ttl_s) = @$write;
+        my $entry = $org_cache->{$digest} //= { ttl_s => $ttl_s };
+        $entry->{ttl_s} = max($entry->{ttl_s}, $ttl_s);
+        $entry->{expires} = $now + $entry->{ttl_s};
+    }
+
+    # bounded: expired entries go, at most once a second per org
+    return if ($pruned{ $ctx->{org} } // 0) > $now - 1;
+    $pruned{ $ctx->{org} } = $now;
+    delete @$org_cache{ grep { $org_cache->{$_}{expires} <= $now }
+                        keys %$org_cache };
+}
+
+# A Messages request's blocks in prefix order, each with the digest and
+# token estimate of the prefix it ends and, if it is a breakpoint, its TTL
+# in seconds.  Returns (blocks) or (undef, error message).
+sub message_blocks {
+    my ($payload) = @_;
+    my @items;
+
+    push @items, map { [ 'tool', $_ ] } list_of($payload->{tools});
+
+    my $system = $payload->{system};
+    push @items, ref $system eq 'ARRAY' ? map { [ 'system', $_ ] } @$system
+               : defined $system        ? [ 'system', $system ] : ();
+
+    my @messages = list_of($payload->{messages});
+    for my $n (0 .. $#messages) {
+        my $m = $messages[$n];
+        next unless ref $m eq 'HASH';
+        my $label = "message $n " . ($m->{role} // '');
+        push @items, map { [ $label, $_ ] } ref $m->{content} eq 'ARRAY'
+                                            ? @{ $m->{content} }
+                                            : $m->{content} // '';
+    }
+
+    my $blocks = prefix_blocks($payload->{model}, \@items);
+
+    # a top-level cache_control marks the last block
+    my $auto = ttl_of($payload->{cache_control});
+    $blocks->[-1]{ttl_s} //= $auto if @$blocks && defined $auto;
+
+    my $n = grep { defined $_->{ttl_s} } @$blocks;
+    return (undef, 'A maximum of ' . CACHE_BREAKPOINTS . ' blocks with'
+                   . " cache_control may be provided. Found $n.")
+        if $n > CACHE_BREAKPOINTS;
+
+    return $blocks;
+}
+
+# A Chat Completions request's blocks: its tools, then one per message.
+sub chat_blocks {
+    my ($payload) = @_;
+
+    my @items = ((map { [ 'tool', $_ ] } list_of($payload->{tools})),
+                 (map { [ 'message', $_ ] } list_of($payload->{messages})));
+    my $blocks = prefix_blocks($payload->{model}, \@items);
+    delete $_->{ttl_s} for @$blocks;
+
+    return $blocks;
+}
+
+# Chains [label, block] pairs into prefixes: a prefix's digest covers the
+# model and every block up to it, each block re-encoded without its
+# cache_control; its tokens are its bytes / 4, as for whole bodies.
+sub prefix_blocks {
+    my ($model, $items) = @_;
+    my $digest = sha256_hex('model ' . ($model // ''));
+    my ($bytes, @blocks) = (0);
+
+    for my $item (@$items) {
+        my ($label, $block) = @$item;
+        my $ttl_s;
+
+        if (ref $block eq 'HASH') {
+            $ttl_s = ttl_of($block->{cache_control});
+            $block = { %$block };
+            delete $block->{cache_control};
+        }
+
+        my $encoded = $JSON->encode($block);
+        $bytes += length $encoded;
+        $digest = sha256_hex("$digest\n$label\n$encoded");
+        push @blocks, { digest => $digest, tokens => int($bytes / 4),
+                        ttl_s => $ttl_s };
+    }
+
+    return \@blocks;
+}
+
+# A cache_control's lifetime in seconds; undef if it is none.
+sub ttl_of {
+    my ($cc) = @_;
+
+    return undef unless ref $cc eq 'HASH'
+                        && ($cc->{type} // '') eq 'ephemeral';
+    return ($cc->{ttl} // '') eq '1h' ? $config->{cache_ttl_1h_s}
+                                      : $config->{cache_ttl_s};
+}
+
+sub list_of { ref $_[0] eq 'ARRAY' ? @{ $_[0] } : () }
 
 sub message_res {
     my ($ctx, $payload, $action, $usage) = @_;
@@ -1176,7 +1402,6 @@ sub log_request {
         method     => $req->{method},
         path       => $req->{target},
         headers    => $req->{headers},
-        body       => Encode::decode('UTF-8', $req->{body}),
         credential => $ctx->{credential},
         key_name   => $ctx->{key_name},
         org        => $ctx->{org},
@@ -1184,6 +1409,12 @@ sub log_request {
         request_id => $req->{rid},
         conn       => $req->{conn},
     };
+
+    # a bench's bodies run to megabytes a minute: it may do without them
+    $record->{body} = Encode::decode('UTF-8', $req->{body})
+        if !defined $config->{log_body} || $config->{log_body};
+    $record->{usage} = { %{ $ctx->{usage} } }
+        if $ctx->{usage} && $status == 200;
 
     push @log, $record;
     print {$log_fh} $JSON->encode($record), "\n" if $log_fh;
