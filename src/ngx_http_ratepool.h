@@ -178,6 +178,9 @@ typedef struct {
     ngx_http_ratepool_limits_sh_t   lim;        /* input charged after */
     uint32_t                        input_rate;         /* learned, see
                                                    ratepool_estimate_learn() */
+    uint32_t                        prompt_rate;    /* the same, of all of
+                                                   a conversation's input,
+                                                   as if none were cached */
     uint64_t                        admitted;
     uint64_t                        rejected;
     ngx_uint_t                      waiting;

@@ -577,6 +577,12 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
+    /* where nothing of it is cached, all of its prompt counts */
+    ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
+                                         ctx->workspace->sh->prompt_rate);
+    ctx->input_full = ctx->input_cost;
+    ctx->input_prefix = ctx->input_cost;
+
     home = ngx_http_ratepool_home_find(ctx->pool->zone, ctx->conversation,
                                        now_ms);
 

@@ -975,7 +975,13 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         ratepool_bucket_debit(&ws->sh->lim.bucket[RATEPOOL_ITPM], ws->itpm,
                               counted, now_ms);
 
-        if (usage->seen & RATEPOOL_USAGE_INPUT) {
+        if ((usage->seen & RATEPOOL_USAGE_INPUT) && ctx->conversation) {
+            ws->sh->prompt_rate = ratepool_estimate_learn(ws->sh->prompt_rate,
+                                            ctx->body_bytes,
+                                            add.input + add.cache_read
+                                            + add.cache_creation);
+
+        } else if (usage->seen & RATEPOOL_USAGE_INPUT) {
             ws->sh->input_rate = ratepool_estimate_learn(ws->sh->input_rate,
                                                          ctx->body_bytes,
                                                          counted);

@@ -478,8 +478,8 @@ ngx_http_ratepool_status_tokens(u_char *p, ngx_http_ratepool_tokens_t *used)
     permille = all ? used->cache_read * 1000 / all : 0;
 
     return ngx_sprintf(p, "\"tokens\":{\"input\":%uL,\"output\":%uL,"
-                       "\"cache_read\":%uL,\"cache_creation\":%uL,"
-                       "\"cache_hit_ratio\":%uL.%03uL}",
+                       "\"cache_read\":%uL,\"cache_creation\":%uL},"
+                       "\"cache_hit_ratio\":%uL.%03uL",
                        used->input, used->output, used->cache_read,
                        used->cache_creation, permille / 1000,
                        permille % 1000);
