@@ -491,6 +491,14 @@ struct ngx_http_ratepool_store_s {
                                            ngx_http_ratepool_org_t *org,
                                            uint64_t *seen, uint64_t *limits,
                                            int64_t *remaining);
+    /* where the fleet keeps the conversation's cache: into the zone */
+    ngx_int_t                     (*home)(ngx_http_ratepool_ctx_t *ctx,
+                                          ngx_http_ratepool_taken_pt handler,
+                                          void *data);
+    void                          (*homed)(ngx_http_ratepool_ctx_t *ctx,
+                                           ngx_http_ratepool_org_t *org,
+                                           uint64_t ttl_ms,
+                                           ratepool_turn_t *turn);
     ngx_int_t                     (*init_process)(ngx_cycle_t *cycle,
                                        ngx_http_ratepool_main_conf_t *rmcf);
     void                          (*exit_process)(
@@ -502,6 +510,7 @@ struct ngx_http_ratepool_store_s {
 
 typedef struct {
     ngx_http_ratepool_redis_cmd_t  *cmd;        /* a take, until its reply */
+    ngx_http_ratepool_redis_cmd_t  *home_cmd;   /* a home asked for */
     ngx_event_t                     timer;
     ngx_http_ratepool_org_t        *org;        /* charged there */
     uint64_t                        input;

@@ -26,6 +26,9 @@
  */
 
 
+static void ngx_http_ratepool_home_known(void *data, ngx_int_t rc,
+    uint64_t wait_ms, ngx_uint_t mask);
+static ngx_int_t ngx_http_ratepool_suspend(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_decide(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
@@ -99,7 +102,50 @@ ngx_http_ratepool_admit(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    /* a fleet knows where a conversation's cache is: asked first */
+
+    if (ctx->conversation
+        && ctx->pool->zone->store->home(ctx, ngx_http_ratepool_home_known,
+                                        ctx)
+           == NGX_AGAIN)
+    {
+        return ngx_http_ratepool_suspend(r);
+    }
+
     return ngx_http_ratepool_decide(r, ctx);
+}
+
+
+static void
+ngx_http_ratepool_home_known(void *data, ngx_int_t rc, uint64_t wait_ms,
+    ngx_uint_t mask)
+{
+    ngx_http_ratepool_ctx_t *ctx = data;
+
+    ngx_connection_t    *c;
+    ngx_http_request_t  *r;
+
+    r = ctx->request;
+    c = r->connection;
+
+    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_decide(r, ctx));
+    ngx_http_run_posted_requests(c);
+}
+
+
+/* the request waits for the store's answer; a client that leaves ends it */
+
+static ngx_int_t
+ngx_http_ratepool_suspend(ngx_http_request_t *r)
+{
+    r->read_event_handler = ngx_http_test_reading;
+    r->write_event_handler = ngx_http_request_empty_handler;
+
+    if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    return NGX_DONE;
 }
 
 
@@ -181,15 +227,7 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
     }
 
     if (rc == NGX_AGAIN) {
-        /* a client that leaves meanwhile ends the request */
-        r->read_event_handler = ngx_http_test_reading;
-        r->write_event_handler = ngx_http_request_empty_handler;
-
-        if (ngx_handle_read_event(r->connection->read, 0) != NGX_OK) {
-            return NGX_HTTP_INTERNAL_SERVER_ERROR;
-        }
-
-        return NGX_DONE;
+        return ngx_http_ratepool_suspend(r);
     }
 
     return ngx_http_ratepool_unshared(r, ctx);

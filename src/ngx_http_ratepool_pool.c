@@ -133,8 +133,9 @@ static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c, uint64_t *home_itpm);
 static uint64_t ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx,
     uint64_t home_itpm, uint64_t now_ms);
-static void ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_tokens_t *used, uint64_t now_ms);
+static ngx_uint_t ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_tokens_t *used, uint64_t now_ms, ratepool_turn_t *turn,
+    uint64_t *ttl_ms);
 static void ngx_http_ratepool_answer_set(ngx_http_ratepool_answer_t *a,
     ngx_uint_t set, ngx_uint_t field, uint64_t value);
 static void ngx_http_ratepool_read_answer(ngx_http_request_t *r,
@@ -906,9 +907,11 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage)
 {
     time_t                          now;
-    uint64_t                        total, now_ms, limits[RATEPOOL_DIMS],
+    uint64_t                        total, now_ms, ttl_ms,
+                                    limits[RATEPOOL_DIMS],
                                     tokens[RATEPOOL_DIMS];
-    ngx_uint_t                      i;
+    ngx_uint_t                      i, homed;
+    ratepool_turn_t                 turn;
     ngx_slab_pool_t                *shpool;
     ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t        *org;
@@ -965,9 +968,9 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_bucket_debit(bucket[RATEPOOL_OTPM], limits[RATEPOOL_OTPM],
                           tokens[RATEPOOL_OTPM], now_ms);
 
-    if (ctx->conversation && (usage->seen & RATEPOOL_USAGE_INPUT)) {
-        ngx_http_ratepool_count_turn(ctx, &add, now_ms);
-    }
+    homed = (ctx->conversation && (usage->seen & RATEPOOL_USAGE_INPUT)
+             && ngx_http_ratepool_count_turn(ctx, &add, now_ms, &turn,
+                                             &ttl_ms));
 
     if (ctx->workspace) {
         ws = ctx->workspace;
@@ -1003,6 +1006,13 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
 
     total = add.input + add.output + add.cache_read + add.cache_creation;
     ctx->pool->zone->store->usage(ctx, counted, add.output, total);
+
+    if (homed) {
+        ctx->pool->zone->store->homed(ctx,
+                                 ngx_http_ratepool_key_org(ctx->pool,
+                                                           ctx->key),
+                                 ttl_ms, &turn);
+    }
 }
 
 
@@ -1014,38 +1024,41 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
  * the org's cache held them.
  */
 
-static void
+static ngx_uint_t
 ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_tokens_t *used, uint64_t now_ms)
+    ngx_http_ratepool_tokens_t *used, uint64_t now_ms, ratepool_turn_t *turn,
+    uint64_t *ttl_ms)
 {
-    uint64_t                     ttl_ms;
-    ratepool_turn_t              turn;
+    ratepool_turn_t              prefix;
     ngx_http_ratepool_org_sh_t  *osh;
 
     osh = ngx_http_ratepool_key_org(ctx->pool, ctx->key)->sh;
-    ttl_ms = ctx->cache_long ? RATEPOOL_HOME_TTL_LONG_MS
-                             : RATEPOOL_HOME_TTL_MS;
+    *ttl_ms = ctx->cache_long ? RATEPOOL_HOME_TTL_LONG_MS
+                              : RATEPOOL_HOME_TTL_MS;
 
-    turn.bytes = ctx->body_bytes;
-    turn.total = used->input + used->cache_read + used->cache_creation;
-    turn.cached = used->cache_read + used->cache_creation;
+    turn->bytes = ctx->body_bytes;
+    turn->total = used->input + used->cache_read + used->cache_creation;
+    turn->cached = used->cache_read + used->cache_creation;
 
-    if (turn.bytes == 0 || turn.total == 0) {
-        return;
+    if (turn->bytes == 0 || turn->total == 0) {
+        return 0;
     }
 
     ctx->pool->zone->sh->turns[ctx->placement]++;
 
     ngx_http_ratepool_home_set(ctx->pool->zone, ctx->conversation, osh,
-                               ttl_ms, &turn, now_ms);
+                               *ttl_ms, turn, now_ms);
 
     if (ctx->prefix && ctx->placement == RATEPOOL_PLACED_NEW) {
         /* only a first turn's cache reads are the shared prefix alone */
-        turn.cached = used->cache_read;
+        prefix = *turn;
+        prefix.cached = used->cache_read;
 
         ngx_http_ratepool_home_set(ctx->pool->zone, ctx->prefix, osh,
-                                   ttl_ms, &turn, now_ms);
+                                   *ttl_ms, &prefix, now_ms);
     }
+
+    return 1;
 }
 
 

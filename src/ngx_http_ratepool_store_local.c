@@ -13,9 +13,10 @@
 
 
 /*
- * The store of one gateway alone: the zone's buckets, which admission
- * and the key chooser keep themselves, are all there is to share, so a
- * take is always granted and the rest has nothing to tell.
+ * The store of one gateway alone: the zone's buckets and conversations'
+ * homes, which admission and the key chooser keep themselves, are all
+ * there is to share, so a take is always granted, a home always known,
+ * and the rest has nothing to tell.
  */
 
 
@@ -29,6 +30,8 @@ static void ngx_http_ratepool_local_cool(ngx_http_ratepool_ctx_t *ctx,
 static void ngx_http_ratepool_local_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
     int64_t *remaining);
+static void ngx_http_ratepool_local_homed(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t ttl_ms, ratepool_turn_t *turn);
 static ngx_int_t ngx_http_ratepool_local_init_process(ngx_cycle_t *cycle,
     ngx_http_ratepool_main_conf_t *rmcf);
 static void ngx_http_ratepool_local_exit_process(
@@ -42,6 +45,8 @@ const ngx_http_ratepool_store_t  ngx_http_ratepool_store_local = {
     ngx_http_ratepool_local_request,        /* end */
     ngx_http_ratepool_local_cool,
     ngx_http_ratepool_local_learn,
+    ngx_http_ratepool_local_take,           /* home: the zone has it */
+    ngx_http_ratepool_local_homed,
     ngx_http_ratepool_local_init_process,
     ngx_http_ratepool_local_exit_process
 };
@@ -79,6 +84,13 @@ static void
 ngx_http_ratepool_local_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
     int64_t *remaining)
+{
+}
+
+
+static void
+ngx_http_ratepool_local_homed(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t ttl_ms, ratepool_turn_t *turn)
 {
 }
 

@@ -11,6 +11,7 @@
 #include <hiredis/hiredis.h>
 
 #include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_redis.h"
 #include "ngx_http_ratepool_org.h"
 #include "ngx_http_ratepool_store.h"
@@ -109,6 +110,15 @@ static void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     int64_t *remaining);
 static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
     void *data);
+static ngx_int_t ngx_http_ratepool_shared_home(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_taken_pt handler, void *data);
+static void ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd,
+    void *reply);
+static void ngx_http_ratepool_home_timeout(ngx_event_t *ev);
+static void ngx_http_ratepool_shared_homed(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t ttl_ms, ratepool_turn_t *turn);
+static void ngx_http_ratepool_home_key(ngx_http_ratepool_call_t *call,
+    ngx_http_ratepool_redis_conf_t *conf, uint64_t id);
 static ngx_int_t ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org);
 static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
@@ -141,6 +151,8 @@ const ngx_http_ratepool_store_t  ngx_http_ratepool_store_redis = {
     ngx_http_ratepool_shared_end,
     ngx_http_ratepool_shared_cool,
     ngx_http_ratepool_shared_learn,
+    ngx_http_ratepool_shared_home,
+    ngx_http_ratepool_shared_homed,
     ngx_http_ratepool_shared_init_process,
     ngx_http_ratepool_shared_exit_process
 };
@@ -530,6 +542,208 @@ done:
     ngx_shmtx_unlock(&shpool->mutex);
 
     return rc;
+}
+
+
+/*
+ * Where the fleet keeps a conversation's cache: asked before admission,
+ * so that every gateway sends a conversation's turns to one org, and
+ * copied into the zone, where the chooser looks.  NGX_AGAIN: asked, the
+ * answer (or none, in redis_timeout) goes to handler(data, ...); NGX_OK:
+ * Redis cannot be asked, the zone's word is all there is.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_shared_home(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_taken_pt handler, void *data)
+{
+    ngx_http_ratepool_redis_t      *redis;
+    ngx_http_ratepool_call_t        call;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ctx->pool->zone->conf;
+    redis = ngx_http_ratepool_redis_get(rmcf);
+
+    if (!ngx_http_ratepool_redis_usable(redis)) {
+        return NGX_OK;
+    }
+
+    call.n = 0;
+    call.p = call.buf;
+
+    ngx_http_ratepool_call_int(&call, 1);
+    ngx_http_ratepool_home_key(&call, rmcf->redis, ctx->conversation);
+    ngx_http_ratepool_call_str(&call, (u_char *) "h", 1);
+
+    ctx->shared.home_cmd = ngx_http_ratepool_redis_script(redis, call.args,
+                                              call.n, 2,
+                                              ngx_http_ratepool_home_reply,
+                                              ctx);
+    if (ctx->shared.home_cmd == NULL) {
+        return NGX_OK;
+    }
+
+    ctx->shared.handler = handler;
+    ctx->shared.data = data;
+
+    ctx->shared.timer.handler = ngx_http_ratepool_home_timeout;
+    ctx->shared.timer.data = ctx;
+    ctx->shared.timer.log = ctx->request->connection->log;
+    ngx_add_timer(&ctx->shared.timer, rmcf->redis->timeout);
+
+    return NGX_AGAIN;
+}
+
+
+/* "ratepool:{zone}:c:<the conversation's key in hex>": no secret in it */
+
+static void
+ngx_http_ratepool_home_key(ngx_http_ratepool_call_t *call,
+    ngx_http_ratepool_redis_conf_t *conf, uint64_t id)
+{
+    u_char     hex[16];
+    ngx_str_t  name;
+
+    name.data = hex;
+    name.len = ngx_sprintf(hex, "%016xL", id) - hex;
+
+    ngx_http_ratepool_call_key(call, conf, 'c', &name);
+}
+
+
+/*
+ * Redis's word on a conversation's home: the org, how long its cache
+ * lives, and what its last turn said of its prompt.  An org this pool
+ * does not have is no home here.
+ */
+
+static void
+ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
+{
+    redisReply                 *reply = data;
+
+    int64_t                     ttl_ms;
+    ngx_str_t                   name;
+    ngx_uint_t                  i;
+    ratepool_turn_t             turn;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_ratepool_ctx_t    *ctx;
+    ngx_http_ratepool_org_t    *orgs;
+
+    ctx = cmd->data;
+
+    if (ctx == NULL) {
+        return;
+    }
+
+    ctx->shared.home_cmd = NULL;
+
+    if (ctx->shared.timer.timer_set) {
+        ngx_del_timer(&ctx->shared.timer);
+    }
+
+    if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements == 5
+        && reply->element[0]->type == REDIS_REPLY_STRING
+        && reply->element[0]->len <= RATEPOOL_NAME_MAX
+        && reply->element[1]->type == REDIS_REPLY_INTEGER
+        && reply->element[2]->type == REDIS_REPLY_INTEGER
+        && reply->element[3]->type == REDIS_REPLY_INTEGER
+        && reply->element[4]->type == REDIS_REPLY_INTEGER
+        && reply->element[2]->integer >= 0
+        && reply->element[3]->integer >= 0
+        && reply->element[4]->integer >= 0)
+    {
+        name.data = (u_char *) reply->element[0]->str;
+        name.len = reply->element[0]->len;
+
+        ttl_ms = reply->element[1]->integer;
+        turn.bytes = (uint64_t) reply->element[2]->integer;
+        turn.total = (uint64_t) reply->element[3]->integer;
+        turn.cached = (uint64_t) reply->element[4]->integer;
+
+        if (ttl_ms <= 0 || ttl_ms > RATEPOOL_HOME_TTL_LONG_MS) {
+            ttl_ms = RATEPOOL_HOME_TTL_MS;
+        }
+
+        orgs = ctx->pool->orgs->elts;
+        shpool = ctx->pool->zone->shpool;
+
+        for (i = 0; i < ctx->pool->orgs->nelts; i++) {
+            if (orgs[i].model.len == 0 && orgs[i].name.len == name.len
+                && ngx_strncmp(orgs[i].name.data, name.data, name.len) == 0)
+            {
+                ngx_shmtx_lock(&shpool->mutex);
+                ngx_http_ratepool_home_set(ctx->pool->zone,
+                                           ctx->conversation, orgs[i].sh,
+                                           (uint64_t) ttl_ms, &turn,
+                                           ngx_http_ratepool_now_ms());
+                ngx_shmtx_unlock(&shpool->mutex);
+                break;
+            }
+        }
+    }
+
+    ctx->shared.handler(ctx->shared.data, NGX_OK, 0, 0);
+}
+
+
+/* Redis did not say in time: the zone's word will do */
+
+static void
+ngx_http_ratepool_home_timeout(ngx_event_t *ev)
+{
+    ngx_http_ratepool_ctx_t *ctx = ev->data;
+
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ctx->pool->zone->conf;
+
+    if (ctx->shared.home_cmd) {
+        ctx->shared.home_cmd->data = NULL;
+        ctx->shared.home_cmd = NULL;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, ev->log, 0,
+                  "ratepool: redis did not say where a conversation's "
+                  "cache is in %M ms", rmcf->redis->timeout);
+
+    ngx_http_ratepool_redis_timed_out(ngx_http_ratepool_redis_get(rmcf));
+
+    ctx->shared.handler(ctx->shared.data, NGX_OK, 0, 0);
+}
+
+
+/* the org that answered a turn is the conversation's home for the fleet */
+
+static void
+ngx_http_ratepool_shared_homed(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t ttl_ms, ratepool_turn_t *turn)
+{
+    ngx_http_ratepool_redis_t      *redis;
+    ngx_http_ratepool_call_t        call;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ctx->pool->zone->conf;
+    redis = ngx_http_ratepool_redis_get(rmcf);
+
+    if (!ngx_http_ratepool_redis_usable(redis)) {
+        return;
+    }
+
+    call.n = 0;
+    call.p = call.buf;
+
+    ngx_http_ratepool_call_int(&call, 1);
+    ngx_http_ratepool_home_key(&call, rmcf->redis, ctx->conversation);
+    ngx_http_ratepool_call_str(&call, (u_char *) "H", 1);
+    ngx_http_ratepool_call_str(&call, org->name.data, org->name.len);
+    ngx_http_ratepool_call_int(&call, (int64_t) ttl_ms);
+    ngx_http_ratepool_call_int(&call, (int64_t) turn->bytes);
+    ngx_http_ratepool_call_int(&call, (int64_t) turn->total);
+    ngx_http_ratepool_call_int(&call, (int64_t) turn->cached);
+
+    (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
+                                          NULL);
 }
 
 
@@ -1028,6 +1242,12 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
 {
     if (ctx->shared.timer.timer_set) {
         ngx_del_timer(&ctx->shared.timer);
+    }
+
+    if (ctx->shared.home_cmd) {
+        /* its answer will find nobody */
+        ctx->shared.home_cmd->data = NULL;
+        ctx->shared.home_cmd = NULL;
     }
 
     if (ctx->shared.cmd == NULL && !ctx->shared.taken) {

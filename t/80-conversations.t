@@ -16,6 +16,7 @@ use Test::More;
 use POSIX ();
 use Time::HiRes qw(sleep);
 
+use Ratepool::Conversation;
 use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
@@ -80,72 +81,12 @@ EOF
 
 $t->run;
 
-my $JSON = JSON::PP->new->utf8->canonical;
-my $EPHEMERAL = { type => 'ephemeral' };
+sub new_conversation { Ratepool::Conversation->new(@_) }
 
-# ASCII text of exactly $bytes bytes, different for each $seed
-sub filler {
-    my ($bytes, $seed) = @_;
-    my ($s, $i) = ('', 0);
-    $s .= "$seed-" . $i++ . ' ' while length $s < $bytes;
-    return substr $s, 0, $bytes;
-}
-
-sub text { { type => 'text', text => filler(@_) } }
-
-# Claude Code's shape: tools, system blocks of which the last two are
-# marked for caching, and the last block of the conversation marked too;
-# every turn sends it all again.
-my @TOOLS = map { { name => "tool_$_", description => filler(4000, "tool$_"),
-                    input_schema => { type => 'object' } } } 1 .. 2;
-
-sub system_blocks {
-    my ($seed) = @_;
-    return [ text(400, "$seed-0"),
-             { %{ text(6000, "$seed-1") }, cache_control => $EPHEMERAL },
-             { %{ text(6000, "$seed-2") }, cache_control => $EPHEMERAL } ];
-}
-
-sub new_conversation {
-    my ($seed, %opt) = @_;
-    return { seed => $seed, session => $opt{session},
-             system => system_blocks($opt{system} // 'shared'),
-             messages => [ { role => 'user',
-                             content => [ text(2000, "$seed-u0") ] } ] };
-}
-
-sub body_of {
-    my ($c) = @_;
-    my @messages = map { { role => $_->{role},
-                           content => [ map { {%$_} } @{ $_->{content} } ] } }
-                   @{ $c->{messages} };
-    $messages[-1]{content}[-1]{cache_control} = $EPHEMERAL;
-
-    return { model => 'claude-sonnet-4-6', max_tokens => 64,
-             tools => \@TOOLS, system => $c->{system},
-             messages => \@messages };
-}
-
-# sends the conversation's next turn; on success its answer and a new
-# user message of about 4 KB join the conversation
 sub turn {
     my ($c, %opt) = @_;
-    my $n = @{ $c->{messages} };
-
-    my $r = $t->messages(token => $opt{token} // $TOKEN,
-        headers => [ $c->{session}
-                         ? ('x-claude-code-session-id' => $c->{session})
-                         : (),
-                     @{ $opt{headers} || [] } ],
-        body => $JSON->encode(body_of($c)));
-
-    if ($r->{status} == 200) {
-        push @{ $c->{messages} },
-            { role => 'assistant', content => [ text(600, "$c->{seed}-a$n") ] },
-            { role => 'user', content => [ text(4000, "$c->{seed}-u$n") ] };
-    }
-
-    return $r;
+    return $c->turn($t, token => $opt{token} // $TOKEN,
+                    headers => $opt{headers});
 }
 
 sub orgs_used {
@@ -233,7 +174,7 @@ for (1 .. 50) {
 $reserved = $held->{reserved_input_tokens};
 waitpid $pid, 0;
 
-my $prompt_tokens = int(length($JSON->encode(body_of($cc))) / 4);
+my $prompt_tokens = int(length($cc->body) / 4);
 cmp_ok($held->{in_flight}, '==', 1, 'a turn in flight at home');
 cmp_ok($reserved, '<', $prompt_tokens / 4,
        "reserves its home's input tokens for what is new only "
@@ -256,7 +197,7 @@ is($big->{status}, 200,
    . 'since little of each turn is new');
 
 my $cold = new_conversation('cold', system => 'cold');
-push @{ $cold->{messages} }, @{ $small->{messages} }[1 .. $#{ $small->{messages} }];
+push @{ $cold->messages }, @{ $small->messages }[1 .. $#{ $small->messages }];
 my $r = turn($cold, token => $SMALL);
 is($r->{status}, 400, 'a new conversation of that size is not admitted');
 like(eval { decode_json($r->{body})->{error}{message} } // '',
