@@ -27,6 +27,8 @@ typedef struct {
 } ngx_http_ratepool_error_t;
 
 
+static ngx_int_t ngx_http_ratepool_reply_until(ngx_http_request_t *r,
+    u_char *buf, u_char *p, size_t size, time_t reset);
 static ngx_int_t ngx_http_ratepool_reply_limited(ngx_http_request_t *r,
     ngx_str_t *message, uint64_t wait_ms);
 static u_char *ngx_http_ratepool_no_key(u_char *buf, size_t size,
@@ -156,26 +158,13 @@ ngx_int_t
 ngx_http_ratepool_reply_spent(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, time_t until)
 {
-    ngx_tm_t   tm;
-    ngx_str_t  msg;
-    u_char     buf[320];
+    u_char  *p, buf[320];
 
-    ngx_gmtime(until, &tm);
+    p = ngx_snprintf(buf, sizeof(buf),
+                     "every org of pool \"%V\" has reached its spend limit "
+                     "or quota; the first resets at ", &pool->upstream->host);
 
-    msg.data = buf;
-    msg.len = ngx_snprintf(buf, sizeof(buf),
-                           "every org of pool \"%V\" has reached its "
-                           "spend limit or quota; the first resets at "
-                           "%4d-%02d-%02dT%02d:%02d:%02dZ",
-                           &pool->upstream->host, tm.ngx_tm_year,
-                           tm.ngx_tm_mon, tm.ngx_tm_mday, tm.ngx_tm_hour,
-                           tm.ngx_tm_min, tm.ngx_tm_sec)
-              - buf;
-
-    return ngx_http_ratepool_reply_error(r, NGX_HTTP_TOO_MANY_REQUESTS,
-                                         "rate_limit_error", &msg,
-                                         "enforced_spend_limit_reached", 0,
-                                         0);
+    return ngx_http_ratepool_reply_until(r, buf, p, sizeof(buf), until);
 }
 
 
@@ -184,18 +173,30 @@ ngx_http_ratepool_reply_over_budget(ngx_http_request_t *r,
     ngx_http_ratepool_workspace_t *ws, const char *period, uint64_t budget,
     time_t reset)
 {
+    u_char  *p, buf[320];
+
+    p = ngx_snprintf(buf, sizeof(buf),
+                     "workspace \"%V\" has used its %s budget of %uL "
+                     "tokens; it resets at ", &ws->name, period, budget);
+
+    return ngx_http_ratepool_reply_until(r, buf, p, sizeof(buf), reset);
+}
+
+
+/* the message in buf, up to p, ends with when the money is back */
+
+static ngx_int_t
+ngx_http_ratepool_reply_until(ngx_http_request_t *r, u_char *buf, u_char *p,
+    size_t size, time_t reset)
+{
     ngx_tm_t   tm;
     ngx_str_t  msg;
-    u_char     buf[256];
 
     ngx_gmtime(reset, &tm);
 
     msg.data = buf;
-    msg.len = ngx_snprintf(buf, sizeof(buf),
-                           "workspace \"%V\" has used its %s budget of %uL "
-                           "tokens; it resets at "
-                           "%4d-%02d-%02dT%02d:%02d:%02dZ",
-                           &ws->name, period, budget, tm.ngx_tm_year,
+    msg.len = ngx_snprintf(p, size - (p - buf),
+                           "%4d-%02d-%02dT%02d:%02d:%02dZ", tm.ngx_tm_year,
                            tm.ngx_tm_mon, tm.ngx_tm_mday, tm.ngx_tm_hour,
                            tm.ngx_tm_min, tm.ngx_tm_sec)
               - buf;

@@ -121,6 +121,8 @@ static void ngx_http_ratepool_home_key(ngx_http_ratepool_call_t *call,
     ngx_http_ratepool_redis_conf_t *conf, uint64_t id);
 static ngx_int_t ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org);
+static void ngx_http_ratepool_lease_costs(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t *limits, uint64_t *cost);
 static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
 static void ngx_http_ratepool_shared_timeout(ngx_event_t *ev);
@@ -354,6 +356,33 @@ ngx_http_ratepool_call_start(ngx_http_ratepool_call_t *call,
 
 
 /*
+ * A lease's holders' limits and the request's cost to each: the
+ * workspace's, then the org's (its limits are the zone's, read locked).
+ */
+
+static void
+ngx_http_ratepool_lease_costs(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_t *org, uint64_t *limits, uint64_t *cost)
+{
+    ngx_http_ratepool_workspace_t  *ws;
+
+    ws = ctx->workspace;
+
+    limits[RATEPOOL_RPM] = ws->rpm;
+    limits[RATEPOOL_ITPM] = ws->itpm;
+    limits[RATEPOOL_OTPM] = ws->otpm;
+
+    cost[RATEPOOL_RPM] = 1;
+    cost[RATEPOOL_ITPM] = ctx->input_cost;
+    cost[RATEPOOL_OTPM] = ctx->output_cost;
+    cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
+    ngx_http_ratepool_org_split(org,
+                                ngx_http_ratepool_input_at(ctx, ctx->key),
+                                ctx->output_cost, &cost[RATEPOOL_DIMS]);
+}
+
+
+/*
  * A lease is capacity taken in Redis along with a request, for the
  * gateway's next requests (ratepool_lease_blocks()).  Redis grants it
  * only while the bucket stays over half full, so near a limit every
@@ -376,17 +405,7 @@ ngx_http_ratepool_blocks(ngx_http_ratepool_ctx_t *ctx,
     now_ms = ngx_http_ratepool_now_ms();
     shpool = ctx->pool->zone->shpool;
 
-    limits[RATEPOOL_RPM] = ws->rpm;
-    limits[RATEPOOL_ITPM] = ws->itpm;
-    limits[RATEPOOL_OTPM] = ws->otpm;
-
-    cost[RATEPOOL_RPM] = 1;
-    cost[RATEPOOL_ITPM] = ctx->input_cost;
-    cost[RATEPOOL_OTPM] = ctx->output_cost;
-    cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
-    ngx_http_ratepool_org_split(org,
-                                ngx_http_ratepool_input_at(ctx, ctx->key),
-                                ctx->output_cost, &cost[RATEPOOL_DIMS]);
+    ngx_http_ratepool_lease_costs(ctx, org, limits, cost);
 
     ngx_shmtx_lock(&shpool->mutex);
 
@@ -482,17 +501,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     shpool = ctx->pool->zone->shpool;
     now_ms = ngx_http_ratepool_now_ms();
 
-    limits[RATEPOOL_RPM] = ws->rpm;
-    limits[RATEPOOL_ITPM] = ws->itpm;
-    limits[RATEPOOL_OTPM] = ws->otpm;
-
-    cost[RATEPOOL_RPM] = 1;
-    cost[RATEPOOL_ITPM] = ctx->input_cost;
-    cost[RATEPOOL_OTPM] = ctx->output_cost;
-    cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
-    ngx_http_ratepool_org_split(org,
-                                ngx_http_ratepool_input_at(ctx, ctx->key),
-                                ctx->output_cost, &cost[RATEPOOL_DIMS]);
+    ngx_http_ratepool_lease_costs(ctx, org, limits, cost);
 
     lease[0] = wsh->lim.lease;
     lease[1] = osh->lim.lease;
