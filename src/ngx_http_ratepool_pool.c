@@ -209,6 +209,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
                               ->sh->spent_until_ms <= now_ms);
         c[i].free_at_ms = ngx_max(osh->cooldown_until_ms,
                                   keys[i].sh->refused_until_ms);
+        c[i].cooling = (c[i].free_at_ms > now_ms);
         c[i].fallback = (uint32_t) keys[i].fallback;
 
         /* an overloaded provider is used after the others, not never */

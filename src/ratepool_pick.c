@@ -103,7 +103,9 @@ ratepool_pick_home(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
         }
 
         if (c[i].free_at_ms > now_ms) {
-            if (home_at_ms == 0 || c[i].free_at_ms < home_at_ms) {
+            if (!c[i].cooling
+                && (home_at_ms == 0 || c[i].free_at_ms < home_at_ms))
+            {
                 home_at_ms = c[i].free_at_ms;
             }
 

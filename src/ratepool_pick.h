@@ -17,6 +17,7 @@
 typedef struct {
     unsigned   usable:1;            /* not dead, not tried by this request */
     unsigned   home:1;              /* its org holds the request's cache */
+    unsigned   cooling:1;           /* the provider refused it lately */
     uint64_t   free_at_ms;          /* cooldown end or refill, if later */
     uint32_t   headroom_permille;   /* org bucket level / capacity; 1000 if
                                        the limit is unknown */
@@ -38,9 +39,10 @@ long ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
 /*
  * The same, for a request whose conversation has a home (the candidates
  * marked home): a home key that can be used now is chosen over any
- * other; if none can but one frees up within wait_home_ms, nothing is
- * chosen and *soonest_ms says when (the request waits for its home);
- * else the best other key (the conversation moves).
+ * other; if none can but one that is only short of room (not cooling
+ * after a refusal) frees up within wait_home_ms, nothing is chosen and
+ * *soonest_ms says when (the request waits for its home); else the best
+ * other key (the conversation moves).
  */
 long ratepool_pick_home(const ratepool_candidate_t *c, size_t n,
     uint64_t now_ms, uint64_t wait_home_ms, uint64_t *soonest_ms);

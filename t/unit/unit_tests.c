@@ -1595,6 +1595,12 @@ test_home(void)
     check(i == 0 || i == 2,
           "and moves when waiting would cost more, or may not be waited");
 
+    c[1].cooling = 1;
+    i = ratepool_pick_home(c, 3, 1000, 5000, &soonest);
+    check(i == 0 || i == 2,
+          "a home cooling after the provider refused it is not waited for");
+    c[1].cooling = 0;
+
     c[1].usable = 0;
     i = ratepool_pick_home(c, 3, 1000, 60000, &soonest);
     check(i == 0 || i == 2,
