@@ -95,6 +95,7 @@ bench: module
 
 capacity: module
 	./bench/capacity
+	./bench/agents
 
 clean:
 	rm -rf $(BUILD)
