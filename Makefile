@@ -92,6 +92,7 @@ bench: module
 
 capacity: module
 	./bench/capacity
+	./bench/agents
 
 clean:
 	rm -rf $(BUILD)
