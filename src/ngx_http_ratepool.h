@@ -232,6 +232,8 @@ typedef struct {
     uint64_t                        until_ms;   /* the cache's TTL */
     ratepool_turn_t                 last;       /* what its last turn
                                                    said of its prompt */
+    unsigned                        prefix:1;   /* a prompt's tools and
+                                                   system, warm there */
 } ngx_http_ratepool_home_t;
 
 
@@ -268,7 +270,8 @@ typedef struct {
     ngx_rbtree_t                    homes;
     ngx_rbtree_node_t               homes_sentinel;
     ngx_queue_t                     homes_lru;
-    ngx_uint_t                      nhomes;
+    ngx_uint_t                      nhomes;     /* and prefixes */
+    ngx_uint_t                      conversations;
     uint64_t                        homes_evicted;  /* still live */
     uint64_t                        turns[4];   /* by RATEPOOL_PLACED_* */
 } ngx_http_ratepool_shctx_t;
@@ -547,9 +550,14 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        conversation;   /* key, 0: none */
     uint64_t                        prefix;     /* of its tools and system */
     ngx_http_ratepool_org_sh_t     *home;       /* NULL: new, or none */
-    ngx_http_ratepool_org_sh_t     *prefix_home;
+    uint64_t                        prefix_bytes;
     uint64_t                        input_full;     /* written anew */
-    uint64_t                        input_prefix;   /* at prefix_home */
+    uint64_t                        input_prefix;   /* of its prefix */
+
+    /* the input reserved on the org of the key held, and of the next */
+    uint64_t                        held_input;
+    uint64_t                        next_input;
+    uint64_t                        acquired_input;
     ngx_uint_t                      placement;  /* RATEPOOL_PLACED_* */
     ngx_uint_t                     *classes;    /* org index to the class
                                                    this model uses there */

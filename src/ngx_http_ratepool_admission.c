@@ -337,6 +337,7 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
     if (key) {
         ctx->key = key;
         ctx->held = key;
+        ctx->held_input = ctx->acquired_input;
         return NGX_OK;
     }
 
@@ -394,6 +395,7 @@ ngx_http_ratepool_admit_redirected(ngx_http_request_t *r,
     if (key) {
         ctx->key = key;
         ctx->held = key;
+        ctx->held_input = ctx->acquired_input;
         return NGX_DECLINED;
     }
 
@@ -592,11 +594,11 @@ done:
 
 /*
  * With the zone locked: what the request's input costs where its cache
- * is, and anywhere else.  A turn of a conversation with a home costs
- * that org only what is new since its last turn, and the workspace is
- * charged that, as it will most likely go there; a first turn costs the
- * whole prompt, less a prefix another conversation left in an org's
- * cache, there.
+ * is, and anywhere else (ngx_http_ratepool_input_at()).  A turn of a
+ * conversation with a home costs that org only what is new since its
+ * last turn, and the workspace is charged that, as it will most likely
+ * go there; a first turn costs its whole prompt, less its tools and
+ * system where another conversation keeps them warm.
  */
 
 static void
@@ -607,9 +609,8 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_home_t  *home;
 
     ctx->home = NULL;
-    ctx->prefix_home = NULL;
     ctx->input_full = ctx->input_cost;
-    ctx->input_prefix = ctx->input_cost;
+    ctx->input_prefix = 0;
 
     if (ctx->conversation == 0 || ctx->body_bytes == 0) {
         return;
@@ -619,7 +620,9 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
     ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
                                          ctx->workspace->sh->prompt_rate);
     ctx->input_full = ctx->input_cost;
-    ctx->input_prefix = ctx->input_cost;
+    ctx->input_prefix = ngx_min(ratepool_estimate_input(ctx->prefix_bytes,
+                                         ctx->workspace->sh->prompt_rate),
+                                ctx->input_full);
 
     home = ngx_http_ratepool_home_find(ctx->pool->zone, ctx->conversation,
                                        now_ms);
@@ -630,22 +633,7 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
         ctx->home = home->org;
         ctx->input_full = full;
         ctx->input_cost = cost;
-        return;
-    }
-
-    if (ctx->prefix == 0) {
-        return;
-    }
-
-    home = ngx_http_ratepool_home_find(ctx->pool->zone, ctx->prefix, now_ms);
-
-    if (home && ratepool_home_cost(&home->last, ctx->body_bytes, 1, &full,
-                                   &cost))
-    {
-        ctx->prefix_home = home->org;
-        ctx->input_full = full;
-        ctx->input_prefix = cost;
-        ctx->input_cost = full;
+        ctx->input_prefix = ngx_min(ctx->input_prefix, full);
     }
 }
 

@@ -72,9 +72,11 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
 
         key = ctx->next;
         ctx->next = NULL;
+        ctx->held_input = ctx->next_input;
 
         if (key == NULL) {
             key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+            ctx->held_input = ctx->acquired_input;
         }
 
         if (key == NULL) {
@@ -227,6 +229,7 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
        asked, so that one request cannot use up every org's requests */
     if (u->peer.tries > 1 && !ctx->too_large) {
         ctx->next = ngx_http_ratepool_acquire(ctx, &soonest_ms);
+        ctx->next_input = ctx->acquired_input;
     }
 
     if (ctx->next) {

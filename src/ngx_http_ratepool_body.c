@@ -189,6 +189,7 @@ ngx_http_ratepool_conversation(ngx_http_request_t *r,
     if (rq->conv.has_prefix) {
         ctx->prefix = ratepool_home_key(rq->conv.prefix_hash,
                                         ctx->model.data, ctx->model.len);
+        ctx->prefix_bytes = rq->conv.prefix_bytes;
     }
 
     ctx->cache_long = rq->conv.ttl_1h;

@@ -23,6 +23,9 @@
  */
 
 
+static ngx_http_ratepool_home_t *ngx_http_ratepool_home_get(
+    ngx_http_ratepool_zone_t *zone, uint64_t id, ngx_uint_t prefix,
+    uint64_t now_ms);
 static void ngx_http_ratepool_home_free(ngx_http_ratepool_zone_t *zone,
     ngx_http_ratepool_home_t *home);
 static void ngx_http_ratepool_home_expire(ngx_http_ratepool_zone_t *zone,
@@ -84,35 +87,9 @@ ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone, uint64_t id,
 {
     ngx_http_ratepool_home_t  *home;
 
-    ngx_http_ratepool_home_expire(zone, 2, now_ms);
-
-    home = ngx_http_ratepool_home_find(zone, id, now_ms);
-
+    home = ngx_http_ratepool_home_get(zone, id, 0, now_ms);
     if (home == NULL) {
-        home = ngx_slab_calloc_locked(zone->shpool,
-                                      sizeof(ngx_http_ratepool_home_t));
-
-        if (home == NULL) {
-            /* full: the least recently used give way */
-            ngx_http_ratepool_home_expire(zone, 0, now_ms);
-
-            home = ngx_slab_calloc_locked(zone->shpool,
-                                          sizeof(ngx_http_ratepool_home_t));
-            if (home == NULL) {
-                return;
-            }
-        }
-
-        home->id = id;
-        home->node.key = (ngx_rbtree_key_t) id;
-
-        ngx_rbtree_insert(&zone->sh->homes, &home->node);
-        ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
-        zone->sh->nhomes++;
-
-    } else {
-        ngx_queue_remove(&home->lru);
-        ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
+        return;
     }
 
     if (home->org != org) {
@@ -128,6 +105,70 @@ ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone, uint64_t id,
        one does not shorten it */
     home->until_ms = ngx_max(home->until_ms, now_ms + ttl_ms);
     home->last = *turn;
+}
+
+
+void
+ngx_http_ratepool_home_prefix(ngx_http_ratepool_zone_t *zone, uint64_t id,
+    ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms, uint64_t now_ms)
+{
+    ngx_http_ratepool_home_t  *home;
+
+    home = ngx_http_ratepool_home_get(zone, id, 1, now_ms);
+    if (home == NULL) {
+        return;
+    }
+
+    home->org = org;
+    home->until_ms = ngx_max(home->until_ms, now_ms + ttl_ms);
+}
+
+
+/* a home found, or made (the least recently used giving way) */
+
+static ngx_http_ratepool_home_t *
+ngx_http_ratepool_home_get(ngx_http_ratepool_zone_t *zone, uint64_t id,
+    ngx_uint_t prefix, uint64_t now_ms)
+{
+    ngx_http_ratepool_home_t  *home;
+
+    ngx_http_ratepool_home_expire(zone, 2, now_ms);
+
+    home = ngx_http_ratepool_home_find(zone, id, now_ms);
+
+    if (home) {
+        ngx_queue_remove(&home->lru);
+        ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
+        return home;
+    }
+
+    home = ngx_slab_calloc_locked(zone->shpool,
+                                  sizeof(ngx_http_ratepool_home_t));
+
+    if (home == NULL) {
+        /* full: the least recently used give way */
+        ngx_http_ratepool_home_expire(zone, 0, now_ms);
+
+        home = ngx_slab_calloc_locked(zone->shpool,
+                                      sizeof(ngx_http_ratepool_home_t));
+        if (home == NULL) {
+            return NULL;
+        }
+    }
+
+    home->id = id;
+    home->node.key = (ngx_rbtree_key_t) id;
+    home->prefix = prefix;
+
+    ngx_rbtree_insert(&zone->sh->homes, &home->node);
+    ngx_queue_insert_head(&zone->sh->homes_lru, &home->lru);
+    zone->sh->nhomes++;
+
+    if (!prefix) {
+        zone->sh->conversations++;
+    }
+
+    return home;
 }
 
 
@@ -158,7 +199,7 @@ ngx_http_ratepool_home_expire(ngx_http_ratepool_zone_t *zone, ngx_uint_t n,
             return;
         }
 
-        if (home->until_ms > now_ms) {
+        if (home->until_ms > now_ms && !home->prefix) {
             zone->sh->homes_evicted++;
         }
 
@@ -171,8 +212,12 @@ static void
 ngx_http_ratepool_home_free(ngx_http_ratepool_zone_t *zone,
     ngx_http_ratepool_home_t *home)
 {
-    if (home->org && home->org->homes) {
-        home->org->homes--;
+    if (!home->prefix) {
+        if (home->org && home->org->homes) {
+            home->org->homes--;
+        }
+
+        zone->sh->conversations--;
     }
 
     ngx_queue_remove(&home->lru);

@@ -28,5 +28,10 @@ void ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone,
     uint64_t id, ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms,
     ratepool_turn_t *turn, uint64_t now_ms);
 
+/* a prompt's tools and system are warm in that org's cache */
+void ngx_http_ratepool_home_prefix(ngx_http_ratepool_zone_t *zone,
+    uint64_t id, ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms,
+    uint64_t now_ms);
+
 
 #endif /* _NGX_HTTP_RATEPOOL_HOME_H_INCLUDED_ */

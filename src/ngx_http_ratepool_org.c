@@ -78,28 +78,3 @@ ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org, uint64_t input,
     }
 }
 
-
-/*
- * What a request's input costs the org of a key: where the request's
- * cache is, what is new since its conversation's last turn; where a
- * prefix it shares is, the rest; anywhere else, all of it.
- */
-
-uint64_t
-ngx_http_ratepool_input_at(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_key_t *key)
-{
-    ngx_http_ratepool_org_sh_t  *osh;
-
-    if (ctx->home == NULL && ctx->prefix_home == NULL) {
-        return ctx->input_cost;
-    }
-
-    osh = ngx_http_ratepool_key_org(ctx->pool, key)->sh;
-
-    if (ctx->home) {
-        return osh == ctx->home ? ctx->input_cost : ctx->input_full;
-    }
-
-    return osh == ctx->prefix_home ? ctx->input_prefix : ctx->input_full;
-}

@@ -19,10 +19,6 @@
 void ngx_http_ratepool_org_buckets(ngx_http_ratepool_org_t *org,
     ratepool_bucket_t **bucket, uint64_t *limit);
 
-/* what a request's input costs the org of a key, where its cache is */
-uint64_t ngx_http_ratepool_input_at(ngx_http_ratepool_ctx_t *ctx,
-    ngx_http_ratepool_key_t *key);
-
 /* what input and output tokens weigh in those buckets */
 void ngx_http_ratepool_org_split(ngx_http_ratepool_org_t *org,
     uint64_t input, uint64_t output, uint64_t *tokens);

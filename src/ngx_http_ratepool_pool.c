@@ -133,6 +133,10 @@ static void ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx,
     uint64_t now_ms, ratepool_candidate_t *c, uint64_t *home_itpm);
 static uint64_t ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx,
     uint64_t home_itpm, uint64_t now_ms);
+static uint64_t ngx_http_ratepool_input_at(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t *key, uint64_t now_ms);
+static uint64_t ngx_http_ratepool_prefix_at(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_sh_t *osh);
 static ngx_uint_t ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_tokens_t *used, uint64_t now_ms, ratepool_turn_t *turn,
     uint64_t *ttl_ms);
@@ -188,7 +192,8 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
 
         ngx_http_ratepool_org_buckets(org, bucket, limit);
         ngx_http_ratepool_org_split(org,
-                                    ngx_http_ratepool_input_at(ctx, &keys[i]),
+                                    ngx_http_ratepool_input_at(ctx, &keys[i],
+                                                               now_ms),
                                     ctx->output_cost, cost);
 
         c[i].home = (ctx->home != NULL
@@ -265,6 +270,60 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
         c[i].last_pick_ms = keys[i].sh->last_pick_ms;
     }
+}
+
+
+/*
+ * With the zone locked: what a request's input costs the org of a key.
+ * Where the request's cache is, what is new since its conversation's
+ * last turn; where another turn of its tools and system was answered
+ * lately, the rest; anywhere else, all of it.  An org whose limit counts
+ * cache reads counts all of it too.
+ */
+
+static uint64_t
+ngx_http_ratepool_input_at(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_key_t *key, uint64_t now_ms)
+{
+    ngx_http_ratepool_org_t     *org;
+    ngx_http_ratepool_org_sh_t  *osh;
+
+    if (ctx->conversation == 0) {
+        return ctx->input_cost;
+    }
+
+    org = ngx_http_ratepool_ctx_org(ctx, key);
+
+    if (org->cache_reads || org->combined) {
+        return ctx->input_full;
+    }
+
+    osh = ngx_http_ratepool_key_org(ctx->pool, key)->sh;
+
+    if (osh == ctx->home) {
+        return ctx->input_cost;
+    }
+
+    if (ctx->input_prefix
+        && ngx_http_ratepool_home_find(ctx->pool->zone,
+                                       ngx_http_ratepool_prefix_at(ctx, osh),
+                                       now_ms))
+    {
+        return ngx_max(ctx->input_full - ctx->input_prefix, 1);
+    }
+
+    return ctx->input_full;
+}
+
+
+/* the key of a request's tools and system as one org's cache holds them */
+
+static uint64_t
+ngx_http_ratepool_prefix_at(ngx_http_ratepool_ctx_t *ctx,
+    ngx_http_ratepool_org_sh_t *osh)
+{
+    return ratepool_home_key(ctx->prefix, osh->entry.name,
+                             osh->entry.name_len);
 }
 
 
@@ -405,7 +464,8 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     ngx_http_ratepool_org_buckets(org, bucket, limits);
     (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM], 1,
                                 now_ms, &wait_ms);
-    org->sh->lim.reserved_input += ngx_http_ratepool_input_at(ctx, key);
+    ctx->acquired_input = ngx_http_ratepool_input_at(ctx, key, now_ms);
+    org->sh->lim.reserved_input += ctx->acquired_input;
     org->sh->lim.reserved_output += ctx->output_cost;
     org->sh->inflight++;
     key->sh->inflight++;
@@ -466,6 +526,7 @@ void
 ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t **key, ngx_uint_t failed)
 {
+    uint64_t                  input;
     ngx_slab_pool_t          *shpool;
     ngx_http_ratepool_org_t  *org;
     ngx_http_ratepool_key_t  *k;
@@ -485,7 +546,9 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     k->sh->inflight--;
     org->sh->inflight--;
-    org->sh->lim.reserved_input -= ngx_min(ngx_http_ratepool_input_at(ctx, k),
+    input = (key == &ctx->next) ? ctx->next_input : ctx->held_input;
+
+    org->sh->lim.reserved_input -= ngx_min(input,
                                            org->sh->lim.reserved_input);
     org->sh->lim.reserved_output -= ngx_min(ctx->output_cost,
                                             org->sh->lim.reserved_output);
@@ -716,8 +779,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
-    ngx_http_ratepool_org_split(org, ngx_http_ratepool_input_at(ctx, key),
-                                ctx->output_cost, cost);
+    ngx_http_ratepool_org_split(org, ctx->held_input, ctx->output_cost, cost);
     limit = limits[RATEPOOL_RPM];
 
     /*
@@ -1030,7 +1092,6 @@ ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_tokens_t *used, uint64_t now_ms, ratepool_turn_t *turn,
     uint64_t *ttl_ms)
 {
-    ratepool_turn_t              prefix;
     ngx_http_ratepool_org_sh_t  *osh;
 
     osh = ngx_http_ratepool_key_org(ctx->pool, ctx->key)->sh;
@@ -1050,13 +1111,11 @@ ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_home_set(ctx->pool->zone, ctx->conversation, osh,
                                *ttl_ms, turn, now_ms);
 
-    if (ctx->prefix && ctx->placement == RATEPOOL_PLACED_NEW) {
-        /* only a first turn's cache reads are the shared prefix alone */
-        prefix = *turn;
-        prefix.cached = used->cache_read;
-
-        ngx_http_ratepool_home_set(ctx->pool->zone, ctx->prefix, osh,
-                                   *ttl_ms, &prefix, now_ms);
+    if (ctx->prefix && turn->cached) {
+        /* every turn that read or wrote a cache keeps its prefix warm */
+        ngx_http_ratepool_home_prefix(ctx->pool->zone,
+                                      ngx_http_ratepool_prefix_at(ctx, osh),
+                                      osh, *ttl_ms, now_ms);
     }
 
     return 1;

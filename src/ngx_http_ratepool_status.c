@@ -146,7 +146,7 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
 
     p = ngx_sprintf(p, "\"conversations\":{\"homes\":%ui,\"evicted\":%uL,"
                     "\"turns\":{\"new\":%uL,\"home\":%uL,\"moved\":%uL}},",
-                    zone->sh->nhomes, zone->sh->homes_evicted,
+                    zone->sh->conversations, zone->sh->homes_evicted,
                     zone->sh->turns[RATEPOOL_PLACED_NEW],
                     zone->sh->turns[RATEPOOL_PLACED_HOME],
                     zone->sh->turns[RATEPOOL_PLACED_MOVED]);

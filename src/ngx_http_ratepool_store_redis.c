@@ -377,7 +377,7 @@ ngx_http_ratepool_lease_costs(ngx_http_ratepool_ctx_t *ctx,
     cost[RATEPOOL_OTPM] = ctx->output_cost;
     cost[RATEPOOL_DIMS + RATEPOOL_RPM] = 1;
     ngx_http_ratepool_org_split(org,
-                                ngx_http_ratepool_input_at(ctx, ctx->key),
+                                ctx->held_input,
                                 ctx->output_cost, &cost[RATEPOOL_DIMS]);
 }
 
@@ -791,7 +791,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     {
         ctx->shared.taken = 1;
         ctx->shared.org = org;
-        ctx->shared.input = ngx_http_ratepool_input_at(ctx, ctx->key);
+        ctx->shared.input = ctx->held_input;
         ctx->shared.output = ctx->output_cost;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fast, 1);
@@ -803,7 +803,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
                                  "t");
     ngx_http_ratepool_call_int(&call, 1);
     ngx_http_ratepool_call_int(&call,
-                   (int64_t) ngx_http_ratepool_input_at(ctx, ctx->key));
+                   (int64_t) ctx->held_input);
     ngx_http_ratepool_call_int(&call, (int64_t) ctx->output_cost);
     ngx_http_ratepool_call_int(&call, 0);
 
@@ -829,7 +829,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     ctx->shared.asks++;
     ctx->shared.late = 0;
     ctx->shared.org = org;
-    ctx->shared.input = ngx_http_ratepool_input_at(ctx, ctx->key);
+    ctx->shared.input = ctx->held_input;
     ctx->shared.output = ctx->output_cost;
 
     ctx->shared.timer.handler = ngx_http_ratepool_shared_timeout;

@@ -127,10 +127,13 @@ size_t
 ratepool_conversation_feed(ratepool_conversation_t *cv,
     const unsigned char *p, size_t len)
 {
+    unsigned              prefix;
     const unsigned char  *start, *end, *q;
 
     start = p;
     end = p + len;
+    prefix = cv->in_value && (cv->which == RATEPOOL_CONV_TOOLS
+                              || cv->which == RATEPOOL_CONV_SYSTEM);
 
     while (p < end && cv->in_value) {
 
@@ -180,6 +183,10 @@ ratepool_conversation_feed(ratepool_conversation_t *cv,
         cv->pos++;
     }
 
+    if (prefix) {
+        cv->prefix_bytes += p - start;
+    }
+
     return p - start;
 }
 
@@ -196,6 +203,7 @@ ratepool_conversation_finish(ratepool_conversation_t *cv)
     if (!cv->valid) {
         cv->prefix_hash = 0;
         cv->conversation_hash = 0;
+        cv->prefix_bytes = 0;
         cv->has_prefix = 0;
         cv->last_message_at = 0;
         return;

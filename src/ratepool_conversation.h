@@ -48,6 +48,7 @@ typedef struct {
     uint64_t         conversation_hash;  /* 0: none */
     uint64_t         last_message_at;    /* body offset of the last
                                             element of "messages" */
+    uint64_t         prefix_bytes;       /* of "tools" and "system" */
     unsigned         valid:1;
     unsigned         has_prefix:1;       /* tools, system or system
                                             messages were sent */

@@ -688,6 +688,7 @@ conv_same(const ratepool_request_t *a, const ratepool_request_t *b)
            && a->conv.prefix_hash == b->conv.prefix_hash
            && a->conv.conversation_hash == b->conv.conversation_hash
            && a->conv.has_prefix == b->conv.has_prefix
+           && a->conv.prefix_bytes == b->conv.prefix_bytes
            && a->conv.cache_control == b->conv.cache_control
            && a->conv.ttl_1h == b->conv.ttl_1h
            && a->conv.last_message_at == b->conv.last_message_at
@@ -787,6 +788,9 @@ test_conversation(void)
           "an Anthropic body has a prefix and a conversation hash");
     check(a.conv.cache_control && !a.conv.ttl_1h,
           "its cache_control breakpoints are seen");
+    check(a.conv.prefix_bytes == sizeof(CONV_TOOLS "," CONV_SYSTEM)
+                                 - sizeof("'tools':,'system':"),
+          "the bytes of its tools' and system's values are counted");
     check(a.model_len == 15 && memcmp(a.model, "claude-opus-4-6", 15) == 0
           && a.has_max_tokens && a.max_tokens == 1024 && a.stream
           && ratepool_request_whole(&a),
