@@ -141,6 +141,7 @@ typedef struct {
     ngx_uint_t                      inflight;
     ngx_uint_t                      homes;      /* conversations whose
                                                    cache it holds */
+    ngx_uint_t                      arriving;   /* first turns in flight */
 
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
@@ -550,6 +551,7 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        conversation;   /* key, 0: none */
     uint64_t                        prefix;     /* of its tools and system */
     ngx_http_ratepool_org_sh_t     *home;       /* NULL: new, or none */
+    ngx_http_ratepool_org_sh_t     *arriving;   /* a first turn's org */
     uint64_t                        prefix_bytes;
     uint64_t                        input_full;     /* written anew */
     uint64_t                        input_prefix;   /* of its prefix */

@@ -635,6 +635,12 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
         ctx->input_cost = cost;
         ctx->input_prefix = ngx_min(ctx->input_prefix, full);
     }
+
+    ngx_log_debug5(NGX_LOG_DEBUG_HTTP, ctx->request->connection->log, 0,
+                   "ratepool: a turn of %uL bytes, %uL of them its prefix: "
+                   "%uL input tokens at home, %uL elsewhere, %uL of them "
+                   "the prefix", ctx->body_bytes, ctx->prefix_bytes,
+                   ctx->input_cost, ctx->input_full, ctx->input_prefix);
 }
 
 

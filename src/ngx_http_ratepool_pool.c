@@ -163,7 +163,7 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
     ratepool_bucket_t           *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t     *org;
     ngx_http_ratepool_key_t     *keys;
-    ngx_http_ratepool_org_sh_t  *osh;
+    ngx_http_ratepool_org_sh_t  *osh, *bsh;
 
     keys = ctx->pool->keys->elts;
 
@@ -267,6 +267,8 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         }
 
         c[i].org_inflight = (uint32_t) osh->inflight;
+        bsh = ngx_http_ratepool_key_org(ctx->pool, &keys[i])->sh;
+        c[i].org_homes = (uint32_t) (bsh->homes + bsh->arriving);
         c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
         c[i].last_pick_ms = keys[i].sh->last_pick_ms;
     }
@@ -423,6 +425,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     ratepool_bucket_t          *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t    *org;
     ngx_http_ratepool_key_t    *keys, *key;
+    ngx_http_ratepool_org_sh_t *bsh;
     ratepool_candidate_t        c[RATEPOOL_KEYS_MAX];
 
     keys = ctx->pool->keys->elts;
@@ -442,12 +445,18 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
         }
     }
 
-    i = ctx->home ? ratepool_pick_home(c, n, now_ms,
-                                       ngx_http_ratepool_home_wait(ctx,
-                                                                   home_itpm,
-                                                                   now_ms),
-                                       soonest_ms)
-                  : ratepool_pick(c, n, now_ms, soonest_ms);
+    if (ctx->home) {
+        i = ratepool_pick_home(c, n, now_ms,
+                               ngx_http_ratepool_home_wait(ctx, home_itpm,
+                                                           now_ms),
+                               soonest_ms);
+
+    } else if (ctx->conversation) {
+        i = ratepool_pick_new(c, n, now_ms, soonest_ms);
+
+    } else {
+        i = ratepool_pick(c, n, now_ms, soonest_ms);
+    }
 
     if (i < 0) {
         ngx_shmtx_unlock(&shpool->mutex);
@@ -466,6 +475,24 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
                                 now_ms, &wait_ms);
     ctx->acquired_input = ngx_http_ratepool_input_at(ctx, key, now_ms);
     org->sh->lim.reserved_input += ctx->acquired_input;
+
+    bsh = ngx_http_ratepool_key_org(ctx->pool, key)->sh;
+
+    if (ctx->conversation && ctx->home == NULL && ctx->arriving == NULL) {
+        /* counted where it will be at home, until it is */
+        ctx->arriving = bsh;
+        ctx->arriving->arriving++;
+    }
+
+    if (ctx->prefix) {
+        /* the org will have its tools and system as soon as it answers */
+        ngx_http_ratepool_home_prefix(ctx->pool->zone,
+                                      ngx_http_ratepool_prefix_at(ctx, bsh),
+                                      bsh, ctx->cache_long
+                                           ? RATEPOOL_HOME_TTL_LONG_MS
+                                           : RATEPOOL_HOME_TTL_MS,
+                                      now_ms);
+    }
     org->sh->lim.reserved_output += ctx->output_cost;
     org->sh->inflight++;
     key->sh->inflight++;
@@ -546,6 +573,11 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
 
     k->sh->inflight--;
     org->sh->inflight--;
+
+    if (ctx->arriving == ngx_http_ratepool_key_org(ctx->pool, k)->sh) {
+        ctx->arriving->arriving -= ngx_min(ctx->arriving->arriving, 1);
+        ctx->arriving = NULL;
+    }
     input = (key == &ctx->next) ? ctx->next_input : ctx->held_input;
 
     org->sh->lim.reserved_input -= ngx_min(input,

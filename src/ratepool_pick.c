@@ -14,6 +14,13 @@
 #define RATEPOOL_RETRY_AFTER_MAX   60
 
 
+typedef int (*ratepool_better_pt)(const ratepool_candidate_t *a,
+    const ratepool_candidate_t *b);
+
+static long ratepool_pick_by(const ratepool_candidate_t *c, size_t n,
+    uint64_t now_ms, uint64_t *soonest_ms, ratepool_better_pt better);
+static int ratepool_fewer_homes(const ratepool_candidate_t *a,
+    const ratepool_candidate_t *b);
 static int ratepool_better(const ratepool_candidate_t *a,
     const ratepool_candidate_t *b);
 
@@ -56,6 +63,22 @@ long
 ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
     uint64_t *soonest_ms)
 {
+    return ratepool_pick_by(c, n, now_ms, soonest_ms, ratepool_better);
+}
+
+
+long
+ratepool_pick_new(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
+    uint64_t *soonest_ms)
+{
+    return ratepool_pick_by(c, n, now_ms, soonest_ms, ratepool_fewer_homes);
+}
+
+
+static long
+ratepool_pick_by(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
+    uint64_t *soonest_ms, ratepool_better_pt better)
+{
     long    best;
     size_t  i;
 
@@ -76,12 +99,24 @@ ratepool_pick(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
             continue;
         }
 
-        if (best == -1 || ratepool_better(&c[i], &c[best])) {
+        if (best == -1 || better(&c[i], &c[best])) {
             best = (long) i;
         }
     }
 
     return best;
+}
+
+
+static int
+ratepool_fewer_homes(const ratepool_candidate_t *a,
+    const ratepool_candidate_t *b)
+{
+    if (a->fallback == b->fallback && a->org_homes != b->org_homes) {
+        return a->org_homes < b->org_homes;
+    }
+
+    return ratepool_better(a, b);
 }
 
 
@@ -127,7 +162,8 @@ ratepool_pick_home(const ratepool_candidate_t *c, size_t n, uint64_t now_ms,
         return -1;
     }
 
-    return ratepool_pick(c, n, now_ms, soonest_ms);
+    /* a move is a new home: where the fewest conversations are */
+    return ratepool_pick_new(c, n, now_ms, soonest_ms);
 }
 
 

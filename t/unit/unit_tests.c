@@ -1618,6 +1618,26 @@ test_home(void)
     c[1].headroom_permille = 700;
     check(ratepool_pick_home(c, 3, 1000, 0, &soonest) == 1,
           "among the keys of its home org, the one with most headroom");
+
+    memset(c, 0, sizeof(c));
+
+    for (i = 0; i < 3; i++) {
+        c[i].usable = 1;
+        c[i].headroom_permille = 900;
+        c[i].org_homes = 3;
+    }
+
+    c[0].headroom_permille = 100;
+    c[0].org_homes = 1;
+    check(ratepool_pick_new(c, 3, 1000, &soonest) == 0,
+          "a first turn goes to the org home to the fewest conversations, "
+          "though others have more headroom now");
+    check(ratepool_pick(c, 3, 1000, &soonest) != 0,
+          "where a request of no conversation goes by headroom");
+
+    c[0].free_at_ms = 2000;
+    check(ratepool_pick_new(c, 3, 1000, &soonest) != 0,
+          "an org without room now is not waited for");
 }
 
 
