@@ -570,6 +570,7 @@ struct ngx_http_ratepool_ctx_s {
     ngx_int_t                       phase_rc;   /* once the body is read */
     unsigned                        stream:1;   /* the body asks for SSE */
     unsigned                        cache_long:1;   /* "ttl":"1h" */
+    unsigned                        redirected:1;   /* to another pool */
     unsigned                        stream_options:1;
     unsigned                        body_whole:1;
     unsigned                        usage_added:1;  /* include_usage, by

@@ -85,6 +85,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->key = NULL;
         ctx->tried = 0;
         ctx->tries = 0;
+        ctx->redirected = 1;
         ctx->retry_same = 0;
         ctx->answered = 0;
         ctx->exhausted = 0;

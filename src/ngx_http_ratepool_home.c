@@ -97,14 +97,39 @@ ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone, uint64_t id,
             home->org->homes--;
         }
 
+        /* the new org's cache lives as long as this turn made it */
         org->homes++;
         home->org = org;
+        home->until_ms = 0;
     }
 
     /* a 1-hour breakpoint keeps the cache that long, a later 5-minute
        one does not shorten it */
     home->until_ms = ngx_max(home->until_ms, now_ms + ttl_ms);
     home->last = *turn;
+}
+
+
+/*
+ * What Redis says of a conversation's home, unless this gateway has seen
+ * a later turn of it (its cache renewed later than Redis's): a write that
+ * did not reach Redis must not send the conversation back.
+ */
+
+void
+ngx_http_ratepool_home_learn(ngx_http_ratepool_zone_t *zone, uint64_t id,
+    ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms, ratepool_turn_t *turn,
+    uint64_t now_ms)
+{
+    ngx_http_ratepool_home_t  *home;
+
+    home = ngx_http_ratepool_home_find(zone, id, now_ms);
+
+    if (home && home->org != org && home->until_ms > now_ms + ttl_ms) {
+        return;
+    }
+
+    ngx_http_ratepool_home_set(zone, id, org, ttl_ms, turn, now_ms);
 }
 
 
@@ -174,36 +199,45 @@ ngx_http_ratepool_home_get(ngx_http_ratepool_zone_t *zone, uint64_t id,
 
 /*
  * Gives up expired homes from the least recently used end, at most n
- * of them; n = 0: the least recently used ones, live or not, to make
- * room.
+ * of them; n = 0: three of the least recently used ones, live or not, to
+ * make room.
  */
 
 static void
 ngx_http_ratepool_home_expire(ngx_http_ratepool_zone_t *zone, ngx_uint_t n,
     uint64_t now_ms)
 {
-    ngx_uint_t                 i;
-    ngx_queue_t               *q;
+    ngx_uint_t                 i, freed;
+    ngx_queue_t               *q, *prev;
     ngx_http_ratepool_home_t  *home;
 
-    for (i = 0; i < (n ? n : 3); i++) {
+    /*
+     * The queue is in the order of last use, not of expiry (a 1-hour
+     * cache may have been used before a 5-minute one): a few from the
+     * tail are looked at, and the expired among them given up.
+     */
 
-        if (ngx_queue_empty(&zone->sh->homes_lru)) {
-            return;
-        }
+    freed = 0;
+    q = ngx_queue_last(&zone->sh->homes_lru);
 
-        q = ngx_queue_last(&zone->sh->homes_lru);
+    for (i = 0; i < 8 && q != ngx_queue_sentinel(&zone->sh->homes_lru); i++) {
+        prev = ngx_queue_prev(q);
         home = ngx_queue_data(q, ngx_http_ratepool_home_t, lru);
 
-        if (n && home->until_ms > now_ms) {
-            return;
+        if (home->until_ms <= now_ms || (n == 0 && freed < 3)) {
+
+            if (home->until_ms > now_ms && !home->prefix) {
+                zone->sh->homes_evicted++;
+            }
+
+            ngx_http_ratepool_home_free(zone, home);
+
+            if (++freed == (n ? n : 3)) {
+                return;
+            }
         }
 
-        if (home->until_ms > now_ms && !home->prefix) {
-            zone->sh->homes_evicted++;
-        }
-
-        ngx_http_ratepool_home_free(zone, home);
+        q = prev;
     }
 }
 

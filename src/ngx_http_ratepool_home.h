@@ -28,6 +28,11 @@ void ngx_http_ratepool_home_set(ngx_http_ratepool_zone_t *zone,
     uint64_t id, ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms,
     ratepool_turn_t *turn, uint64_t now_ms);
 
+/* Redis's word on a home, unless this gateway knows a later one */
+void ngx_http_ratepool_home_learn(ngx_http_ratepool_zone_t *zone,
+    uint64_t id, ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms,
+    ratepool_turn_t *turn, uint64_t now_ms);
+
 /* a prompt's tools and system are warm in that org's cache */
 void ngx_http_ratepool_home_prefix(ngx_http_ratepool_zone_t *zone,
     uint64_t id, ngx_http_ratepool_org_sh_t *org, uint64_t ttl_ms,

@@ -332,7 +332,8 @@ ngx_http_ratepool_prefix_at(ngx_http_ratepool_ctx_t *ctx,
 /*
  * How long a first try may wait for its home to have room: while that
  * costs less than a move would (ratepool_home_move_ms()), and within
- * its ratepool_wait.  A re-send never waits.
+ * its ratepool_wait.  A re-send never waits, nor does a request sent to
+ * another pool by an error page, which cannot wait.
  */
 
 static uint64_t
@@ -342,7 +343,7 @@ ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx, uint64_t home_itpm,
     uint64_t                       left_ms;
     ngx_http_ratepool_loc_conf_t  *rlcf;
 
-    if (ctx->tries) {
+    if (ctx->tries || ctx->redirected) {
         return 0;
     }
 
@@ -488,10 +489,7 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
         /* the org will have its tools and system as soon as it answers */
         ngx_http_ratepool_home_prefix(ctx->pool->zone,
                                       ngx_http_ratepool_prefix_at(ctx, bsh),
-                                      bsh, ctx->cache_long
-                                           ? RATEPOOL_HOME_TTL_LONG_MS
-                                           : RATEPOOL_HOME_TTL_MS,
-                                      now_ms);
+                                      bsh, RATEPOOL_HOME_PENDING_MS, now_ms);
     }
     org->sh->lim.reserved_output += ctx->output_cost;
     org->sh->inflight++;

@@ -26,7 +26,8 @@
      + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
      + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28)                       \
      + (sizeof(ngx_http_ratepool_pool_sh_t) << 40)                            \
-     + (sizeof(ngx_http_ratepool_queue_sh_t) << 52))
+     + (sizeof(ngx_http_ratepool_queue_sh_t) << 52)                           \
+     + (sizeof(ngx_http_ratepool_home_t) << 58))
 
 
 static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,

@@ -660,7 +660,8 @@ ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
         && reply->element[4]->type == REDIS_REPLY_INTEGER
         && reply->element[2]->integer >= 0
         && reply->element[3]->integer >= 0
-        && reply->element[4]->integer >= 0)
+        && reply->element[4]->integer >= 0
+        && reply->element[4]->integer <= reply->element[3]->integer)
     {
         name.data = (u_char *) reply->element[0]->str;
         name.len = reply->element[0]->len;
@@ -682,10 +683,10 @@ ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
                 && ngx_strncmp(orgs[i].name.data, name.data, name.len) == 0)
             {
                 ngx_shmtx_lock(&shpool->mutex);
-                ngx_http_ratepool_home_set(ctx->pool->zone,
-                                           ctx->conversation, orgs[i].sh,
-                                           (uint64_t) ttl_ms, &turn,
-                                           ngx_http_ratepool_now_ms());
+                ngx_http_ratepool_home_learn(ctx->pool->zone,
+                                             ctx->conversation, orgs[i].sh,
+                                             (uint64_t) ttl_ms, &turn,
+                                             ngx_http_ratepool_now_ms());
                 ngx_shmtx_unlock(&shpool->mutex);
                 break;
             }
@@ -1197,15 +1198,25 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
 
     rmcf = ctx->pool->zone->conf;
 
-    /* the org that refused counted the request, not its tokens */
+    /*
+     * The org that refused counted the request, not its tokens; the new
+     * one is charged what the request costs there (a turn away from its
+     * conversation's cache writes all of it), the workspace the
+     * difference.
+     */
+
     ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared.org, 0,
                                  -(int64_t) ctx->shared.input,
                                  -(int64_t) ctx->shared.output, 0);
     ngx_http_ratepool_ledger_add(rmcf, NULL, org, 1,
-                                 (int64_t) ctx->shared.input,
+                                 (int64_t) ctx->held_input,
                                  (int64_t) ctx->shared.output, 0);
+    ngx_http_ratepool_ledger_add(rmcf, ctx->workspace, NULL, 0,
+                                 (int64_t) ctx->held_input
+                                 - (int64_t) ctx->shared.input, 0, 0);
 
     ctx->shared.org = org;
+    ctx->shared.input = ctx->held_input;
 }
 
 

@@ -30,6 +30,13 @@
  */
 #define RATEPOOL_HOME_MIN_BYTES     4096
 
+/*
+ * An org a turn was sent to has its tools and system once it answers:
+ * marked as much while the turn runs, for no longer than this unless an
+ * answer confirms it, so that a try that failed marks nothing for long.
+ */
+#define RATEPOOL_HOME_PENDING_MS    30000
+
 /* a home whose destination's limit is unknown is waited for this long */
 #define RATEPOOL_HOME_WAIT_MS       5000
 
