@@ -13,6 +13,7 @@ use JSON::PP;
 use Test::More;
 use Time::HiRes qw(sleep time);
 
+use Ratepool::Conversation;
 use Ratepool::Test;
 
 my $t = Ratepool::Test->new(module => 0);
@@ -31,12 +32,7 @@ my $JSON = JSON::PP->new->utf8->canonical;
 my $EPHEMERAL = { type => 'ephemeral' };
 
 # ASCII filler of exactly $bytes bytes, different for each $seed
-sub filler {
-    my ($bytes, $seed) = @_;
-    my ($s, $i) = ('', 0);
-    $s .= "$seed-" . $i++ . ' ' while length $s < $bytes;
-    return substr $s, 0, $bytes;
-}
+sub filler { Ratepool::Conversation::filler(@_) }
 
 sub text_block {
     my ($bytes, $seed, %extra) = @_;
