@@ -476,6 +476,11 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
                                 now_ms, &wait_ms);
     ctx->acquired_input = ngx_http_ratepool_input_at(ctx, key, now_ms);
     org->sh->lim.reserved_input += ctx->acquired_input;
+    org->sh->lim.reserved_output += ctx->output_cost;
+    org->sh->inflight++;
+    key->sh->inflight++;
+    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
+    key->sh->last_pick_ms = now_ms;
 
     bsh = ngx_http_ratepool_key_org(ctx->pool, key)->sh;
 
@@ -491,11 +496,6 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
                                       ngx_http_ratepool_prefix_at(ctx, bsh),
                                       bsh, RATEPOOL_HOME_PENDING_MS, now_ms);
     }
-    org->sh->lim.reserved_output += ctx->output_cost;
-    org->sh->inflight++;
-    key->sh->inflight++;
-    (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->in_flight, 1);
-    key->sh->last_pick_ms = now_ms;
 
     ngx_shmtx_unlock(&shpool->mutex);
 
@@ -576,6 +576,7 @@ ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
         ctx->arriving->arriving -= ngx_min(ctx->arriving->arriving, 1);
         ctx->arriving = NULL;
     }
+
     input = (key == &ctx->next) ? ctx->next_input : ctx->held_input;
 
     org->sh->lim.reserved_input -= ngx_min(input,
