@@ -549,9 +549,17 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_shmtx_lock(&shpool->mutex);
 
+    /*
+     * A conversation's turn is estimated at its whole prompt (what it
+     * costs where nothing of it is cached); other requests at what the
+     * workspace's requests were counted.
+     */
+
     if (ctx->body_bytes) {
         ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
-                                                  sh->input_rate);
+                                                  ctx->conversation
+                                                  ? sh->prompt_rate
+                                                  : sh->input_rate);
     }
 
     ngx_http_ratepool_conversation_cost(ctx, now_ms);
@@ -616,10 +624,6 @@ ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
-    /* where nothing of it is cached, all of its prompt counts */
-    ctx->input_cost = ratepool_estimate_input(ctx->body_bytes,
-                                         ctx->workspace->sh->prompt_rate);
-    ctx->input_full = ctx->input_cost;
     ctx->input_prefix = ngx_min(ratepool_estimate_input(ctx->prefix_bytes,
                                          ctx->workspace->sh->prompt_rate),
                                 ctx->input_full);
