@@ -204,6 +204,9 @@ typedef struct {
     uint64_t                        waited;     /* entered the queue */
     uint64_t                        served;     /* left it with a key */
     uint64_t                        timed_out;  /* left it with a 429 */
+    uint64_t                        requeued;   /* back in it: every key
+                                                   refused it after it was
+                                                   sent */
     uint64_t                        oldest_ms[RATEPOOL_WORKER_SLOTS];
                                                 /* per worker, 0: none */
 } ngx_http_ratepool_pool_sh_t;
@@ -488,6 +491,8 @@ struct ngx_http_ratepool_store_s {
                                            uint64_t input, uint64_t output,
                                            uint64_t total);
     void                          (*end)(ngx_http_ratepool_ctx_t *ctx);
+    /* back to waiting: its tries' requests stay charged to their orgs */
+    void                          (*requeue)(ngx_http_ratepool_ctx_t *ctx);
     void                          (*cool)(ngx_http_ratepool_ctx_t *ctx,
                                           ngx_http_ratepool_org_t *org,
                                           uint64_t cooldown_ms);
@@ -542,7 +547,9 @@ struct ngx_http_ratepool_ctx_s {
     ngx_http_ratepool_key_t        *held;       /* counted in flight */
     ngx_http_ratepool_key_t        *next;       /* held for the next try */
     uint64_t                        tried;      /* bitmap of key indexes */
-    ngx_uint_t                      tries;      /* sends so far */
+    ngx_uint_t                      tries;      /* sends, all told */
+    ngx_uint_t                      round_tries;    /* since admitted */
+    ngx_uint_t                      requeued;   /* times back in the queue */
     uint64_t                        soonest_ms; /* when exhausted */
 
     ngx_str_t                       model;      /* from the body */
@@ -589,6 +596,7 @@ struct ngx_http_ratepool_ctx_s {
 
     ngx_queue_t                     queue;      /* while waiting */
     ngx_event_t                     wait_timer;
+    uint64_t                        arrived_ms;
     uint64_t                        wait_start_ms;
     uint64_t                        wait_until_ms;
     uint64_t                        waited_ms;

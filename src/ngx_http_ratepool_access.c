@@ -85,6 +85,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->key = NULL;
         ctx->tried = 0;
         ctx->tries = 0;
+        ctx->round_tries = 0;
         ctx->redirected = 1;
         ctx->retry_same = 0;
         ctx->answered = 0;
@@ -123,6 +124,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     ctx->pool = pool;
     ctx->workspace = ws;
     ctx->phase_rc = NGX_DONE;
+    ctx->arrived_ms = ngx_http_ratepool_now_ms();
 
     /* whatever this request holds is given back however it ends */
     cln = ngx_pool_cleanup_add(r->pool, 0);

@@ -413,6 +413,95 @@ ngx_http_ratepool_admit_redirected(ngx_http_request_t *r,
 }
 
 
+/*
+ * Whether a request every key refused after it was sent may wait for
+ * one again: with ratepool_wait, and if a key frees up before the
+ * request's first deadline, the one it had when it arrived.  A request
+ * sent to another pool by an error page cannot wait, and one that an
+ * error page would send there does not.
+ */
+
+ngx_uint_t
+ngx_http_ratepool_may_requeue(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                       until_ms;
+    ngx_uint_t                     i;
+    ngx_http_err_page_t           *page;
+    ngx_http_core_loc_conf_t      *clcf;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    if (rlcf->wait == 0 || ctx->redirected || ctx->soonest_ms == 0
+        || r->connection->error)
+    {
+        return 0;
+    }
+
+    /* an error page for it (proxy_intercept_errors) is the user's way on */
+
+    clcf = ngx_http_get_module_loc_conf(r, ngx_http_core_module);
+
+    if (r->upstream->conf->intercept_errors && clcf->error_pages) {
+        page = clcf->error_pages->elts;
+
+        for (i = 0; i < clcf->error_pages->nelts; i++) {
+            if (page[i].status == NGX_HTTP_TOO_MANY_REQUESTS) {
+                return 0;
+            }
+        }
+    }
+
+    until_ms = ctx->wait_until_ms ? ctx->wait_until_ms
+                                  : ctx->arrived_ms + rlcf->wait;
+
+    return ctx->soonest_ms <= until_ms;
+}
+
+
+/*
+ * Back into the queue, as if it had not been admitted: the workspace
+ * gives back what it held for the request and charges it again when a
+ * key has room.
+ */
+
+ngx_int_t
+ngx_http_ratepool_requeue(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                       now_ms;
+    ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
+
+    ctx->pool->zone->store->requeue(ctx);
+    ngx_http_ratepool_refund_workspace(ctx, 1);
+
+    ngx_shmtx_lock(&ctx->pool->zone->shpool->mutex);
+    ctx->pool->sh->requeued++;
+    ngx_shmtx_unlock(&ctx->pool->zone->shpool->mutex);
+
+    ctx->requeued++;
+    ctx->key = NULL;
+    ctx->tried = 0;
+    ctx->round_tries = 0;
+    ctx->answered = 0;
+    ctx->exhausted = 0;
+    ctx->limited_pool = 1;
+    ctx->phase_rc = NGX_DONE;
+
+    if (ctx->wait_until_ms == 0) {
+        ctx->wait_until_ms = ctx->arrived_ms + rlcf->wait;
+    }
+
+    now_ms = ngx_http_ratepool_now_ms();
+
+    return ngx_http_ratepool_wait_or_refuse(r, ctx, NGX_AGAIN,
+                                            ctx->soonest_ms > now_ms
+                                            ? ctx->soonest_ms - now_ms : 0);
+}
+
+
 /* answers a request that cannot go, the way try_admit() said */
 
 static ngx_int_t

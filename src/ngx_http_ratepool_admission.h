@@ -21,6 +21,10 @@ ngx_int_t ngx_http_ratepool_admit(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 ngx_int_t ngx_http_ratepool_admit_redirected(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+ngx_uint_t ngx_http_ratepool_may_requeue(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+ngx_int_t ngx_http_ratepool_requeue(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_proceed(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc);
 

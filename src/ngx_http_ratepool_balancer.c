@@ -10,6 +10,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_access.h"
+#include "ngx_http_ratepool_admission.h"
 #include "ngx_http_ratepool_balancer.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_store.h"
@@ -33,6 +34,8 @@ static void ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc,
     void *data, ngx_uint_t state);
 static ngx_int_t ngx_http_ratepool_process_header(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_reinit_request(ngx_http_request_t *r);
+static ngx_int_t ngx_http_ratepool_requeue_sent(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 
 #if (NGX_HTTP_SSL)
 static ngx_int_t ngx_http_ratepool_set_session(ngx_peer_connection_t *pc,
@@ -68,7 +71,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
         /* the same key again, on a fresh connection */
         ctx->retry_same = 0;
 
-    } else if (ctx->tries > 0) {
+    } else if (ctx->round_tries > 0) {
 
         key = ctx->next;
         ctx->next = NULL;
@@ -109,6 +112,7 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ngx_shmtx_unlock(&ctx->pool->zone->shpool->mutex);
 
     ctx->tries++;
+    ctx->round_tries++;
     ctx->tried |= (uint64_t) 1 << index;
     ctx->answered = 0;
     ctx->exhausted = 0;
@@ -248,6 +252,13 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ctx->soonest_ms = ngx_http_ratepool_soonest(ctx);
 
+    if (status == NGX_HTTP_TOO_MANY_REQUESTS
+        && !ctx->spent && !ctx->overloaded && !ctx->too_large
+        && ngx_http_ratepool_may_requeue(r, ctx))
+    {
+        return ngx_http_ratepool_requeue_sent(r, ctx);
+    }
+
     if (ctx->spent || ctx->overloaded || ctx->too_large) {
         /*
          * The provider's own words: a spend cap is not a wait, an
@@ -265,6 +276,39 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     /* a 403 no key could beat goes out as the provider sent it */
 
     return NGX_OK;
+}
+
+
+/*
+ * Every key refused the request after it was sent, and it may wait for
+ * one still (ratepool_wait): the 429 reaches no one.  The upstream is
+ * finished as ngx_http_upstream_create() finishes one before it starts
+ * another, and admission puts the request back in the queue; once
+ * admitted again the phases go on from the content handler, which
+ * starts a new upstream.  Finishing the upstream finalizes the request
+ * once, and nginx does once more for the NGX_ERROR returned, after
+ * which it sees the upstream finished: both are counted here.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_requeue_sent(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_upstream_t  *u;
+
+    u = r->upstream;
+
+    ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                  "ratepool: every key of pool \"%V\" refused the request, "
+                  "it waits again", &ctx->pool->upstream->host);
+
+    r->main->count += 2;
+
+    (*u->cleanup)(r);
+
+    ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_requeue(r, ctx));
+
+    return NGX_ERROR;
 }
 
 

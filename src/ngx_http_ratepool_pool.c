@@ -343,7 +343,7 @@ ngx_http_ratepool_home_wait(ngx_http_ratepool_ctx_t *ctx, uint64_t home_itpm,
     uint64_t                       left_ms;
     ngx_http_ratepool_loc_conf_t  *rlcf;
 
-    if (ctx->tries || ctx->redirected) {
+    if (ctx->round_tries || ctx->redirected) {
         return 0;
     }
 

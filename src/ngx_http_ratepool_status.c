@@ -24,9 +24,9 @@
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */
-#define RATEPOOL_STATUS_POOL     384
+#define RATEPOOL_STATUS_POOL     416
 #define RATEPOOL_STATUS_TOKENS   256
-#define RATEPOOL_PROM_HEAD       6144   /* the totals and HELP/TYPE lines */
+#define RATEPOOL_PROM_HEAD       6400   /* the totals and HELP/TYPE lines */
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
@@ -232,7 +232,7 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
         for (i = 0; i < rmcf->pools.nelts; i++) {
             host = pools[i]->upstream->host.len;
 
-            size += 3 * (RATEPOOL_PROM_LINE + host)
+            size += 4 * (RATEPOOL_PROM_LINE + host)
                     + pools[i]->keys->nelts * 9
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
                     + pools[i]->orgs->nelts * 13
@@ -337,10 +337,12 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
 
     p = ngx_sprintf(p, "{\"name\":\"%V\",\"queue\":{\"limit\":%ui,"
                     "\"waiting\":%ui,\"oldest_wait_ms\":%uL,\"waited\":%uL,"
-                    "\"served\":%uL,\"timed_out\":%uL},\"orgs\":[",
+                    "\"served\":%uL,\"timed_out\":%uL,\"requeued\":%uL},"
+                    "\"orgs\":[",
                     &pool->upstream->host, pool->queue_max, pool->sh->waiting,
                     oldest_ms ? now_ms - oldest_ms : 0, pool->sh->waited,
-                    pool->sh->served, pool->sh->timed_out);
+                    pool->sh->served, pool->sh->timed_out,
+                    pool->sh->requeued);
 
     for (j = 0; j < pool->orgs->nelts; j++) {
         org = &orgs[j];
@@ -827,6 +829,16 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         "result=\"timed_out\"} %uL\n",
                         &pools[i]->upstream->host, pools[i]->sh->served,
                         &pools[i]->upstream->host, pools[i]->sh->timed_out);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_requeued_total",
+                                    "Requests every key refused after they "
+                                    "were sent, put back to wait.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_pool_requeued_total{pool=\"%V\"} %uL\n",
+                        &pools[i]->upstream->host, pools[i]->sh->requeued);
     }
 
     p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_requests_total",

@@ -43,6 +43,7 @@ const ngx_http_ratepool_store_t  ngx_http_ratepool_store_local = {
     ngx_http_ratepool_local_request,        /* move */
     ngx_http_ratepool_local_usage,
     ngx_http_ratepool_local_request,        /* end */
+    ngx_http_ratepool_local_request,        /* requeue */
     ngx_http_ratepool_local_cool,
     ngx_http_ratepool_local_learn,
     ngx_http_ratepool_local_take,           /* home: the zone has it */

@@ -103,6 +103,7 @@ static void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,
     uint64_t input, uint64_t output, uint64_t total);
 static void ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t cooldown_ms);
 static void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
@@ -151,6 +152,7 @@ const ngx_http_ratepool_store_t  ngx_http_ratepool_store_redis = {
     ngx_http_ratepool_shared_move,
     ngx_http_ratepool_shared_usage,
     ngx_http_ratepool_shared_end,
+    ngx_http_ratepool_shared_requeue,
     ngx_http_ratepool_shared_cool,
     ngx_http_ratepool_shared_learn,
     ngx_http_ratepool_shared_home,
@@ -1276,6 +1278,25 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
 
     /* a request that was never sent gives its request back too */
     ngx_http_ratepool_shared_settle(ctx, ctx->tries ? 0 : -1, 0, 0, 0);
+}
+
+
+/*
+ * Every key refused the request and it waits again: its tokens go back,
+ * and its request to its workspace, which will be charged anew when it
+ * is admitted; the orgs that refused it counted its tries.
+ */
+
+static void
+ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx)
+{
+    if (!ctx->shared.taken) {
+        return;
+    }
+
+    ngx_http_ratepool_shared_settle(ctx, 0, 0, 0, 0);
+    ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace, NULL,
+                                 -1, 0, 0, 0);
 }
 
 

@@ -266,7 +266,7 @@ ok($got->[5][1] < 2600 && $heavy[-1] > 4000,
 
 $mock->reset;
 $mock->script($KEY{f1}, [ { status => 429, retry_after => '1' } ]);
-is(ask('other', '/fair/v1/messages')->{status}, 429,
+is(ask('other', '/fairnow/v1/messages')->{status}, 429,
    'a 429 from the provider cools the org down');
 
 $got = burst(3, sub { ask('other', '/fair/v1/messages') });
