@@ -66,6 +66,8 @@
      && (now_ms) - (sh)->lim.busy_seen_ms < RATEPOOL_BUSY_TRUST_MS)
 
 #define RATEPOOL_QUEUE_DEFAULT      256     /* requests waiting per pool */
+#define RATEPOOL_OVERLOAD_DEFAULT   2000    /* a 529's server ranks last */
+#define RATEPOOL_OVERLOAD_MAX       600000
 
 /* where a request went, for $ratepool_conversation */
 #define RATEPOOL_PLACED_NONE        0       /* not a conversation */
@@ -377,6 +379,8 @@ typedef struct {
     ngx_array_t                    *keys;       /* ngx_http_ratepool_key_t */
     ngx_http_upstream_srv_conf_t   *upstream;
     ngx_uint_t                      queue_max;
+    ngx_msec_t                      overload;   /* a 529's server ranks
+                                                   after the others */
     ngx_http_ratepool_pool_sh_t    *sh;
 
     /* this worker's requests waiting for the pool, a queue a workspace */
@@ -582,6 +586,8 @@ struct ngx_http_ratepool_ctx_s {
     unsigned                        body_whole:1;
     unsigned                        usage_added:1;  /* include_usage, by
                                                        the gateway */
+    unsigned                        count_only:1;   /* count_tokens: free,
+                                                       limited apart */
 
     /* the event being held, while usage chunks are kept from clients */
     ngx_buf_t                      *event;

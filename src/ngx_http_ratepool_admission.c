@@ -219,6 +219,11 @@ ngx_http_ratepool_go(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx)
         return NGX_HTTP_INTERNAL_SERVER_ERROR;
     }
 
+    if (ctx->count_only) {
+        /* nothing of the fleet's is taken: nothing to ask Redis */
+        return NGX_DECLINED;
+    }
+
     rc = ctx->pool->zone->store->take(ctx, ngx_http_ratepool_taken, ctx);
 
     if (rc == NGX_OK || rc == NGX_DECLINED) {
@@ -326,10 +331,12 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
 
     ctx->limited_pool = 0;
 
-    rc = ngx_http_ratepool_admit_workspace(ctx, wait_ms);
+    if (!ctx->count_only) {
+        rc = ngx_http_ratepool_admit_workspace(ctx, wait_ms);
 
-    if (rc != NGX_OK) {
-        return rc;
+        if (rc != NGX_OK) {
+            return rc;
+        }
     }
 
     key = ngx_http_ratepool_acquire(ctx, &soonest_ms);
@@ -342,7 +349,9 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
     }
 
     /* the pool has nothing now: the workspace did not use its request */
-    ngx_http_ratepool_refund_workspace(ctx, 1);
+    if (!ctx->count_only) {
+        ngx_http_ratepool_refund_workspace(ctx, 1);
+    }
 
     ctx->limited_pool = 1;
 
@@ -434,7 +443,7 @@ ngx_http_ratepool_may_requeue(ngx_http_request_t *r,
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
     if (rlcf->wait == 0 || ctx->redirected || ctx->soonest_ms == 0
-        || r->connection->error)
+        || ctx->count_only || r->connection->error)
     {
         return 0;
     }

@@ -542,7 +542,7 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_ratepool_pool_t *pool = conf;
 
     u_char                           c;
-    ngx_str_t                       *value;
+    ngx_str_t                       *value, s;
     ngx_int_t                        n;
     ngx_uint_t                       i;
     ngx_http_ratepool_pool_t       **pp;
@@ -589,21 +589,53 @@ ngx_http_ratepool_upstream(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     pool->zone_name.len = value[1].len - 5;
     pool->upstream = uscf;
     pool->queue_max = RATEPOOL_QUEUE_DEFAULT;
+    pool->overload = RATEPOOL_OVERLOAD_DEFAULT;
 
-    if (cf->args->nelts == 3) {
-        if (value[2].len <= 6 || ngx_strncmp(value[2].data, "queue=", 6) != 0
-            || (n = ngx_atoi(value[2].data + 6, value[2].len - 6))
-               == NGX_ERROR)
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (value[i].len > 6 && ngx_strncmp(value[i].data, "queue=", 6) == 0)
         {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid parameter \"%V\", use \"queue=N\" "
-                               "with the number of requests that may wait "
-                               "for the pool (see ratepool_wait)",
-                               &value[2]);
-            return NGX_CONF_ERROR;
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+
+            if (n == NGX_ERROR) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid parameter \"%V\", use "
+                                   "\"queue=N\" with the number of requests "
+                                   "that may wait for the pool (see "
+                                   "ratepool_wait)", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            pool->queue_max = (ngx_uint_t) n;
+            continue;
         }
 
-        pool->queue_max = (ngx_uint_t) n;
+        if (value[i].len > 9
+            && ngx_strncmp(value[i].data, "overload=", 9) == 0)
+        {
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+            pool->overload = ngx_parse_time(&s, 0);
+
+            if (pool->overload == (ngx_msec_t) NGX_ERROR
+                || pool->overload > RATEPOOL_OVERLOAD_MAX)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid parameter \"%V\", use "
+                                   "\"overload=TIME\" (0 to 10m) for how "
+                                   "long a server that answered 529 or 503 "
+                                   "ranks after the others", &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid parameter \"%V\", use \"queue=N\" or "
+                           "\"overload=TIME\"", &value[i]);
+        return NGX_CONF_ERROR;
     }
 
     uscf->peer.init_upstream = ngx_http_ratepool_init_upstream;

@@ -116,6 +116,22 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
+    /*
+     * Counting a prompt's tokens is free, and its requests are limited
+     * apart from messages: it takes nothing of an org's or a workspace's
+     * buckets, and is no turn of a conversation.
+     */
+
+    ctx->count_only = (r->uri.len >= sizeof("/count_tokens") - 1
+                       && ngx_strncmp(r->uri.data + r->uri.len
+                                      - (sizeof("/count_tokens") - 1),
+                                      "/count_tokens",
+                                      sizeof("/count_tokens") - 1) == 0);
+
+    if (ctx->count_only) {
+        return NGX_OK;
+    }
+
     if (rq.has_max_tokens) {
         ctx->output_cost = ngx_min(rq.max_tokens,
                                    (uint64_t) rlcf->output_reserve);
@@ -151,17 +167,13 @@ ngx_http_ratepool_conversation(ngx_http_request_t *r,
     /*
      * Only a prompt the provider caches has a home worth keeping: not a
      * body with no conversation in it, one too small, one of Anthropic's
-     * API that marks nothing for caching, or one only counted.
+     * API that marks nothing for caching.
      */
 
     if (!rq->conv.valid
         || ctx->body_bytes < RATEPOOL_HOME_MIN_BYTES
         || (!rq->conv.cache_control
-            && ctx->dialect != RATEPOOL_DIALECT_OPENAI)
-        || ngx_strlcasestrn(r->uri.data, r->uri.data + r->uri.len,
-                            (u_char *) "count_tokens",
-                            sizeof("count_tokens") - 2)
-           != NULL)
+            && ctx->dialect != RATEPOOL_DIALECT_OPENAI))
     {
         return;
     }

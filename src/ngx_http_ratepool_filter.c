@@ -97,7 +97,9 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         return ngx_http_next_header_filter(r);
     }
 
-    if (ctx && ctx->answered
+    /* a count of tokens is no use of them */
+
+    if (ctx && ctx->answered && !ctx->count_only
         && r->headers_out.status >= NGX_HTTP_OK
         && r->headers_out.status < NGX_HTTP_SPECIAL_RESPONSE
         && ngx_http_ratepool_read_usage(r, ctx) != NGX_OK)

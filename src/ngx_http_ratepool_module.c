@@ -70,7 +70,7 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NULL },
 
     { ngx_string("ratepool"),
-      NGX_HTTP_UPS_CONF|NGX_CONF_TAKE12,
+      NGX_HTTP_UPS_CONF|NGX_CONF_1MORE,
       ngx_http_ratepool_upstream,
       NGX_HTTP_SRV_CONF_OFFSET,
       0,

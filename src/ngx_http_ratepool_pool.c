@@ -27,7 +27,6 @@
 
 /* a 403 may concern the key or only the request: the key sits out a while */
 #define RATEPOOL_REFUSED_MS        300000
-#define RATEPOOL_OVERLOAD_MS       2000     /* a server that said 529 */
 #define RATEPOOL_OVERLOAD_TIER     10       /* ranks it after fallbacks */
 
 /* where a response header teaches something about the key's org */
@@ -225,6 +224,21 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         if (same && keys[i].dialect != dialect) {
             c[i].usable = 0;
         }
+
+        c[i].org_inflight = (uint32_t) osh->inflight;
+        bsh = ngx_http_ratepool_key_org(ctx->pool, &keys[i])->sh;
+        c[i].org_homes = (uint32_t) (bsh->homes + bsh->arriving);
+        c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
+        c[i].last_pick_ms = keys[i].sh->last_pick_ms;
+
+        if (ctx->count_only) {
+            /* counted apart: the org's messages limits are not its own */
+            c[i].free_at_ms = keys[i].sh->refused_until_ms;
+            c[i].cooling = (c[i].free_at_ms > now_ms);
+            c[i].headroom_permille = 1000;
+            continue;
+        }
+
         if (ngx_http_ratepool_busy(osh, now_ms)) {
             c[i].free_at_ms = ngx_max(c[i].free_at_ms, osh->lim.busy_until_ms);
         }
@@ -265,12 +279,6 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
              */
             c[i].headroom_permille = osh->inflight ? 0 : 1000;
         }
-
-        c[i].org_inflight = (uint32_t) osh->inflight;
-        bsh = ngx_http_ratepool_key_org(ctx->pool, &keys[i])->sh;
-        c[i].org_homes = (uint32_t) (bsh->homes + bsh->arriving);
-        c[i].key_inflight = (uint32_t) keys[i].sh->inflight;
-        c[i].last_pick_ms = keys[i].sh->last_pick_ms;
     }
 }
 
@@ -471,9 +479,12 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     key = &keys[i];
     org = ngx_http_ratepool_ctx_org(ctx, key);
 
-    ngx_http_ratepool_org_buckets(org, bucket, limits);
-    (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM], 1,
-                                now_ms, &wait_ms);
+    if (!ctx->count_only) {
+        ngx_http_ratepool_org_buckets(org, bucket, limits);
+        (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM],
+                                    1, now_ms, &wait_ms);
+    }
+
     ctx->acquired_input = ngx_http_ratepool_input_at(ctx, key, now_ms);
     org->sh->lim.reserved_input += ctx->acquired_input;
     org->sh->lim.reserved_output += ctx->output_cost;
@@ -755,6 +766,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_tm_t                      tm;
     int64_t                       remaining[RATEPOOL_DIMS];
     uint64_t                      now_ms, floor_ms, limit, cooldown_ms,
+                                  demoted_ms,
                                   limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS],
                                   cost[RATEPOOL_DIMS];
     ngx_uint_t                    status, set, shared;
@@ -780,13 +792,16 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
     now_ms = ngx_http_ratepool_now_ms();
     floor_ms = 0;
+    demoted_ms = 0;
     shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
 
     shared = 0;
 
-    for (set = 0; set < RATEPOOL_DIMS; set++) {
+    /* a count_tokens answer speaks of limits that are not the org's */
+
+    for (set = 0; set < RATEPOOL_DIMS && !ctx->count_only; set++) {
         learned = &osh->requests + set;
         seen[set] = 0;
 
@@ -822,7 +837,9 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     for (set = 0; set < RATEPOOL_DIMS; set++) {
         remaining[set] = -1;
 
-        if (limits[set] == 0 || !a.seen[set][RATEPOOL_LEARN_REMAINING]) {
+        if (limits[set] == 0 || !a.seen[set][RATEPOOL_LEARN_REMAINING]
+            || ctx->count_only)
+        {
             continue;
         }
 
@@ -852,9 +869,9 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         osh->backoff_level = 0;
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS
-               && (ctx->spent || ctx->too_large))
+               && (ctx->spent || ctx->too_large || ctx->count_only))
     {
-        /* the org is not busy: no cooldown */
+        /* the org is not busy with messages: no cooldown */
         ksh->status_429++;
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
@@ -896,11 +913,14 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         }
 
         ctx->overloaded = 1;
-        ngx_http_ratepool_overloaded(ctx, key,
-                                     now_ms + (a.has_retry_after
-                                               ? ngx_min(a.retry_after_ms,
-                                                         60000)
-                                               : RATEPOOL_OVERLOAD_MS));
+
+        if (ctx->pool->overload) {
+            demoted_ms = ngx_max(ctx->pool->overload,
+                                 a.has_retry_after
+                                 ? ngx_min(a.retry_after_ms, 60000) : 0);
+        }
+
+        ngx_http_ratepool_overloaded(ctx, key, now_ms + demoted_ms);
 
     } else {
         ksh->status_other++;
@@ -949,7 +969,9 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
         store->cool(ctx, ngx_http_ratepool_key_org(ctx->pool, key),
                     RATEPOOL_COOLDOWN_MAX_MS);
 
-    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && !ctx->too_large) {
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && !ctx->too_large
+               && !ctx->count_only)
+    {
         store->cool(ctx, org, cooldown_ms);
     }
 
@@ -970,6 +992,18 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
                       "ratepool: key \"%V\" got 429 for a request larger "
                       "than org \"%V\"'s limit, passed to the client "
                       "without a cooldown", &key->name, &org->name);
+
+    } else if (ctx->overloaded) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: key \"%V\" got %ui, server \"%V\" is "
+                      "overloaded and ranks after the others for %uL ms",
+                      &key->name, status, &key->server, demoted_ms);
+
+    } else if (status == NGX_HTTP_TOO_MANY_REQUESTS && ctx->count_only) {
+        ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
+                      "ratepool: key \"%V\" got 429 counting tokens, "
+                      "which org \"%V\"'s messages do not share",
+                      &key->name, &org->name);
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,

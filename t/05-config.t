@@ -152,6 +152,16 @@ my @cases = (
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
       qr/invalid parameter "queue=many", use "queue=N" with the number of requests that may wait for the pool/ ],
 
+    [ 'an overload time that is not one',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm overload=soon; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid parameter "overload=soon", use "overload=TIME" \(0 to 10m\) for how long a server that answered 529 or 503 ranks after the others/ ],
+
+    [ 'an unknown parameter of ratepool',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm queue=5 "
+      . "overload=1s slow=1; ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
+      qr/invalid parameter "slow=1", use "queue=N" or "overload=TIME"/ ],
+
     [ 'a fallback rank out of range',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
       . "ratepool_key k server=127.0.0.1:1 key=$SECRET fallback=10; }",

@@ -19,7 +19,8 @@ use Ratepool::Test;
 
 my $t = Ratepool::Test->new;
 
-my %KEY = map { $_ => "sk-ant-mock-$_-" . int(rand(1e9)) } qw(a1 b1 o1);
+my %KEY = map { $_ => "sk-ant-mock-$_-" . int(rand(1e9)) }
+          qw(a1 b1 o1 a2 b2 a3 b3);
 my $TOKEN = 'gw-fallback-' . int(rand(1e9));
 
 my $direct = $t->start_mock(port => 1, log => 1);
@@ -45,6 +46,20 @@ http {
                      provider=openai fallback=2;
     }
 
+    upstream steady {
+        ratepool zone=llm overload=5s;
+        ratepool_key a2 org=oa2 server=127.0.0.1:%%PORT_1%% key=$KEY{a2};
+        ratepool_key b2 org=ob2 server=127.0.0.1:%%PORT_2%% key=$KEY{b2}
+                     fallback=1;
+    }
+
+    upstream eager {
+        ratepool zone=llm overload=0;
+        ratepool_key a3 org=oa3 server=127.0.0.1:%%PORT_1%% key=$KEY{a3};
+        ratepool_key b3 org=ob3 server=127.0.0.1:%%PORT_2%% key=$KEY{b3}
+                     fallback=1;
+    }
+
     ratepool_workspace team;
     ratepool_client team ${\ $t->token_hash($TOKEN)};
 
@@ -53,6 +68,16 @@ http {
 
         location /v1/ {
             ratepool_pass http://claude;
+        }
+
+        location /steady/v1/ {
+            rewrite ^/steady(/.*)\$ \$1 break;
+            ratepool_pass http://steady;
+        }
+
+        location /eager/v1/ {
+            rewrite ^/eager(/.*)\$ \$1 break;
+            ratepool_pass http://eager;
         }
 
         location = /ratepool/status {
@@ -105,5 +130,27 @@ is($r->{status}, 529,
 ok(!grep({ ($_->{headers}{authorization} // '') =~ /\Q$KEY{o1}\E/ }
          @{ $direct->log }), 'the OpenAI key was not tried');
 is(keys_of()->{b1}{cooldown_ms}, 0, 'and no org cools down for a 529');
+like($t->error_log, qr/key "a1" got 529, server "127\.0\.0\.1:\d+" is overloaded and ranks after the others for 2000 ms/,
+     'a 529 is logged, with how long its server ranks last');
+
+# how long an overloaded server ranks last is the pool's overload=
+
+$direct->reset;
+$other->reset;
+$direct->script($KEY{a2}, [ { status => 529 } ]);
+$direct->script($KEY{a3}, [ { status => 529 } ]);
+
+is($t->messages(token => $TOKEN, path => "/$_/v1/messages")->{status}, 200,
+   "$_: a 529 from the preferred provider is hidden") for qw(steady eager);
+is(join(',', served()), '2,2', 'both went to the fallback provider');
+
+sleep 2.2;
+$t->messages(token => $TOKEN, path => "/$_/v1/messages") for qw(steady eager);
+is(join(',', served()), '3,3',
+   'overload=5s: the fallback still, after 2 s; overload=0: back at once');
+
+sleep 3;
+$t->messages(token => $TOKEN, path => '/steady/v1/messages');
+is(join(',', served()), '4,3', 'overload=5s: back after 5 s');
 
 done_testing;
