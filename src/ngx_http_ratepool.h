@@ -145,6 +145,15 @@ typedef struct {
                                                    cache it holds */
     ngx_uint_t                      arriving;   /* first turns in flight */
 
+    /*
+     * The tokens one waiting request holds on the org it will fit on
+     * first, so that smaller ones cannot take them from it bit by bit.
+     */
+    uint64_t                        claim_id;   /* 0: none */
+    uint64_t                        claim_input;
+    uint64_t                        claim_output;
+    uint64_t                        claim_until_ms;
+
     ngx_http_ratepool_learned_t     requests;
     ngx_http_ratepool_learned_t     input_tokens;
     ngx_http_ratepool_learned_t     output_tokens;
@@ -537,6 +546,10 @@ typedef struct {
     unsigned                        taken:1;    /* Redis took it */
     unsigned                        late:1;     /* went on without the
                                                    take's reply */
+    unsigned                        alone:1;    /* decided here, as
+                                                   redis_fail= says */
+    unsigned                        kept:1;     /* the org refused it with
+                                                   a 429: keeps its tokens */
 } ngx_http_ratepool_shared_req_t;
 
 
@@ -563,6 +576,7 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        prefix;     /* of its tools and system */
     ngx_http_ratepool_org_sh_t     *home;       /* NULL: new, or none */
     ngx_http_ratepool_org_sh_t     *arriving;   /* a first turn's org */
+    ngx_http_ratepool_org_sh_t     *claimed;    /* where it waits for room */
     uint64_t                        prefix_bytes;
     uint64_t                        input_full;     /* written anew */
     uint64_t                        input_prefix;   /* of its prefix */

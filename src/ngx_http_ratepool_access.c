@@ -308,6 +308,7 @@ ngx_http_ratepool_cleanup(void *data)
     ngx_http_ratepool_ctx_t  *ctx = data;
 
     ngx_http_ratepool_unwait(ctx);
+    ngx_http_ratepool_unclaim(ctx);
     ctx->pool->zone->store->end(ctx);
     ngx_http_ratepool_release(ctx, &ctx->held, 0);
     ngx_http_ratepool_release(ctx, &ctx->next, 0);

@@ -198,6 +198,12 @@ ngx_http_ratepool_wait_or_refuse(ngx_http_request_t *r,
         && ngx_http_ratepool_wait(r, ctx, wait_ms) == NGX_OK)
     {
         ctx->shared.asks = 0;   /* the store may be asked again, after */
+
+        if (ctx->limited_pool && !ctx->count_only) {
+            /* what it waits for is held for it, unless held already */
+            ngx_http_ratepool_claim(ctx, ctx->wait_until_ms, 0);
+        }
+
         return NGX_DONE;
     }
 
@@ -360,6 +366,13 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
     }
 
     now_ms = ngx_http_ratepool_now_ms();
+
+    if (ctx->waiting && !ctx->count_only) {
+        /* its turn: what it needs is held for it */
+        ngx_http_ratepool_claim(ctx, ctx->wait_until_ms, 1);
+        soonest_ms = ngx_http_ratepool_soonest(ctx);
+    }
+
     *wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
 
     return NGX_AGAIN;
@@ -525,6 +538,8 @@ ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     pool = ctx->pool;
     ws = ctx->workspace;
     shpool = pool->zone->shpool;
+
+    ngx_http_ratepool_unclaim(ctx);
 
     if (ctx->limited_pool) {
         (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);

@@ -136,6 +136,7 @@ static uint64_t ngx_http_ratepool_input_at(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t *key, uint64_t now_ms);
 static uint64_t ngx_http_ratepool_prefix_at(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_sh_t *osh);
+static void ngx_http_ratepool_unclaim_locked(ngx_http_ratepool_ctx_t *ctx);
 static ngx_uint_t ngx_http_ratepool_count_turn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_tokens_t *used, uint64_t now_ms, ratepool_turn_t *turn,
     uint64_t *ttl_ms);
@@ -204,8 +205,20 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         }
 
         reserved[RATEPOOL_RPM] = 0;
-        ngx_http_ratepool_org_split(org, osh->lim.reserved_input,
-                                    osh->lim.reserved_output, reserved);
+
+        if (osh->claim_id && osh->claim_until_ms > now_ms
+            && osh->claim_id != ngx_http_ratepool_claim_id(ctx))
+        {
+            /* what a waiting request holds is as good as reserved */
+            ngx_http_ratepool_org_split(org,
+                                osh->lim.reserved_input + osh->claim_input,
+                                osh->lim.reserved_output + osh->claim_output,
+                                reserved);
+
+        } else {
+            ngx_http_ratepool_org_split(org, osh->lim.reserved_input,
+                                        osh->lim.reserved_output, reserved);
+        }
 
         /* a key whose org spent its money is of no use until it resets */
         c[i].usable = (keys[i].sh->dead_status == 0
@@ -479,6 +492,8 @@ ngx_http_ratepool_acquire(ngx_http_ratepool_ctx_t *ctx, uint64_t *soonest_ms)
     key = &keys[i];
     org = ngx_http_ratepool_ctx_org(ctx, key);
 
+    ngx_http_ratepool_unclaim_locked(ctx);
+
     if (!ctx->count_only) {
         ngx_http_ratepool_org_buckets(org, bucket, limits);
         (void) ratepool_bucket_take(bucket[RATEPOOL_RPM], limits[RATEPOOL_RPM],
@@ -549,6 +564,130 @@ ngx_http_ratepool_soonest(ngx_http_ratepool_ctx_t *ctx)
     }
 
     return soonest_ms;
+}
+
+
+/*
+ * A waiting request holds what it needs on the org where it fits first:
+ * requests that come later fit only beside it, so that a large request
+ * is not passed by small ones forever.  One request holds an org at a
+ * time: the first to wait for it, then the one whose turn it is
+ * (ratepool_wait's fair turns, take_over).  The hold lasts as long as
+ * the request may wait, and goes when it has a key or ends.
+ */
+
+void
+ngx_http_ratepool_claim(ngx_http_ratepool_ctx_t *ctx, uint64_t until_ms,
+    ngx_uint_t take_over)
+{
+    long                         i;
+    uint64_t                     now_ms, soonest_ms, tokens[RATEPOOL_DIMS];
+    ngx_uint_t                   k, n;
+    ngx_slab_pool_t             *shpool;
+    ngx_http_ratepool_org_t     *org;
+    ngx_http_ratepool_key_t     *keys;
+    ngx_http_ratepool_org_sh_t  *osh;
+    ratepool_candidate_t         c[RATEPOOL_KEYS_MAX];
+
+    keys = ctx->pool->keys->elts;
+    n = ctx->pool->keys->nelts;
+    shpool = ctx->pool->zone->shpool;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    ngx_http_ratepool_candidates(ctx, now_ms, c, NULL);
+
+    /* the first to free up, of those that are only short of room */
+    i = -1;
+    soonest_ms = 0;
+
+    for (k = 0; k < n; k++) {
+        if (c[k].usable && !c[k].cooling && c[k].fallback == 0
+            && (i < 0 || c[k].free_at_ms < soonest_ms))
+        {
+            i = (long) k;
+            soonest_ms = c[k].free_at_ms;
+        }
+    }
+
+    if (i < 0) {
+        goto done;
+    }
+
+    org = ngx_http_ratepool_ctx_org(ctx, &keys[i]);
+    osh = org->sh;
+
+    if (osh == ctx->claimed
+        && osh->claim_id == ngx_http_ratepool_claim_id(ctx))
+    {
+        goto done;
+    }
+
+    if (!take_over && osh->claim_id && osh->claim_until_ms > now_ms) {
+        goto done;
+    }
+
+    /* another waiting request's hold, if any, goes to the one whose turn
+       it is now */
+
+    ngx_http_ratepool_unclaim_locked(ctx);
+
+    ngx_http_ratepool_org_split(org,
+                                ngx_http_ratepool_input_at(ctx, &keys[i],
+                                                           now_ms),
+                                ctx->output_cost, tokens);
+
+    osh->claim_id = ngx_http_ratepool_claim_id(ctx);
+    osh->claim_input = tokens[RATEPOOL_ITPM];
+    osh->claim_output = tokens[RATEPOOL_OTPM];
+    osh->claim_until_ms = until_ms;
+    ctx->claimed = osh;
+
+done:
+
+    ngx_shmtx_unlock(&shpool->mutex);
+}
+
+
+void
+ngx_http_ratepool_unclaim(ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_slab_pool_t  *shpool;
+
+    if (ctx->claimed == NULL) {
+        return;
+    }
+
+    shpool = ctx->pool->zone->shpool;
+
+    ngx_shmtx_lock(&shpool->mutex);
+    ngx_http_ratepool_unclaim_locked(ctx);
+    ngx_shmtx_unlock(&shpool->mutex);
+
+    ngx_http_ratepool_wake(ctx->pool);
+}
+
+
+static void
+ngx_http_ratepool_unclaim_locked(ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_http_ratepool_org_sh_t  *osh;
+
+    osh = ctx->claimed;
+
+    if (osh == NULL) {
+        return;
+    }
+
+    ctx->claimed = NULL;
+
+    if (osh->claim_id == ngx_http_ratepool_claim_id(ctx)) {
+        osh->claim_id = 0;
+        osh->claim_input = 0;
+        osh->claim_output = 0;
+        osh->claim_until_ms = 0;
+    }
 }
 
 
@@ -766,7 +905,7 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_tm_t                      tm;
     int64_t                       remaining[RATEPOOL_DIMS];
     uint64_t                      now_ms, floor_ms, limit, cooldown_ms,
-                                  demoted_ms,
+                                  demoted_ms, sent_ms, left,
                                   limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS],
                                   cost[RATEPOOL_DIMS];
     ngx_uint_t                    status, set, shared;
@@ -828,6 +967,9 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_split(org, ctx->held_input, ctx->output_cost, cost);
     limit = limits[RATEPOOL_RPM];
 
+    /* when this try went out (nginx's clock, as the zone's) */
+    sent_ms = ngx_min((uint64_t) r->upstream->start_time, now_ms);
+
     /*
      * What the provider has left counts this request's input already,
      * while the bucket is charged for it only once the answer says how
@@ -851,15 +993,23 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
         /*
          * Redis counts what every gateway sent; the provider's count
-         * matters to it only where it is well below Redis's, as when
-         * others use the org too.
+         * matters to it where it is below Redis's by more than 0.3 s of
+         * refill, as when others use the org too, or when Redis missed
+         * what the provider counted before the limit was known: gateways
+         * that trust a Redis more generous than the provider send at
+         * once what only one of them may.  The provider counted as the
+         * request arrived: what has refilled since is added.
          */
+
+        left = a.value[set][RATEPOOL_LEARN_REMAINING]
+               + (uint64_t) (now_ms - sent_ms) * limits[set] / 60000;
+        left = ngx_min(left, limits[set]);
 
         if (ratepool_bucket_level(&osh->lim.shared_left[set], limits[set],
                                   now_ms)
-            > a.value[set][RATEPOOL_LEARN_REMAINING] + limits[set] / 10)
+            > left + limits[set] / 200)
         {
-            remaining[set] = (int64_t) a.value[set][RATEPOOL_LEARN_REMAINING];
+            remaining[set] = (int64_t) left;
             shared = 1;
         }
     }

@@ -855,8 +855,13 @@ ngx_http_ratepool_shared_fallback(ngx_http_ratepool_ctx_t *ctx)
 
     (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->redis_fallbacks, 1);
 
-    return (rmcf->redis->fail == RATEPOOL_REDIS_FAIL_CLOSED) ? NGX_ERROR
-                                                             : NGX_DECLINED;
+    if (rmcf->redis->fail == RATEPOOL_REDIS_FAIL_CLOSED) {
+        return NGX_ERROR;
+    }
+
+    ctx->shared.alone = 1;
+
+    return NGX_DECLINED;
 }
 
 
@@ -961,6 +966,20 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
             ngx_http_ratepool_shared_done(ctx, NGX_OK, 0, 0);
         }
 
+        return;
+    }
+
+    if (ctx->shared.late && ctx->shared.alone) {
+        /*
+         * Redis would have refused what went out without its answer: it
+         * is charged all the same, or the fleet would count less than
+         * the provider does, and send what only one gateway may.
+         */
+        ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
+                                     ctx->shared.org, 1,
+                                     (int64_t) ctx->shared.input,
+                                     (int64_t) ctx->shared.output, 0);
+        ctx->shared.taken = 1;
         return;
     }
 
@@ -1207,9 +1226,12 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
      * difference.
      */
 
-    ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared.org, 0,
-                                 -(int64_t) ctx->shared.input,
-                                 -(int64_t) ctx->shared.output, 0);
+    if (!ctx->shared.kept) {
+        ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared.org, 0,
+                                     -(int64_t) ctx->shared.input,
+                                     -(int64_t) ctx->shared.output, 0);
+    }
+
     ngx_http_ratepool_ledger_add(rmcf, NULL, org, 1,
                                  (int64_t) ctx->held_input,
                                  (int64_t) ctx->shared.output, 0);
@@ -1219,6 +1241,7 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
 
     ctx->shared.org = org;
     ctx->shared.input = ctx->held_input;
+    ctx->shared.kept = 0;
 }
 
 
@@ -1247,6 +1270,21 @@ ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ctx->shared.taken = 0;
+
+    if (ctx->shared.kept) {
+        /* the org's share stays: what the provider refused says so */
+        ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, NULL,
+                                     ctx->shared.org, requests, 0, 0, 0);
+        ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
+                                     NULL, requests,
+                                     (int64_t) input
+                                     - (int64_t) ctx->shared.input,
+                                     (int64_t) output
+                                     - (int64_t) ctx->shared.output,
+                                     total);
+        ctx->shared.kept = 0;
+        return;
+    }
 
     ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
                                  ctx->shared.org, requests,
@@ -1432,6 +1470,16 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
 
     if (redis == NULL) {
         return;
+    }
+
+    /*
+     * The provider refused what Redis let through: Redis counts less
+     * than the provider does.  What the request took of the org stays
+     * taken, which brings the two nearer by at least that much.
+     */
+
+    if (ctx->shared.taken && ctx->shared.org == org) {
+        ctx->shared.kept = 1;
     }
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);

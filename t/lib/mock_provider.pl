@@ -55,7 +55,8 @@
 #   GET /_mock/log, GET|HEAD /_mock/health.  The log (and the --log file,
 #   a JSON line each) records every /v1/ request; an answered message
 #   carries "usage": the four counts it was answered with, in Anthropic's
-#   names whatever the dialect.
+#   names whatever the dialect; one the org's buckets refused, "refused":
+#   which (rpm, itpm, otpm, tpm).
 
 use strict;
 use warnings;
@@ -740,6 +741,7 @@ sub answer {
         my $refused = admit($ctx->{org}, $ctx->{class}, $usage,
                             $payload->{max_completion_tokens}
                             // $payload->{max_tokens}, $ctx->{now});
+        $ctx->{refused} = $refused->[0] if $refused;
         # refused before it starts: at once, whatever its latency
         return { %{ error_res($req, 429, 'rate_limit_error',
                               rate_limit_message($ctx->{org}, @$refused[0, 1]),
@@ -1415,6 +1417,8 @@ sub log_request {
         if !defined $config->{log_body} || $config->{log_body};
     $record->{usage} = { %{ $ctx->{usage} } }
         if $ctx->{usage} && $status == 200;
+    # which of the org's buckets refused it
+    $record->{refused} = $ctx->{refused} if $ctx->{refused};
 
     push @log, $record;
     print {$log_fh} $JSON->encode($record), "\n" if $log_fh;
