@@ -362,7 +362,7 @@ ngx_http_ratepool_redis_ready(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
                       "shared again", &redis->conf->server);
     }
 
-    redis->beat_handler(redis, redis->beat_data);
+    redis->beat_handler(redis, redis->beat_data, 1);
 }
 
 
@@ -385,7 +385,7 @@ ngx_http_ratepool_redis_beat(ngx_event_t *ev)
     ngx_http_ratepool_redis_t  *redis = ev->data;
 
     if (redis->state == RATEPOOL_REDIS_READY) {
-        redis->beat_handler(redis, redis->beat_data);
+        redis->beat_handler(redis, redis->beat_data, 0);
     }
 }
 

@@ -17,9 +17,10 @@
 
 /* this worker's connection to Redis: pipelined commands, a breaker */
 
-/* called when the connection is ready, and every few seconds after */
+/* called when the connection is ready (connected), and every few
+   seconds after */
 typedef void (*ngx_http_ratepool_redis_beat_pt)(
-    ngx_http_ratepool_redis_t *redis, void *data);
+    ngx_http_ratepool_redis_t *redis, void *data, ngx_uint_t connected);
 
 ngx_int_t ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
     ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_redis_beat_pt beat,

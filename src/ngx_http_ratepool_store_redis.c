@@ -110,7 +110,12 @@ static void ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
     int64_t *remaining);
 static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
-    void *data);
+    void *data, ngx_uint_t connected);
+static void ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
+    uint64_t *seen, uint64_t *limits, int64_t *remaining);
 static ngx_int_t ngx_http_ratepool_shared_home(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_taken_pt handler, void *data);
 static void ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd,
@@ -1509,9 +1514,7 @@ ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t *seen, uint64_t *limits,
     int64_t *remaining)
 {
-    ngx_uint_t                      i;
     ngx_http_ratepool_redis_t      *redis;
-    ngx_http_ratepool_call_t        call;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ctx->pool->zone->conf;
@@ -1520,6 +1523,18 @@ ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
     if (redis == NULL) {
         return;
     }
+
+    ngx_http_ratepool_learn_call(redis, rmcf, org, seen, limits, remaining);
+}
+
+
+static void
+ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
+    uint64_t *seen, uint64_t *limits, int64_t *remaining)
+{
+    ngx_uint_t                 i;
+    ngx_http_ratepool_call_t   call;
 
     call.n = 0;
     call.p = call.buf;
@@ -1598,7 +1613,8 @@ ngx_http_ratepool_shared_expire(ngx_http_ratepool_main_conf_t *rmcf)
  */
 
 static void
-ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data)
+ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data,
+    ngx_uint_t connected)
 {
     ngx_http_ratepool_main_conf_t *rmcf = data;
 
@@ -1607,6 +1623,10 @@ ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data)
     ngx_http_ratepool_zone_t    *zone;
 
     (void) ngx_http_ratepool_shared_expire(rmcf);
+
+    if (connected) {
+        ngx_http_ratepool_shared_reseed(redis, rmcf);
+    }
 
     zone = rmcf->shm_zone->data;
 
@@ -1628,6 +1648,106 @@ ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data)
         == NULL)
     {
         ngx_http_ratepool_redis_beat_later(redis);
+    }
+}
+
+
+/*
+ * A new connection may be to a Redis that restarted with nothing: what
+ * this gateway knows of each org is sent, its learned limits, its
+ * buckets (Redis's last word and the provider's, as they refilled since)
+ * and cooldown, which only lower what Redis holds, so that the fleet does
+ * not send the provider what it has no room for because the store
+ * forgot.
+ */
+
+static void
+ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    int64_t                       remaining[RATEPOOL_DIMS];
+    uint64_t                      now_ms, level, cooldown_ms,
+                                  limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS];
+    ngx_uint_t                    i, j, d, known;
+    ratepool_bucket_t            *bucket[RATEPOOL_DIMS];
+    ngx_slab_pool_t              *shpool;
+    ngx_http_ratepool_org_t      *orgs;
+    ngx_http_ratepool_zone_t     *zone;
+    ngx_http_ratepool_pool_t    **pools;
+    ngx_http_ratepool_org_sh_t   *osh;
+    ngx_http_ratepool_call_t      call;
+
+    zone = rmcf->shm_zone->data;
+    shpool = zone->shpool;
+    pools = rmcf->pools.elts;
+    now_ms = ngx_http_ratepool_now_ms();
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            osh = orgs[j].sh;
+            known = 0;
+
+            ngx_shmtx_lock(&shpool->mutex);
+
+            ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
+
+            for (d = 0; d < RATEPOOL_DIMS; d++) {
+                remaining[d] = -1;
+
+                /* the limits learned from answers, which Redis keeps */
+                seen[d] = (&osh->requests)[d].limit;
+                known |= (seen[d] != 0);
+
+                if (limits[d] == 0) {
+                    continue;
+                }
+
+                level = ratepool_bucket_level(bucket[d], limits[d], now_ms);
+
+                if (osh->lim.shared_seen_ms
+                    && now_ms - osh->lim.shared_seen_ms < 60000)
+                {
+                    level = ngx_min(level,
+                                    ratepool_bucket_level(
+                                        &osh->lim.shared_left[d], limits[d],
+                                        now_ms));
+                }
+
+                if (level < limits[d]) {
+                    remaining[d] = (int64_t) level;
+                    known = 1;
+                }
+            }
+
+            cooldown_ms = osh->cooldown_until_ms > now_ms
+                          ? osh->cooldown_until_ms - now_ms : 0;
+
+            ngx_shmtx_unlock(&shpool->mutex);
+
+            if (known) {
+                ngx_http_ratepool_learn_call(redis, rmcf, &orgs[j], seen,
+                                             limits, remaining);
+            }
+
+            if (cooldown_ms == 0) {
+                continue;
+            }
+
+            call.n = 0;
+            call.p = call.buf;
+
+            ngx_http_ratepool_call_int(&call, 1);
+            ngx_http_ratepool_call_key(&call, rmcf->redis, 'o',
+                                       &orgs[j].entry);
+            ngx_http_ratepool_call_str(&call, (u_char *) "c", 1);
+            ngx_http_ratepool_call_int(&call, (int64_t) cooldown_ms);
+            ngx_http_ratepool_call_int(&call, 0);
+
+            (void) ngx_http_ratepool_redis_script(redis, call.args, call.n,
+                                                  2, NULL, NULL);
+        }
     }
 }
 
