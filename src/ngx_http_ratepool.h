@@ -193,6 +193,8 @@ typedef struct {
     uint32_t                        prompt_rate;    /* the same, of all of
                                                    a conversation's input,
                                                    as if none were cached */
+    uint64_t                        output_avg;     /* produced lately, see
+                                                ratepool_estimate_output() */
     uint64_t                        admitted;
     uint64_t                        rejected;
     ngx_uint_t                      waiting;
@@ -592,6 +594,8 @@ struct ngx_http_ratepool_ctx_s {
     off_t                           body_object_at; /* its "{", -1: none */
     uint64_t                        input_cost;     /* estimated */
     uint64_t                        output_cost;    /* reserved */
+    uint64_t                        output_cap;     /* max_tokens, or
+                                                   ratepool_output_reserve */
     ngx_int_t                       phase_rc;   /* once the body is read */
     unsigned                        stream:1;   /* the body asks for SSE */
     unsigned                        cache_long:1;   /* "ttl":"1h" */
@@ -602,6 +606,7 @@ struct ngx_http_ratepool_ctx_s {
                                                        the gateway */
     unsigned                        count_only:1;   /* count_tokens: free,
                                                        limited apart */
+    unsigned                        answer_whole:1; /* its last byte came */
 
     /* the event being held, while usage chunks are kept from clients */
     ngx_buf_t                      *event;

@@ -675,6 +675,16 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
                                                   : sh->input_rate);
     }
 
+    /*
+     * Providers count output as it is produced, and let a request that
+     * started go on into debt: what the workspace's answers produce is
+     * reserved, not all a request may, which would leave most of the
+     * output limit reserved and unused.
+     */
+
+    ctx->output_cost = ratepool_estimate_output(sh->output_avg,
+                                                ctx->output_cap);
+
     ngx_http_ratepool_conversation_cost(ctx, now_ms);
 
     *wait_ms = 0;

@@ -110,8 +110,8 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
 
     /*
      * Output is reserved up to the request's own cap, or the configured
-     * one; a request that asks for no model (a listing, say) asks for
-     * no output.
+     * one (less once its workspace's answers say what they produce); a
+     * request that asks for no model (a listing, say) asks for no output.
      */
 
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
@@ -133,12 +133,14 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
     }
 
     if (rq.has_max_tokens) {
-        ctx->output_cost = ngx_min(rq.max_tokens,
-                                   (uint64_t) rlcf->output_reserve);
+        ctx->output_cap = ngx_min(rq.max_tokens,
+                                  (uint64_t) rlcf->output_reserve);
 
     } else if (rq.model_len) {
-        ctx->output_cost = rlcf->output_reserve;
+        ctx->output_cap = rlcf->output_reserve;
     }
+
+    ctx->output_cost = ctx->output_cap;
 
     ngx_http_ratepool_conversation(r, ctx, &rq);
 

@@ -201,6 +201,7 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
             /* counted before the client has the last byte */
             if (cl->buf->last_buf) {
+                ctx->answer_whole = 1;
                 ngx_http_ratepool_commit_usage(ctx);
             }
         }
@@ -334,6 +335,7 @@ ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
             ll = &(*ll)->next;
 
             if (b->last_buf) {
+                ctx->answer_whole = 1;
                 ngx_http_ratepool_commit_usage(ctx);
             }
         }

@@ -1271,6 +1271,14 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         ratepool_bucket_debit(&ws->sh->lim.bucket[RATEPOOL_OTPM], ws->otpm,
                               add.output, now_ms);
 
+        /* an answer cut short says little of what answers produce */
+        if ((usage->seen & RATEPOOL_USAGE_OUTPUT) && ctx->output_cap
+            && ctx->answer_whole)
+        {
+            ws->sh->output_avg = ratepool_estimate_output_learn(
+                                          ws->sh->output_avg, add.output);
+        }
+
         /* budgets count every token billed, cached or not */
         total = add.input + add.output + add.cache_read + add.cache_creation;
 

@@ -510,3 +510,43 @@ ratepool_estimate_learn(uint32_t rate, uint64_t bytes, uint64_t counted)
 
     return (uint32_t) (((uint64_t) rate * 7 + sample + 7) / 8);
 }
+
+
+uint64_t
+ratepool_estimate_output(uint64_t avg, uint64_t cap)
+{
+    uint64_t  expect;
+
+    if (avg == 0) {
+        return cap;
+    }
+
+    if (avg > (1ULL << 40)) {
+        avg = 1ULL << 40;
+    }
+
+    expect = avg + avg / 4 + 16;
+
+    return expect < cap ? expect : cap;
+}
+
+
+/* a moving average over about eight answers */
+
+uint64_t
+ratepool_estimate_output_learn(uint64_t avg, uint64_t produced)
+{
+    if (produced > (1ULL << 40)) {
+        produced = 1ULL << 40;
+    }
+
+    if (avg == 0) {
+        return produced ? produced : 1;
+    }
+
+    if (produced >= avg) {
+        return avg + (produced - avg + 7) / 8;
+    }
+
+    return avg - (avg - produced) / 8;
+}

@@ -76,5 +76,16 @@ uint64_t ratepool_estimate_input(uint64_t bytes, uint32_t rate);
 uint32_t ratepool_estimate_learn(uint32_t rate, uint64_t bytes,
     uint64_t counted);
 
+/*
+ * Output tokens a request is expected to produce: what a workspace's
+ * requests produced lately (a moving average, avg, 0 while none has
+ * answered), a quarter more and a little, and never more than its cap
+ * (its max_tokens, or ratepool_output_reserve); the cap itself while
+ * nothing is known.
+ */
+
+uint64_t ratepool_estimate_output(uint64_t avg, uint64_t cap);
+uint64_t ratepool_estimate_output_learn(uint64_t avg, uint64_t produced);
+
 
 #endif /* _RATEPOOL_REQUEST_H_INCLUDED_ */

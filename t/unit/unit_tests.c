@@ -670,6 +670,35 @@ test_request(void)
               <= ((uint64_t) rate * 7 + RATEPOOL_RATE_MAX) / 8 + 1,
               "one request moves the rate by an eighth at most");
     }
+
+    check(ratepool_estimate_output(0, 4096) == 4096,
+          "output is reserved up to its cap while nothing is known");
+
+    {
+        int       i;
+        uint64_t  avg;
+
+        avg = 0;
+
+        for (i = 0; i < 40; i++) {
+            avg = ratepool_estimate_output_learn(avg, 1024);
+        }
+
+        check(avg == 1024, "the average settles on what answers produce");
+        check(ratepool_estimate_output(avg, 4096) == 1024 + 256 + 16,
+              "a quarter more is reserved, and a little");
+        check(ratepool_estimate_output(avg, 100) == 100,
+              "never more than the request's own cap");
+        check(ratepool_estimate_output_learn(avg, 0) == 1024 - 128
+              && ratepool_estimate_output_learn(avg, 9024) == 1024 + 1000,
+              "one answer moves it by an eighth");
+        check(ratepool_estimate_output_learn(0, 0) == 1
+              && ratepool_estimate_output(1, 4096) == 17,
+              "an answer with no output still counts as known");
+        check(ratepool_estimate_output(ratepool_estimate_output_learn(avg,
+                                           UINT64_MAX), UINT64_MAX)
+              < (1ULL << 41), "absurd numbers stay bounded");
+    }
 }
 
 /*
