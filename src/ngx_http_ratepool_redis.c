@@ -12,6 +12,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_redis.h"
+#include "ratepool_resp.h"
 
 
 /*
@@ -48,6 +49,7 @@ struct ngx_http_ratepool_redis_s {
     ngx_peer_connection_t           peer;
     ngx_connection_t               *c;
     redisReader                    *reader;
+    ratepool_resp_check_t           check;      /* before the reader */
     ngx_queue_t                     sent;       /* waiting for replies */
     ngx_queue_t                     free;
     ngx_uint_t                      pending;
@@ -229,6 +231,7 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
     redis->state = RATEPOOL_REDIS_CONNECTING;
     redis->out_len = 0;
 
+    ratepool_resp_check_init(&redis->check);
     redis->reader = redisReaderCreate();
     if (redis->reader == NULL) {
         ngx_http_ratepool_redis_down(redis, "out of memory", NULL);
@@ -844,6 +847,7 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
     ssize_t                         n;
     ngx_str_t                       detail;
     uint64_t                        us;
+    int                             rc;
     ngx_queue_t                    *q;
     redisReply                     *reply;
     ngx_connection_t               *c;
@@ -871,6 +875,20 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
         if (n == NGX_ERROR || n == 0) {
             ngx_http_ratepool_redis_down(redis, "it closed the connection",
                                          NULL);
+            return;
+        }
+
+        /* nothing is allocated for a reply no script call can have */
+
+        rc = ratepool_resp_check(&redis->check, buf, n);
+
+        if (rc != RATEPOOL_RESP_OK) {
+            ngx_http_ratepool_redis_down(redis,
+                                     rc == RATEPOOL_RESP_TOO_LARGE
+                                     ? "it sent a reply larger than any "
+                                       "ratepool asks for"
+                                     : "it sent a reply that is not RESP2",
+                                     NULL);
             return;
         }
 

@@ -1448,6 +1448,9 @@ test_dialect(void)
 }
 
 
+static void test_resp_check(void);
+
+
 static void
 test_resp(void)
 {
@@ -1477,6 +1480,83 @@ test_resp(void)
     check(ratepool_resp_header_size(12) == 5
           && ratepool_resp_arg_size(100) == 108,
           "sizes count the digits of the lengths");
+
+    test_resp_check();
+}
+
+
+/* a reply, checked whole and split in two at every byte */
+
+static int
+resp_checks(const char *reply)
+{
+    int                    whole, split;
+    size_t                 len, i;
+    ratepool_resp_check_t  c;
+
+    len = strlen(reply);
+
+    ratepool_resp_check_init(&c);
+    whole = ratepool_resp_check(&c, (const unsigned char *) reply, len);
+
+    for (i = 1; i < len; i++) {
+        ratepool_resp_check_init(&c);
+        (void) ratepool_resp_check(&c, (const unsigned char *) reply, i);
+        split = ratepool_resp_check(&c, (const unsigned char *) reply + i,
+                                    len - i);
+
+        if (split != whole) {
+            return -1;
+        }
+    }
+
+    return whole;
+}
+
+
+static void
+test_resp_check(void)
+{
+    char                   big[2100];
+    ratepool_resp_check_t  c;
+
+    check(resp_checks("*3\r\n:1\r\n:-5\r\n$4\r\norg1\r\n+PONG\r\n"
+                      "-NOSCRIPT No matching script.\r\n$-1\r\n*-1\r\n"
+                      "*0\r\n$0\r\n\r\n") == RATEPOOL_RESP_OK,
+          "replies ratepool asks for pass, split anywhere");
+    check(resp_checks("*2\r\n*1\r\n*1\r\n*1\r\n:1\r\n:2\r\n")
+          == RATEPOOL_RESP_OK, "arrays nest four deep");
+    check(resp_checks("$3\r\na\r\n\r\n") == RATEPOOL_RESP_OK,
+          "a bulk string may hold any bytes");
+
+    check(resp_checks("*2147483647\r\n") == RATEPOOL_RESP_TOO_LARGE,
+          "an array of two billion elements is refused before it comes");
+    check(resp_checks("$999999999\r\n") == RATEPOOL_RESP_TOO_LARGE,
+          "so is a bulk string of a gigabyte");
+    check(resp_checks("*1\r\n*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n")
+          == RATEPOOL_RESP_TOO_LARGE, "and arrays nested five deep");
+    check(resp_checks(":99999999999999999999\r\n") == RATEPOOL_RESP_TOO_LARGE,
+          "and a number of twenty digits");
+
+    memset(big, 'x', sizeof(big));
+    big[0] = '-';
+    big[sizeof(big) - 1] = '\0';
+    check(resp_checks(big) == RATEPOOL_RESP_TOO_LARGE,
+          "and an error line of 2 KB");
+
+    check(resp_checks("%2\r\n") == RATEPOOL_RESP_BAD
+          && resp_checks("*1\r\n_\r\n") == RATEPOOL_RESP_BAD,
+          "types hiredis 0.14 cannot read are refused");
+    check(resp_checks(":1x\r\n") == RATEPOOL_RESP_BAD
+          && resp_checks("*-2\r\n") == RATEPOOL_RESP_BAD
+          && resp_checks("$2\r\nabc\r\n") == RATEPOOL_RESP_BAD
+          && resp_checks(":1\r\r") == RATEPOOL_RESP_BAD,
+          "so are malformed lines");
+
+    ratepool_resp_check_init(&c);
+    (void) ratepool_resp_check(&c, (const unsigned char *) "%", 1);
+    check(ratepool_resp_check(&c, (const unsigned char *) "+OK\r\n", 5)
+          == RATEPOOL_RESP_BAD, "a refusal sticks");
 }
 
 
