@@ -54,6 +54,8 @@
 #define RATEPOOL_REDIS_FAIL_CLOSED  2     /* the whole limit, or 503 */
 
 #define RATEPOOL_SHARED_ASKS_MAX    8     /* takes in Redis a request tries */
+#define RATEPOOL_SHARED_TAKES_MAX   64    /* ... in all, however it waits */
+#define RATEPOOL_SHARED_DENY_MS     20    /* a refusal's wait, at least */
 #define RATEPOOL_BUSY_TRUST_MS      1000  /* Redis is asked again after */
 
 /*
@@ -542,7 +544,8 @@ typedef struct {
     uint64_t                        block[RATEPOOL_LEASE_BLOCKS];
                                                 /* a take's lease:
                                                    workspace's, org's */
-    ngx_uint_t                      asks;
+    ngx_uint_t                      asks;       /* since it last waited */
+    ngx_uint_t                      takes;      /* all told */
     ngx_http_ratepool_taken_pt      handler;    /* told of the take's */
     void                           *data;       /* answer */
     unsigned                        taken:1;    /* Redis took it */

@@ -302,6 +302,9 @@ ngx_http_ratepool_taken(void *data, ngx_int_t rc, uint64_t wait_ms,
         ctx->key = NULL;
         ngx_http_ratepool_refund_workspace(ctx, 1);
 
+        /* a refusal that says "no wait" would have it asked at once */
+        wait_ms = ngx_max(wait_ms, RATEPOOL_SHARED_DENY_MS);
+
         rc = NGX_OK;
 
         if (mask & RATEPOOL_DENY_BUDGET) {
@@ -309,7 +312,21 @@ ngx_http_ratepool_taken(void *data, ngx_int_t rc, uint64_t wait_ms,
                                                  ctx->workspace);
         }
 
-        if (rc == NGX_OK) {
+        if (rc == NGX_OK && ctx->shared.takes >= RATEPOOL_SHARED_TAKES_MAX) {
+            /*
+             * Redis refuses, time and again, what this gateway finds room
+             * for: the request is answered rather than asked for again.
+             */
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "ratepool: redis refused a request %ui times "
+                          "while the zone had room for it, it is answered "
+                          "429", ctx->shared.takes);
+
+            ctx->limited_pool = 1;
+            rc = ngx_http_ratepool_refuse(r, ctx, NGX_AGAIN,
+                                          ngx_max(wait_ms, 1000));
+
+        } else if (rc == NGX_OK) {
             rc = (ctx->shared.asks < RATEPOOL_SHARED_ASKS_MAX)
                  ? ngx_http_ratepool_decide(r, ctx)
                  : ngx_http_ratepool_wait_or_refuse(r, ctx, NGX_AGAIN,

@@ -835,6 +835,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     }
 
     ctx->shared.asks++;
+    ctx->shared.takes++;
     ctx->shared.late = 0;
     ctx->shared.org = org;
     ctx->shared.input = ctx->held_input;

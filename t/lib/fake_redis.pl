@@ -2,7 +2,8 @@
 
 # fake_redis.pl: a Redis that answers the handshake (PING, AUTH, SELECT)
 # as Redis does, and every other command with the reply given, as bytes:
-# a hostile or broken Redis for the tests.
+# a hostile or broken Redis for the tests.  With --count FILE, the number
+# of those other commands is kept in FILE.
 #   fake_redis.pl --port N --reply '*2147483647\r\n'   (\r \n are escapes)
 
 use strict;
@@ -13,7 +14,9 @@ use IO::Select;
 use IO::Socket::INET;
 
 my %opt;
-GetOptions(\%opt, 'port=i', 'reply=s') or die "usage: $0 --port N --reply R\n";
+GetOptions(\%opt, 'port=i', 'reply=s', 'count=s')
+    or die "usage: $0 --port N --reply R [--count FILE]\n";
+my $count = 0;
 
 (my $reply = $opt{reply} // '') =~ s/\\r/\r/g;
 $reply =~ s/\\n/\n/g;
@@ -72,6 +75,13 @@ for (;;) {
                     : $name eq 'AUTH' || $name eq 'SELECT' ? "+OK\r\n"
                     : $reply;
             syswrite($fh, $out);
+
+            if ($out eq $reply && $opt{count}) {
+                open my $c, '>', "$opt{count}.new" or next;
+                print {$c} ++$count;
+                close $c;
+                rename "$opt{count}.new", $opt{count};
+            }
         }
     }
 }
