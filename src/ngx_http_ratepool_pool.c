@@ -1201,6 +1201,13 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
+    if (ratepool_usage_clamp(usage)) {
+        ngx_log_error(NGX_LOG_WARN, ctx->request->connection->log, 0,
+                      "ratepool: key \"%V\" answered a usage of more than "
+                      "%d tokens of one kind, counted as that many",
+                      &ctx->key->name, RATEPOOL_USAGE_TOKENS_MAX);
+    }
+
     ratepool_usage_normalize(usage);
 
     now = ngx_time();

@@ -900,9 +900,12 @@ ngx_http_ratepool_take_reply(redisReply *reply)
         return NGX_ERROR;
     }
 
+    /* no count ratepool keeps comes near 10^15: a larger one is a lie */
+
     for (i = 0; i < reply->elements; i++) {
         if (reply->element[i]->type != REDIS_REPLY_INTEGER
-            || reply->element[i]->integer < 0)
+            || reply->element[i]->integer < 0
+            || reply->element[i]->integer > 1000000000000000LL)
         {
             return NGX_ERROR;
         }

@@ -173,7 +173,9 @@ ratepool_bucket_debit(ratepool_bucket_t *b, uint64_t limit, uint64_t units,
 
     b->level -= (int64_t) (units * RATEPOOL_MILLI);
 
-    floor = -(int64_t) (limit * RATEPOOL_MILLI) * 100;
+    /* one answer never owes more than a minute: the provider's own
+       bound on what it makes a client wait */
+    floor = -(int64_t) (limit * RATEPOOL_MILLI);
 
     if (b->level < floor) {
         b->level = floor;

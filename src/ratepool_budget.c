@@ -71,7 +71,9 @@ ratepool_budget_add(ratepool_budget_t *b, int kind, time_t now,
         b->used = 0;
     }
 
-    b->used += tokens;
+    /* saturates: no answer wraps a budget round to unspent */
+    b->used = (b->used > UINT64_MAX - tokens) ? UINT64_MAX
+                                                : b->used + tokens;
 }
 
 

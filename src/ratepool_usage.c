@@ -750,3 +750,29 @@ ratepool_usage_only_event(const unsigned char *ev, size_t len)
     return ratepool_json_key_then(ev, len, "\"choices\"", "[]")
            && ratepool_json_key_then(ev, len, "\"usage\"", "{");
 }
+
+
+int
+ratepool_usage_clamp(ratepool_usage_t *u)
+{
+    int        clamped;
+    size_t     i;
+    uint64_t  *count[5];
+
+    count[0] = &u->input_tokens;
+    count[1] = &u->output_tokens;
+    count[2] = &u->cache_creation_input_tokens;
+    count[3] = &u->cache_read_input_tokens;
+    count[4] = &u->cached_tokens;
+
+    clamped = 0;
+
+    for (i = 0; i < 5; i++) {
+        if (*count[i] > RATEPOOL_USAGE_TOKENS_MAX) {
+            *count[i] = RATEPOOL_USAGE_TOKENS_MAX;
+            clamped = 1;
+        }
+    }
+
+    return clamped;
+}

@@ -83,6 +83,15 @@ void ratepool_usage_finish(ratepool_usage_scanner_t *s);
 /* OpenAI's cached tokens, a part of its prompt_tokens, as cache reads */
 void ratepool_usage_normalize(ratepool_usage_t *u);
 
+/*
+ * No request uses more than this of any kind of token (context windows
+ * are a few million): a count above it is a provider's error or a lie,
+ * and is counted as this much.  Returns whether any count was.
+ */
+#define RATEPOOL_USAGE_TOKENS_MAX      100000000
+
+int ratepool_usage_clamp(ratepool_usage_t *u);
+
 
 /*
  * Whether an SSE event is OpenAI's usage chunk (no choices, a usage

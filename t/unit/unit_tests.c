@@ -110,8 +110,8 @@ test_bucket(void)
     check(ratepool_bucket_wait_ms(&b, 600, 1, 0) == 30100,
           "a debit past the level is debt, repaid before one token fits");
     ratepool_bucket_debit(&b, 600, 1000000000, 0);
-    check(ratepool_bucket_wait_ms(&b, 600, 1, 0) == 100 * 60000 + 100,
-          "debt is capped at a hundred minutes of refill");
+    check(ratepool_bucket_wait_ms(&b, 600, 1, 0) == 60000 + 100,
+          "debt is capped at a minute of refill");
 
     ratepool_bucket_init(&b, 100, 5000);
     check(ratepool_bucket_level(&b, 100, 4000) == 100,
@@ -669,6 +669,30 @@ test_request(void)
         check(ratepool_estimate_learn(rate, 409600, 500000)
               <= ((uint64_t) rate * 7 + RATEPOOL_RATE_MAX) / 8 + 1,
               "one request moves the rate by an eighth at most");
+    }
+
+    {
+        ratepool_usage_t  u;
+
+        memset(&u, 0, sizeof(u));
+        u.input_tokens = 999999999999999999ULL;
+        u.output_tokens = 12;
+
+        check(ratepool_usage_clamp(&u)
+              && u.input_tokens == RATEPOOL_USAGE_TOKENS_MAX
+              && u.output_tokens == 12,
+              "an 18-digit token count is counted as 100 million");
+        check(!ratepool_usage_clamp(&u), "and sane ones as they are");
+    }
+
+    {
+        ratepool_budget_t  b;
+
+        memset(&b, 0, sizeof(b));
+        ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, 86400 * 100,
+                            UINT64_MAX - 5);
+        ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, 86400 * 100, 10);
+        check(b.used == UINT64_MAX, "a budget's count saturates, never wraps");
     }
 
     check(ratepool_estimate_output(0, 4096) == 4096,
