@@ -152,6 +152,8 @@ typedef struct {
      * first, so that smaller ones cannot take them from it bit by bit.
      */
     uint64_t                        claim_id;   /* 0: none */
+    uint64_t                        claim_turns;    /* its holder's
+                                                   workspace's, then */
     uint64_t                        claim_input;
     uint64_t                        claim_output;
     uint64_t                        claim_until_ms;
@@ -476,6 +478,7 @@ typedef struct {
     ngx_int_t                       request_id_index;
     const EVP_MD                   *sha256;     /* looked up once */
     EVP_MD_CTX                     *sha256_ctx; /* reused by each worker */
+    uint64_t                        claims;     /* made by this worker */
 } ngx_http_ratepool_main_conf_t;
 
 
@@ -582,6 +585,7 @@ struct ngx_http_ratepool_ctx_s {
     ngx_http_ratepool_org_sh_t     *home;       /* NULL: new, or none */
     ngx_http_ratepool_org_sh_t     *arriving;   /* a first turn's org */
     ngx_http_ratepool_org_sh_t     *claimed;    /* where it waits for room */
+    uint64_t                        claim_id;   /* its mark there, 0: none */
     uint64_t                        prefix_bytes;
     uint64_t                        input_full;     /* written anew */
     uint64_t                        input_prefix;   /* of its prefix */

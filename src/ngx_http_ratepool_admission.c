@@ -387,7 +387,10 @@ ngx_http_ratepool_try_admit(ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms)
     if (ctx->waiting && !ctx->count_only) {
         /* its turn: what it needs is held for it */
         ngx_http_ratepool_claim(ctx, ctx->wait_until_ms, 1);
-        soonest_ms = ngx_http_ratepool_soonest(ctx);
+
+        if (ctx->claimed) {
+            soonest_ms = ngx_http_ratepool_soonest(ctx);
+        }
     }
 
     *wait_ms = soonest_ms > now_ms ? soonest_ms - now_ms : 0;
@@ -473,7 +476,7 @@ ngx_http_ratepool_may_requeue(ngx_http_request_t *r,
     rlcf = ngx_http_get_module_loc_conf(r, ngx_http_ratepool_module);
 
     if (rlcf->wait == 0 || ctx->redirected || ctx->soonest_ms == 0
-        || ctx->count_only || r->connection->error)
+        || ctx->count_only || r != ctx->request || r->connection->error)
     {
         return 0;
     }

@@ -586,8 +586,14 @@ ngx_http_ratepool_claim(ngx_http_ratepool_ctx_t *ctx, uint64_t until_ms,
     ngx_slab_pool_t             *shpool;
     ngx_http_ratepool_org_t     *org;
     ngx_http_ratepool_key_t     *keys;
-    ngx_http_ratepool_org_sh_t  *osh;
-    ratepool_candidate_t         c[RATEPOOL_KEYS_MAX];
+    ngx_http_ratepool_org_sh_t     *osh;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+    ratepool_candidate_t            c[RATEPOOL_KEYS_MAX];
+
+    if (ctx->home) {
+        /* it waits for its home, where its cache is, or moves */
+        return;
+    }
 
     keys = ctx->pool->keys->elts;
     n = ctx->pool->keys->nelts;
@@ -618,13 +624,22 @@ ngx_http_ratepool_claim(ngx_http_ratepool_ctx_t *ctx, uint64_t until_ms,
     org = ngx_http_ratepool_ctx_org(ctx, &keys[i]);
     osh = org->sh;
 
-    if (osh == ctx->claimed
-        && osh->claim_id == ngx_http_ratepool_claim_id(ctx))
+    if (osh == ctx->claimed && ctx->claim_id
+        && osh->claim_id == ctx->claim_id)
     {
         goto done;
     }
 
-    if (!take_over && osh->claim_id && osh->claim_until_ms > now_ms) {
+    /*
+     * A live hold goes only to a request whose workspace is owed a turn
+     * before the holder's (ratepool_wait's fair turns): between equals
+     * the holder keeps it, or two large requests would each hold the
+     * org against the other.
+     */
+
+    if (osh->claim_id && osh->claim_until_ms > now_ms
+        && (!take_over || ctx->workspace->sh->turns >= osh->claim_turns))
+    {
         goto done;
     }
 
@@ -638,7 +653,14 @@ ngx_http_ratepool_claim(ngx_http_ratepool_ctx_t *ctx, uint64_t until_ms,
                                                            now_ms),
                                 ctx->output_cost, tokens);
 
-    osh->claim_id = ngx_http_ratepool_claim_id(ctx);
+    if (ctx->claim_id == 0) {
+        /* unique across workers: the pid, and this worker's count */
+        rmcf = ctx->pool->zone->conf;
+        ctx->claim_id = ((uint64_t) ngx_pid << 32) | ++rmcf->claims;
+    }
+
+    osh->claim_id = ctx->claim_id;
+    osh->claim_turns = ctx->workspace->sh->turns;
     osh->claim_input = tokens[RATEPOOL_ITPM];
     osh->claim_output = tokens[RATEPOOL_OTPM];
     osh->claim_until_ms = until_ms;
@@ -682,7 +704,7 @@ ngx_http_ratepool_unclaim_locked(ngx_http_ratepool_ctx_t *ctx)
 
     ctx->claimed = NULL;
 
-    if (osh->claim_id == ngx_http_ratepool_claim_id(ctx)) {
+    if (ctx->claim_id && osh->claim_id == ctx->claim_id) {
         osh->claim_id = 0;
         osh->claim_input = 0;
         osh->claim_output = 0;

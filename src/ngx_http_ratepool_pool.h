@@ -25,9 +25,8 @@ void ngx_http_ratepool_claim(ngx_http_ratepool_ctx_t *ctx, uint64_t until_ms,
     ngx_uint_t take_over);
 void ngx_http_ratepool_unclaim(ngx_http_ratepool_ctx_t *ctx);
 
-/* a request's mark on what it holds: unique among the live ones */
-#define ngx_http_ratepool_claim_id(ctx)                                       \
-    (((uint64_t) ngx_pid << 48) ^ (uint64_t) (uintptr_t) (ctx))
+/* a request's mark on what it holds (0: it holds nothing) */
+#define ngx_http_ratepool_claim_id(ctx)  ((ctx)->claim_id)
 void ngx_http_ratepool_release(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_key_t **key, ngx_uint_t failed);
 void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,

@@ -115,7 +115,7 @@ static void ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf);
 static void ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
-    uint64_t *seen, uint64_t *limits, int64_t *remaining);
+    uint64_t *seen, uint64_t *limits, int64_t *remaining, ngx_uint_t lost);
 static ngx_int_t ngx_http_ratepool_shared_home(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_taken_pt handler, void *data);
 static void ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd,
@@ -786,6 +786,14 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     redis = ngx_http_ratepool_redis_get(rmcf);
     r = ctx->request;
 
+    if (ctx->shared.cmd) {
+        /* an earlier take's answer, should it come, finds nobody */
+        ctx->shared.cmd->data = NULL;
+        ctx->shared.cmd = NULL;
+    }
+
+    ctx->shared.late = 0;
+    ctx->shared.alone = 0;
     ctx->shared.handler = handler;
     ctx->shared.data = data;
 
@@ -1323,8 +1331,8 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
         return;
     }
 
-    /* a request that was never sent gives its request back too */
-    ngx_http_ratepool_shared_settle(ctx, ctx->tries ? 0 : -1, 0, 0, 0);
+    /* a request not sent since it was taken gives its request back too */
+    ngx_http_ratepool_shared_settle(ctx, ctx->round_tries ? 0 : -1, 0, 0, 0);
 }
 
 
@@ -1337,13 +1345,26 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
 static void
 ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx)
 {
-    if (!ctx->shared.taken) {
-        return;
+    ngx_uint_t  taken;
+
+    if (ctx->shared.timer.timer_set) {
+        ngx_del_timer(&ctx->shared.timer);
     }
 
+    /* a take still unanswered is undone when its answer comes; it must
+       not resume the request a second time */
+
+    taken = ctx->shared.taken;
+
     ngx_http_ratepool_shared_settle(ctx, 0, 0, 0, 0);
-    ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace, NULL,
-                                 -1, 0, 0, 0);
+
+    ctx->shared.late = 0;
+    ctx->shared.alone = 0;
+
+    if (taken) {
+        ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
+                                     NULL, -1, 0, 0, 0);
+    }
 }
 
 
@@ -1528,14 +1549,15 @@ ngx_http_ratepool_shared_learn(ngx_http_ratepool_ctx_t *ctx,
         return;
     }
 
-    ngx_http_ratepool_learn_call(redis, rmcf, org, seen, limits, remaining);
+    ngx_http_ratepool_learn_call(redis, rmcf, org, seen, limits, remaining,
+                                 0);
 }
 
 
 static void
 ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
-    uint64_t *seen, uint64_t *limits, int64_t *remaining)
+    uint64_t *seen, uint64_t *limits, int64_t *remaining, ngx_uint_t lost)
 {
     ngx_uint_t                 i;
     ngx_http_ratepool_call_t   call;
@@ -1558,6 +1580,9 @@ ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
     for (i = 0; i < RATEPOOL_DIMS; i++) {
         ngx_http_ratepool_call_int(&call, remaining[i]);
     }
+
+    /* buckets only where Redis lost them (a restart without persistence) */
+    ngx_http_ratepool_call_int(&call, lost ? 1 : 0);
 
     (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
                                           NULL);
@@ -1658,11 +1683,11 @@ ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis, void *data,
 
 /*
  * A new connection may be to a Redis that restarted with nothing: what
- * this gateway knows of each org is sent, its learned limits, its
- * buckets (Redis's last word and the provider's, as they refilled since)
- * and cooldown, which only lower what Redis holds, so that the fleet does
- * not send the provider what it has no room for because the store
- * forgot.
+ * this gateway knows of each org is sent, its learned limits, what Redis
+ * last said was left of its buckets (as they refilled since), applied
+ * only if Redis has nothing of the org, and its cooldown, which only
+ * lengthens, so that the fleet does not send the provider what it has no
+ * room for because the store forgot.
  */
 
 static void
@@ -1708,16 +1733,20 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
                     continue;
                 }
 
-                level = ratepool_bucket_level(bucket[d], limits[d], now_ms);
+                /*
+                 * Redis's own last word, refilled since: never below what
+                 * a Redis that kept its data holds (the zone's buckets
+                 * may be a share of the limit, while Redis was down).
+                 */
 
-                if (osh->lim.shared_seen_ms
-                    && now_ms - osh->lim.shared_seen_ms < 60000)
+                if (osh->lim.shared_seen_ms == 0
+                    || now_ms - osh->lim.shared_seen_ms >= 60000)
                 {
-                    level = ngx_min(level,
-                                    ratepool_bucket_level(
-                                        &osh->lim.shared_left[d], limits[d],
-                                        now_ms));
+                    continue;
                 }
+
+                level = ratepool_bucket_level(&osh->lim.shared_left[d],
+                                              limits[d], now_ms);
 
                 if (level < limits[d]) {
                     remaining[d] = (int64_t) level;
@@ -1732,7 +1761,7 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
 
             if (known) {
                 ngx_http_ratepool_learn_call(redis, rmcf, &orgs[j], seen,
-                                             limits, remaining);
+                                             limits, remaining, 1);
             }
 
             if (cooldown_ms == 0) {

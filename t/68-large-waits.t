@@ -22,13 +22,16 @@ use Ratepool::Test;
 my $t = Ratepool::Test->new;
 
 my $KEY = 'sk-ant-mock-l1-' . Ratepool::Test::random_hex(8);
+my $KEY2 = 'sk-ant-mock-m1-' . Ratepool::Test::random_hex(8);
 my %TOKEN = map { $_ => "gw-$_-" . Ratepool::Test::random_hex(8) }
-            qw(batch turn);
+            qw(batch turn other);
 
 # 6,000 input tokens a minute: 100 a second
 my $mock = $t->start_mock(port => 1, log => 1, config => {
-    keys => { $KEY => { org => 'org-l', name => 'l1' } },
-    orgs => { 'org-l' => { rpm => 100000, itpm => 6000, otpm => 1000000 } },
+    keys => { $KEY => { org => 'org-l', name => 'l1' },
+              $KEY2 => { org => 'org-m', name => 'm1' } },
+    orgs => { 'org-l' => { rpm => 100000, itpm => 6000, otpm => 1000000 },
+              'org-m' => { rpm => 100000, itpm => 6000, otpm => 1000000 } },
 });
 
 $t->write_config(<<"EOF");
@@ -51,10 +54,18 @@ http {
         ratepool_key l1 org=org-l server=127.0.0.1:%%PORT_1%% key=$KEY;
     }
 
+    upstream two {
+        ratepool zone=llm;
+        ratepool_org org-m rpm=100000 itpm=6000 otpm=1000000;
+        ratepool_key m1 org=org-m server=127.0.0.1:%%PORT_1%% key=$KEY2;
+    }
+
     ratepool_workspace batch;
     ratepool_workspace turn;
+    ratepool_workspace other;
     ratepool_client batch ${\ $t->token_hash($TOKEN{batch})};
     ratepool_client turn ${\ $t->token_hash($TOKEN{turn})};
+    ratepool_client other ${\ $t->token_hash($TOKEN{other})};
 
     ratepool_wait 10s;
 
@@ -63,6 +74,12 @@ http {
 
         location /v1/ {
             ratepool_pass http://claude;
+        }
+
+        location /two/v1/ {
+            rewrite ^/two(/.*)\$ \$1 break;
+            ratepool_pass http://two;
+            ratepool_wait 20s;
         }
 
         location = /ratepool/status {
@@ -76,8 +93,9 @@ EOF
 $t->run;
 
 sub ask {
-    my ($who, $bytes) = @_;
-    return $t->messages(token => $TOKEN{$who}, timeout => 30, body => {
+    my ($who, $bytes, $path) = @_;
+    return $t->messages(token => $TOKEN{$who}, timeout => 30,
+                        path => $path // '/v1/messages', body => {
         max_tokens => 16,
         messages => [ { role => 'user', content => 'x' x $bytes } ] });
 }
@@ -132,6 +150,30 @@ is(scalar @upstream_429, 0, 'and the provider refused none of them');
 my $status = $t->status;
 is($status->{pools}[0]{orgs}[0]{reserved_input_tokens}, 0,
    'nothing is held for anyone once all is done');
+
+# two large requests of two workspaces, at once, on a used-up org: one
+# holds the org and is served once it has room for it, then the other;
+# neither holds it against the other until there is room for both
+
+$start = time;
+$results = $t->parallel(3, sub {
+    my ($i) = @_;
+
+    if ($i >= 1) {
+        sleep 3.5;
+        my $t0 = time;
+        my $r = ask($i == 1 ? 'turn' : 'other', 2300, '/two/v1/messages');
+        return [ $r->{status}, time - $t0 ];
+    }
+
+    ask('batch', 300, '/two/v1/messages') while time < $start + 3;
+    return [ 0, 0 ];
+});
+
+my @large = sort { $a->[1] <=> $b->[1] } @$results[1, 2];
+is_deeply([ map { $_->[0] } @large ], [ 200, 200 ], 'both are served');
+ok($large[0][1] < 9, 'the first once the org has room for it (6 s)')
+    or diag "after $large[0][1] and $large[1][1] s";
 
 $t->check_log;
 
