@@ -79,6 +79,10 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_set_header anthropic-workspace-id \"\";"
     "proxy_set_header OpenAI-Organization \"\";"
     "proxy_set_header OpenAI-Project \"\";"
+    /* nor do they learn which org answered them */
+    "proxy_hide_header anthropic-organization-id;"
+    "proxy_hide_header openai-organization;"
+    "proxy_hide_header openai-project;"
     ;
 
 

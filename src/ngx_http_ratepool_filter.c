@@ -34,6 +34,7 @@ static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_hide_unified(ngx_http_request_t *r);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -59,6 +60,10 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         if (rlcf->pool == NULL) {
             return ngx_http_next_header_filter(r);
         }
+    }
+
+    if (ctx && ctx->answered) {
+        ngx_http_ratepool_hide_unified(r);
     }
 
     if (ctx && ctx->exhausted
@@ -108,6 +113,46 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
     }
 
     return ngx_http_next_header_filter(r);
+}
+
+
+/*
+ * Anthropic's "unified" rate-limit headers (a family, named by prefix,
+ * which proxy_hide_header cannot name) speak of the org that answered:
+ * like the other rate-limit headers, they are not the pool's.
+ */
+
+static void
+ngx_http_ratepool_hide_unified(ngx_http_request_t *r)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    static u_char  prefix[] = "anthropic-ratelimit-unified-";
+
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash && h[i].key.len >= sizeof(prefix) - 1
+            && ngx_strncasecmp(h[i].key.data, prefix, sizeof(prefix) - 1)
+               == 0)
+        {
+            h[i].hash = 0;
+        }
+    }
 }
 
 

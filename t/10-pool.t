@@ -175,6 +175,9 @@ is($r->{headers}{'anthropic-ratelimit-requests-remaining'}, undef,
     'one org\'s remaining requests are not shown as if they were the pool\'s');
 is($r->{headers}{'anthropic-ratelimit-requests-limit'}, undef,
     'nor its limit');
+is($r->{headers}{'anthropic-organization-id'}, undef,
+    'nor which org answered');
+
 
 # spreading by headroom: 3 orgs of 10 rpm serve 27 requests, 9 each
 
@@ -245,6 +248,10 @@ my $reset = POSIX::strftime('%Y-%m-%dT%H:%M:%SZ', gmtime(time));
 my %limit_of = (requests => 100, tokens => 1e6, 'input-tokens' => 1e6,
                 'output-tokens' => 1e6, 'project-tokens' => 1e6);
 my @limit_headers = (
+    'anthropic-ratelimit-unified-status' => 'allowed',
+    'anthropic-ratelimit-unified-5h-utilization' => '0.4',
+    'openai-organization' => 'org-x', 'openai-project' => 'proj_x',
+    'x-provider-note' => 'kept',
     (map { ("anthropic-ratelimit-$_-limit" => $limit_of{$_},
             "anthropic-ratelimit-$_-remaining" => $limit_of{$_},
             "anthropic-ratelimit-$_-reset" => $reset) }
@@ -260,7 +267,10 @@ $mock->script($KEY{$_}, [ { status => 200, headers => { @limit_headers } } ])
 $r = $t->messages(token => $TOKEN, path => '/probe/v1/messages');
 is($r->{status}, 200, 'an answer carrying every rate-limit header');
 is_deeply([ sort grep { /ratelimit/ } keys %{ $r->{headers} } ], [],
-    'reaches the client with none of them');
+    'reaches the client with none of them, "unified" ones included');
+is_deeply([ sort grep { /^openai-|organization/ } keys %{ $r->{headers} } ],
+    [], 'nor any header that names the org or project that answered');
+is($r->{headers}{'x-provider-note'}, 'kept', 'other headers pass');
 
 $t->stop;
 $t->check_log;
