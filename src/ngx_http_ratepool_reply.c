@@ -44,6 +44,8 @@ static void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
     ngx_uint_t status, off_t length);
 static ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
     ngx_str_t *name, u_char *value, size_t len);
+static void ngx_http_ratepool_hide_header(ngx_http_request_t *r,
+    ngx_str_t *name);
 
 
 /* what nginx's own error pages become, in the provider's format */
@@ -520,6 +522,7 @@ ngx_http_ratepool_error_headers(ngx_http_request_t *r,
     u_char  *p, *ra;
 
     static ngx_str_t  retry_after = ngx_string("retry-after");
+    static ngx_str_t  retry_after_ms = ngx_string("retry-after-ms");
     static ngx_str_t  x_should_retry = ngx_string("x-should-retry");
 
     if (retry_after_sec) {
@@ -535,6 +538,9 @@ ngx_http_ratepool_error_headers(ngx_http_request_t *r,
         {
             return NGX_ERROR;
         }
+
+        /* the SDKs prefer retry-after-ms: one org's must not contradict */
+        ngx_http_ratepool_hide_header(r, &retry_after_ms);
     }
 
     return ngx_http_ratepool_set_header(r, &x_should_retry,
@@ -544,11 +550,69 @@ ngx_http_ratepool_error_headers(ngx_http_request_t *r,
 }
 
 
-/* sets a response header, replacing one of the same name */
+/*
+ * Sets a response header, in place of every one of the same name (a
+ * provider may have sent several): one value reaches the client.
+ */
 
 static ngx_int_t
 ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
     u_char *value, size_t len)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h, *set;
+
+    set = NULL;
+    part = &r->headers_out.headers.part;
+    h = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                break;
+            }
+
+            part = part->next;
+            h = part->elts;
+            i = 0;
+        }
+
+        if (h[i].hash != 0 && h[i].key.len == name->len
+            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
+        {
+            if (set) {
+                h[i].hash = 0;
+                continue;
+            }
+
+            h[i].value.data = value;
+            h[i].value.len = len;
+            set = &h[i];
+        }
+    }
+
+    if (set) {
+        return NGX_OK;
+    }
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_ERROR;
+    }
+
+    h->hash = 1;
+    h->key = *name;
+    h->value.data = value;
+    h->value.len = len;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_hide_header(ngx_http_request_t *r, ngx_str_t *name)
 {
     ngx_uint_t        i;
     ngx_list_part_t  *part;
@@ -572,23 +636,9 @@ ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
         if (h[i].hash != 0 && h[i].key.len == name->len
             && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
         {
-            h[i].value.data = value;
-            h[i].value.len = len;
-            return NGX_OK;
+            h[i].hash = 0;
         }
     }
-
-    h = ngx_list_push(&r->headers_out.headers);
-    if (h == NULL) {
-        return NGX_ERROR;
-    }
-
-    h->hash = 1;
-    h->key = *name;
-    h->value.data = value;
-    h->value.len = len;
-
-    return NGX_OK;
 }
 
 

@@ -238,6 +238,21 @@ ok($r->{headers}{'retry-after'} >= 30 && $r->{headers}{'retry-after'} <= 37,
     'with retry-after no earlier than the provider\'s 30 s')
     or diag "retry-after: $r->{headers}{'retry-after'}";
 
+# a provider's several retry-afters: the client gets the pool's alone
+
+sleep 0.2 while key_status('z1')->{state} ne 'ok';
+$mock->reset;
+$mock->script($KEY{z1}, [ { status => 429, retry_after => '2', headers => {
+    'Retry-After' => '600', 'retry-after-ms' => '600000' } } ]);
+
+$r = $t->messages(token => $TOKEN, path => '/solo/v1/messages');
+my @ra = $r->{raw_headers} =~ /^retry-after(?:-ms)?:\s*(\S+)/mgi;
+
+is($r->{status}, 429, 'a 429 with three retry-after headers reaches it');
+ok(@ra == 1 && $ra[0] >= 2 && $ra[0] <= 60,
+   'with one retry-after, the pool\'s, within 1 to 60 s')
+    or diag "retry-after headers: @ra";
+
 # a cooldown is never shortened
 
 $mock->reset;
