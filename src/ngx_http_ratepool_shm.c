@@ -113,6 +113,7 @@ static ngx_int_t
 ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
 {
     u_char                          *p;
+    uint64_t                         now_ms;
     ngx_str_t                        entry;
     ngx_uint_t                       i, j;
     ngx_http_ratepool_org_t         *org;
@@ -124,6 +125,7 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
 
     rmcf = zone->conf;
     pools = rmcf->pools.elts;
+    now_ms = ngx_http_ratepool_now_ms();
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
 
@@ -164,6 +166,21 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
             }
 
             org[j].zone = zone;
+
+            /*
+             * A reload clears a cooldown longer than a provider asks
+             * for (a retry-after of a date years ahead is capped at an
+             * hour, still too long): the operator's way out.  Shorter
+             * ones go on.
+             */
+
+            if (org[j].sh->cooldown_until_ms > now_ms + 60000) {
+                ngx_log_error(NGX_LOG_NOTICE, log, 0,
+                              "ratepool: org \"%V\" was to cool down for "
+                              "%uL s more, the reload ends it", &org[j].entry,
+                              (org[j].sh->cooldown_until_ms - now_ms) / 1000);
+                org[j].sh->cooldown_until_ms = 0;
+            }
         }
 
         key = pools[i]->keys->elts;

@@ -166,6 +166,31 @@ is($last->{key}{c1}{responses}{'2xx'}, sent_with('c1'),
 is($last->{key}{b1}{sent} + $last->{key}{c1}{sent},
    $before->{key}{b1}{sent} + 8, 'b1 and c1 share the requests');
 
+# a cooldown longer than a provider asks for (a retry-after of a date
+# years ahead, kept as an hour) is ended by a reload; a shorter one goes on
+
+$mock->script($SECRET{$_}, [ { status => 429,
+                               retry_after => 'Thu, 01 Jan 2099 00:00:00 GMT',
+                             } ])
+    for qw(b1 c1);
+is(message()->{status}, 429, 'b1 and c1 answer 429 until 2099, a1 cools');
+
+my $far = status();
+ok($far->{key}{b1}{cooldown_ms} > 3000000
+   && $far->{key}{c1}{cooldown_ms} > 3000000,
+   'b1 and c1 cool down for an hour, not until 2099');
+
+ok($t->reload, 'nginx reloads');
+
+my $cleared = status();
+is_deeply([ map { $cleared->{key}{$_}{state} } qw(a1 b1 c1) ],
+    [ 'cooling', 'ok', 'ok' ],
+    'the hour-long cooldowns are over, a1\'s half minute goes on');
+is(message()->{status}, 200, 'and requests are answered again');
+like($t->error_log,
+     qr/org "org-b1" was to cool down for \d+ s more, the reload ends it/,
+     'the log says so');
+
 $t->stop;
 $t->check_log;
 
