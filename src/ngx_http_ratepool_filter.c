@@ -34,7 +34,6 @@ static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx);
-static void ngx_http_ratepool_hide_unified(ngx_http_request_t *r);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -47,6 +46,8 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
     uint64_t                       now_ms;
     ngx_http_ratepool_ctx_t       *ctx;
     ngx_http_ratepool_loc_conf_t  *rlcf;
+
+    static ngx_str_t  unified = ngx_string("anthropic-ratelimit-unified-");
 
     if (r != r->main) {
         return ngx_http_next_header_filter(r);
@@ -62,8 +63,13 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         }
     }
 
+    /*
+     * Anthropic's "unified" rate-limit headers, a family proxy_hide_header
+     * cannot name, speak of the org that answered, not of the pool.
+     */
+
     if (ctx && ctx->answered) {
-        ngx_http_ratepool_hide_unified(r);
+        ngx_http_ratepool_hide_headers(r, &unified, 1);
     }
 
     if (ctx && ctx->exhausted
@@ -113,46 +119,6 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
     }
 
     return ngx_http_next_header_filter(r);
-}
-
-
-/*
- * Anthropic's "unified" rate-limit headers (a family, named by prefix,
- * which proxy_hide_header cannot name) speak of the org that answered:
- * like the other rate-limit headers, they are not the pool's.
- */
-
-static void
-ngx_http_ratepool_hide_unified(ngx_http_request_t *r)
-{
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h;
-
-    static u_char  prefix[] = "anthropic-ratelimit-unified-";
-
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash && h[i].key.len >= sizeof(prefix) - 1
-            && ngx_strncasecmp(h[i].key.data, prefix, sizeof(prefix) - 1)
-               == 0)
-        {
-            h[i].hash = 0;
-        }
-    }
 }
 
 

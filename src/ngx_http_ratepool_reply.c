@@ -44,8 +44,6 @@ static void ngx_http_ratepool_json_headers(ngx_http_request_t *r,
     ngx_uint_t status, off_t length);
 static ngx_int_t ngx_http_ratepool_set_header(ngx_http_request_t *r,
     ngx_str_t *name, u_char *value, size_t len);
-static void ngx_http_ratepool_hide_header(ngx_http_request_t *r,
-    ngx_str_t *name);
 
 
 /* what nginx's own error pages become, in the provider's format */
@@ -540,7 +538,7 @@ ngx_http_ratepool_error_headers(ngx_http_request_t *r,
         }
 
         /* the SDKs prefer retry-after-ms: one org's must not contradict */
-        ngx_http_ratepool_hide_header(r, &retry_after_ms);
+        ngx_http_ratepool_hide_headers(r, &retry_after_ms, 0);
     }
 
     return ngx_http_ratepool_set_header(r, &x_should_retry,
@@ -559,43 +557,9 @@ static ngx_int_t
 ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
     u_char *value, size_t len)
 {
-    ngx_uint_t        i;
-    ngx_list_part_t  *part;
-    ngx_table_elt_t  *h, *set;
+    ngx_table_elt_t  *h;
 
-    set = NULL;
-    part = &r->headers_out.headers.part;
-    h = part->elts;
-
-    for (i = 0; /* void */; i++) {
-
-        if (i >= part->nelts) {
-            if (part->next == NULL) {
-                break;
-            }
-
-            part = part->next;
-            h = part->elts;
-            i = 0;
-        }
-
-        if (h[i].hash != 0 && h[i].key.len == name->len
-            && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
-        {
-            if (set) {
-                h[i].hash = 0;
-                continue;
-            }
-
-            h[i].value.data = value;
-            h[i].value.len = len;
-            set = &h[i];
-        }
-    }
-
-    if (set) {
-        return NGX_OK;
-    }
+    ngx_http_ratepool_hide_headers(r, name, 0);
 
     h = ngx_list_push(&r->headers_out.headers);
     if (h == NULL) {
@@ -611,8 +575,11 @@ ngx_http_ratepool_set_header(ngx_http_request_t *r, ngx_str_t *name,
 }
 
 
-static void
-ngx_http_ratepool_hide_header(ngx_http_request_t *r, ngx_str_t *name)
+/* leaves out every response header so named, or so beginning (prefix) */
+
+void
+ngx_http_ratepool_hide_headers(ngx_http_request_t *r, ngx_str_t *name,
+    ngx_uint_t prefix)
 {
     ngx_uint_t        i;
     ngx_list_part_t  *part;
@@ -633,7 +600,9 @@ ngx_http_ratepool_hide_header(ngx_http_request_t *r, ngx_str_t *name)
             i = 0;
         }
 
-        if (h[i].hash != 0 && h[i].key.len == name->len
+        if (h[i].hash != 0
+            && (h[i].key.len == name->len
+                || (prefix && h[i].key.len > name->len))
             && ngx_strncasecmp(h[i].key.data, name->data, name->len) == 0)
         {
             h[i].hash = 0;

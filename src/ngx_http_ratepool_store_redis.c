@@ -113,6 +113,9 @@ static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
     void *data, ngx_uint_t connected);
 static void ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_cool_call(
+    ngx_http_ratepool_redis_t *redis, ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_org_t *org, uint64_t cooldown_ms, uint64_t rpm);
 static void ngx_http_ratepool_learn_call(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
     uint64_t *seen, uint64_t *limits, int64_t *remaining, ngx_uint_t lost);
@@ -1492,7 +1495,6 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     uint64_t                        limits[RATEPOOL_DIMS];
     ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_redis_t      *redis;
-    ngx_http_ratepool_call_t        call;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ctx->pool->zone->conf;
@@ -1514,6 +1516,27 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
 
     ngx_http_ratepool_org_buckets(org, bucket, limits);
 
+    /* before the 429 reaches anyone who might try another gateway */
+    if (ngx_http_ratepool_cool_call(redis, rmcf, org, cooldown_ms,
+                                    limits[RATEPOOL_RPM]))
+    {
+        ngx_http_ratepool_redis_send_now(redis);
+    }
+}
+
+
+/*
+ * An org's cooldown in Redis, which only lengthens; with a requests
+ * limit (rpm, else the one Redis learned), its request bucket is emptied.
+ */
+
+static ngx_http_ratepool_redis_cmd_t *
+ngx_http_ratepool_cool_call(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org,
+    uint64_t cooldown_ms, uint64_t rpm)
+{
+    ngx_http_ratepool_call_t  call;
+
     call.n = 0;
     call.p = call.buf;
 
@@ -1521,14 +1544,10 @@ ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_call_key(&call, rmcf->redis, 'o', &org->entry);
     ngx_http_ratepool_call_str(&call, (u_char *) "c", 1);
     ngx_http_ratepool_call_int(&call, (int64_t) cooldown_ms);
-    ngx_http_ratepool_call_int(&call, (int64_t) limits[RATEPOOL_RPM]);
+    ngx_http_ratepool_call_int(&call, (int64_t) rpm);
 
-    /* before the 429 reaches anyone who might try another gateway */
-    if (ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
-                                       NULL))
-    {
-        ngx_http_ratepool_redis_send_now(redis);
-    }
+    return ngx_http_ratepool_redis_script(redis, call.args, call.n, 2, NULL,
+                                          NULL);
 }
 
 
@@ -1704,7 +1723,6 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_zone_t     *zone;
     ngx_http_ratepool_pool_t    **pools;
     ngx_http_ratepool_org_sh_t   *osh;
-    ngx_http_ratepool_call_t      call;
 
     zone = rmcf->shm_zone->data;
     shpool = zone->shpool;
@@ -1764,22 +1782,10 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
                                              limits, remaining, 1);
             }
 
-            if (cooldown_ms == 0) {
-                continue;
+            if (cooldown_ms) {
+                (void) ngx_http_ratepool_cool_call(redis, rmcf, &orgs[j],
+                                                   cooldown_ms, 0);
             }
-
-            call.n = 0;
-            call.p = call.buf;
-
-            ngx_http_ratepool_call_int(&call, 1);
-            ngx_http_ratepool_call_key(&call, rmcf->redis, 'o',
-                                       &orgs[j].entry);
-            ngx_http_ratepool_call_str(&call, (u_char *) "c", 1);
-            ngx_http_ratepool_call_int(&call, (int64_t) cooldown_ms);
-            ngx_http_ratepool_call_int(&call, 0);
-
-            (void) ngx_http_ratepool_redis_script(redis, call.args, call.n,
-                                                  2, NULL, NULL);
         }
     }
 }
