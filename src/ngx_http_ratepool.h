@@ -183,6 +183,8 @@ typedef struct {
     uint64_t                        status_529;
     uint64_t                        status_other;
     uint64_t                        failed;             /* no response */
+    uint64_t                        estimated;  /* answers that did not
+                                                   say all they used */
 
     ngx_http_ratepool_tokens_t      used;
 } ngx_http_ratepool_key_sh_t;
@@ -599,6 +601,10 @@ struct ngx_http_ratepool_ctx_s {
                                                    this model uses there */
     uint64_t                        body_bytes;
     off_t                           body_object_at; /* its "{", -1: none */
+    off_t                           usage_edit_at;  /* where to ask for
+                                                       usage, -1: nowhere */
+    size_t                          usage_edit_skip;    /* bytes replaced */
+    ngx_str_t                       usage_edit;     /* by these */
     uint64_t                        input_cost;     /* estimated */
     uint64_t                        output_cost;    /* reserved */
     uint64_t                        output_cap;     /* max_tokens, or
@@ -607,7 +613,7 @@ struct ngx_http_ratepool_ctx_s {
     unsigned                        stream:1;   /* the body asks for SSE */
     unsigned                        cache_long:1;   /* "ttl":"1h" */
     unsigned                        redirected:1;   /* to another pool */
-    unsigned                        stream_options:1;
+    unsigned                        usage_asked:1;  /* by the client */
     unsigned                        body_whole:1;
     unsigned                        usage_added:1;  /* include_usage, by
                                                        the gateway */
@@ -662,6 +668,8 @@ struct ngx_http_ratepool_ctx_s {
                                                    place of the body */
     ratepool_usage_scanner_t       *usage;      /* reads the answer */
     unsigned                        usage_counted:1;
+    unsigned                        usage_unread:1; /* an answer whose
+                                                       usage cannot be read */
 };
 
 
@@ -692,6 +700,16 @@ ngx_http_ratepool_share(ngx_http_ratepool_zone_t *zone, uint64_t limit)
     n = zone->sh->local_share;
 
     return (n > 1 && limit) ? ngx_max(limit / n, 1) : limit;
+}
+
+
+/* an empty ngx_str_t may have no data, which strncmp must not be given */
+
+static ngx_inline ngx_uint_t
+ngx_http_ratepool_str_eq(ngx_str_t *a, ngx_str_t *b)
+{
+    return a->len == b->len
+           && (a->len == 0 || ngx_strncmp(a->data, b->data, a->len) == 0);
 }
 
 

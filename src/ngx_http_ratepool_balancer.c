@@ -143,6 +143,7 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
 
     ngx_uint_t                failed;
     ngx_connection_t         *c;
+    ratepool_usage_t          unanswered;
 
     failed = (state & NGX_PEER_FAILED) && !ctx->answered;
     c = pc->connection;
@@ -161,6 +162,19 @@ ngx_http_ratepool_free_peer(ngx_peer_connection_t *pc, void *data,
          */
         ctx->retry_same = 1;
         return;
+    }
+
+    if (!ctx->answered && ctx->held && ctx->request->upstream->request_sent
+        && !ctx->usage_counted)
+    {
+        /*
+         * Sent and never answered (the client left, the provider timed
+         * out): the provider had the request, and counts and bills it.
+         */
+        ngx_memzero(&unanswered, sizeof(ratepool_usage_t));
+        ctx->usage_counted = 1;
+        ngx_http_ratepool_charge(ctx, &unanswered,
+                                 RATEPOOL_USAGE_UNANSWERED, 0);
     }
 
     ngx_http_ratepool_release(ctx, &ctx->held, failed);

@@ -25,6 +25,10 @@ static void ngx_http_ratepool_conversation(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ratepool_request_t *rq);
 static ngx_str_t *ngx_http_ratepool_header_in(ngx_http_request_t *r,
     ngx_str_t *name);
+static void ngx_http_ratepool_usage_edit(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_request_t *rq);
+static ngx_int_t ngx_http_ratepool_body_splice(ngx_http_request_t *r,
+    off_t at, size_t skip, ngx_str_t *text);
 static ngx_chain_t *ngx_http_ratepool_chain_link(ngx_pool_t *pool,
     ngx_buf_t *b, ngx_chain_t *next);
 
@@ -95,7 +99,7 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
     }
 
     ctx->stream = rq.stream;
-    ctx->stream_options = rq.stream_options;
+    ngx_http_ratepool_usage_edit(ctx, &rq);
     ctx->body_whole = ratepool_request_whole(&rq);
 
     if (rq.model_len) {
@@ -265,25 +269,70 @@ ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx, u_char *data,
 
 /*
  * OpenAI streams report usage only when asked (stream_options.include_
- * usage): the gateway asks for a client that did not, so that it can
- * count what the stream used, and keeps the extra chunk from that client
- * (ngx_http_ratepool_body_filter).  '"stream_options":{"include_usage":
- * true},' goes in after the body's first "{"; the rest is untouched.
+ * usage): the gateway asks for a client that did not, or said no, so that
+ * it can count what the stream used, and keeps the extra chunk from that
+ * client (ngx_http_ratepool_body_filter).  The smallest change that asks
+ * is chosen here: an include_usage of false or null becomes true, a null
+ * stream_options or one without include_usage gets it, a body without
+ * stream_options gets one after its first "{".
  */
+
+static void
+ngx_http_ratepool_usage_edit(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_request_t *rq)
+{
+    static ngx_str_t  options = ngx_string("\"stream_options\":"
+                                           "{\"include_usage\":true},");
+    static ngx_str_t  object = ngx_string("{\"include_usage\":true}");
+    static ngx_str_t  member = ngx_string("\"include_usage\":true,");
+    static ngx_str_t  value = ngx_string("true");
+
+    ctx->usage_edit_at = -1;
+    ctx->usage_edit_skip = 0;
+    ctx->usage_edit = value;
+    ctx->usage_asked = 0;
+
+    if (rq->options_at < 0) {
+        ctx->usage_edit_at = ctx->body_object_at < 0
+                             ? -1 : ctx->body_object_at + 1;
+        ctx->usage_edit = options;
+
+    } else if (rq->options_null) {
+        ctx->usage_edit_at = (off_t) rq->options_at;
+        ctx->usage_edit_skip = sizeof("null") - 1;
+        ctx->usage_edit = object;
+
+    } else if (!rq->options_object) {
+        /* not OpenAI's: it will say so */
+
+    } else if (rq->usage_at < 0) {
+        ctx->usage_edit_at = (off_t) rq->options_at + 1;
+        ctx->usage_edit = member;
+
+        if (rq->options_members == 0) {
+            ctx->usage_edit.len--;          /* no "," before the "}" */
+        }
+
+    } else if (rq->usage_value == 't') {
+        ctx->usage_asked = 1;
+
+    } else if (rq->usage_value == 'f' || rq->usage_value == 'n') {
+        ctx->usage_edit_at = (off_t) rq->usage_at;
+        ctx->usage_edit_skip = (rq->usage_value == 'f') ? sizeof("false") - 1
+                                                        : sizeof("null") - 1;
+    }
+}
+
 
 ngx_int_t
 ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx)
 {
-    off_t         at;
-    ngx_buf_t    *b, *head, *option, *rest;
-    ngx_chain_t  *cl;
-
-    static u_char  text[] = "\"stream_options\":{\"include_usage\":true},";
+    ngx_int_t  rc;
 
     if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_DIALECT_OPENAI
-        || !ctx->stream || ctx->stream_options || !ctx->body_whole
-        || ctx->body_object_at < 0
+        || !ctx->stream || ctx->usage_asked || !ctx->body_whole
+        || ctx->usage_edit_at < 0
         || r->headers_in.content_length_n < 0
         || r->request_body == NULL || r->request_body->bufs == NULL
         || ctx->dialect != RATEPOOL_DIALECT_OPENAI)
@@ -291,28 +340,67 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    b = r->request_body->bufs->buf;
-    at = ctx->body_object_at;
+    rc = ngx_http_ratepool_body_splice(r, ctx->usage_edit_at,
+                                       ctx->usage_edit_skip,
+                                       &ctx->usage_edit);
 
-    /*
-     * The body's first buffer, in memory or in a temporary file (a large
-     * body is written there whole), is cut after the "{" it holds.  A
-     * re-send rewinds a memory buffer to its start, and file buffers to
-     * where the one before ended, so each part is a buffer of its own.
-     */
-
-    if (b->in_file ? (ngx_buf_in_memory(b) || b->file_pos != 0
-                      || at >= b->file_last)
-                   : (!ngx_buf_in_memory(b) || at >= b->last - b->pos))
-    {
+    if (rc == NGX_DECLINED) {
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "ratepool: cannot ask for the usage of a stream whose "
+                      "body is in a file where it must be changed: what it "
+                      "uses is estimated");
         return NGX_OK;
     }
 
+    if (rc == NGX_OK) {
+        ctx->usage_added = 1;
+    }
+
+    return rc;
+}
+
+
+/*
+ * Replaces "skip" bytes of the body at offset "at" with "text": the
+ * buffer they are in is cut in two around the text.  A re-send rewinds
+ * a memory buffer to its start and a file buffer to where the one before
+ * it ended, so each part is a buffer of its own, and in a file (a large
+ * body is written there whole) bytes can be added but not left out.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_body_splice(ngx_http_request_t *r, off_t at, size_t skip,
+    ngx_str_t *text)
+{
+    off_t         size;
+    ngx_buf_t    *b, *head, *middle, *rest;
+    ngx_chain_t  *cl, **ll, *next;
+
+    ll = &r->request_body->bufs;
+
+    for (cl = *ll; cl; ll = &cl->next, cl = cl->next) {
+        b = cl->buf;
+        size = ngx_buf_in_memory(b) ? b->last - b->pos
+                                    : b->file_last - b->file_pos;
+
+        if (at < size || (at == size && cl->next == NULL)) {
+            break;
+        }
+
+        at -= size;
+    }
+
+    if (cl == NULL || at + (off_t) skip > size
+        || (b->in_file && (ngx_buf_in_memory(b) || skip || b->file_pos != 0)))
+    {
+        return NGX_DECLINED;
+    }
+
     head = ngx_calloc_buf(r->pool);
-    option = ngx_calloc_buf(r->pool);
+    middle = ngx_calloc_buf(r->pool);
     rest = ngx_calloc_buf(r->pool);
 
-    if (head == NULL || option == NULL || rest == NULL) {
+    if (head == NULL || middle == NULL || rest == NULL) {
         return NGX_ERROR;
     }
 
@@ -323,44 +411,53 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     head->last_in_chain = 0;
 
     if (b->in_file) {
-        head->file_last = at + 1;
-        rest->file_pos = at + 1;
+        head->file_last = at;
+        rest->file_pos = at;
 
     } else {
         /* the buffer may begin before the body, in the client's header */
         head->start = b->pos;
-        head->last = b->pos + at + 1;
+        head->last = b->pos + at;
         head->end = head->last;
-        rest->start = head->last;
-        rest->pos = head->last;
+        rest->start = head->last + skip;
+        rest->pos = rest->start;
     }
 
-    option->memory = 1;
-    option->start = text;
-    option->pos = text;
-    option->last = text + sizeof(text) - 1;
-    option->end = option->last;
+    middle->memory = 1;
+    middle->start = text->data;
+    middle->pos = text->data;
+    middle->last = text->data + text->len;
+    middle->end = middle->last;
 
-    cl = ngx_http_ratepool_chain_link(r->pool, rest,
-                                      r->request_body->bufs->next);
-    if (cl == NULL) {
+    /* no empty buffer goes out: nginx takes one for a bug */
+
+    next = cl->next;
+
+    if (at + (off_t) skip < size) {
+        next = ngx_http_ratepool_chain_link(r->pool, rest, next);
+        if (next == NULL) {
+            return NGX_ERROR;
+        }
+
+    } else {
+        middle->last_buf = b->last_buf;
+        middle->last_in_chain = b->last_in_chain;
+    }
+
+    next = ngx_http_ratepool_chain_link(r->pool, middle, next);
+    if (next == NULL) {
         return NGX_ERROR;
     }
 
-    cl = ngx_http_ratepool_chain_link(r->pool, option, cl);
-    if (cl == NULL) {
-        return NGX_ERROR;
+    if (at > 0) {
+        next = ngx_http_ratepool_chain_link(r->pool, head, next);
+        if (next == NULL) {
+            return NGX_ERROR;
+        }
     }
 
-    cl = ngx_http_ratepool_chain_link(r->pool, head, cl);
-    if (cl == NULL) {
-        return NGX_ERROR;
-    }
-
-    r->request_body->bufs = cl;
-    r->headers_in.content_length_n += sizeof(text) - 1;
-
-    ctx->usage_added = 1;
+    *ll = next;
+    r->headers_in.content_length_n += (off_t) text->len - (off_t) skip;
 
     return NGX_OK;
 }

@@ -283,7 +283,8 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
         return NGX_CONF_ERROR;
     }
 
-    redis->timeout = 5;
+    /* a busy machine keeps it; a provider answers in hundreds of ms */
+    redis->timeout = 50;
     redis->fail = RATEPOOL_REDIS_FAIL_LOCAL;
     redis->lease = 1;
 
@@ -495,10 +496,8 @@ ngx_http_ratepool_find_org(ngx_conf_t *cf, ngx_http_ratepool_pool_t *pool,
     org = pool->orgs->elts;
 
     for (i = 0; i < pool->orgs->nelts; i++) {
-        if (org[i].name.len == name->len
-            && ngx_strncmp(org[i].name.data, name->data, name->len) == 0
-            && org[i].model.len == model->len
-            && ngx_strncmp(org[i].model.data, model->data, model->len) == 0)
+        if (ngx_http_ratepool_str_eq(&org[i].name, name)
+            && ngx_http_ratepool_str_eq(&org[i].model, model))
         {
             *index = i;
             return &org[i];

@@ -150,6 +150,7 @@ ngx_http_ratepool_read_usage(ngx_http_request_t *r,
         sse = 0;
 
     } else {
+        ctx->usage_unread = 1;
         return NGX_OK;
     }
 
@@ -160,8 +161,9 @@ ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     {
         ngx_log_error(NGX_LOG_WARN, r->connection->log, 0,
                       "ratepool: cannot read the usage of an answer with "
-                      "content-encoding \"%V\"",
+                      "content-encoding \"%V\", it is estimated",
                       &r->headers_out.content_encoding->value);
+        ctx->usage_unread = 1;
         return NGX_OK;
     }
 
@@ -223,7 +225,11 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     if (ctx->own_error == NULL) {
         /* an answer without usage: the reservation ends with it */
         for (cl = in; cl; cl = cl->next) {
-            if (cl->buf->last_buf) {
+            if (cl->buf->last_buf && ctx->usage_unread) {
+                ctx->answer_whole = 1;
+                ngx_http_ratepool_commit_usage(ctx);
+
+            } else if (cl->buf->last_buf) {
                 ngx_http_ratepool_refund_workspace(ctx, 0);
             }
         }
@@ -433,7 +439,7 @@ ngx_http_ratepool_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
 
-    if (ctx && ctx->usage) {
+    if (ctx && (ctx->usage || ctx->usage_unread)) {
         ngx_http_ratepool_commit_usage(ctx);
     }
 
@@ -446,14 +452,23 @@ ngx_http_ratepool_log_handler(ngx_http_request_t *r)
 static void
 ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx)
 {
+    ratepool_usage_t  unread;
+
     if (ctx->usage_counted || ctx->key == NULL) {
         return;
     }
 
     ctx->usage_counted = 1;
 
-    ratepool_usage_finish(ctx->usage);
-    ngx_http_ratepool_count_usage(ctx, &ctx->usage->usage);
+    if (ctx->usage) {
+        ratepool_usage_finish(ctx->usage);
+        ngx_http_ratepool_charge(ctx, &ctx->usage->usage,
+                                 RATEPOOL_USAGE_READ, ctx->usage->sse);
+
+    } else {
+        ngx_memzero(&unread, sizeof(ratepool_usage_t));
+        ngx_http_ratepool_charge(ctx, &unread, RATEPOOL_USAGE_UNREAD, 0);
+    }
 
     /* charged what it used, it no longer holds what it might have */
     ngx_http_ratepool_refund_workspace(ctx, 0);

@@ -1200,6 +1200,41 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 }
 
 
+/*
+ * Charges what a try used: a request that asked a model for something
+ * and did not learn from its answer all it used (one cut short, or that
+ * could not be read, or a request sent and never answered: the provider
+ * had it all the same) is charged an estimate of the rest.
+ */
+
+void
+ngx_http_ratepool_charge(ngx_http_ratepool_ctx_t *ctx,
+    ratepool_usage_t *usage, int answer, int sse)
+{
+    ratepool_usage_guess_t  guess;
+
+    if (ctx->model.len && !ctx->count_only) {
+        guess.input = ctx->held_input;
+        guess.input_full = ngx_max(ctx->input_full, ctx->held_input);
+        guess.output = ctx->output_cost;
+
+        if (ratepool_usage_estimate(usage, &guess, answer, sse)) {
+            ngx_log_error(NGX_LOG_INFO, ctx->request->connection->log, 0,
+                          "ratepool: %s from key \"%V\" did not say all it "
+                          "used: charged %uL input and %uL output tokens, "
+                          "some of them estimated",
+                          answer == RATEPOOL_USAGE_UNANSWERED
+                          ? "no answer" : "an answer", &ctx->key->name,
+                          usage->input_tokens + usage->cache_read_input_tokens
+                          + usage->cache_creation_input_tokens,
+                          usage->output_tokens);
+        }
+    }
+
+    ngx_http_ratepool_count_usage(ctx, usage);
+}
+
+
 /* adds one answer's usage to its key, org and workspace */
 
 void
@@ -1248,6 +1283,10 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     shpool = ctx->pool->zone->shpool;
 
     ngx_shmtx_lock(&shpool->mutex);
+
+    if (usage->seen & RATEPOOL_USAGE_ESTIMATED) {
+        ctx->key->sh->estimated++;
+    }
 
     for (i = 0; i < 3 && used[i]; i++) {
         used[i]->input += add.input;

@@ -29,7 +29,7 @@
 #define RATEPOOL_PROM_HEAD       6400   /* the totals and HELP/TYPE lines */
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_KEY      (768 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_KEY      (832 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_WS       (512 + RATEPOOL_STATUS_TOKENS)
 
 
@@ -233,7 +233,7 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
             host = pools[i]->upstream->host.len;
 
             size += 4 * (RATEPOOL_PROM_LINE + host)
-                    + pools[i]->keys->nelts * 9
+                    + pools[i]->keys->nelts * 10
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
                     + pools[i]->orgs->nelts * 13
                       * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
@@ -439,8 +439,9 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         "\"state\":\"%s\",\"dead_status\":%ui,"
                         "\"refused_ms\":%uL,\"cooldown_ms\":%uL,"
                         "\"in_flight\":%ui,\"sent\":%uL,"
-                        "\"responses\":{\"2xx\":%uL,\"429\":%uL,"
-                        "\"529\":%uL,\"other\":%uL,\"failed\":%uL},"
+                        "\"usage_estimated\":%uL,\"responses\":{"
+                        "\"2xx\":%uL,\"429\":%uL,\"529\":%uL,\"other\":%uL,"
+                        "\"failed\":%uL},"
                         "\"learned_requests_limit\":%uL,"
                         "\"learned_requests_remaining\":%uL,",
                         j ? "," : "", &keys[j].name, &org->name,
@@ -448,8 +449,9 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                         (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
                         state, ksh->dead_status, refused_ms, cooldown_ms,
                         ksh->inflight,
-                        ksh->sent, ksh->status_2xx, ksh->status_429,
-                        ksh->status_529, ksh->status_other, ksh->failed,
+                        ksh->sent, ksh->estimated, ksh->status_2xx,
+                        ksh->status_429, ksh->status_529, ksh->status_other,
+                        ksh->failed,
                         osh->requests.limit, osh->requests.remaining);
         p = ngx_http_ratepool_status_tokens(p, &ksh->used);
         *p++ = '}';
@@ -520,6 +522,7 @@ ngx_http_ratepool_status_buckets(u_char *p, ratepool_bucket_t **bucket,
 #define RATEPOOL_PROM_KEY_COOLDOWN  2
 #define RATEPOOL_PROM_KEY_DEAD      3
 #define RATEPOOL_PROM_KEY_FAILED    4
+#define RATEPOOL_PROM_KEY_ESTIMATED 5
 
 
 typedef struct {
@@ -542,6 +545,9 @@ static ngx_http_ratepool_prom_t  ngx_http_ratepool_prom_keys[] = {
       "gauge", RATEPOOL_PROM_KEY_DEAD },
     { "ratepool_key_failed_total", "Tries with no answer.", "counter",
       RATEPOOL_PROM_KEY_FAILED },
+    { "ratepool_key_usage_estimated_total",
+      "Requests charged an estimate: cut short, unreadable or unanswered.",
+      "counter", RATEPOOL_PROM_KEY_ESTIMATED },
     { NULL, NULL, NULL, 0 }
 };
 
@@ -685,6 +691,9 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                     break;
                 case RATEPOOL_PROM_KEY_DEAD:
                     v = ksh->dead_status ? 1 : 0;
+                    break;
+                case RATEPOOL_PROM_KEY_ESTIMATED:
+                    v = ksh->estimated;
                     break;
                 default:
                     v = ksh->failed;

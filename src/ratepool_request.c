@@ -22,6 +22,14 @@
 #define RQ_DONE             10
 #define RQ_ERROR            11  /* not a JSON object: nothing more is read */
 #define RQ_CONV             12  /* a value the conversation scanner reads */
+#define RQ_OPTIONS          13  /* stream_options' object */
+
+/* in stream_options' object, at its own level */
+#define RQ_OPT_KEY_OR_END   0
+#define RQ_OPT_KEY          1
+#define RQ_OPT_COLON        2
+#define RQ_OPT_VALUE        3
+#define RQ_OPT_AFTER_VALUE  4
 
 #define RQ_KEY_OTHER        0
 #define RQ_KEY_MODEL        1
@@ -59,6 +67,8 @@ static int ratepool_request_space(unsigned char c);
 static unsigned ratepool_request_key_id(ratepool_request_t *rq);
 static void ratepool_request_byte(ratepool_request_t *rq, unsigned char c,
     uint64_t at);
+static void ratepool_request_options(ratepool_request_t *rq, unsigned char c,
+    uint64_t at);
 
 
 /* the body was one JSON object, as far as the scanner looked */
@@ -75,6 +85,8 @@ ratepool_request_init(ratepool_request_t *rq)
 {
     memset(rq, 0, sizeof(ratepool_request_t));
     rq->state = RQ_START;
+    rq->options_at = -1;
+    rq->usage_at = -1;
     ratepool_conversation_init(&rq->conv);
 }
 
@@ -250,6 +262,25 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
 
         rq->value_bad = 0;
 
+        if (rq->key == RQ_KEY_STREAM_OPTS) {
+            /* the last stream_options is the one that counts */
+            rq->options_at = (int64_t) at;
+            rq->options_null = (c == 'n');
+            rq->options_object = (c == '{');
+            rq->options_members = 0;
+            rq->usage_at = -1;
+            rq->usage_value = 0;
+
+            if (c == '{') {
+                rq->state = RQ_OPTIONS;
+                rq->option = RQ_OPT_KEY_OR_END;
+                rq->depth = 1;
+                rq->in_string = 0;
+                rq->escape = 0;
+                return;
+            }
+        }
+
         if (rq->key >= RQ_KEY_CONV
             && ratepool_conversation_value(&rq->conv, rq->key - RQ_KEY_CONV,
                                            at, c))
@@ -394,6 +425,10 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
 
         return;
 
+    case RQ_OPTIONS:
+        ratepool_request_options(rq, c, at);
+        return;
+
     case RQ_AFTER_VALUE:
         if (c == ',') {
             rq->state = RQ_KEY_OR_END;
@@ -408,6 +443,139 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
 
         return;
     }
+}
+
+
+/*
+ * stream_options' object, for where its include_usage value is: its own
+ * members are read, anything nested in them is skipped.
+ */
+
+static void
+ratepool_request_options(ratepool_request_t *rq, unsigned char c,
+    uint64_t at)
+{
+    static const char  name[] = "include_usage";
+
+    if (rq->in_string) {
+        if (rq->escape) {
+            rq->escape = 0;
+            rq->key_len = sizeof(rq->key_text) + 1;     /* none of ours */
+
+        } else if (c == '\\') {
+            rq->escape = 1;
+
+        } else if (c == '"') {
+            rq->in_string = 0;
+
+            if (rq->option == RQ_OPT_KEY) {
+                rq->option_usage = (rq->key_len == sizeof(name) - 1
+                                    && memcmp(rq->key_text, name,
+                                              sizeof(name) - 1) == 0);
+                rq->option = RQ_OPT_COLON;
+            }
+
+        } else if (rq->option == RQ_OPT_KEY) {
+            if (rq->key_len < sizeof(rq->key_text)) {
+                rq->key_text[rq->key_len] = c;
+            }
+
+            if (rq->key_len <= sizeof(rq->key_text)) {
+                rq->key_len++;
+            }
+        }
+
+        return;
+    }
+
+    if (rq->depth > 1) {
+        if (c == '"') {
+            rq->in_string = 1;
+
+        } else if (c == '{' || c == '[') {
+            rq->depth++;
+
+        } else if (c == '}' || c == ']') {
+            rq->depth--;
+        }
+
+        return;
+    }
+
+    if (ratepool_request_space(c)) {
+        return;
+    }
+
+    switch (rq->option) {
+
+    case RQ_OPT_KEY_OR_END:
+        if (c == '"') {
+            rq->option = RQ_OPT_KEY;
+            rq->in_string = 1;
+            rq->key_len = 0;
+            rq->options_members++;
+            return;
+        }
+
+        /* "}" only ends an empty object: not one after a "," */
+        if (c == '}' && rq->options_members == 0) {
+            rq->depth = 0;
+            rq->state = RQ_AFTER_VALUE;
+            return;
+        }
+
+        break;
+
+    case RQ_OPT_COLON:
+        if (c == ':') {
+            rq->option = RQ_OPT_VALUE;
+            return;
+        }
+
+        break;
+
+    case RQ_OPT_VALUE:
+        if (rq->option_usage) {
+            rq->usage_at = (int64_t) at;
+            rq->usage_value = (c == 't' || c == 'f' || c == 'n') ? c : 0;
+        }
+
+        if (c == '"') {
+            rq->in_string = 1;
+
+        } else if (c == '{' || c == '[') {
+            rq->depth++;
+
+        } else if (c == '}' || c == ']' || c == ',' || c == ':') {
+            break;
+        }
+
+        rq->option = RQ_OPT_AFTER_VALUE;
+        return;
+
+    case RQ_OPT_AFTER_VALUE:
+        if (c == ',') {
+            rq->option = RQ_OPT_KEY_OR_END;
+            return;
+        }
+
+        if (c == '}') {
+            rq->depth = 0;
+            rq->state = RQ_AFTER_VALUE;
+            return;
+        }
+
+        /* the rest of a number or a literal */
+        if ((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.'
+            || c == '-' || c == '+' || c == 'E')
+        {
+            return;
+        }
+
+        break;
+    }
+
+    rq->state = RQ_ERROR;
 }
 
 

@@ -37,6 +37,20 @@ typedef struct {
     unsigned                 stream_options:1;  /* OpenAI's, the client's */
     ratepool_conversation_t  conv;         /* hashes once the body is whole */
 
+    /*
+     * Where the gateway may ask for usage in the client's own
+     * stream_options: the offset of its value (-1: none), whether that
+     * is null or an object, how many members it has; the offset of its
+     * include_usage value (-1: none) and that value's first byte ('t',
+     * 'f', 'n', or 0 for anything else).
+     */
+    int64_t                  options_at;
+    unsigned                 options_null:1;
+    unsigned                 options_object:1;
+    unsigned                 options_members;
+    int64_t                  usage_at;
+    unsigned char            usage_value;
+
     /* scanner state */
     unsigned                 state;
     unsigned                 depth;        /* of nested containers skipped */
@@ -44,6 +58,8 @@ typedef struct {
     unsigned                 escape:1;
     unsigned                 value_bad:1;
     unsigned                 key;          /* which top-level key */
+    unsigned                 option;       /* state in stream_options */
+    unsigned                 option_usage:1;   /* its key: include_usage */
     unsigned                 key_len;
     unsigned char            key_text[24];
     uint64_t                 number;

@@ -48,6 +48,9 @@
 #define KEY_CACHED          11
 #define KEY_PROMPT_DETAILS  12
 #define KEY_INPUT_DETAILS   13
+#define KEY_DELTA           14  /* a streamed piece (a string, OpenAI's
+                                   Responses), or an object holding one */
+#define KEY_TEXT            15  /* generated text, in a "delta" */
 
 /* 64 levels of nesting are more than any provider sends */
 #define JSON_MAX_DEPTH      64
@@ -73,6 +76,13 @@ static const ratepool_usage_key_t  ratepool_usage_keys[] = {
     { "cached_tokens", KEY_CACHED },
     { "prompt_tokens_details", KEY_PROMPT_DETAILS },
     { "input_tokens_details", KEY_INPUT_DETAILS },
+    { "delta", KEY_DELTA },
+    { "text", KEY_TEXT },
+    { "thinking", KEY_TEXT },
+    { "partial_json", KEY_TEXT },
+    { "content", KEY_TEXT },
+    { "arguments", KEY_TEXT },
+    { "refusal", KEY_TEXT },
     { NULL, KEY_OTHER }
 };
 
@@ -112,6 +122,8 @@ ratepool_json_reset(ratepool_usage_scanner_t *s)
     s->key_len = 0;
     s->value_key = KEY_ROOT;
     s->digits = 0;
+    s->delta_depth = 0;
+    s->text = 0;
 }
 
 
@@ -198,6 +210,12 @@ ratepool_usage_number(ratepool_usage_scanner_t *s, unsigned field)
     case KEY_COMPLETION:
         value = &u->output_tokens;
         u->seen |= RATEPOOL_USAGE_OUTPUT;
+
+        /* Anthropic's message_start says 1, before any is produced */
+        if (s->frame_key[1] != KEY_MESSAGE) {
+            u->seen |= RATEPOOL_USAGE_FINAL;
+        }
+
         break;
 
     case KEY_CACHE_CREATION:
@@ -238,6 +256,11 @@ ratepool_json_push(ratepool_usage_scanner_t *s, int array)
     }
 
     s->depth++;
+
+    if (s->value_key == KEY_DELTA && s->delta_depth == 0) {
+        s->delta_depth = s->depth;
+    }
+
     s->json_state = array ? JSON_VALUE : JSON_KEY_OR_END;
     s->value_key = KEY_OTHER;
 }
@@ -254,6 +277,11 @@ ratepool_json_pop(ratepool_usage_scanner_t *s, int array)
     }
 
     s->depth--;
+
+    if (s->depth < s->delta_depth) {
+        s->delta_depth = 0;
+    }
+
     s->json_state = s->depth ? JSON_AFTER_VALUE : JSON_DONE;
 }
 
@@ -288,6 +316,8 @@ ratepool_json_byte(ratepool_usage_scanner_t *s, unsigned char c)
 
         } else if (c == '"') {
             s->json_state = JSON_STRING;
+            s->text = (s->value_key == KEY_DELTA
+                       || (s->value_key == KEY_TEXT && s->delta_depth));
 
         } else if ((c >= '0' && c <= '9') || c == '-') {
             s->json_state = JSON_NUMBER;
@@ -361,12 +391,16 @@ ratepool_json_byte(ratepool_usage_scanner_t *s, unsigned char c)
     case JSON_STRING:
         if (s->escape) {
             s->escape = 0;
+            s->usage.text_bytes += s->text;
 
         } else if (c == '\\') {
             s->escape = 1;
 
         } else if (c == '"') {
             s->json_state = s->depth ? JSON_AFTER_VALUE : JSON_DONE;
+
+        } else {
+            s->usage.text_bytes += s->text;
         }
 
         return;
@@ -600,7 +634,10 @@ ratepool_json_feed(ratepool_usage_scanner_t *s, const unsigned char *p,
                 /* void */
             }
 
-            if (s->json_state == JSON_KEY && p > run) {
+            if (s->json_state == JSON_STRING) {
+                s->usage.text_bytes += s->text ? (size_t) (p - run) : 0;
+
+            } else if (p > run) {
                 n = p - run;
 
                 if (s->key_len + n <= RATEPOOL_USAGE_KEY_MAX) {
@@ -749,6 +786,50 @@ ratepool_usage_only_event(const unsigned char *ev, size_t len)
 {
     return ratepool_json_key_then(ev, len, "\"choices\"", "[]")
            && ratepool_json_key_then(ev, len, "\"usage\"", "{");
+}
+
+
+int
+ratepool_usage_estimate(ratepool_usage_t *u,
+    const ratepool_usage_guess_t *guess, int answer, int sse)
+{
+    int       estimated;
+    uint64_t  output;
+
+    estimated = 0;
+
+    if (!(u->seen & RATEPOOL_USAGE_INPUT)) {
+        u->input_tokens = guess->input;
+        u->cache_read_input_tokens = guess->input_full > guess->input
+                                     ? guess->input_full - guess->input : 0;
+        u->cache_creation_input_tokens = 0;
+        u->cached_tokens = 0;
+        u->seen &= ~RATEPOOL_USAGE_CACHED;
+        estimated = 1;
+    }
+
+    if (answer == RATEPOOL_USAGE_UNANSWERED
+        || (u->seen & RATEPOOL_USAGE_FINAL))
+    {
+        output = u->output_tokens;
+
+    } else if (answer == RATEPOOL_USAGE_UNREAD || !sse) {
+        output = guess->output;
+
+    } else {
+        output = (u->text_bytes + 3) / 4;
+    }
+
+    if (output > u->output_tokens) {
+        u->output_tokens = output;
+        estimated = 1;
+    }
+
+    if (estimated) {
+        u->seen |= RATEPOOL_USAGE_ESTIMATED;
+    }
+
+    return estimated;
 }
 
 

@@ -28,6 +28,9 @@
 #define RATEPOOL_USAGE_CACHE_CREATION  0x04
 #define RATEPOOL_USAGE_CACHE_READ      0x08
 #define RATEPOOL_USAGE_CACHED          0x10  /* OpenAI: a part of input */
+#define RATEPOOL_USAGE_FINAL           0x20  /* output from the last report,
+                                                not Anthropic's first */
+#define RATEPOOL_USAGE_ESTIMATED       0x40  /* some of it is a guess */
 
 #define RATEPOOL_USAGE_DEPTH           6     /* object levels tracked */
 #define RATEPOOL_USAGE_KEY_MAX         32
@@ -39,6 +42,7 @@ typedef struct {
     uint64_t         cache_creation_input_tokens;
     uint64_t         cache_read_input_tokens;
     uint64_t         cached_tokens;
+    uint64_t         text_bytes;         /* of text streamed, in deltas */
     unsigned         seen;               /* RATEPOOL_USAGE_* */
     unsigned         error_event:1;      /* an SSE "error" event */
     unsigned         events;             /* SSE events completed */
@@ -69,6 +73,9 @@ typedef struct {
     unsigned char     key[RATEPOOL_USAGE_KEY_MAX];
     unsigned          key_len;
     unsigned          value_key;         /* key of the value being read */
+    unsigned          delta_depth;       /* inside a "delta" object: its
+                                            depth, else 0 */
+    unsigned          text:1;            /* a string of generated text */
     uint64_t          number;
     unsigned          digits;
 } ratepool_usage_scanner_t;
@@ -82,6 +89,31 @@ void ratepool_usage_finish(ratepool_usage_scanner_t *s);
 
 /* OpenAI's cached tokens, a part of its prompt_tokens, as cache reads */
 void ratepool_usage_normalize(ratepool_usage_t *u);
+
+/*
+ * What is filled in where an answer did not say what it used: a request
+ * sent and never answered is charged its input; an answer that could not
+ * be read (compressed, an unknown type) its input and reserved output;
+ * one cut short, or that never reported all of it, the output its text
+ * carried (a token per 4 bytes), or, not streamed, its reserved output.
+ * Returns whether anything was, and marks the usage RATEPOOL_USAGE_
+ * ESTIMATED.
+ */
+
+#define RATEPOOL_USAGE_UNANSWERED      0
+#define RATEPOOL_USAGE_UNREAD          1
+#define RATEPOOL_USAGE_READ            2
+
+typedef struct {
+    uint64_t         input;              /* what the org counts of it */
+    uint64_t         input_full;         /* all of the prompt, cached or
+                                            not */
+    uint64_t         output;             /* reserved */
+} ratepool_usage_guess_t;
+
+int ratepool_usage_estimate(ratepool_usage_t *u,
+    const ratepool_usage_guess_t *guess, int answer, int sse);
+
 
 /*
  * No request uses more than this of any kind of token (context windows

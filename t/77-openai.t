@@ -191,10 +191,44 @@ $mock->reset;
 $t->stop;
 $t->run;
 
-$r = chat(body => { stream => JSON::PP::true,
-                    stream_options => { include_usage => JSON::PP::false } });
-unlike($mock->log->[-1]{body}, qr/include_usage":true/,
-    'a client that said no is not overruled');
+# a client that asks for no usage (false, null, or options without it)
+# would be charged nothing: the gateway asks all the same, changing only
+# that, and the client gets the stream it asked for
+my $output = team_tokens()->{output};
+for my $case (
+    [ '"stream_options":{"include_usage":false}',
+      qr/"stream_options":\{"include_usage":true\}/, 'include_usage false' ],
+    [ '"stream_options" : { "include_usage" : null }',
+      qr/"stream_options" : \{ "include_usage" : true \}/,
+      'include_usage null' ],
+    [ '"stream_options":null',
+      qr/"stream_options":\{"include_usage":true\}/, 'stream_options null' ],
+    [ '"stream_options":{}',
+      qr/"stream_options":\{"include_usage":true\}/,
+      'stream_options empty' ],
+    [ '"stream_options":{"include_obfuscation":false}',
+      qr/"stream_options":\{"include_usage":true,"include_obfuscation":false\}/,
+      'stream_options with another option' ],
+) {
+    my ($options, $sent, $name) = @$case;
+    my $body = '{"model":"gpt-4o-mini","max_completion_tokens":100,'
+             . '"stream":true,' . $options . ','
+             . '"messages":[{"role":"user","content":"Hi"}]}';
+    $r = $t->http(port => $t->port(0), method => 'POST',
+        path => '/v1/chat/completions',
+        headers => [ Authorization => "Bearer $TOKEN",
+                     'x-mock-usage' => $USAGE,
+                     'Content-Type' => 'application/json' ],
+        body => $body);
+    is($r->{status}, 200, "a stream with $name is answered");
+    my $got = $mock->log->[-1]{body};
+    like($got, $sent, '  the provider was asked for usage')
+        or diag $got;
+    ok(eval { decode_json($got); 1 }, '  in a body that is still JSON');
+    ok(!grep({ /"choices":\[\]/ } split /\n\n/, $r->{body}),
+        '  the client gets no usage chunk');
+    is(team_tokens()->{output}, $output += 40, '  and the stream is counted');
+}
 
 # Azure OpenAI: its clients send their token as api-key, and so does the
 # gateway send the key

@@ -45,8 +45,11 @@
 #
 # Steering, per request (headers the gateway forwards unchanged):
 #   x-mock-delay-ms, x-mock-stream-delay-ms, x-mock-status, x-mock-retry-after,
-#   x-mock-usage (JSON object overriding usage fields); a request the
-#   org's buckets refuse gets its 429 at once, without the delays
+#   x-mock-usage (JSON object overriding usage fields), x-mock-text-bytes
+#   (an answer text of that many bytes, streamed 40 bytes a delta),
+#   x-mock-gzip (a JSON answer gzipped, as if the provider ignored the
+#   request's Accept-Encoding); a request the org's buckets refuse gets
+#   its 429 at once, without the delays
 # Steering, per key (POST /_mock/script), one action consumed per request:
 #   {"key": K, "sticky": false, "actions": [{"status": 429, "retry_after": "7",
 #    "headers": {...}, "delay_ms": N, "body": STRING_OR_OBJECT,
@@ -65,6 +68,7 @@ use Digest::SHA qw(sha256_hex);
 use Encode ();
 use Errno qw(EAGAIN EINTR EWOULDBLOCK);
 use Getopt::Long qw(GetOptions);
+use IO::Compress::Gzip qw(gzip $GzipError);
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP;
@@ -1043,6 +1047,33 @@ sub ttl_of {
 
 sub list_of { ref $_[0] eq 'ARRAY' ? @{ $_[0] } : () }
 
+# The answer's text: a greeting naming the key, or x-mock-text-bytes of
+# 40-byte words, one a delta when streamed.
+sub answer_text {
+    my ($ctx) = @_;
+    my $bytes = $ctx->{req}{headers}{'x-mock-text-bytes'};
+
+    return 'Hello from ' . ($ctx->{key_name} // $ctx->{org})
+        unless defined $bytes && $bytes =~ /^\d+$/ && $bytes > 0;
+
+    my $word = substr('lorem_ipsum_dolor_sit_amet_' x 2, 0, 39) . ' ';
+    my $text = $word x int($bytes / 40);
+    return $text . substr($word, 0, $bytes % 40);
+}
+
+# A JSON answer gzipped when the request said x-mock-gzip.
+sub maybe_gzip {
+    my ($ctx, $res) = @_;
+
+    return $res unless $ctx->{req}{headers}{'x-mock-gzip'} && !$res->{stream};
+
+    my $packed;
+    gzip(\$res->{body} => \$packed) or die "gzip: $GzipError\n";
+    $res->{body} = $packed;
+    push @{ $res->{headers} }, ['content-encoding', 'gzip'];
+    return $res;
+}
+
 sub message_res {
     my ($ctx, $payload, $action, $usage) = @_;
     my $req = $ctx->{req};
@@ -1050,11 +1081,11 @@ sub message_res {
 
     my $model = $payload->{model} // 'claude-sonnet-4-6';
 
-    my $text = 'Hello from ' . ($ctx->{key_name} // $ctx->{org});
+    my $text = answer_text($ctx);
     my $id = 'msg_' . random_id(24);
 
     if (!$payload->{stream}) {
-        return json_res(200, {
+        return maybe_gzip($ctx, json_res(200, {
             id            => $id,
             type          => 'message',
             role          => 'assistant',
@@ -1063,7 +1094,7 @@ sub message_res {
             stop_reason   => 'end_turn',
             stop_sequence => undef,
             usage         => \%usage,
-        });
+        }));
     }
 
     my $sse = sse_body($id, $model, $text, \%usage, $action->{stream_error});
@@ -1090,7 +1121,7 @@ sub chat_res {
     my $req = $ctx->{req};
 
     my $model = $payload->{model} // 'gpt-4o-mini';
-    my $text = 'Hello from ' . ($ctx->{key_name} // $ctx->{org});
+    my $text = answer_text($ctx);
     my $id = 'chatcmpl-' . random_id(24);
     my $created = int time;
     my $cached = $usage->{cache_read_input_tokens} // 0;
@@ -1112,7 +1143,7 @@ sub chat_res {
                                         content => $text } } ],
             usage => $openai_usage,
         }, ['x-request-id', $req->{rid}]);
-        return $res;
+        return maybe_gzip($ctx, $res);
     }
 
     my $include = ref $payload->{stream_options} eq 'HASH'

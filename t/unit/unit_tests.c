@@ -365,7 +365,77 @@ usage_same(ratepool_usage_t *a, ratepool_usage_t *b)
            && a->cache_read_input_tokens == b->cache_read_input_tokens
            && a->cached_tokens == b->cached_tokens
            && a->seen == b->seen && a->error_event == b->error_event
-           && a->events == b->events;
+           && a->events == b->events && a->text_bytes == b->text_bytes;
+}
+
+
+static void
+test_usage_estimate(void)
+{
+    size_t                  cut;
+    ratepool_usage_t        u;
+    ratepool_usage_guess_t  g;
+
+    g.input = 300;
+    g.input_full = 1000;
+    g.output = 50;
+
+    usage_scan(&u, 1, anthropic_stream, 0);
+    check(u.text_bytes == 35 && (u.seen & RATEPOOL_USAGE_FINAL),
+          "the text a stream carried is counted, and its last usage seen");
+    check(!ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+          && u.output_tokens == 42 && u.input_tokens == 25,
+          "a stream that said what it used is not estimated");
+
+    cut = strstr(anthropic_stream, "event: message_delta") - anthropic_stream;
+    {
+        char  head[sizeof(anthropic_stream)];
+
+        memcpy(head, anthropic_stream, cut);
+        head[cut] = '\0';
+        usage_scan(&u, 1, head, 0);
+    }
+
+    check(u.output_tokens == 1 && !(u.seen & RATEPOOL_USAGE_FINAL),
+          "a stream cut after its text has only message_start's output");
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+          && u.output_tokens == 9 && u.input_tokens == 25
+          && (u.seen & RATEPOOL_USAGE_ESTIMATED),
+          "and is charged a token per 4 bytes of text, its input as said");
+
+    usage_scan(&u, 1, "data: {\"choices\":[{\"index\":0,\"delta\":"
+                      "{\"content\":\"Hello world\"}}]}\n\n"
+                      "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{"
+                      "\"index\":0,\"function\":{\"arguments\":"
+                      "\"{\\\"a\\\":1}\"}}]}}]}\n\n"
+                      "data: {\"type\":\"response.output_text.delta\","
+                      "\"delta\":\"abcd\"}\n\n"
+                      "data: {\"type\":\"response.output_text.done\","
+                      "\"text\":\"abcd\",\"content\":\"abcd\"}\n\n", 7);
+    check(u.text_bytes == 11 + 7 + 4 && u.seen == 0,
+          "OpenAI's text and tool arguments in deltas count, whole texts "
+          "repeated at the end do not");
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+          && u.input_tokens == 300 && u.cache_read_input_tokens == 700
+          && u.output_tokens == 6,
+          "without usage: the input estimate, the rest of the prompt as "
+          "cache reads, output from the text");
+
+    memset(&u, 0, sizeof(u));
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNANSWERED, 0)
+          && u.input_tokens == 300 && u.output_tokens == 0,
+          "a request never answered is charged its input");
+
+    memset(&u, 0, sizeof(u));
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNREAD, 1)
+          && u.input_tokens == 300 && u.output_tokens == 50,
+          "an answer that cannot be read its input and reserved output");
+
+    usage_scan(&u, 0, "{\"content\":[{\"type\":\"text\",\"text\":"
+                      "\"hi\"}],\"usage\":{\"input_tokens\":7", 0);
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 0)
+          && u.input_tokens == 7 && u.output_tokens == 50,
+          "a JSON answer cut before its output count: the reserved output");
 }
 
 
@@ -467,7 +537,8 @@ test_usage(void)
     check(part.input_tokens == 2095 && part.output_tokens == 503
           && part.seen == (RATEPOOL_USAGE_INPUT | RATEPOOL_USAGE_OUTPUT
                            | RATEPOOL_USAGE_CACHE_CREATION
-                           | RATEPOOL_USAGE_CACHE_READ),
+                           | RATEPOOL_USAGE_CACHE_READ
+                           | RATEPOOL_USAGE_FINAL),
           "a JSON body's usage is read, a usage object in content is not");
 
     usage_scan(&part, 1,
@@ -579,7 +650,14 @@ request_scan(const char *body, ratepool_request_t *whole)
             || memcmp(split.model, whole->model, whole->model_len) != 0
             || split.has_max_tokens != whole->has_max_tokens
             || split.max_tokens != whole->max_tokens
-            || split.stream != whole->stream)
+            || split.stream != whole->stream
+            || split.options_at != whole->options_at
+            || split.options_null != whole->options_null
+            || split.options_object != whole->options_object
+            || split.options_members != whole->options_members
+            || split.usage_at != whole->usage_at
+            || split.usage_value != whole->usage_value
+            || ratepool_request_whole(&split) != ratepool_request_whole(whole))
         {
             return 0;
         }
@@ -684,6 +762,8 @@ test_request(void)
               "an 18-digit token count is counted as 100 million");
         check(!ratepool_usage_clamp(&u), "and sane ones as they are");
     }
+
+    test_usage_estimate();
 
     {
         ratepool_budget_t  b;
@@ -1426,6 +1506,34 @@ test_usage_chunk(void)
                                  "{\"include_usage\":false},\"messages\":[]}"));
     check(rq.stream && rq.stream_options && ratepool_request_whole(&rq),
           "a client's own stream_options are seen");
+
+    check(request_scan("{\"stream\":true,\"stream_options\":{\"include_usage"
+                       "\":false},\"messages\":[]}", &rq)
+          && rq.options_at == 32 && rq.usage_at == 49 && rq.usage_value == 'f'
+          && rq.options_members == 1 && !rq.options_null
+          && rq.options_object,
+          "where stream_options and its include_usage: false are is read");
+
+    check(request_scan("{\"stream_options\" : null ,\"stream\":true}", &rq)
+          && rq.options_at == 20 && rq.options_null && rq.usage_at == -1
+          && ratepool_request_whole(&rq),
+          "a null stream_options is read");
+
+    check(request_scan("{\"stream_options\":{ },\"stream\":true}", &rq)
+          && rq.options_at == 18 && rq.options_members == 0
+          && rq.usage_at == -1 && ratepool_request_whole(&rq),
+          "an empty one");
+
+    check(request_scan("{\"stream_options\":{\"x\":{\"include_usage\":true,"
+                       "\"y\":[1,\"}\"]},\"inc\\u006cude_usage\":true,"
+                       "\"include_usage\" :null , \"z\":-1.5e3}}", &rq)
+          && rq.options_members == 4 && rq.usage_value == 'n'
+          && rq.usage_at == 101 && ratepool_request_whole(&rq),
+          "its own include_usage only, not one nested or escaped");
+
+    check(request_scan("{\"stream_options\":{\"include_usage\":true,}}", &rq)
+          && !ratepool_request_whole(&rq),
+          "and an object that is no JSON is not whole");
 
     ratepool_request_init(&rq);
     ratepool_request_feed(&rq, S("{\"stream\":true,\"messages\":[{\"x\":"

@@ -40,6 +40,9 @@ my $LIB  = abs_path(dirname(__FILE__) . '/..');      # t/lib
 my $REPO = abs_path("$LIB/../..");
 my $JSON = JSON::PP->new->utf8->canonical->allow_nonref;
 
+# what AddressSanitizer and UBSan print (UBSan: "file:line: runtime error")
+my $SANITIZER_REPORT = qr/Sanitizer|: runtime error: /;
+
 my @INSTANCES;      # weak references, shut down in END
 
 sub new {
@@ -213,8 +216,15 @@ sub nginx_test_config {
                      '-p', "$dir/", '-c', 'nginx.conf', '-e', $out);
     local $?;
     waitpid $pid, 0;
+    my $code = $? >> 8;
+    my $text = _slurp($out);
 
-    return ($? >> 8, _slurp($out));
+    # configuration is read here too: a sanitizer's report fails the test
+    my @reports = grep { /$SANITIZER_REPORT/ } split /\n/, $text;
+    ok(0, 'nginx -t has no sanitizer reports') or diag join "\n", @reports
+        if @reports;
+
+    return ($code, $text);
 }
 
 # HUP the master; true once a full set of new workers is up and the old
@@ -619,7 +629,7 @@ sub check_log {
     ok(!@alerts, 'the error log has no alerts or emergencies')
         or diag join "\n", @alerts;
 
-    my @reports = grep { /Sanitizer/ } @lines;
+    my @reports = grep { /$SANITIZER_REPORT/ } @lines;
     ok(!@reports, 'the error log has no sanitizer reports')
         or diag join "\n", @reports;
 }
