@@ -56,6 +56,8 @@
 #define RATEPOOL_SHARED_ASKS_MAX    8     /* takes in Redis a request tries */
 #define RATEPOOL_SHARED_TAKES_MAX   64    /* ... in all, however it waits */
 #define RATEPOOL_SHARED_DENY_MS     20    /* a refusal's wait, at least */
+#define RATEPOOL_BUDGET_WAIT_MS     1000  /* near a budget: a request in
+                                             flight may end by then */
 #define RATEPOOL_BUSY_TRUST_MS      1000  /* Redis is asked again after */
 
 /*
@@ -211,6 +213,8 @@ typedef struct {
     ngx_http_ratepool_tokens_t      used;
     ratepool_budget_t               today;      /* all tokens, UTC day */
     ratepool_budget_t               this_month;
+    uint64_t                        budget_reserved;    /* by requests in
+                                                   flight, against both */
 } ngx_http_ratepool_workspace_sh_t;
 
 
@@ -607,6 +611,8 @@ struct ngx_http_ratepool_ctx_s {
     ngx_str_t                       usage_edit;     /* by these */
     uint64_t                        input_cost;     /* estimated */
     uint64_t                        output_cost;    /* reserved */
+    uint64_t                        budget_cost;    /* reserved against
+                                                   the workspace's budgets */
     uint64_t                        output_cap;     /* max_tokens, or
                                                    ratepool_output_reserve */
     ngx_int_t                       phase_rc;   /* once the body is read */
@@ -663,6 +669,9 @@ struct ngx_http_ratepool_ctx_s {
                                                        request ends */
     unsigned                        waiting:1;
     unsigned                        limited_pool:1; /* not the workspace */
+    unsigned                        limited_budget:1;   /* its day's or
+                                                   month's, by requests in
+                                                   flight */
 
     ngx_buf_t                      *own_error;  /* the gateway's answer in
                                                    place of the body */

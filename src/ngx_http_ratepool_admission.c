@@ -48,6 +48,7 @@ static ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 static uint64_t ngx_http_ratepool_workspace_wait(
     ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms);
+static ngx_int_t ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_admit_workspace(
     ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
 static void ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
@@ -561,6 +562,36 @@ ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 
     ngx_http_ratepool_unclaim(ctx);
 
+    if (rc == NGX_DONE) {
+        /* its budget was spent, by requests in flight while it waited */
+        rc = ngx_http_ratepool_check_budgets(r, pool, ws);
+
+        if (rc != NGX_OK) {
+            return rc;
+        }
+
+        /* a new period began a moment ago */
+        rc = NGX_AGAIN;
+    }
+
+    if (ctx->limited_budget) {
+        (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
+
+        ngx_shmtx_lock(&shpool->mutex);
+        ws->sh->rejected++;
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
+                      "ratepool: workspace \"%V\" is too near its %s "
+                      "budget of %ui tokens for a request while others are "
+                      "in flight", &ws->name, ctx->limited_what,
+                      ctx->limited_limit);
+
+        return ngx_http_ratepool_reply_budget_busy(r, ws, ctx->limited_what,
+                                                   ctx->limited_limit,
+                                                   wait_ms);
+    }
+
     if (ctx->limited_pool) {
         (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_pool, 1);
 
@@ -658,6 +689,60 @@ ngx_http_ratepool_workspace_wait(ngx_http_ratepool_ctx_t *ctx,
 
 
 /*
+ * With the zone locked: whether a request fits in its workspace's day's
+ * and month's budgets beside the requests in flight, each reserving all
+ * it may use (its whole prompt and its output cap), so that requests at
+ * once cannot overrun a budget by more than one of them uses.  Past a
+ * budget: NGX_DONE; too near it for this request while others are in
+ * flight: NGX_AGAIN, until one of them ends.  Near a budget, a workspace's
+ * requests go one at a time.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx)
+{
+    time_t                             now;
+    uint64_t                           used[2], budget[2];
+    ngx_uint_t                         i;
+    ngx_http_ratepool_workspace_t     *ws;
+    ngx_http_ratepool_workspace_sh_t  *sh;
+
+    ws = ctx->workspace;
+    sh = ws->sh;
+    now = ngx_time();
+
+    ctx->budget_cost = ctx->input_full
+                       + (ctx->output_cap ? ctx->output_cap
+                                          : ctx->output_cost);
+
+    budget[0] = ws->daily_tokens;
+    budget[1] = ws->monthly_tokens;
+    used[0] = ratepool_budget_used(&sh->today, RATEPOOL_BUDGET_DAY, now);
+    used[1] = ratepool_budget_used(&sh->this_month, RATEPOOL_BUDGET_MONTH,
+                                   now);
+
+    for (i = 0; i < 2; i++) {
+        if (budget[i] && used[i] >= budget[i]) {
+            return NGX_DONE;
+        }
+    }
+
+    for (i = 0; i < 2; i++) {
+        if (budget[i] && sh->budget_reserved
+            && used[i] + sh->budget_reserved + ctx->budget_cost > budget[i])
+        {
+            ctx->limited_budget = 1;
+            ctx->limited_what = i ? "monthly" : "daily";
+            ctx->limited_limit = budget[i];
+            return NGX_AGAIN;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+/*
  * A request takes one from the workspace's requests and reserves its
  * estimated tokens until it ends, when what it really used is charged:
  * it is admitted if its cost fits beside the reservations of the
@@ -708,6 +793,17 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_conversation_cost(ctx, now_ms);
 
     *wait_ms = 0;
+    ctx->limited_budget = 0;
+
+    if (ws->daily_tokens || ws->monthly_tokens) {
+        rc = ngx_http_ratepool_budget_room(ctx);
+
+        if (rc != NGX_OK) {
+            *wait_ms = RATEPOOL_BUDGET_WAIT_MS;
+            goto done;
+        }
+    }
+
     ctx->limited_what = "input tokens";
     ctx->limited_limit = ws->itpm;
 
@@ -733,6 +829,7 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     sh->admitted++;
     sh->lim.reserved_input += ctx->input_cost;
     sh->lim.reserved_output += ctx->output_cost;
+    sh->budget_reserved += ctx->budget_cost;
     ctx->ws_reserved = 1;
 
 done:
@@ -880,6 +977,8 @@ ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
                                           sh->lim.reserved_input);
         sh->lim.reserved_output -= ngx_min(ctx->output_cost,
                                            sh->lim.reserved_output);
+        sh->budget_reserved -= ngx_min(ctx->budget_cost,
+                                       sh->budget_reserved);
     }
 
     if (request) {

@@ -274,6 +274,25 @@ ngx_http_ratepool_reply_workspace_full(ngx_http_request_t *r,
 }
 
 
+ngx_int_t
+ngx_http_ratepool_reply_budget_busy(ngx_http_request_t *r,
+    ngx_http_ratepool_workspace_t *ws, const char *kind, ngx_uint_t budget,
+    uint64_t wait_ms)
+{
+    ngx_str_t  msg;
+    u_char     buf[320];
+
+    msg.data = buf;
+    msg.len = ngx_snprintf(buf, sizeof(buf),
+                           "workspace \"%V\" is near its %s budget of %ui "
+                           "tokens: its requests in flight may use the rest",
+                           &ws->name, kind, budget)
+              - buf;
+
+    return ngx_http_ratepool_reply_limited(r, &msg, wait_ms);
+}
+
+
 static ngx_int_t
 ngx_http_ratepool_reply_limited(ngx_http_request_t *r, ngx_str_t *message,
     uint64_t wait_ms)

@@ -38,6 +38,9 @@ ngx_int_t ngx_http_ratepool_reply_no_key(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool);
 ngx_int_t ngx_http_ratepool_reply_pool_full(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, uint64_t wait_ms);
+ngx_int_t ngx_http_ratepool_reply_budget_busy(ngx_http_request_t *r,
+    ngx_http_ratepool_workspace_t *ws, const char *kind, ngx_uint_t budget,
+    uint64_t wait_ms);
 ngx_int_t ngx_http_ratepool_reply_workspace_full(ngx_http_request_t *r,
     ngx_http_ratepool_workspace_t *ws, const char *what, ngx_uint_t limit,
     uint64_t wait_ms);

@@ -30,7 +30,7 @@
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
 #define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
 #define RATEPOOL_STATUS_KEY      (832 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_WS       (512 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_WS       (768 + RATEPOOL_STATUS_TOKENS)
 
 
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
@@ -189,7 +189,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
         p = ngx_sprintf(p, "\"admitted\":%uL,"
                         "\"rejected\":%uL,\"daily_tokens\":%ui,"
                         "\"tokens_today\":%uL,\"monthly_tokens\":%ui,"
-                        "\"tokens_this_month\":%uL,",
+                        "\"tokens_this_month\":%uL,"
+                        "\"budget_reserved_tokens\":%uL,",
                         ws[i].sh->admitted, ws[i].sh->rejected,
                         ws[i].daily_tokens,
                         ratepool_budget_used(&ws[i].sh->today,
@@ -197,7 +198,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                         ws[i].monthly_tokens,
                         ratepool_budget_used(&ws[i].sh->this_month,
                                              RATEPOOL_BUDGET_MONTH,
-                                             ngx_time()));
+                                             ngx_time()),
+                        ws[i].sh->budget_reserved);
         p = ngx_http_ratepool_status_tokens(p, &ws[i].sh->used);
         *p++ = '}';
     }
