@@ -227,6 +227,8 @@ typedef struct {
     uint64_t                        waited;     /* entered the queue */
     uint64_t                        served;     /* left it with a key */
     uint64_t                        timed_out;  /* left it with a 429 */
+    uint64_t                        evicted;    /* gave up its place to
+                                                   another workspace's */
     uint64_t                        requeued;   /* back in it: every key
                                                    refused it after it was
                                                    sent */
@@ -241,6 +243,9 @@ typedef struct {
 typedef struct {
     ngx_http_ratepool_entry_t       entry;
     uint64_t                        oldest_ms[RATEPOOL_WORKER_SLOTS];
+    ngx_uint_t                      waiting;    /* in all workers */
+    ngx_uint_t                      owed;       /* places it is to give up
+                                                   to other workspaces */
 } ngx_http_ratepool_queue_sh_t;
 
 

@@ -234,7 +234,7 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
         for (i = 0; i < rmcf->pools.nelts; i++) {
             host = pools[i]->upstream->host.len;
 
-            size += 4 * (RATEPOOL_PROM_LINE + host)
+            size += 5 * (RATEPOOL_PROM_LINE + host)
                     + pools[i]->keys->nelts * 10
                     * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
                     + pools[i]->orgs->nelts * 13
@@ -339,11 +339,11 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
 
     p = ngx_sprintf(p, "{\"name\":\"%V\",\"queue\":{\"limit\":%ui,"
                     "\"waiting\":%ui,\"oldest_wait_ms\":%uL,\"waited\":%uL,"
-                    "\"served\":%uL,\"timed_out\":%uL,\"requeued\":%uL},"
-                    "\"orgs\":[",
+                    "\"served\":%uL,\"timed_out\":%uL,\"evicted\":%uL,"
+                    "\"requeued\":%uL},\"orgs\":[",
                     &pool->upstream->host, pool->queue_max, pool->sh->waiting,
                     oldest_ms ? now_ms - oldest_ms : 0, pool->sh->waited,
-                    pool->sh->served, pool->sh->timed_out,
+                    pool->sh->served, pool->sh->timed_out, pool->sh->evicted,
                     pool->sh->requeued);
 
     for (j = 0; j < pool->orgs->nelts; j++) {
@@ -837,9 +837,12 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
         p = ngx_sprintf(p, "ratepool_pool_waited_total{pool=\"%V\","
                         "result=\"served\"} %uL\n"
                         "ratepool_pool_waited_total{pool=\"%V\","
-                        "result=\"timed_out\"} %uL\n",
+                        "result=\"timed_out\"} %uL\n"
+                        "ratepool_pool_waited_total{pool=\"%V\","
+                        "result=\"evicted\"} %uL\n",
                         &pools[i]->upstream->host, pools[i]->sh->served,
-                        &pools[i]->upstream->host, pools[i]->sh->timed_out);
+                        &pools[i]->upstream->host, pools[i]->sh->timed_out,
+                        &pools[i]->upstream->host, pools[i]->sh->evicted);
     }
 
     p = ngx_http_ratepool_prom_head(p, "ratepool_pool_requeued_total",

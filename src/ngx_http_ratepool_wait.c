@@ -31,7 +31,20 @@
 #define RATEPOOL_WANTS_MS      1500
 #define RATEPOOL_DEFER_MS      20
 
+/*
+ * A worker with requests waiting looks at least this often, for places
+ * in the queue another worker took from them (and for room other
+ * gateways gave back).
+ */
+#define RATEPOOL_LOOK_MS       250
+
 #define RATEPOOL_TURN          100800     /* divides by 1 to 10, 12, ... */
+
+/* how a request left the queue */
+#define RATEPOOL_LEFT_REFUSED  0
+#define RATEPOOL_LEFT_SERVED   1
+#define RATEPOOL_LEFT_GONE     2
+#define RATEPOOL_LEFT_EVICTED  3
 
 
 static void ngx_http_ratepool_wake_handler(ngx_event_t *ev);
@@ -40,6 +53,15 @@ static void ngx_http_ratepool_answer(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_int_t rc, uint64_t wait_ms);
 static void ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx,
     ngx_uint_t served);
+static ngx_http_ratepool_queue_sh_t *ngx_http_ratepool_take_place(
+    ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_uint_t index);
+static void ngx_http_ratepool_give_up_places(ngx_http_ratepool_pool_t *pool);
+
+/* places a workspace holds in a pool's queue, less those it owes */
+#define ngx_http_ratepool_places(qsh)                                        \
+    ((qsh)->waiting - ngx_min((qsh)->owed, (qsh)->waiting))
+
 static void ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool,
     uint64_t at_ms);
 static void ngx_http_ratepool_note_oldest(ngx_http_ratepool_pool_t *pool);
@@ -119,13 +141,18 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
         return NGX_DECLINED;
     }
 
+    index = ctx->workspace - (ngx_http_ratepool_workspace_t *)
+                             rmcf->workspaces.elts;
+
     ngx_shmtx_lock(&shpool->mutex);
 
-    full = (pool->sh->waiting >= pool->queue_max);
+    full = (pool->sh->waiting >= pool->queue_max
+            && ngx_http_ratepool_take_place(pool, rmcf, index) == NULL);
 
     if (!full) {
         pool->sh->waiting++;
         pool->sh->waited++;
+        pool->queues[index]->waiting++;
         ctx->workspace->sh->waiting++;
         ctx->workspace->sh->waited++;
 
@@ -145,8 +172,6 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     }
 
     now_ms = ngx_http_ratepool_now_ms();
-    index = ctx->workspace - (ngx_http_ratepool_workspace_t *)
-                             rmcf->workspaces.elts;
 
     ctx->waiting = 1;
     ctx->wait_start_ms = now_ms;
@@ -172,6 +197,9 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_schedule(pool, now_ms + wait_ms);
     ngx_http_ratepool_note_oldest(pool);
 
+    /* the place may be this worker's to give up */
+    ngx_http_ratepool_give_up_places(pool);
+
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "ratepool: waits, may fit in %uL ms of %M",
                    wait_ms, rlcf->wait);
@@ -185,11 +213,16 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 static void
 ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t served)
 {
-    ngx_slab_pool_t           *shpool;
-    ngx_http_ratepool_pool_t  *pool;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_queue_sh_t   *qsh;
+    ngx_http_ratepool_main_conf_t  *rmcf;
 
     pool = ctx->pool;
     shpool = pool->zone->shpool;
+    rmcf = pool->zone->conf;
+    qsh = pool->queues[ctx->workspace - (ngx_http_ratepool_workspace_t *)
+                                        rmcf->workspaces.elts];
 
     ngx_queue_remove(&ctx->queue);
     pool->nwaiting--;
@@ -203,13 +236,22 @@ ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t served)
     ngx_shmtx_lock(&shpool->mutex);
 
     pool->sh->waiting--;
+    qsh->waiting -= ngx_min(qsh->waiting, 1);
     ctx->workspace->sh->waiting--;
 
-    if (served == 1) {
+    /* any of the workspace's requests that leaves frees a place it owed */
+    if (served != RATEPOOL_LEFT_EVICTED && qsh->owed) {
+        qsh->owed--;
+    }
+
+    if (served == RATEPOOL_LEFT_SERVED) {
         pool->sh->served++;
 
-    } else if (served == 0) {
+    } else if (served == RATEPOOL_LEFT_REFUSED) {
         pool->sh->timed_out++;
+
+    } else if (served == RATEPOOL_LEFT_EVICTED) {
+        pool->sh->evicted++;
     }
 
     ngx_shmtx_unlock(&shpool->mutex);
@@ -222,7 +264,122 @@ void
 ngx_http_ratepool_unwait(ngx_http_ratepool_ctx_t *ctx)
 {
     if (ctx->waiting) {
-        ngx_http_ratepool_leave(ctx, 2);
+        ngx_http_ratepool_leave(ctx, RATEPOOL_LEFT_GONE);
+    }
+}
+
+
+/*
+ * With the zone locked, the pool's queue full: a workspace with fewer
+ * places than its share (for its weight) takes one from the workspace
+ * that holds the most beyond its own, which owes it.  The queue holds
+ * one more request until one of that workspace's leaves or gives up its
+ * place.  NULL: no workspace holds more than its share.
+ */
+
+static ngx_http_ratepool_queue_sh_t *
+ngx_http_ratepool_take_place(ngx_http_ratepool_pool_t *pool,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_uint_t index)
+{
+    ngx_uint_t                      i, most, mine, held, most_held;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    ws = rmcf->workspaces.elts;
+    mine = ngx_http_ratepool_places(pool->queues[index]);
+    most = index;
+    most_held = 0;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        held = ngx_http_ratepool_places(pool->queues[i]);
+
+        /*
+         * Shares are compared for the workspaces' weights, as products:
+         * one that would still hold more than this one after giving up a
+         * place owes it, the one that holds the most first.
+         */
+
+        if (i == index || held == 0
+            || (held - 1) * ws[index].weight < (mine + 1) * ws[i].weight
+            || (most_held && held * ws[most].weight
+                             <= most_held * ws[i].weight))
+        {
+            continue;
+        }
+
+        most = i;
+        most_held = held;
+    }
+
+    if (most_held == 0) {
+        return NULL;
+    }
+
+    pool->queues[most]->owed++;
+
+    return pool->queues[most];
+}
+
+
+/*
+ * Places this worker's requests owe other workspaces are given up, the
+ * newest request first: it is answered as if the queue had been full.
+ */
+
+static void
+ngx_http_ratepool_give_up_places(ngx_http_ratepool_pool_t *pool)
+{
+    uint64_t                        wait_ms, now_ms;
+    ngx_uint_t                      i, n, owed;
+    ngx_queue_t                    *q;
+    ngx_connection_t               *c;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_request_t             *r;
+    ngx_http_ratepool_ctx_t        *ctx;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    shpool = pool->zone->shpool;
+    rmcf = pool->zone->conf;
+    n = ngx_max(rmcf->workspaces.nelts, 1);
+
+    for (i = 0; i < n; i++) {
+        q = &pool->waiting[i];
+
+        /* read without the lock: a word another worker writes whole */
+        while (!ngx_queue_empty(q) && pool->queues[i]->owed) {
+
+            ngx_shmtx_lock(&shpool->mutex);
+
+            owed = pool->queues[i]->owed;
+
+            if (owed) {
+                pool->queues[i]->owed--;
+            }
+
+            ngx_shmtx_unlock(&shpool->mutex);
+
+            if (owed == 0) {
+                break;
+            }
+
+            ctx = ngx_queue_data(ngx_queue_last(q), ngx_http_ratepool_ctx_t,
+                                 queue);
+            r = ctx->request;
+            c = r->connection;
+
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "ratepool: a request of workspace \"%V\" gave up "
+                          "its place in the full queue of pool \"%V\" to "
+                          "another workspace's", &ctx->workspace->name,
+                          &pool->upstream->host);
+
+            now_ms = ngx_http_ratepool_now_ms();
+            wait_ms = pool->hooks->peek(ctx);
+            wait_ms = wait_ms > now_ms ? wait_ms - now_ms : 0;
+
+            ngx_http_ratepool_leave(ctx, RATEPOOL_LEFT_EVICTED);
+            ngx_http_ratepool_answer(r, ctx, NGX_AGAIN, wait_ms);
+            ngx_http_run_posted_requests(c);
+        }
     }
 }
 
@@ -261,6 +418,10 @@ ngx_http_ratepool_schedule(ngx_http_ratepool_pool_t *pool, uint64_t at_ms)
 
     if (delay < RATEPOOL_WAKE_MIN_MS) {
         delay = RATEPOOL_WAKE_MIN_MS;
+    }
+
+    if (delay > RATEPOOL_LOOK_MS) {
+        delay = RATEPOOL_LOOK_MS;
     }
 
     /* the sooner of the two */
@@ -304,6 +465,8 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
     if (pool->wake.timer_set) {
         ngx_del_timer(&pool->wake);
     }
+
+    ngx_http_ratepool_give_up_places(pool);
 
     if (pool->nwaiting == 0) {
         return;
@@ -378,8 +541,9 @@ ngx_http_ratepool_wake_handler(ngx_event_t *ev)
 
     } while (moved && pool->nwaiting);
 
-    if (pool->nwaiting && next_ms) {
-        ngx_http_ratepool_schedule(pool, next_ms);
+    if (pool->nwaiting) {
+        ngx_http_ratepool_schedule(pool, next_ms ? next_ms
+                                                 : now_ms + RATEPOOL_LOOK_MS);
     }
 }
 

@@ -348,6 +348,41 @@ ok($got->[3][0] == 200 && $got->[3][1] == 200 && $got->[3][2] < 500,
    'while they wait, the status and another pool answer at once')
     or diag explain $got->[3];
 
+# the queue's room is shared by workspaces: one that filled it gives up
+# its newest place to another workspace's first request, answered 429 at
+# once; the newcomer waits in its place, and its second request, which
+# would take more than its share, is refused
+
+my $evicted = queue(2)->{evicted};
+my %sent;
+$got = $t->parallel(4, sub {
+    my ($i) = @_;
+    my ($who, $at) = @{ [ [other => 0], [other => 0.2], [light => 0.8],
+                          [light => 1.4] ]->[$i] };
+    sleep $at;
+    my $t0 = time;
+    my $r = ask($who, '/small/v1/messages', timeout => 2.5);
+    return [ $who, $r->{status} // 0, int((time - $t0) * 1000) ];
+});
+
+my @other = grep { $_->[0] eq 'other' } @$got;
+my @light = grep { $_->[0] eq 'light' } @$got;
+my ($gave) = grep { $_->[1] == 429 } @other;
+ok($gave && $gave->[2] < 1400,
+   'a workspace that holds the whole queue gives a place up to another '
+   . 'workspace: its newest request is answered 429 when the other comes')
+    or diag explain $got;
+is(scalar(grep { $_->[1] == 429 } @other), 1, 'one of its requests only');
+ok($light[0][1] != 429 && $light[0][2] >= 2000,
+   'the other workspace\'s first request waits in its place')
+    or diag explain $got;
+ok($light[1][1] == 429 && $light[1][2] < 500,
+   'its second, past its share of the queue, is refused at once')
+    or diag explain $got;
+is(queue(2)->{evicted} - $evicted, 1, 'the status counts the place given up');
+like($t->error_log, qr/a request of workspace "other" gave up its place in the full queue of pool "small"/,
+     'and the log says so');
+
 $t->stop;
 $t->check_log;
 
