@@ -56,6 +56,8 @@
 #define RATEPOOL_SHARED_ASKS_MAX    8     /* takes in Redis a request tries */
 #define RATEPOOL_SHARED_TAKES_MAX   64    /* ... in all, however it waits */
 #define RATEPOOL_SHARED_DENY_MS     20    /* a refusal's wait, at least */
+#define RATEPOOL_RELOAD_COOL_MS     60000 /* a reload ends cooldowns with
+                                             more than this left */
 #define RATEPOOL_BUDGET_WAIT_MS     1000  /* near a budget: a request in
                                              flight may end by then */
 #define RATEPOOL_BUSY_TRUST_MS      1000  /* Redis is asked again after */
@@ -297,6 +299,9 @@ typedef struct {
     ngx_atomic_t                    local_share;    /* limits divided by
                                                        this while down */
     u_char                          gateway[16];    /* this one's id */
+    ngx_atomic_t                    redis_uncool;   /* a reload asks that
+                                                       Redis end cooldowns
+                                                       it ended here */
 
     /* conversations' homes, under the zone's lock */
     ngx_rbtree_t                    homes;

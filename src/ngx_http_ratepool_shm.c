@@ -65,6 +65,9 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
             return NGX_ERROR;
         }
 
+        /* the fleet's long cooldowns end too, once a worker reaches Redis */
+        zone->sh->redis_uncool = 1;
+
     } else {
         zone->sh = ngx_slab_calloc(zone->shpool,
                                    sizeof(ngx_http_ratepool_shctx_t));
@@ -174,7 +177,9 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
              * ones go on.
              */
 
-            if (org[j].sh->cooldown_until_ms > now_ms + 60000) {
+            if (org[j].sh->cooldown_until_ms
+                > now_ms + RATEPOOL_RELOAD_COOL_MS)
+            {
                 ngx_log_error(NGX_LOG_NOTICE, log, 0,
                               "ratepool: org \"%V\" was to cool down for "
                               "%uL s more, the reload ends it", &org[j].entry,

@@ -113,6 +113,11 @@ static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
     void *data, ngx_uint_t connected);
 static void ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf);
+static ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_uncool_call(
+    ngx_http_ratepool_redis_t *redis, ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_org_t *org);
+static void ngx_http_ratepool_uncooled(ngx_http_ratepool_redis_cmd_t *cmd,
+    void *data);
 static ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_cool_call(
     ngx_http_ratepool_redis_t *redis, ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_org_t *org, uint64_t cooldown_ms, uint64_t rpm);
@@ -1551,6 +1556,47 @@ ngx_http_ratepool_cool_call(ngx_http_ratepool_redis_t *redis,
 }
 
 
+/*
+ * After a reload: the fleet's cooldowns of an org with more than a
+ * minute left end, in Redis as in the zone (ngx_http_ratepool_attach()).
+ */
+
+static ngx_http_ratepool_redis_cmd_t *
+ngx_http_ratepool_uncool_call(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_org_t *org)
+{
+    ngx_http_ratepool_call_t  call;
+
+    call.n = 0;
+    call.p = call.buf;
+
+    ngx_http_ratepool_call_int(&call, 1);
+    ngx_http_ratepool_call_key(&call, rmcf->redis, 'o', &org->entry);
+    ngx_http_ratepool_call_str(&call, (u_char *) "x", 1);
+    ngx_http_ratepool_call_int(&call, RATEPOOL_RELOAD_COOL_MS);
+
+    return ngx_http_ratepool_redis_script(redis, call.args, call.n, 2,
+                                          ngx_http_ratepool_uncooled, org);
+}
+
+
+static void
+ngx_http_ratepool_uncooled(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
+{
+    redisReply               *reply = data;
+    ngx_http_ratepool_org_t  *org;
+
+    org = cmd->data;
+
+    if (reply && reply->type == REDIS_REPLY_INTEGER && reply->integer > 0) {
+        ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                      "ratepool: org \"%V\" was to cool down for %L s more "
+                      "in redis, the reload ends it", &org->entry,
+                      (int64_t) reply->integer);
+    }
+}
+
+
 /* limits and what is left of them, as an answer's headers said */
 
 static void
@@ -1716,7 +1762,7 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     int64_t                       remaining[RATEPOOL_DIMS];
     uint64_t                      now_ms, level, cooldown_ms,
                                   limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS];
-    ngx_uint_t                    i, j, d, known;
+    ngx_uint_t                    i, j, d, known, uncool;
     ratepool_bucket_t            *bucket[RATEPOOL_DIMS];
     ngx_slab_pool_t              *shpool;
     ngx_http_ratepool_org_t      *orgs;
@@ -1729,6 +1775,10 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     pools = rmcf->pools.elts;
     now_ms = ngx_http_ratepool_now_ms();
 
+    /* the first worker to reach Redis after a reload, once */
+    uncool = (zone->sh->redis_uncool
+              && ngx_atomic_cmp_set(&zone->sh->redis_uncool, 1, 0));
+
     for (i = 0; i < rmcf->pools.nelts; i++) {
         orgs = pools[i]->orgs->elts;
 
@@ -1736,7 +1786,18 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
             osh = orgs[j].sh;
             known = 0;
 
+            if (uncool) {
+                (void) ngx_http_ratepool_uncool_call(redis, rmcf, &orgs[j]);
+            }
+
             ngx_shmtx_lock(&shpool->mutex);
+
+            /* one Redis copied back before it heard of the reload */
+            if (uncool
+                && osh->cooldown_until_ms > now_ms + RATEPOOL_RELOAD_COOL_MS)
+            {
+                osh->cooldown_until_ms = 0;
+            }
 
             ngx_http_ratepool_org_buckets(&orgs[j], bucket, limits);
 
