@@ -113,6 +113,8 @@ static void ngx_http_ratepool_shared_beat(ngx_http_ratepool_redis_t *redis,
     void *data, ngx_uint_t connected);
 static void ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf);
+static void ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_http_ratepool_redis_cmd_t *ngx_http_ratepool_uncool_call(
     ngx_http_ratepool_redis_t *redis, ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_org_t *org);
@@ -676,7 +678,8 @@ ngx_http_ratepool_home_reply(ngx_http_ratepool_redis_cmd_t *cmd, void *data)
         && reply->element[2]->integer >= 0
         && reply->element[3]->integer >= 0
         && reply->element[4]->integer >= 0
-        && reply->element[4]->integer <= reply->element[3]->integer)
+        && reply->element[4]->integer <= reply->element[3]->integer
+        && reply->element[3]->integer <= RATEPOOL_USAGE_TOKENS_MAX)
     {
         name.data = (u_char *) reply->element[0]->str;
         name.len = reply->element[0]->len;
@@ -1848,6 +1851,66 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
                                                    cooldown_ms, 0);
             }
         }
+    }
+
+    ngx_http_ratepool_reseed_budgets(redis, rmcf);
+}
+
+
+/*
+ * What this gateway counted of each workspace's day and month goes to a
+ * Redis that has less: one that restarted without persistence, or missed
+ * the usage of a time it was down.
+ */
+
+static void
+ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    time_t                          now;
+    uint64_t                        day, month;
+    ngx_uint_t                      i;
+    ngx_slab_pool_t                *shpool;
+    ngx_http_ratepool_call_t        call;
+    ngx_http_ratepool_zone_t       *zone;
+    ngx_http_ratepool_workspace_t  *ws;
+
+    zone = rmcf->shm_zone->data;
+    shpool = zone->shpool;
+    ws = rmcf->workspaces.elts;
+    now = ngx_time();
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        if (ws[i].daily_tokens == 0 && ws[i].monthly_tokens == 0) {
+            continue;
+        }
+
+        ngx_shmtx_lock(&shpool->mutex);
+        day = ratepool_budget_used(&ws[i].sh->today, RATEPOOL_BUDGET_DAY,
+                                   now);
+        month = ratepool_budget_used(&ws[i].sh->this_month,
+                                     RATEPOOL_BUDGET_MONTH, now);
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        if (day == 0 && month == 0) {
+            continue;
+        }
+
+        call.n = 0;
+        call.p = call.buf;
+
+        ngx_http_ratepool_call_int(&call, 1);
+        ngx_http_ratepool_call_key(&call, rmcf->redis, 'w', &ws[i].name);
+        ngx_http_ratepool_call_str(&call, (u_char *) "W", 1);
+        ngx_http_ratepool_call_int(&call,
+                          ratepool_budget_period(RATEPOOL_BUDGET_DAY, now));
+        ngx_http_ratepool_call_int(&call, (int64_t) day);
+        ngx_http_ratepool_call_int(&call,
+                          ratepool_budget_period(RATEPOOL_BUDGET_MONTH, now));
+        ngx_http_ratepool_call_int(&call, (int64_t) month);
+
+        (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2,
+                                              NULL, NULL);
     }
 }
 

@@ -1,5 +1,8 @@
 #!/usr/bin/perl
 
+# A Redis that restarts empty learns the workspaces' budgets back from the
+# gateways, as it learns the orgs' state (t/74).
+#
 # A reload is the operator's way out of a cooldown longer than a provider
 # asks for (a retry-after years ahead, kept as an hour), on a fleet too:
 # the reload ends it in Redis, where every gateway reads it, as well as
@@ -51,7 +54,7 @@ http {
                      key=$KEY{b1};
     }
 
-    ratepool_workspace team;
+    ratepool_workspace team daily_tokens=100000000;
     ratepool_client team ${\ $t->token_hash($TOKEN)};
 
     server {
@@ -123,6 +126,25 @@ is($keys->{b1}{state}, 'ok', 'the status says b1 is ok');
 like($t->error_log,
      qr/org "org-b" was to cool down for \d+ s more in redis, the reload ends it/,
      'the log says so');
+
+# a Redis restarted without persistence is told the day's count again
+
+sub redis_today {
+    return 0 + ($redis->cli('HGET', 'ratepool:{llm}:w:team', 'dv') || 0);
+}
+
+my $today = Ratepool::Test::by_name($t->status->{workspaces})->{team}
+            {tokens_today};
+ok($today > 0 && redis_today() == $today,
+   "Redis counts the workspace's $today tokens today");
+
+$redis->stop;
+$redis->start;
+ok(Ratepool::Test::redis_connected($t), 'the gateway reconnects');
+
+$deadline = time + 3;
+sleep 0.1 while redis_today() < $today && time < $deadline;
+is(redis_today(), $today, 'and tells it the day\'s count again');
 
 $t->stop;
 $t->check_log;
