@@ -64,7 +64,8 @@ $(MODULE): $(BUILD)/nginx/objs/Makefile $(MODULE_SRCS)
 
 $(BUILD)/unit_tests: t/unit/unit_tests.c $(PURE_SRCS) src/*.h
 	mkdir -p $(BUILD)
-	$(CC) $(UNIT_CFLAGS) -o $@ t/unit/unit_tests.c $(PURE_SRCS) $(LD_SANITIZE)
+	$(CC) $(UNIT_CFLAGS) -o $@ t/unit/unit_tests.c $(PURE_SRCS) -lcrypto \
+	    $(LD_SANITIZE)
 
 unit: $(BUILD)/unit_tests
 
@@ -75,7 +76,7 @@ FUZZERS      = $(BUILD)/fuzz/fuzz_usage $(BUILD)/fuzz/fuzz_parse \
 
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) src/*.h
 	@mkdir -p $(BUILD)/fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< $(PURE_SRCS)
+	clang $(FUZZ_CFLAGS) -o $@ $< $(PURE_SRCS) -lcrypto
 
 fuzz: $(FUZZERS)
 

@@ -18,6 +18,7 @@
 #include "ratepool_home.h"
 #include "ratepool_conversation.h"
 #include "ratepool_resp.h"
+#include "ratepool_sigv4.h"
 
 
 static int  tests, failures;
@@ -1543,6 +1544,80 @@ test_usage_chunk(void)
 }
 
 
+/*
+ * AWS's own worked example of a signed request (Amazon S3's "GET Object"
+ * in its SigV4 documentation): the canonical request, the string to
+ * sign and the signing key must all be right for this signature.
+ */
+
+static void
+test_sigv4(void)
+{
+    char                      date[RATEPOOL_SIGV4_DATE_LEN + 1],
+                              sig[RATEPOOL_SIGV4_HEX_LEN + 1],
+                              empty[RATEPOOL_SIGV4_HEX_LEN + 1], auth[512];
+    size_t                    len;
+    ratepool_sigv4_t          s;
+    ratepool_sigv4_header_t   h[4];
+
+    ratepool_sigv4_sha256_hex("", 0, empty);
+    check(strcmp(empty, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934c"
+                        "a495991b7852b855") == 0,
+          "the SHA-256 of nothing");
+
+    ratepool_sigv4_date(1369353600, date);
+    check(strcmp(date, "20130524T000000Z") == 0, "an amz date");
+
+    h[0].name = "host";
+    h[0].value = "examplebucket.s3.amazonaws.com";
+    h[1].name = "range";
+    h[1].value = "bytes=0-9";
+    h[2].name = "x-amz-content-sha256";
+    h[2].value = empty;
+    h[3].name = "x-amz-date";
+    h[3].value = date;
+
+    for (len = 0; len < 4; len++) {
+        h[len].name_len = strlen(h[len].name);
+        h[len].value_len = strlen(h[len].value);
+    }
+
+    memset(&s, 0, sizeof(s));
+    s.method = "GET";
+    s.path = "/test.txt";
+    s.path_len = 9;
+    s.query = "";
+    s.headers = h;
+    s.nheaders = 4;
+    s.payload_hex = empty;
+    s.date = date;
+    s.region = "us-east-1";
+    s.region_len = 9;
+    s.service = "s3";
+    s.secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+    s.secret_len = strlen(s.secret);
+
+    check(ratepool_sigv4_sign(&s, sig) == 0
+          && strcmp(sig, "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48d"
+                         "d91039c6036bdb41") == 0,
+          "AWS's example request signs as AWS says");
+
+    len = ratepool_sigv4_authorization(&s, "AKIAIOSFODNN7EXAMPLE", 20, auth,
+                                       sizeof(auth));
+    check(len == strlen(auth)
+          && strcmp(auth, "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/"
+                          "20130524/us-east-1/s3/aws4_request, SignedHeaders"
+                          "=host;range;x-amz-content-sha256;x-amz-date, "
+                          "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f"
+                          "0170aba48dd91039c6036bdb41") == 0,
+          "and its Authorization header is AWS's");
+
+    check(ratepool_sigv4_authorization(&s, "AKIAIOSFODNN7EXAMPLE", 20, auth,
+                                       100) == 0,
+          "a header that does not fit is not cut short");
+}
+
+
 static void
 test_dialect(void)
 {
@@ -1907,6 +1982,7 @@ main(void)
     test_normalize();
     test_usage_chunk();
     test_fallback();
+    test_sigv4();
 
     printf("1..%d\n", tests);
 
