@@ -42,6 +42,12 @@
 #define RATEPOOL_CREDENTIAL_X_API_KEY  0
 #define RATEPOOL_CREDENTIAL_BEARER     1
 #define RATEPOOL_CREDENTIAL_API_KEY    2   /* Azure's */
+#define RATEPOOL_CREDENTIAL_SIGV4      3   /* AWS's signature */
+#define RATEPOOL_AMZ_DATE_LEN          16  /* 20261207T120000Z */
+
+/* where a key's requests go, and in which form */
+#define RATEPOOL_SERVICE_DIRECT        0   /* as the client sent them */
+#define RATEPOOL_SERVICE_BEDROCK       1   /* Bedrock's Messages API */
 
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
@@ -356,7 +362,16 @@ typedef struct {
     ngx_str_t                       name;
     ngx_uint_t                      dialect;
     ngx_uint_t                      credential;
+    ngx_uint_t                      service;    /* RATEPOOL_SERVICE_* */
 } ngx_http_ratepool_provider_t;
+
+
+/* ratepool_model: what a model is called by each cloud that serves it */
+
+typedef struct {
+    ngx_str_t                       name;       /* as clients name it */
+    ngx_str_t                       bedrock;    /* Bedrock's model id */
+} ngx_http_ratepool_model_t;
 
 
 typedef struct {
@@ -373,6 +388,12 @@ typedef struct {
     ngx_str_t                       x_api_key;      /* sent as x-api-key */
     ngx_str_t                       authorization;  /* "Bearer ..." */
     ngx_str_t                       api_key;        /* Azure's api-key */
+    ngx_str_t                       region;         /* a cloud's */
+    ngx_str_t                       aws_access_key;
+    ngx_str_t                       aws_secret;
+    ngx_str_t                       aws_token;      /* temporary ones' */
+    ngx_uint_t                      credential;     /* RATEPOOL_
+                                                       CREDENTIAL_* */
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_http_ratepool_key_sh_t     *sh;
 #if (NGX_HTTP_SSL)
@@ -491,6 +512,7 @@ typedef struct {
     ngx_array_t                     workspaces;  /* ..._workspace_t */
     ngx_array_t                     clients;     /* ..._client_t */
     ngx_array_t                     passes;      /* ..._loc_conf_t * */
+    ngx_array_t                     models;      /* ..._model_t */
     ngx_int_t                       request_id_index;
     const EVP_MD                   *sha256;     /* looked up once */
     EVP_MD_CTX                     *sha256_ctx; /* reused by each worker */
@@ -594,6 +616,15 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        soonest_ms; /* when exhausted */
 
     ngx_str_t                       model;      /* from the body */
+    ngx_http_ratepool_model_t      *cloud_model;    /* its clouds' names */
+    off_t                           model_at;   /* its value, in the body */
+    off_t                           model_end;
+    off_t                           body_length;    /* as the client sent
+                                                   it, -1: not yet kept */
+    ngx_buf_t                      *body_copy;  /* whole, in memory, for a
+                                                   body rewritten a try */
+    ngx_str_t                       signed_auth;    /* SigV4, this try's */
+    u_char                          amz_date[RATEPOOL_AMZ_DATE_LEN + 1];
 
     /* the conversation the request belongs to, and its cache's home */
     uint64_t                        conversation;   /* key, 0: none */
@@ -630,6 +661,7 @@ struct ngx_http_ratepool_ctx_s {
     unsigned                        cache_long:1;   /* "ttl":"1h" */
     unsigned                        redirected:1;   /* to another pool */
     unsigned                        usage_asked:1;  /* by the client */
+    unsigned                        usage_declined:1;   /* could not be */
     unsigned                        body_whole:1;
     unsigned                        usage_added:1;  /* include_usage, by
                                                        the gateway */

@@ -723,6 +723,8 @@ ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx)
 
     for (i = 0; i < 2; i++) {
         if (budget[i] && used[i] >= budget[i]) {
+            ctx->limited_what = i ? "monthly" : "daily";
+            ctx->limited_limit = budget[i];
             return NGX_DONE;
         }
     }

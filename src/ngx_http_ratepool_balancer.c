@@ -12,6 +12,7 @@
 #include "ngx_http_ratepool_access.h"
 #include "ngx_http_ratepool_admission.h"
 #include "ngx_http_ratepool_balancer.h"
+#include "ngx_http_ratepool_cloud.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_store.h"
 
@@ -61,11 +62,9 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
     ngx_addr_t               *addr;
     ngx_uint_t                index;
     ngx_http_request_t       *r;
-    ngx_http_upstream_t      *u;
     ngx_http_ratepool_key_t  *key;
 
     r = ctx->request;
-    u = r->upstream;
 
     if (ctx->retry_same) {
         /* the same key again, on a fresh connection */
@@ -95,10 +94,16 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
 
         ctx->pool->zone->store->move(ctx);
 
-        /* the same body, under the new key's headers */
-        u->request_bufs = r->request_body ? r->request_body->bufs : NULL;
+        /* the same request, under the new key's headers (and service) */
+        if (ngx_http_ratepool_build_request(r, ctx) != NGX_OK) {
+            return NGX_ERROR;
+        }
 
-        if (u->create_request(r) != NGX_OK) {
+    } else if (ctx->tries == 0
+               && ctx->key->provider->service != RATEPOOL_SERVICE_DIRECT)
+    {
+        /* the proxy module built the client's request: this key's own */
+        if (ngx_http_ratepool_build_request(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }
     }

@@ -25,6 +25,8 @@ static void ngx_http_ratepool_conversation(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ratepool_request_t *rq);
 static ngx_str_t *ngx_http_ratepool_header_in(ngx_http_request_t *r,
     ngx_str_t *name);
+static ngx_http_ratepool_model_t *ngx_http_ratepool_find_model(
+    ngx_http_request_t *r, u_char *name, size_t len);
 static void ngx_http_ratepool_usage_edit(ngx_http_ratepool_ctx_t *ctx,
     ratepool_request_t *rq);
 static ngx_int_t ngx_http_ratepool_body_splice(ngx_http_request_t *r,
@@ -102,7 +104,14 @@ ngx_http_ratepool_read_body(ngx_http_request_t *r,
     ngx_http_ratepool_usage_edit(ctx, &rq);
     ctx->body_whole = ratepool_request_whole(&rq);
 
+    ctx->model_at = (off_t) rq.model_at;
+    ctx->model_end = (off_t) rq.model_end;
+    ctx->body_length = -1;
+
     if (rq.model_len) {
+        ctx->cloud_model = ngx_http_ratepool_find_model(r, rq.model,
+                                                        rq.model_len);
+
         ctx->model.data = ngx_pnalloc(r->pool, rq.model_len);
         if (ctx->model.data == NULL) {
             return NGX_ERROR;
@@ -267,6 +276,30 @@ ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx, u_char *data,
 }
 
 
+/* what the clouds call the model a client named: ratepool_model */
+
+static ngx_http_ratepool_model_t *
+ngx_http_ratepool_find_model(ngx_http_request_t *r, u_char *name, size_t len)
+{
+    ngx_uint_t                      i;
+    ngx_http_ratepool_model_t      *models;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+    models = rmcf->models.elts;
+
+    for (i = 0; i < rmcf->models.nelts; i++) {
+        if (models[i].name.len == len
+            && ngx_strncmp(models[i].name.data, name, len) == 0)
+        {
+            return &models[i];
+        }
+    }
+
+    return NULL;
+}
+
+
 /*
  * OpenAI streams report usage only when asked (stream_options.include_
  * usage): the gateway asks for a client that did not, or said no, so that
@@ -330,9 +363,15 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
 {
     ngx_int_t  rc;
 
+    /* Responses streams report usage unasked, and take no include_usage */
+    static ngx_str_t  completions = ngx_string("/completions");
+
     if (ctx->key == NULL || ctx->key->dialect != RATEPOOL_DIALECT_OPENAI
         || !ctx->stream || ctx->usage_asked || !ctx->body_whole
-        || ctx->usage_edit_at < 0
+        || ctx->usage_edit_at < 0 || ctx->usage_declined
+        || r->uri.len < completions.len
+        || ngx_strncmp(r->uri.data + r->uri.len - completions.len,
+                       completions.data, completions.len) != 0
         || r->headers_in.content_length_n < 0
         || r->request_body == NULL || r->request_body->bufs == NULL
         || ctx->dialect != RATEPOOL_DIALECT_OPENAI)
@@ -346,9 +385,10 @@ ngx_http_ratepool_add_usage(ngx_http_request_t *r,
 
     if (rc == NGX_DECLINED) {
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                      "ratepool: cannot ask for the usage of a stream whose "
-                      "body is in a file where it must be changed: what it "
+                      "ratepool: cannot ask for the usage of a stream where "
+                      "its body lies (a file, or across buffers): what it "
                       "uses is estimated");
+        ctx->usage_declined = 1;
         return NGX_OK;
     }
 

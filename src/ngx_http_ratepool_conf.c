@@ -42,6 +42,8 @@ static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
     ngx_str_t *path, ngx_str_t *secret);
 static void ngx_http_ratepool_sha256(u_char *data, size_t len,
     u_char digest[32]);
+static ngx_int_t ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf,
+    ngx_http_ratepool_key_t *key, ngx_str_t *path);
 
 
 /*
@@ -52,12 +54,15 @@ static void ngx_http_ratepool_sha256(u_char *data, size_t len,
 
 static ngx_http_ratepool_provider_t  ngx_http_ratepool_providers[] = {
     { ngx_string("anthropic"), RATEPOOL_DIALECT_ANTHROPIC,
-      RATEPOOL_CREDENTIAL_X_API_KEY },
+      RATEPOOL_CREDENTIAL_X_API_KEY, RATEPOOL_SERVICE_DIRECT },
     { ngx_string("openai"), RATEPOOL_DIALECT_OPENAI,
-      RATEPOOL_CREDENTIAL_BEARER },
+      RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_DIRECT },
     { ngx_string("azure"), RATEPOOL_DIALECT_OPENAI,
-      RATEPOOL_CREDENTIAL_API_KEY },
-    { ngx_null_string, 0, 0 }
+      RATEPOOL_CREDENTIAL_API_KEY, RATEPOOL_SERVICE_DIRECT },
+    /* a Bedrock API key, or AWS credentials (aws_key_file=) */
+    { ngx_string("bedrock"), RATEPOOL_DIALECT_ANTHROPIC,
+      RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_BEDROCK },
+    { ngx_null_string, 0, 0, 0 }
 };
 
 
@@ -71,6 +76,8 @@ static const char  ngx_http_ratepool_proxy_conf[] =
     "proxy_set_header x-api-key $ratepool_upstream_x_api_key;"
     "proxy_set_header Authorization $ratepool_upstream_authorization;"
     "proxy_set_header api-key $ratepool_upstream_api_key;"
+    "proxy_set_header X-Amz-Date $ratepool_upstream_amz_date;"
+    "proxy_set_header X-Amz-Security-Token $ratepool_upstream_amz_token;"
     "proxy_set_header Accept-Encoding \"\";"
     "proxy_request_buffering on;"
     "proxy_buffering off;"
@@ -730,6 +737,170 @@ ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
 }
 
 
+/*
+ * AWS credentials, in the form of ~/.aws/credentials (one profile):
+ * "aws_access_key_id = ...", "aws_secret_access_key = ..." and, for
+ * temporary ones, "aws_session_token = ..."; other lines are ignored.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
+    ngx_str_t *path)
+{
+    u_char     *p, *end, *eol, *eq, *name_end, *v;
+    ngx_str_t   text, name, value, *to;
+
+    if (ngx_http_ratepool_read_secret(cf, path, &text) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    p = text.data;
+    end = text.data + text.len;
+
+    for ( /* void */ ; p < end; p = eol + 1) {
+        eol = ngx_strlchr(p, end, '\n');
+        if (eol == NULL) {
+            eol = end;
+        }
+
+        eq = ngx_strlchr(p, eol, '=');
+        if (eq == NULL || *p == '#' || *p == ';' || *p == '[') {
+            continue;
+        }
+
+        for (name_end = eq; name_end > p && name_end[-1] == ' '; name_end--) {
+            /* void */
+        }
+
+        for (v = eq + 1; v < eol && *v == ' '; v++) { /* void */ }
+
+        name.data = p;
+        name.len = name_end - p;
+        value.data = v;
+        value.len = eol - v;
+
+        while (value.len && (value.data[value.len - 1] == '\r'
+                             || value.data[value.len - 1] == ' '))
+        {
+            value.len--;
+        }
+
+        if (name.len == sizeof("aws_access_key_id") - 1
+            && ngx_strncasecmp(name.data, (u_char *) "aws_access_key_id",
+                               name.len) == 0)
+        {
+            to = &key->aws_access_key;
+
+        } else if (name.len == sizeof("aws_secret_access_key") - 1
+                   && ngx_strncasecmp(name.data,
+                                      (u_char *) "aws_secret_access_key",
+                                      name.len) == 0)
+        {
+            to = &key->aws_secret;
+
+        } else if (name.len == sizeof("aws_session_token") - 1
+                   && ngx_strncasecmp(name.data,
+                                      (u_char *) "aws_session_token",
+                                      name.len) == 0)
+        {
+            to = &key->aws_token;
+
+        } else {
+            continue;
+        }
+
+        *to = value;
+    }
+
+    if (key->aws_access_key.len == 0 || key->aws_secret.len == 0
+        || key->aws_access_key.len > 128 || key->aws_secret.len > 120)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "aws_key_file \"%V\" of key \"%V\" needs "
+                           "\"aws_access_key_id = ...\" and "
+                           "\"aws_secret_access_key = ...\" lines", path,
+                           &key->name);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* ratepool_model NAME bedrock=ID */
+
+char *
+ngx_http_ratepool_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    size_t                      i;
+    ngx_str_t                  *value, *id;
+    ngx_uint_t                  n;
+    ngx_http_ratepool_model_t  *model, *models;
+
+    value = cf->args->elts;
+    models = rmcf->models.elts;
+
+    for (n = 0; n < rmcf->models.nelts; n++) {
+        if (ngx_http_ratepool_str_eq(&models[n].name, &value[1])) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "model \"%V\" is declared twice", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    model = ngx_array_push(&rmcf->models);
+    if (model == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(model, sizeof(ngx_http_ratepool_model_t));
+    model->name = value[1];
+
+    for (n = 2; n < cf->args->nelts; n++) {
+
+        if (ngx_strncmp(value[n].data, "bedrock=", 8) == 0) {
+            id = &model->bedrock;
+            id->data = value[n].data + 8;
+            id->len = value[n].len - 8;
+
+        } else {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\", use "
+                               "\"bedrock=MODEL_ID\"", &value[n]);
+            return NGX_CONF_ERROR;
+        }
+
+        /* it goes into a JSON string as it is */
+        for (i = 0; i < id->len; i++) {
+            if (id->data[i] <= ' ' || id->data[i] >= 0x7f
+                || id->data[i] == '"' || id->data[i] == '\\')
+            {
+                break;
+            }
+        }
+
+        if (id->len == 0 || id->len > 256 || i < id->len) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid model id in \"%V\", use one such "
+                               "as \"bedrock=us.anthropic.claude-sonnet-4-"
+                               "6-v1:0\"", &value[n]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    if (value[1].len > RATEPOOL_MODEL_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model name \"%V\" is longer than %d",
+                           &value[1], RATEPOOL_MODEL_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static void
 ngx_http_ratepool_sha256(u_char *data, size_t len, u_char digest[32])
 {
@@ -844,8 +1015,9 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid provider \"%V\", use "
                                    "\"provider=anthropic\", "
-                                   "\"provider=openai\" or "
-                                   "\"provider=azure\"", &value[n]);
+                                   "\"provider=openai\", "
+                                   "\"provider=azure\" or "
+                                   "\"provider=bedrock\"", &value[n]);
                 return NGX_CONF_ERROR;
             }
 
@@ -879,6 +1051,33 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[n].data, "region=", 7) == 0) {
+            key->region.data = value[n].data + 7;
+            key->region.len = value[n].len - 7;
+
+            if (ngx_http_ratepool_valid_name(&key->region) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\" of key \"%V\", use "
+                                   "\"region=us-east-1\"", &value[n],
+                                   &key->name);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "aws_key_file=", 13) == 0) {
+            path.data = value[n].data + 13;
+            path.len = value[n].len - 13;
+
+            if (ngx_http_ratepool_read_aws_keys(cf, key, &path) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            secret = key->aws_secret;
+            continue;
+        }
+
         if (ngx_strncmp(value[n].data, "key_file=", 9) == 0) {
             path.data = value[n].data + 9;
             path.len = value[n].len - 9;
@@ -894,7 +1093,8 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter %ui of key \"%V\", use "
                            "\"org=\", \"provider=\", \"fallback=\", "
-                           "\"server=\", \"key=\" or \"key_file=\"",
+                           "\"server=\", \"key=\", \"key_file=\", "
+                           "\"region=\" or \"aws_key_file=\"",
                            n, &key->name);
         return NGX_CONF_ERROR;
     }
@@ -904,6 +1104,40 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "key \"%V\" has no secret, add \"key_file=PATH\"",
                            &key->name);
         return NGX_CONF_ERROR;
+    }
+
+    key->credential = key->aws_secret.len ? RATEPOOL_CREDENTIAL_SIGV4
+                                          : key->provider->credential;
+
+    if (key->aws_secret.len
+        && key->provider->service != RATEPOOL_SERVICE_BEDROCK)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has \"aws_key_file=\", which only "
+                           "\"provider=bedrock\" takes", &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (key->provider->service == RATEPOOL_SERVICE_BEDROCK) {
+        if (key->region.len == 0) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "key \"%V\" of provider bedrock has no "
+                               "region, add \"region=us-east-1\"",
+                               &key->name);
+            return NGX_CONF_ERROR;
+        }
+
+        if (key->server.len == 0) {
+            key->server.len = sizeof("bedrock-runtime..amazonaws.com") - 1
+                              + key->region.len;
+            key->server.data = ngx_pnalloc(cf->pool, key->server.len);
+            if (key->server.data == NULL) {
+                return NGX_CONF_ERROR;
+            }
+
+            ngx_sprintf(key->server.data, "bedrock-runtime.%V.amazonaws.com",
+                        &key->region);
+        }
     }
 
     for (i = 0; i < secret.len; i++) {
@@ -980,11 +1214,14 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     key->dialect = key->provider->dialect;
 
-    if (key->provider->credential == RATEPOOL_CREDENTIAL_X_API_KEY) {
+    if (key->credential == RATEPOOL_CREDENTIAL_X_API_KEY) {
         key->x_api_key = secret;
 
-    } else if (key->provider->credential == RATEPOOL_CREDENTIAL_API_KEY) {
+    } else if (key->credential == RATEPOOL_CREDENTIAL_API_KEY) {
         key->api_key = secret;
+
+    } else if (key->credential == RATEPOOL_CREDENTIAL_SIGV4) {
+        /* signed for each try: see ngx_http_ratepool_sign() */
 
     } else {
         key->authorization.len = sizeof("Bearer ") - 1 + secret.len;

@@ -104,6 +104,13 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       0,
       NULL },
 
+    { ngx_string("ratepool_model"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_ratepool_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("ratepool_pass"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
       ngx_http_ratepool_pass,
@@ -191,6 +198,9 @@ ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
            != NGX_OK
         || ngx_array_init(&rmcf->passes, cf->pool, 2,
                           sizeof(ngx_http_ratepool_loc_conf_t *))
+           != NGX_OK
+        || ngx_array_init(&rmcf->models, cf->pool, 4,
+                          sizeof(ngx_http_ratepool_model_t))
            != NGX_OK)
     {
         return NULL;

@@ -238,6 +238,15 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
             c[i].usable = 0;
         }
 
+        /* a cloud takes a request only for a model it is told the name of */
+        if (keys[i].provider->service == RATEPOOL_SERVICE_BEDROCK
+            && (ctx->count_only || ctx->cloud_model == NULL
+                || ctx->cloud_model->bedrock.len == 0 || ctx->model_at < 0
+                || ctx->model_end <= ctx->model_at))
+        {
+            c[i].usable = 0;
+        }
+
         c[i].org_inflight = (uint32_t) osh->inflight;
         bsh = ngx_http_ratepool_key_org(ctx->pool, &keys[i])->sh;
         c[i].org_homes = (uint32_t) (bsh->homes + bsh->arriving);
@@ -1218,7 +1227,9 @@ ngx_http_ratepool_charge(ngx_http_ratepool_ctx_t *ctx,
         guess.input_full = ngx_max(ctx->input_full, ctx->held_input);
         guess.output = ctx->output_cost;
 
-        if (ratepool_usage_estimate(usage, &guess, answer, sse)) {
+        if (ratepool_usage_estimate(usage, &guess, answer, sse,
+                                    ctx->answer_whole))
+        {
             ngx_log_error(NGX_LOG_INFO, ctx->request->connection->log, 0,
                           "ratepool: %s from key \"%V\" did not say all it "
                           "used: charged %uL input and %uL output tokens, "

@@ -65,8 +65,8 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
             return NGX_ERROR;
         }
 
-        /* the fleet's long cooldowns end too, once a worker reaches Redis */
-        zone->sh->redis_uncool = 1;
+        /* the fleet's long cooldowns end too, when a worker reaches Redis */
+        zone->sh->redis_uncool = (ngx_atomic_uint_t) ngx_time();
 
     } else {
         zone->sh = ngx_slab_calloc(zone->shpool,

@@ -1766,6 +1766,7 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     uint64_t                      now_ms, level, cooldown_ms,
                                   limits[RATEPOOL_DIMS], seen[RATEPOOL_DIMS];
     ngx_uint_t                    i, j, d, known, uncool;
+    ngx_atomic_uint_t             reloaded;
     ratepool_bucket_t            *bucket[RATEPOOL_DIMS];
     ngx_slab_pool_t              *shpool;
     ngx_http_ratepool_org_t      *orgs;
@@ -1778,9 +1779,16 @@ ngx_http_ratepool_shared_reseed(ngx_http_ratepool_redis_t *redis,
     pools = rmcf->pools.elts;
     now_ms = ngx_http_ratepool_now_ms();
 
-    /* the first worker to reach Redis after a reload, once */
-    uncool = (zone->sh->redis_uncool
-              && ngx_atomic_cmp_set(&zone->sh->redis_uncool, 1, 0));
+    /*
+     * The first worker to reach Redis after a reload, once, and soon
+     * after it: a cooldown that began later, while Redis was away, is no
+     * reload's to end.
+     */
+    reloaded = zone->sh->redis_uncool;
+    uncool = (reloaded
+              && ngx_atomic_cmp_set(&zone->sh->redis_uncool, reloaded, 0)
+              && ngx_time() - (time_t) reloaded
+                 <= RATEPOOL_RELOAD_COOL_MS / 1000);
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
         orgs = pools[i]->orgs->elts;

@@ -35,6 +35,8 @@ static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
 #define RATEPOOL_VAR_WORKSPACE         4
 #define RATEPOOL_VAR_API_KEY           5
 #define RATEPOOL_VAR_CONVERSATION      6
+#define RATEPOOL_VAR_AMZ_DATE          7
+#define RATEPOOL_VAR_AMZ_TOKEN         8
 
 
 static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
@@ -55,6 +57,16 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 
     { ngx_string("ratepool_upstream_api_key"), NULL,
       ngx_http_ratepool_variable, RATEPOOL_VAR_API_KEY,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    /* AWS's signature of the try (SigV4), with what it signed */
+
+    { ngx_string("ratepool_upstream_amz_date"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_AMZ_DATE,
+      NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
+
+    { ngx_string("ratepool_upstream_amz_token"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_AMZ_TOKEN,
       NGX_HTTP_VAR_NOCACHEABLE|NGX_HTTP_VAR_NOHASH, 0 },
 
     /* for access logs */
@@ -105,7 +117,8 @@ static ngx_int_t
 ngx_http_ratepool_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data)
 {
-    ngx_str_t                 *s;
+    ngx_str_t                 *s, amz_date;
+    ngx_uint_t                 signed_key;
     ngx_http_ratepool_ctx_t   *ctx;
 
     static ngx_str_t  placements[] = {
@@ -137,6 +150,8 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
                 break;
             }
 
+            signed_key = (ctx->key->credential == RATEPOOL_CREDENTIAL_SIGV4);
+
             if (data == RATEPOOL_VAR_UPSTREAM_HOST) {
                 s = &ctx->key->host;
 
@@ -144,7 +159,16 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
                 s = &ctx->key->x_api_key;
 
             } else if (data == RATEPOOL_VAR_AUTHORIZATION) {
-                s = &ctx->key->authorization;
+                s = signed_key ? &ctx->signed_auth
+                               : &ctx->key->authorization;
+
+            } else if (data == RATEPOOL_VAR_AMZ_DATE) {
+                amz_date.data = ctx->amz_date;
+                amz_date.len = signed_key ? RATEPOOL_AMZ_DATE_LEN : 0;
+                s = &amz_date;
+
+            } else if (data == RATEPOOL_VAR_AMZ_TOKEN) {
+                s = signed_key ? &ctx->key->aws_token : NULL;
 
             } else if (data == RATEPOOL_VAR_API_KEY) {
                 s = &ctx->key->api_key;

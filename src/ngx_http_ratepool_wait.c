@@ -197,8 +197,13 @@ ngx_http_ratepool_wait(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_schedule(pool, now_ms + wait_ms);
     ngx_http_ratepool_note_oldest(pool);
 
-    /* the place may be this worker's to give up */
-    ngx_http_ratepool_give_up_places(pool);
+    /*
+     * The place it took may be this worker's to give up: after this
+     * request is settled, it may even be this request's own.
+     */
+    if (!pool->wake.posted) {
+        ngx_post_event(&pool->wake, &ngx_posted_events);
+    }
 
     ngx_log_debug2(NGX_LOG_DEBUG_HTTP, r->connection->log, 0,
                    "ratepool: waits, may fit in %uL ms of %M",

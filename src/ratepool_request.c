@@ -87,6 +87,8 @@ ratepool_request_init(ratepool_request_t *rq)
     rq->state = RQ_START;
     rq->options_at = -1;
     rq->usage_at = -1;
+    rq->model_at = -1;
+    rq->model_end = -1;
     ratepool_conversation_init(&rq->conv);
 }
 
@@ -301,6 +303,8 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
 
             if (rq->key == RQ_KEY_MODEL) {
                 rq->model_len = 0;
+                rq->model_at = (int64_t) at;
+                rq->model_end = -1;
             }
 
         } else if ((c >= '0' && c <= '9') || c == '-') {
@@ -343,6 +347,10 @@ ratepool_request_byte(ratepool_request_t *rq, unsigned char c, uint64_t at)
         if (c == '"') {
             if (rq->key == RQ_KEY_MODEL && rq->value_bad) {
                 rq->model_len = 0;
+            }
+
+            if (rq->key == RQ_KEY_MODEL) {
+                rq->model_end = (int64_t) at + 1;
             }
 
             rq->state = RQ_AFTER_VALUE;

@@ -31,6 +31,9 @@ typedef struct {
     unsigned char            model[RATEPOOL_MODEL_MAX];
     size_t                   model_len;    /* 0: none, or not a plain
                                               string */
+    int64_t                  model_at;     /* its value's offsets, quotes
+                                              included: -1, none */
+    int64_t                  model_end;
     uint64_t                 max_tokens;
     unsigned                 has_max_tokens:1;
     unsigned                 stream:1;

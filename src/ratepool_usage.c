@@ -791,7 +791,7 @@ ratepool_usage_only_event(const unsigned char *ev, size_t len)
 
 int
 ratepool_usage_estimate(ratepool_usage_t *u,
-    const ratepool_usage_guess_t *guess, int answer, int sse)
+    const ratepool_usage_guess_t *guess, int answer, int sse, int whole)
 {
     int       estimated;
     uint64_t  output;
@@ -809,7 +809,8 @@ ratepool_usage_estimate(ratepool_usage_t *u,
     }
 
     if (answer == RATEPOOL_USAGE_UNANSWERED
-        || (u->seen & RATEPOOL_USAGE_FINAL))
+        || (u->seen & RATEPOOL_USAGE_FINAL)
+        || (whole && !sse && (u->seen & RATEPOOL_USAGE_INPUT)))
     {
         output = u->output_tokens;
 

@@ -96,6 +96,8 @@ void ratepool_usage_normalize(ratepool_usage_t *u);
  * be read (compressed, an unknown type) its input and reserved output;
  * one cut short, or that never reported all of it, the output its text
  * carried (a token per 4 bytes), or, not streamed, its reserved output.
+ * A whole answer that reported usage is taken at its word (an embedding
+ * reports no output: it had none).
  * Returns whether anything was, and marks the usage RATEPOOL_USAGE_
  * ESTIMATED.
  */
@@ -112,7 +114,7 @@ typedef struct {
 } ratepool_usage_guess_t;
 
 int ratepool_usage_estimate(ratepool_usage_t *u,
-    const ratepool_usage_guess_t *guess, int answer, int sse);
+    const ratepool_usage_guess_t *guess, int answer, int sse, int whole);
 
 
 /*

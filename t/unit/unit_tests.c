@@ -384,7 +384,7 @@ test_usage_estimate(void)
     usage_scan(&u, 1, anthropic_stream, 0);
     check(u.text_bytes == 35 && (u.seen & RATEPOOL_USAGE_FINAL),
           "the text a stream carried is counted, and its last usage seen");
-    check(!ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+    check(!ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1, 1)
           && u.output_tokens == 42 && u.input_tokens == 25,
           "a stream that said what it used is not estimated");
 
@@ -399,7 +399,7 @@ test_usage_estimate(void)
 
     check(u.output_tokens == 1 && !(u.seen & RATEPOOL_USAGE_FINAL),
           "a stream cut after its text has only message_start's output");
-    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1, 1)
           && u.output_tokens == 9 && u.input_tokens == 25
           && (u.seen & RATEPOOL_USAGE_ESTIMATED),
           "and is charged a token per 4 bytes of text, its input as said");
@@ -416,27 +416,33 @@ test_usage_estimate(void)
     check(u.text_bytes == 11 + 7 + 4 && u.seen == 0,
           "OpenAI's text and tool arguments in deltas count, whole texts "
           "repeated at the end do not");
-    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1)
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 1, 1)
           && u.input_tokens == 300 && u.cache_read_input_tokens == 700
           && u.output_tokens == 6,
           "without usage: the input estimate, the rest of the prompt as "
           "cache reads, output from the text");
 
     memset(&u, 0, sizeof(u));
-    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNANSWERED, 0)
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNANSWERED, 0, 0)
           && u.input_tokens == 300 && u.output_tokens == 0,
           "a request never answered is charged its input");
 
     memset(&u, 0, sizeof(u));
-    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNREAD, 1)
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_UNREAD, 1, 1)
           && u.input_tokens == 300 && u.output_tokens == 50,
           "an answer that cannot be read its input and reserved output");
 
     usage_scan(&u, 0, "{\"content\":[{\"type\":\"text\",\"text\":"
                       "\"hi\"}],\"usage\":{\"input_tokens\":7", 0);
-    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 0)
+    check(ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 0, 0)
           && u.input_tokens == 7 && u.output_tokens == 50,
           "a JSON answer cut before its output count: the reserved output");
+
+    usage_scan(&u, 0, "{\"object\":\"list\",\"usage\":{\"prompt_tokens\":"
+                      "8,\"total_tokens\":8}}", 0);
+    check(!ratepool_usage_estimate(&u, &g, RATEPOOL_USAGE_READ, 0, 1)
+          && u.input_tokens == 8 && u.output_tokens == 0,
+          "a whole answer that reports no output had none (an embedding)");
 }
 
 
@@ -658,6 +664,8 @@ request_scan(const char *body, ratepool_request_t *whole)
             || split.options_members != whole->options_members
             || split.usage_at != whole->usage_at
             || split.usage_value != whole->usage_value
+            || split.model_at != whole->model_at
+            || split.model_end != whole->model_end
             || ratepool_request_whole(&split) != ratepool_request_whole(whole))
         {
             return 0;
@@ -679,6 +687,8 @@ test_request(void)
           "a body reads the same split at any byte");
     check(rq.model_len == 15 && memcmp(rq.model, "claude-opus-4-6", 15) == 0,
           "the model is read");
+    check(rq.model_at == 9 && rq.model_end == 26,
+          "and where its value is, quotes included");
     check(rq.has_max_tokens && rq.max_tokens == 1024,
           "max_tokens is read");
     check(rq.stream, "stream: true is read");

@@ -1,0 +1,400 @@
+
+/*
+ * Copyright (C) ratepool authors
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_cloud.h"
+#include "ratepool_sigv4.h"
+
+
+/*
+ * A try's request, built for its key's service: as the client sent it,
+ * or, for Amazon Bedrock's Messages API, at its path, with the model as
+ * Bedrock names it, and signed (SigV4) over the exact bytes sent.  The
+ * client's body is never changed: a try that rewrites it gets a chain of
+ * its own, of pieces of a copy of it in memory, so that every try, to
+ * whichever service, starts from what the client sent.
+ */
+
+
+#define RATEPOOL_BEDROCK_PATH  "/anthropic/v1/messages"
+
+
+static ngx_int_t ngx_http_ratepool_bedrock_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len);
+static ngx_int_t ngx_http_ratepool_body_copy(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_sign(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *body, const char *path);
+static ngx_int_t ngx_http_ratepool_request_line(ngx_http_request_t *r,
+    const char *path);
+static ngx_int_t ngx_http_ratepool_piece(ngx_pool_t *pool, u_char *from,
+    u_char *to, ngx_chain_t ***ll);
+
+
+ngx_int_t
+ngx_http_ratepool_build_request(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    off_t                     len;
+    ngx_chain_t              *body;
+    ngx_http_upstream_t      *u;
+    ngx_http_ratepool_key_t  *key;
+
+    u = r->upstream;
+    key = ctx->key;
+
+    if (ctx->body_length == -1) {
+        ctx->body_length = r->headers_in.content_length_n;
+    }
+
+    if (key->provider->service == RATEPOOL_SERVICE_DIRECT) {
+        /* the client's request, under this key's headers */
+        u->request_bufs = r->request_body ? r->request_body->bufs : NULL;
+        r->headers_in.content_length_n = ctx->body_length;
+        ngx_str_null(&ctx->signed_auth);
+
+        return u->create_request(r);
+    }
+
+    if (ngx_http_ratepool_bedrock_body(r, ctx, &body, &len) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    u->request_bufs = body;
+    r->headers_in.content_length_n = len;
+
+    if (key->credential == RATEPOOL_CREDENTIAL_SIGV4
+        && ngx_http_ratepool_sign(r, ctx, body, RATEPOOL_BEDROCK_PATH)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (u->create_request(r) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return ngx_http_ratepool_request_line(r, RATEPOOL_BEDROCK_PATH);
+}
+
+
+/* the body with Bedrock's name for the model in place of the client's */
+
+static ngx_int_t
+ngx_http_ratepool_bedrock_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len)
+{
+    u_char       *id, *start;
+    size_t        n;
+    ngx_str_t    *name;
+    ngx_chain_t  *out, **ll;
+
+    if (ngx_http_ratepool_body_copy(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    start = ctx->body_copy->pos;
+
+    if (ctx->model_end > ctx->body_copy->last - start) {
+        return NGX_ERROR;
+    }
+
+    name = &ctx->cloud_model->bedrock;
+    n = name->len + 2;
+
+    id = ngx_pnalloc(r->pool, n);
+    if (id == NULL) {
+        return NGX_ERROR;
+    }
+
+    id[0] = '"';
+    ngx_memcpy(id + 1, name->data, name->len);
+    id[n - 1] = '"';
+
+    out = NULL;
+    ll = &out;
+
+    if (ngx_http_ratepool_piece(r->pool, start, start + ctx->model_at, &ll)
+            != NGX_OK
+        || ngx_http_ratepool_piece(r->pool, id, id + n, &ll) != NGX_OK
+        || ngx_http_ratepool_piece(r->pool, start + ctx->model_end,
+                                   ctx->body_copy->last, &ll)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    *body = out;
+    *len = (ctx->body_copy->last - start) - (ctx->model_end - ctx->model_at)
+           + (off_t) n;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A memory buffer of its own for each piece, so that a re-send, which
+ * rewinds each buffer to its start, sends each from its beginning.  An
+ * empty piece is left out: nginx takes an empty buffer for a bug.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_piece(ngx_pool_t *pool, u_char *from, u_char *to,
+    ngx_chain_t ***ll)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    if (from == to) {
+        return NGX_OK;
+    }
+
+    b = ngx_calloc_buf(pool);
+    if (b == NULL) {
+        return NGX_ERROR;
+    }
+
+    cl = ngx_alloc_chain_link(pool);
+    if (cl == NULL) {
+        return NGX_ERROR;
+    }
+
+    b->memory = 1;
+    b->start = from;
+    b->pos = from;
+    b->last = to;
+    b->end = to;
+
+    cl->buf = b;
+    cl->next = NULL;
+
+    **ll = cl;
+    *ll = &cl->next;
+
+    return NGX_OK;
+}
+
+
+/*
+ * The client's body, whole, in one buffer: copied once a request, from
+ * the buffers it arrived in or the temporary file a large one went to
+ * (read as the body scanner read it, a moment after nginx wrote it).
+ */
+
+static ngx_int_t
+ngx_http_ratepool_body_copy(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    off_t         size;
+    ssize_t       n;
+    ngx_buf_t    *b, *copy;
+    ngx_chain_t  *cl;
+
+    if (ctx->body_copy) {
+        return NGX_OK;
+    }
+
+    size = 0;
+
+    for (cl = r->request_body ? r->request_body->bufs : NULL;
+         cl;
+         cl = cl->next)
+    {
+        b = cl->buf;
+        size += ngx_buf_in_memory(b) ? b->last - b->pos
+                                     : b->file_last - b->file_pos;
+    }
+
+    copy = ngx_create_temp_buf(r->pool, (size_t) ngx_max(size, 1));
+    if (copy == NULL) {
+        return NGX_ERROR;
+    }
+
+    for (cl = r->request_body ? r->request_body->bufs : NULL;
+         cl;
+         cl = cl->next)
+    {
+        b = cl->buf;
+
+        if (ngx_buf_in_memory(b)) {
+            copy->last = ngx_cpymem(copy->last, b->pos, b->last - b->pos);
+            continue;
+        }
+
+        if (!b->in_file) {
+            continue;
+        }
+
+        n = ngx_read_file(b->file, copy->last,
+                          (size_t) (b->file_last - b->file_pos),
+                          b->file_pos);
+
+        if (n != b->file_last - b->file_pos) {
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "ratepool: cannot read the request body back "
+                          "from its temporary file");
+            return NGX_ERROR;
+        }
+
+        copy->last += n;
+    }
+
+    ctx->body_copy = copy;
+
+    return NGX_OK;
+}
+
+
+/*
+ * AWS Signature Version 4 for this try: the host, the date and, for
+ * temporary credentials, the session token are signed, with the SHA-256
+ * of the body as it goes out.  The variables ratepool_pass sends as
+ * Authorization, X-Amz-Date and X-Amz-Security-Token say what is signed.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
+    ngx_chain_t *body, const char *path)
+{
+    u_char                          digest[EVP_MAX_MD_SIZE];
+    char                            hash[RATEPOOL_SIGV4_HEX_LEN + 1];
+    size_t                          i, len;
+    unsigned int                    n;
+    ngx_chain_t                    *cl;
+    ratepool_sigv4_t                s;
+    ngx_http_ratepool_key_t        *key;
+    ratepool_sigv4_header_t         h[3];
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    static u_char  hex[] = "0123456789abcdef";
+
+    key = ctx->key;
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+
+    if (EVP_DigestInit_ex(rmcf->sha256_ctx, rmcf->sha256, NULL) != 1) {
+        return NGX_ERROR;
+    }
+
+    for (cl = body; cl; cl = cl->next) {
+        if (EVP_DigestUpdate(rmcf->sha256_ctx, cl->buf->pos,
+                             cl->buf->last - cl->buf->pos)
+            != 1)
+        {
+            return NGX_ERROR;
+        }
+    }
+
+    if (EVP_DigestFinal_ex(rmcf->sha256_ctx, digest, &n) != 1 || n != 32) {
+        return NGX_ERROR;
+    }
+
+    for (i = 0; i < 32; i++) {
+        hash[2 * i] = hex[digest[i] >> 4];
+        hash[2 * i + 1] = hex[digest[i] & 0xf];
+    }
+
+    hash[64] = '\0';
+
+    ratepool_sigv4_date(ngx_time(), (char *) ctx->amz_date);
+
+    h[0].name = "host";
+    h[0].name_len = 4;
+    h[0].value = (char *) key->host.data;
+    h[0].value_len = key->host.len;
+    h[1].name = "x-amz-date";
+    h[1].name_len = 10;
+    h[1].value = (char *) ctx->amz_date;
+    h[1].value_len = RATEPOOL_AMZ_DATE_LEN;
+    h[2].name = "x-amz-security-token";
+    h[2].name_len = 20;
+    h[2].value = (char *) key->aws_token.data;
+    h[2].value_len = key->aws_token.len;
+
+    ngx_memzero(&s, sizeof(ratepool_sigv4_t));
+    s.method = "POST";
+    s.path = path;
+    s.path_len = ngx_strlen(path);
+    s.query = "";
+    s.headers = h;
+    s.nheaders = key->aws_token.len ? 3 : 2;
+    s.payload_hex = hash;
+    s.date = (char *) ctx->amz_date;
+    s.region = (char *) key->region.data;
+    s.region_len = key->region.len;
+    s.service = "bedrock";
+    s.secret = (char *) key->aws_secret.data;
+    s.secret_len = key->aws_secret.len;
+
+    len = 256 + key->aws_access_key.len + key->region.len;
+
+    ctx->signed_auth.data = ngx_pnalloc(r->pool, len);
+    if (ctx->signed_auth.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->signed_auth.len = ratepool_sigv4_authorization(&s,
+                                      (char *) key->aws_access_key.data,
+                                      key->aws_access_key.len,
+                                      (char *) ctx->signed_auth.data, len);
+
+    if (ctx->signed_auth.len == 0) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: cannot sign a request for key \"%V\"",
+                      &key->name);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* the request line the proxy module built, with the service's path */
+
+static ngx_int_t
+ngx_http_ratepool_request_line(ngx_http_request_t *r, const char *path)
+{
+    size_t                len;
+    u_char               *eol, *sp;
+    ngx_buf_t            *b, *line;
+    ngx_http_upstream_t  *u;
+
+    u = r->upstream;
+
+    if (u->request_bufs == NULL) {
+        return NGX_ERROR;
+    }
+
+    b = u->request_bufs->buf;
+
+    sp = ngx_strlchr(b->pos, b->last, ' ');
+    eol = ngx_strlchr(b->pos, b->last, '\n');
+
+    if (sp == NULL || eol == NULL || sp > eol) {
+        return NGX_ERROR;
+    }
+
+    len = (sp - b->pos) + 1 + ngx_strlen(path)
+          + sizeof(" HTTP/1.1" CRLF) - 1 + (b->last - (eol + 1));
+
+    line = ngx_create_temp_buf(r->pool, len);
+    if (line == NULL) {
+        return NGX_ERROR;
+    }
+
+    line->last = ngx_cpymem(line->last, b->pos, sp - b->pos + 1);
+    line->last = ngx_cpymem(line->last, path, ngx_strlen(path));
+    line->last = ngx_cpymem(line->last, " HTTP/1.1" CRLF,
+                            sizeof(" HTTP/1.1" CRLF) - 1);
+    line->last = ngx_cpymem(line->last, eol + 1, b->last - (eol + 1));
+
+    u->request_bufs->buf = line;
+
+    return NGX_OK;
+}
