@@ -42,6 +42,7 @@ static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
     ngx_str_t *path, ngx_str_t *secret);
 static void ngx_http_ratepool_sha256(u_char *data, size_t len,
     u_char digest[32]);
+static ngx_int_t ngx_http_ratepool_header_safe(ngx_str_t *s);
 static ngx_int_t ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf,
     ngx_http_ratepool_key_t *key, ngx_str_t *path);
 
@@ -737,6 +738,21 @@ ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
 }
 
 
+static ngx_int_t
+ngx_http_ratepool_header_safe(ngx_str_t *s)
+{
+    size_t  i;
+
+    for (i = 0; i < s->len; i++) {
+        if (s->data[i] <= ' ' || s->data[i] >= 0x7f) {
+            return NGX_ERROR;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
 /*
  * AWS credentials, in the form of ~/.aws/credentials (one profile):
  * "aws_access_key_id = ...", "aws_secret_access_key = ..." and, for
@@ -768,11 +784,17 @@ ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
             continue;
         }
 
-        for (name_end = eq; name_end > p && name_end[-1] == ' '; name_end--) {
-            /* void */
+        name_end = eq;
+
+        while (name_end > p && name_end[-1] == ' ') {
+            name_end--;
         }
 
-        for (v = eq + 1; v < eol && *v == ' '; v++) { /* void */ }
+        v = eq + 1;
+
+        while (v < eol && *v == ' ') {
+            v++;
+        }
 
         name.data = p;
         name.len = name_end - p;
@@ -810,6 +832,17 @@ ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
         }
 
         *to = value;
+    }
+
+    if (ngx_http_ratepool_header_safe(&key->aws_access_key) != NGX_OK
+        || ngx_http_ratepool_header_safe(&key->aws_secret) != NGX_OK
+        || ngx_http_ratepool_header_safe(&key->aws_token) != NGX_OK)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "aws_key_file \"%V\" of key \"%V\" has a "
+                           "character that cannot be sent in a header",
+                           path, &key->name);
+        return NGX_ERROR;
     }
 
     if (key->aws_access_key.len == 0 || key->aws_secret.len == 0

@@ -20,6 +20,7 @@ my $HASH = $t->token_hash('gw-token');
 
 $t->write_file('good.key', "$SECRET\n");
 $t->write_file('bad.key', "sk-ant with space\n");
+$t->write_file('half.aws', "aws_access_key_id = AKIAEXAMPLE\n");
 
 # each case: the http{} contents, and what nginx -t must say
 my @cases = (
@@ -161,6 +162,35 @@ my @cases = (
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm queue=5 "
       . "overload=1s slow=1; ratepool_key k server=127.0.0.1:1 key=$SECRET; }",
       qr/invalid parameter "slow=1", use "queue=N" or "overload=TIME"/ ],
+
+    [ 'a Bedrock key without a region',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k provider=bedrock key=$SECRET; }",
+      qr/key "k" of provider bedrock has no region, add "region=us-east-1"/ ],
+
+    [ 'AWS credentials without a secret',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k provider=bedrock region=us-east-1 '
+      . 'aws_key_file=%%TESTDIR%%/half.aws; }',
+      qr/aws_key_file ".*half.aws" of key "k" needs "aws_access_key_id = \.\.\." and "aws_secret_access_key = \.\.\." lines/ ],
+
+    [ 'AWS credentials for a key that is not Bedrock\'s',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 "
+      . "aws_key_file=%%TESTDIR%%/good.key; }",
+      qr/aws_key_file ".*good.key" of key "k" needs/ ],
+
+    [ 'a model id that cannot go into JSON',
+      'ratepool_model claude-sonnet-4-6 bedrock=us.anthropic."x";',
+      qr/invalid model id in "bedrock=us.anthropic."x"", use one such as "bedrock=us.anthropic.claude-sonnet-4-6-v1:0"/ ],
+
+    [ 'a model named twice',
+      'ratepool_model m bedrock=a.b; ratepool_model m bedrock=c.d;',
+      qr/model "m" is declared twice/ ],
+
+    [ 'a model mapped to an unknown cloud',
+      'ratepool_model m azure=x;',
+      qr/invalid parameter "azure=x", use "bedrock=MODEL_ID"/ ],
 
     [ 'a fallback rank out of range',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "

@@ -20,7 +20,20 @@
 #    "close_reused": false,   (true: close a reused connection unanswered)
 #    "prompt_cache": false,   (true: per-org prompt caches, see below)
 #    "cache_ttl_s": 300, "cache_ttl_1h_s": 3600,   (their lifetimes)
-#    "log_body": true}        (false: the log leaves request bodies out)
+#    "log_body": true,        (false: the log leaves request bodies out)
+#    "aws": {"AKID": {"secret": "...", "token": "..."}}}
+#                             (AWS credentials for Bedrock's SigV4; the
+#                              key's org and name are in "keys" under AKID)
+#
+# Amazon Bedrock's Messages API (POST /anthropic/v1/messages): Anthropic's
+# format with a Bedrock model id (anthropic.claude-..., us./eu./apac./
+# global. profiles), authenticated by a Bedrock API key (Bearer, a key in
+# "keys") or by SigV4, which is checked by computing it again (service
+# bedrock, the signed headers, the body's SHA-256, the date within five
+# minutes, a session token where the credentials have one).  Answers are
+# Anthropic's, without Anthropic's rate-limit headers; errors are
+# Bedrock's: {"message": ...} with x-amzn-errortype (a 429 is a
+# ThrottlingException with no retry-after).
 #
 # Prompt caches ("prompt_cache": true), with the provider's rules: one
 # cache per org (keys of an org share it) and model.  Messages API: the
@@ -64,7 +77,7 @@
 use strict;
 use warnings;
 
-use Digest::SHA qw(sha256_hex);
+use Digest::SHA qw(hmac_sha256 hmac_sha256_hex sha256_hex);
 use Encode ();
 use Errno qw(EAGAIN EINTR EWOULDBLOCK);
 use Getopt::Long qw(GetOptions);
@@ -77,6 +90,7 @@ use POSIX qw(ceil floor strftime);
 use Scalar::Util qw(looks_like_number);
 use Socket qw(IPPROTO_TCP TCP_NODELAY);
 use Time::HiRes qw(time);
+use Time::Local ();
 
 my %opt = (listen => '127.0.0.1', 'stream-delay-ms' => 50);
 GetOptions(\%opt, 'port=i', 'listen=s', 'config=s', 'log=s',
@@ -530,6 +544,155 @@ sub error_res {
 
 sub openai_path { ($_[0] // '') eq '/v1/chat/completions' }
 
+# --- Amazon Bedrock --------------------------------------------------------
+
+my %BEDROCK_ERROR = (
+    400 => 'ValidationException',
+    401 => 'AccessDeniedException',
+    403 => 'AccessDeniedException',
+    429 => 'ThrottlingException',
+    500 => 'InternalServerException',
+    503 => 'ServiceUnavailableException',
+    529 => 'ServiceUnavailableException',
+);
+
+sub bedrock_error {
+    my ($status, $type, $message) = @_;
+
+    return {
+        status  => $status,
+        headers => [ ['content-type', 'application/json'],
+                     ['x-amzn-requestid', random_id(36)],
+                     ['x-amzn-errortype', "$type:http://internal.amazon.com/"
+                                          . 'coral/com.amazon.bedrock/'] ],
+        body    => $JSON->encode({ message => $message }),
+    };
+}
+
+sub bedrock {
+    my ($req) = @_;
+    my $h = $req->{headers};
+    my $auth = $h->{authorization} // '';
+    my $signed;
+
+    if ($auth =~ /^AWS4-HMAC-SHA256 /) {
+        my $error = sigv4_error($req);
+        return bedrock_error(403, @$error) if $error;
+        ($signed) = $auth =~ m{Credential=([^/]+)/};
+
+    } elsif (!($auth =~ /^Bearer\s+(\S+)/i
+               && ref $config->{keys}{$1} eq 'HASH'))
+    {
+        return bedrock_error(403, 'UnrecognizedClientException',
+                             'The security token included in the request '
+                             . 'is invalid.');
+    }
+
+    return bedrock_error(405, 'ValidationException', 'Method not allowed')
+        unless $req->{method} eq 'POST';
+
+    my $payload = eval { $JSON->decode($req->{body}) };
+    return bedrock_error(400, 'ValidationException',
+                         'Malformed input request, please reformat your '
+                         . 'input and try again.')
+        unless ref $payload eq 'HASH';
+    return bedrock_error(400, 'ValidationException',
+                         'The provided model identifier is invalid.')
+        unless ($payload->{model} // '')
+               =~ /^(?:(?:us|eu|apac|global)\.)?anthropic\.claude-/;
+
+    my $res = provider({ %$req, path => '/v1/messages' }, $signed);
+
+    # no Anthropic rate-limit headers, no org, no retry-after
+    my @headers = grep { $_->[0] !~ /^(?:anthropic-|retry-after$)/i }
+                  @{ $res->{headers} || [] };
+    push @headers, ['x-amzn-requestid', random_id(36)];
+
+    if ($res->{status} != 200) {
+        my $error = eval { $JSON->decode($res->{body}) } || {};
+        my $status = $res->{status} == 529 ? 503 : $res->{status};
+        my $message = $res->{status} == 429
+            ? 'Too many requests, please wait before trying again.'
+            : $error->{error}{message} // 'error';
+        return { %{ bedrock_error($status,
+                        $BEDROCK_ERROR{$status} // 'InternalServerException',
+                        $message) },
+                 delay_ms => $res->{delay_ms} };
+    }
+
+    $res->{headers} = \@headers;
+    return $res;
+}
+
+# AWS's SigV4, computed again from the request as it came; undef if the
+# signature is right, else [Bedrock's error type, its message]
+sub sigv4_error {
+    my ($req) = @_;
+    my $h = $req->{headers};
+
+    my ($akid, $day, $region, $service, $names, $sig) =
+        ($h->{authorization} =~ m{^AWS4-HMAC-SHA256\s+Credential=([^/]+)/
+                                  (\d{8})/([^/]+)/([^/]+)/aws4_request,\s*
+                                  SignedHeaders=([^,]+),\s*
+                                  Signature=([0-9a-f]{64})$}x)
+        or return ['IncompleteSignatureException',
+                   'Authorization header requires Credential, '
+                   . 'SignedHeaders and Signature.'];
+
+    my $aws = $config->{aws}{$akid}
+        or return ['UnrecognizedClientException',
+                   'The security token included in the request is invalid.'];
+
+    return ['InvalidSignatureException', "Credential should be scoped to "
+            . "correct service: 'bedrock'."]
+        unless $service eq 'bedrock';
+
+    my $amz = $h->{'x-amz-date'} // '';
+    my ($y, $mo, $d, $hh, $mi, $ss) =
+        $amz =~ /^(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z$/
+        or return ['IncompleteSignatureException',
+                   'X-Amz-Date is missing or malformed.'];
+    my $t = Time::Local::timegm($ss, $mi, $hh, $d, $mo - 1, $y);
+    return ['InvalidSignatureException', 'Signature expired.']
+        if abs($t - time) > 300 || substr($amz, 0, 8) ne $day;
+
+    my @signed = split /;/, $names;
+    return ['InvalidSignatureException',
+            'host and x-amz-date must be signed.']
+        unless grep({ $_ eq 'host' } @signed)
+               && grep({ $_ eq 'x-amz-date' } @signed);
+
+    if (defined $aws->{token}) {
+        return ['UnrecognizedClientException',
+                'The security token included in the request is invalid.']
+            unless ($h->{'x-amz-security-token'} // '') eq $aws->{token}
+                   && grep { $_ eq 'x-amz-security-token' } @signed;
+    }
+
+    my ($path, $query) = split /\?/, $req->{target}, 2;
+    my $uri = join '/', map {
+        (my $e = $_) =~ s/([^A-Za-z0-9\-._~])/sprintf('%%%02X', ord $1)/ge;
+        $e } split m{/}, $path, -1;
+    my $canonical_query = join '&', sort split /&/, $query // '';
+
+    my $canonical = join "\n", $req->{method}, $uri, $canonical_query,
+        (map { "$_:" . ($h->{$_} // '') } @signed), '', $names,
+        sha256_hex($req->{body});
+    my $to_sign = join "\n", 'AWS4-HMAC-SHA256', $amz,
+        "$day/$region/$service/aws4_request", sha256_hex($canonical);
+
+    my $key = hmac_sha256($day, "AWS4$aws->{secret}");
+    $key = hmac_sha256($_, $key) for $region, $service, 'aws4_request';
+
+    return undef if hmac_sha256_hex($to_sign, $key) eq $sig;
+
+    return ['InvalidSignatureException',
+            'The request signature we calculated does not match the '
+            . 'signature you provided. Check your AWS Secret Access Key and '
+            . 'signing method. Consult the service documentation for '
+            . 'details.'];
+}
+
 # --- routing -------------------------------------------------------------
 
 sub dispatch {
@@ -538,6 +701,12 @@ sub dispatch {
 
     if ($path =~ m{^/_mock/}) {
         return reply($c, $req, control($req));
+    }
+
+    if ($path eq '/anthropic/v1/messages') {
+        my $res = bedrock($req);
+        $res->{delay_ms} //= $config->{latency_ms};
+        return reply($c, $req, $res);
     }
 
     if ($path =~ m{^/v1/}) {
@@ -630,10 +799,11 @@ sub normalize_config {
 # script, a forced status, the org's buckets for the model's class, or
 # normally, in that order.
 sub provider {
-    my ($req) = @_;
+    my ($req, $signed) = @_;
     my $h = $req->{headers};
 
-    my $credential = $h->{'x-api-key'} // $h->{'api-key'};    # Azure's
+    # Bedrock's SigV4: the access key id the signature was checked for
+    my $credential = $signed // $h->{'x-api-key'} // $h->{'api-key'};
     if (!defined $credential
         && ($h->{authorization} // '') =~ /^Bearer\s+(\S+)/i)
     {

@@ -1,0 +1,266 @@
+#!/usr/bin/perl
+
+# Claude from Amazon Bedrock in the same pool: clients speak Anthropic's
+# Messages API to the gateway, and a request may go to Bedrock's Messages
+# API instead, at its path, with Bedrock's id for the model (from
+# ratepool_model), authenticated by a Bedrock API key or signed with AWS
+# credentials (SigV4, over the exact body sent, again on every re-send,
+# with a session token for temporary ones).  The mock checks every
+# signature by computing it again.  A 429 on Anthropic is served by
+# Bedrock, and one on Bedrock by another region, with the client seeing
+# one clean 200; a model the configuration does not name for Bedrock
+# never goes there; a wrong secret is refused and named, never shown.
+
+use strict;
+use warnings;
+
+use lib 't/lib';
+
+use Encode ();
+use JSON::PP;
+use Test::More;
+use Time::HiRes qw(sleep);
+
+use Ratepool::Test;
+
+my $t = Ratepool::Test->new;
+
+my $rand = \&Ratepool::Test::random_hex;
+my $ANTHROPIC = 'sk-ant-mock-a1-' . $rand->(8);
+my $BEDROCK_KEY = 'ABSK' . $rand->(24);           # a Bedrock API key
+my $AKID = 'AKIA' . uc $rand->(8);
+my $SECRET = 'wJalrXUtnFEMI/K7MDENG+' . $rand->(9);
+my $TEMP_AKID = 'ASIA' . uc $rand->(8);
+my $TEMP_SECRET = 'tEmP/' . $rand->(16);
+my $TOKEN = 'IQoJb3JpZ2luX2VjE' . $rand->(40);
+my $CLIENT = 'gw-bedrock-' . $rand->(8);
+my $BEDROCK_ID = 'us.anthropic.claude-sonnet-4-6-v1:0';
+
+my $mock = $t->start_mock(port => 1, log => 1, config => {
+    keys => {
+        $ANTHROPIC   => { org => 'anthropic-1', name => 'a1' },
+        $BEDROCK_KEY => { org => 'aws-east', name => 'east' },
+        $AKID        => { org => 'aws-west', name => 'west' },
+        $TEMP_AKID   => { org => 'aws-temp', name => 'temp' },
+    },
+    aws => {
+        $AKID      => { secret => $SECRET },
+        $TEMP_AKID => { secret => $TEMP_SECRET, token => $TOKEN },
+    },
+});
+
+$t->write_file('west.aws', <<"EOF");
+[default]
+aws_access_key_id = $AKID
+aws_secret_access_key = $SECRET
+EOF
+$t->write_file('temp.aws', <<"EOF");
+# temporary credentials, from STS
+aws_access_key_id=$TEMP_AKID
+aws_secret_access_key=$TEMP_SECRET
+aws_session_token=$TOKEN
+EOF
+$t->write_file('wrong.aws', <<"EOF");
+aws_access_key_id = $AKID
+aws_secret_access_key = not-the-secret
+EOF
+
+my $server = 'server=127.0.0.1:%%PORT_1%%';
+
+$t->write_config(<<"EOF");
+%%TEST_GLOBALS%%
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    ratepool_zone llm:1m;
+
+    ratepool_model claude-sonnet-4-6 bedrock=$BEDROCK_ID;
+
+    upstream mixed {
+        ratepool zone=llm;
+        ratepool_key a1 org=anthropic-1 $server key=$ANTHROPIC;
+        ratepool_key east provider=bedrock region=us-east-1 org=aws-east
+                     $server key=$BEDROCK_KEY fallback=1;
+        ratepool_key west provider=bedrock region=us-west-2 org=aws-west
+                     $server aws_key_file=%%TESTDIR%%/west.aws fallback=2;
+    }
+
+    upstream signed {
+        ratepool zone=llm;
+        ratepool_key west2 provider=bedrock region=us-west-2 org=aws-west
+                     $server aws_key_file=%%TESTDIR%%/west.aws;
+    }
+
+    upstream temporary {
+        ratepool zone=llm;
+        ratepool_key temp provider=bedrock region=eu-west-1 org=aws-temp
+                     $server aws_key_file=%%TESTDIR%%/temp.aws;
+    }
+
+    upstream wrong {
+        ratepool zone=llm;
+        ratepool_key bad provider=bedrock region=us-west-2 org=aws-bad
+                     $server aws_key_file=%%TESTDIR%%/wrong.aws;
+    }
+
+    ratepool_workspace team;
+    ratepool_client team ${\ $t->token_hash($CLIENT)};
+
+    server {
+        listen 127.0.0.1:%%PORT_0%%;
+        client_body_buffer_size 4k;
+
+        location /v1/ {
+            ratepool_pass http://mixed;
+        }
+
+        location /signed/ {
+            rewrite ^/signed(/.*)\$ \$1 break;
+            ratepool_pass http://signed;
+        }
+
+        location /temporary/ {
+            rewrite ^/temporary(/.*)\$ \$1 break;
+            ratepool_pass http://temporary;
+        }
+
+        location /wrong/ {
+            rewrite ^/wrong(/.*)\$ \$1 break;
+            ratepool_pass http://wrong;
+        }
+
+        location = /ratepool/status {
+            ratepool_status;
+        }
+    }
+}
+EOF
+
+$t->run;
+
+my $USAGE = '{"input_tokens":120,"output_tokens":30}';
+
+sub ask {
+    my ($path, %opt) = @_;
+    return $t->messages(token => $CLIENT, path => $path,
+                        headers => [ 'x-mock-usage' => $USAGE,
+                                     @{ $opt{headers} || [] } ],
+                        body => { model => 'claude-sonnet-4-6',
+                                  %{ $opt{body} || {} } },
+                        stream => $opt{stream});
+}
+
+sub last_sent { $mock->log->[-1] }
+
+sub sent_body { eval { decode_json(Encode::encode('UTF-8', $_[0]{body})) } || {} }
+
+# --- SigV4 ------------------------------------------------------------------
+
+my $r = ask('/signed/v1/messages');
+is($r->{status}, 200, 'a request through a pool of AWS credentials');
+my $sent = last_sent();
+is($sent->{path}, '/anthropic/v1/messages',
+   'went to Bedrock\'s Messages API');
+is(sent_body($sent)->{model}, $BEDROCK_ID, 'under Bedrock\'s model id');
+like($sent->{headers}{authorization},
+     qr{^AWS4-HMAC-SHA256 Credential=\Q$AKID\E/\d{8}/us-west-2/bedrock/aws4_request, SignedHeaders=host;x-amz-date, Signature=[0-9a-f]{64}$},
+     'signed with SigV4 for the key\'s region (the mock computed it again)');
+ok(!defined $sent->{headers}{'x-api-key'}, 'with no x-api-key');
+is(decode_json($r->{body})->{usage}{output_tokens}, 30,
+   'the client gets the answer');
+
+my $ws = Ratepool::Test::by_name($t->status->{workspaces})->{team};
+is($ws->{tokens}{input}, 120, 'whose usage is counted');
+
+$r = ask('/signed/v1/messages', body => { stream => JSON::PP::true });
+is($r->{status}, 200, 'a stream through it');
+like($r->{body}, qr/event: message_stop/, 'arrives whole');
+
+# a body larger than client_body_buffer_size, read from its file
+my $long = 'a prompt too long for memory ' x 400;
+$r = ask('/signed/v1/messages',
+         body => { messages => [ { role => 'user', content => $long } ] });
+is($r->{status}, 200, 'a large body, written to a file, is signed too');
+is(sent_body(last_sent())->{messages}[0]{content}, $long, 'and sent whole');
+
+# temporary credentials sign their session token
+$r = ask('/temporary/v1/messages');
+is($r->{status}, 200, 'temporary credentials');
+like(last_sent()->{headers}{authorization},
+     qr{SignedHeaders=host;x-amz-date;x-amz-security-token,},
+     'sign their session token');
+is(last_sent()->{headers}{'x-amz-security-token'}, $TOKEN, 'and send it');
+
+# a model the configuration names no Bedrock id for never goes there
+my $seen = @{ $mock->log };
+$r = ask('/signed/v1/messages', body => { model => 'claude-opus-4-8' });
+isnt($r->{status}, 200, 'a model Bedrock is not told of: not answered '
+     . "there ($r->{status})");
+is(scalar @{ $mock->log }, $seen, 'nor sent');
+
+# wrong credentials: the provider's 403, the key out, no secret shown
+$r = ask('/wrong/v1/messages');
+is($r->{status}, 403, 'a wrong secret gets Bedrock\'s 403');
+my $keys = Ratepool::Test::by_name($t->status->{pools}[3]{keys});
+is($keys->{bad}{state}, 'refused', 'and the key is taken out');
+
+# --- one pool, three ways in ------------------------------------------------
+
+$r = ask('/v1/messages');
+is(last_sent()->{key_name}, 'a1', 'the pool prefers its Anthropic key');
+
+for my $stream (0, 1) {
+    my $how = $stream ? 'a stream' : 'a request';
+
+    # the last 429's cooldown (a second and its jitter) is over
+    sleep 2.5 if $stream;
+    $mock->script($ANTHROPIC, [ { status => 429, retry_after => '1' } ]);
+    $seen = @{ $mock->log };
+    $r = ask('/v1/messages', body => { $stream ? (stream => JSON::PP::true)
+                                                : () });
+    my @tries = @{ $mock->log }[ $seen .. $#{ $mock->log } ];
+
+    is($r->{status}, 200, "$how Anthropic refused with a 429: one clean 200");
+    is_deeply([ map { "$_->{key_name} $_->{status}" } @tries ],
+              [ 'a1 429', 'east 200' ], 'served by Bedrock, with its API key');
+    is($tries[1]{path}, '/anthropic/v1/messages', 'at Bedrock\'s path');
+    is($tries[1]{headers}{authorization}, "Bearer $BEDROCK_KEY",
+       'as a Bearer token');
+    is(sent_body($tries[1])->{model}, $BEDROCK_ID, 'under Bedrock\'s id');
+    is_deeply([ @{ sent_body($tries[1]) }{qw(max_tokens messages)} ],
+              [ @{ sent_body($tries[0]) }{qw(max_tokens messages)} ],
+              'the rest of the body as the client sent it');
+    like($r->{body}, $stream ? qr/event: message_stop/ : qr/"usage"/,
+         'the client gets the whole answer');
+}
+
+# Bedrock throttles one region: the next, re-signed for its own
+$mock->script($ANTHROPIC, [ { status => 429, retry_after => '1' } ]);
+$mock->script($BEDROCK_KEY, [ { status => 429 } ]);
+sleep 2.5;
+$seen = @{ $mock->log };
+$r = ask('/v1/messages');
+my @tries = @{ $mock->log }[ $seen .. $#{ $mock->log } ];
+is($r->{status}, 200, 'Anthropic and one Bedrock region throttled: a 200');
+is(join(' ', map { "$_->{key_name} $_->{status}" } @tries),
+   'a1 429 east 429 west 200', 'from the other region, signed (the mock '
+   . 'checked it)');
+
+# --- nothing secret anywhere ------------------------------------------------
+
+my $everything = $t->error_log . $t->access_log
+               . $t->http(port => $t->port(0), path => '/ratepool/status')
+                   ->{body};
+for my $secret ($SECRET, $TEMP_SECRET, $TOKEN, $BEDROCK_KEY) {
+    ok(index($everything, $secret) < 0,
+       'no AWS secret, session token or Bedrock key in logs or status');
+}
+
+$t->stop;
+$t->check_log;
+
+done_testing;
