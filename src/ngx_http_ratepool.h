@@ -624,6 +624,7 @@ struct ngx_http_ratepool_ctx_s {
     ngx_buf_t                      *body_copy;  /* whole, in memory, for a
                                                    body rewritten a try */
     ngx_str_t                       signed_auth;    /* SigV4, this try's */
+    ngx_str_t                       cloud_message;  /* a cloud's error */
     u_char                          amz_date[RATEPOOL_AMZ_DATE_LEN + 1];
 
     /* the conversation the request belongs to, and its cache's home */

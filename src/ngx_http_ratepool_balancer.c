@@ -240,6 +240,12 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
 
     ngx_http_ratepool_learn(ctx, &u->headers_in);
 
+    if (status >= NGX_HTTP_BAD_REQUEST
+        && ngx_http_ratepool_cloud_message(r, ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (status != NGX_HTTP_TOO_MANY_REQUESTS
         && status != NGX_HTTP_UNAUTHORIZED
         && status != NGX_HTTP_FORBIDDEN

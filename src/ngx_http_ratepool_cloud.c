@@ -10,6 +10,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_cloud.h"
+#include "ratepool_dialect.h"
 #include "ratepool_sigv4.h"
 
 
@@ -24,6 +25,7 @@
 
 
 #define RATEPOOL_BEDROCK_PATH  "/anthropic/v1/messages"
+#define RATEPOOL_MESSAGE_MAX   1024
 
 
 static ngx_int_t ngx_http_ratepool_bedrock_body(ngx_http_request_t *r,
@@ -395,6 +397,44 @@ ngx_http_ratepool_request_line(ngx_http_request_t *r, const char *path)
     line->last = ngx_cpymem(line->last, eol + 1, b->last - (eol + 1));
 
     u->request_bufs->buf = line;
+
+    return NGX_OK;
+}
+
+
+/*
+ * A cloud's error answer is in its own shape ({"message": ...}), which
+ * the client, speaking Anthropic's API, does not read: its text, from
+ * what of the body came with the headers, goes into an answer of
+ * Anthropic's shape (ngx_http_ratepool_reply_cloud_error()).
+ */
+
+ngx_int_t
+ngx_http_ratepool_cloud_message(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    u_char               *text;
+    size_t                n;
+    ngx_http_upstream_t  *u;
+
+    ngx_str_null(&ctx->cloud_message);
+
+    if (ctx->key->provider->service == RATEPOOL_SERVICE_DIRECT) {
+        return NGX_OK;
+    }
+
+    u = r->upstream;
+
+    text = ngx_pnalloc(r->pool, RATEPOOL_MESSAGE_MAX);
+    if (text == NULL) {
+        return NGX_ERROR;
+    }
+
+    n = ratepool_error_message(u->buffer.pos, u->buffer.last - u->buffer.pos,
+                               text, RATEPOOL_MESSAGE_MAX);
+
+    ctx->cloud_message.data = text;
+    ctx->cloud_message.len = n;
 
     return NGX_OK;
 }

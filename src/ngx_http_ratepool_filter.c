@@ -72,6 +72,16 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         ngx_http_ratepool_hide_headers(r, &unified, 1);
     }
 
+    /* a cloud's error, in the shape the client reads */
+
+    if (ctx && ctx->answered && ctx->key
+        && ctx->key->provider->service != RATEPOOL_SERVICE_DIRECT
+        && r->headers_out.status >= NGX_HTTP_BAD_REQUEST
+        && ngx_http_ratepool_reply_cloud_error(r, ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
     if (ctx && ctx->exhausted
         && r->headers_out.status == NGX_HTTP_TOO_MANY_REQUESTS)
     {

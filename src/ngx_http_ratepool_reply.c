@@ -416,6 +416,49 @@ ngx_http_ratepool_reply_replace(ngx_http_request_t *r,
 
 
 /*
+ * A cloud's error answer (Bedrock's), in Anthropic's shape for the
+ * client: its status, the type that status has at Anthropic, and the
+ * cloud's own text where it came with the headers.
+ */
+
+ngx_int_t
+ngx_http_ratepool_reply_cloud_error(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_str_t   msg;
+    ngx_uint_t  status;
+
+    status = r->headers_out.status;
+
+    msg = ctx->cloud_message;
+
+    if (msg.len == 0) {
+        ngx_str_set(&msg, "the provider refused the request");
+    }
+
+    ctx->own_error = ngx_http_ratepool_error_body(r,
+                                           ratepool_error_type((int) status),
+                                           &msg, NULL);
+    if (ctx->own_error == NULL) {
+        return NGX_ERROR;
+    }
+
+    ctx->own_error->last_buf = 1;
+    ctx->own_error->last_in_chain = 1;
+
+    ngx_http_clear_content_length(r);
+    ngx_http_clear_accept_ranges(r);
+
+    ngx_http_ratepool_json_headers(r, status,
+                                   ctx->own_error->last - ctx->own_error->pos);
+
+    return ngx_http_ratepool_error_headers(r, 0,
+                                     status >= NGX_HTTP_INTERNAL_SERVER_ERROR
+                                     || status == NGX_HTTP_TOO_MANY_REQUESTS);
+}
+
+
+/*
  * A provider's 429 that reaches the client (no other key could take the
  * request) carries that one key's retry-after; the client is told
  * instead when the first key of the whole pool frees up.

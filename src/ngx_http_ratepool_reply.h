@@ -50,6 +50,8 @@ ngx_int_t ngx_http_ratepool_reply_replace(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_hide_headers(ngx_http_request_t *r, ngx_str_t *name,
     ngx_uint_t prefix);
+ngx_int_t ngx_http_ratepool_reply_cloud_error(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 ngx_int_t ngx_http_ratepool_reply_retry_after(ngx_http_request_t *r,
     uint64_t wait_ms);
 

@@ -178,3 +178,164 @@ ratepool_openai_error(const char *type, const char *error_code,
         *openai_type = "server_error";
     }
 }
+
+
+/*
+ * Only the document's own members are looked at: a "message" nested in
+ * another object is not the error's.  Escapes are decoded; \\u escapes
+ * of non-ASCII characters become "?", which is all an error text needs.
+ */
+
+size_t
+ratepool_error_message(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size)
+{
+    int                   depth, in_string, escape, is_key, want;
+    size_t                n, i, key_start;
+    unsigned char         c;
+    const unsigned char  *p, *end;
+
+    p = body;
+    end = body + len;
+    depth = 0;
+    in_string = 0;
+    escape = 0;
+    is_key = 0;
+    want = 0;
+    key_start = 0;
+
+    for ( /* void */ ; p < end; p++) {
+        c = *p;
+
+        if (in_string) {
+            if (escape) {
+                escape = 0;
+
+            } else if (c == '\\') {
+                escape = 1;
+
+            } else if (c == '"') {
+                in_string = 0;
+
+                if (is_key) {
+                    n = (size_t) (p - body) - key_start;
+                    want = (depth == 1 && n == 7
+                            && (memcmp(body + key_start, "message", 7) == 0
+                                || memcmp(body + key_start, "Message", 7)
+                                   == 0));
+                }
+            }
+
+            continue;
+        }
+
+        if (c == '"') {
+            if (want && !is_key) {
+                break;
+            }
+
+            in_string = 1;
+            key_start = (size_t) (p + 1 - body);
+            continue;
+        }
+
+        if (c == '{' || c == '[') {
+            depth++;
+            is_key = (c == '{');
+            want = 0;
+
+        } else if (c == '}' || c == ']') {
+            depth--;
+            want = 0;
+
+        } else if (c == ',') {
+            is_key = 1;
+            want = 0;
+
+        } else if (c == ':') {
+            is_key = 0;
+
+        } else if (c != ' ' && c != '\t' && c != '\r' && c != '\n') {
+            want = 0;       /* a value that is not a string */
+        }
+    }
+
+    if (p == end || !want) {
+        return 0;
+    }
+
+    /* p is at the value's opening quote */
+
+    n = 0;
+
+    for (p++; p < end && *p != '"' && n < size; p++) {
+        c = *p;
+
+        if (c == '\\' && p + 1 < end) {
+            c = *++p;
+
+            switch (c) {
+            case 'n':
+            case 'r':
+            case 't':
+                c = ' ';
+                break;
+
+            case 'b':
+            case 'f':
+                continue;
+
+            case 'u':
+                for (i = 0; i < 4 && p + 1 < end; i++) {
+                    p++;
+                }
+
+                c = '?';
+                break;
+
+            default:
+                break;      /* \" \\ \/ */
+            }
+        }
+
+        out[n++] = c;
+    }
+
+    /* a UTF-8 character cut short is left out */
+    while (n && n == size && (out[n - 1] & 0xc0) == 0x80) {
+        n--;
+    }
+
+    if (n && n == size && (out[n - 1] & 0x80)) {
+        n--;
+    }
+
+    return n;
+}
+
+
+const char *
+ratepool_error_type(int status)
+{
+    switch (status) {
+    case 400:
+        return "invalid_request_error";
+    case 401:
+        return "authentication_error";
+    case 403:
+        return "permission_error";
+    case 404:
+        return "not_found_error";
+    case 413:
+        return "request_too_large";
+    case 429:
+        return "rate_limit_error";
+    case 503:
+    case 529:
+        return "overloaded_error";
+    case 504:
+        return "timeout_error";
+    default:
+        return status < 500 ? "invalid_request_error" : "api_error";
+    }
+}

@@ -21,6 +21,18 @@ int ratepool_error_too_large(int status, const unsigned char *body,
 /* whether a request path is one of OpenAI's APIs */
 int ratepool_openai_path(const unsigned char *uri, size_t len);
 
+/*
+ * The text of a cloud's error answer: the top-level "message" (or
+ * "Message") string of a JSON body such as Bedrock's, decoded into out
+ * (at most size bytes, cut at a character); returns its length, 0 if
+ * there is none.
+ */
+size_t ratepool_error_message(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size);
+
+/* Anthropic's error type for a status */
+const char *ratepool_error_type(int status);
+
 /* the gateway's error type and code, as OpenAI's clients read them */
 void ratepool_openai_error(const char *type, const char *error_code,
     const char **openai_type, const char **openai_code);

@@ -79,6 +79,7 @@ http {
     ratepool_zone llm:1m;
 
     ratepool_model claude-sonnet-4-6 bedrock=$BEDROCK_ID;
+    ratepool_model claude-llama bedrock=meta.llama3-70b-instruct-v1:0;
 
     upstream mixed {
         ratepool zone=llm;
@@ -202,9 +203,32 @@ isnt($r->{status}, 200, 'a model Bedrock is not told of: not answered '
      . "there ($r->{status})");
 is(scalar @{ $mock->log }, $seen, 'nor sent');
 
+# Bedrock's errors reach the client in Anthropic's shape, with its text
+$r = ask('/signed/v1/messages', body => { model => 'claude-llama' });
+my $err = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 400, 'a model id Bedrock refuses: its 400');
+is_deeply([ $err->{type}, $err->{error}{type}, $err->{error}{message} ],
+          [ 'error', 'invalid_request_error',
+            'The provided model identifier is invalid.' ],
+          'as an Anthropic invalid_request_error, with Bedrock\'s text')
+    or diag $r->{body};
+
+$mock->script($AKID, [ { status => 429 } ], sticky => 1);
+$r = ask('/signed/v1/messages');
+$err = eval { decode_json($r->{body}) } || {};
+is($r->{status}, 429, 'Bedrock throttling its only key: a 429');
+is($err->{error}{type}, 'rate_limit_error', 'a rate_limit_error');
+like($r->{headers}{'retry-after'} // '', qr/^\d+$/,
+     'with the pool\'s retry-after');
+$mock->reset;
+
 # wrong credentials: the provider's 403, the key out, no secret shown
 $r = ask('/wrong/v1/messages');
 is($r->{status}, 403, 'a wrong secret gets Bedrock\'s 403');
+$err = eval { decode_json($r->{body}) } || {};
+is($err->{error}{type}, 'permission_error', 'as a permission_error');
+like($err->{error}{message}, qr/^The request signature we calculated does not match/,
+     'saying why');
 my $keys = Ratepool::Test::by_name($t->status->{pools}[3]{keys});
 is($keys->{bad}{state}, 'refused', 'and the key is taken out');
 

@@ -1629,6 +1629,39 @@ test_sigv4(void)
 
 
 static void
+test_error_message(void)
+{
+    size_t         n;
+    unsigned char  out[64];
+
+    n = ratepool_error_message(S("{\"message\":\"The provided model "
+                                 "identifier is invalid.\"}"), out,
+                               sizeof(out));
+    check(n == 41 && memcmp(out, "The provided model identifier is "
+                                 "invalid.", 41) == 0,
+          "a Bedrock error's message is read");
+
+    n = ratepool_error_message(S("{\"error\":{\"message\":\"no\"},"
+                                 "\"Message\" : \"say \\\"hi\\\"\\n\\u00e9\"}"),
+                               out, sizeof(out));
+    check(n == 10 && memcmp(out, "say \"hi\" ?", 10) == 0,
+          "its own, not a nested one, with escapes decoded");
+
+    check(ratepool_error_message(S("{\"message\":42}"), out, sizeof(out))
+          == 0
+          && ratepool_error_message(S("[\"message\",\"x\"]"), out,
+                                    sizeof(out)) == 0
+          && ratepool_error_message(S("{\"message\":\"cut"), out, 2) == 2,
+          "a message that is no string is none; a long one is cut");
+
+    check(strcmp(ratepool_error_type(429), "rate_limit_error") == 0
+          && strcmp(ratepool_error_type(403), "permission_error") == 0
+          && strcmp(ratepool_error_type(503), "overloaded_error") == 0,
+          "Anthropic's error types by status");
+}
+
+
+static void
 test_dialect(void)
 {
     const char  *type, *code;
@@ -1993,6 +2026,7 @@ main(void)
     test_usage_chunk();
     test_fallback();
     test_sigv4();
+    test_error_message();
 
     printf("1..%d\n", tests);
 
