@@ -72,7 +72,8 @@ unit: $(BUILD)/unit_tests
 # libFuzzer targets of the pure parsers; t/02-fuzz.t runs them briefly
 FUZZ_CFLAGS  = -g -O1 -Isrc -fsanitize=fuzzer,address,undefined
 FUZZERS      = $(BUILD)/fuzz/fuzz_usage $(BUILD)/fuzz/fuzz_parse \
-               $(BUILD)/fuzz/fuzz_request $(BUILD)/fuzz/fuzz_resp
+               $(BUILD)/fuzz/fuzz_request $(BUILD)/fuzz/fuzz_resp \
+               $(BUILD)/fuzz/fuzz_eventstream
 
 $(BUILD)/fuzz/%: t/fuzz/%.c $(PURE_SRCS) src/*.h
 	@mkdir -p $(BUILD)/fuzz

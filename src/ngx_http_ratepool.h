@@ -48,6 +48,7 @@
 /* where a key's requests go, and in which form */
 #define RATEPOOL_SERVICE_DIRECT        0   /* as the client sent them */
 #define RATEPOOL_SERVICE_BEDROCK       1   /* Bedrock's Messages API */
+#define RATEPOOL_SERVICE_INVOKE        2   /* Bedrock's InvokeModel */
 
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
@@ -625,6 +626,7 @@ struct ngx_http_ratepool_ctx_s {
                                                    body rewritten a try */
     ngx_str_t                       signed_auth;    /* SigV4, this try's */
     ngx_str_t                       cloud_message;  /* a cloud's error */
+    void                           *eventstream;    /* Bedrock's, read */
     u_char                          amz_date[RATEPOOL_AMZ_DATE_LEN + 1];
 
     /* the conversation the request belongs to, and its cache's home */

@@ -11,6 +11,8 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_cloud.h"
 #include "ratepool_dialect.h"
+#include "ratepool_eventstream.h"
+#include "ratepool_request.h"
 #include "ratepool_sigv4.h"
 
 
@@ -26,18 +28,37 @@
 
 #define RATEPOOL_BEDROCK_PATH  "/anthropic/v1/messages"
 #define RATEPOOL_MESSAGE_MAX   1024
+#define RATEPOOL_MEMBERS_MAX   64       /* Anthropic's API has some 20 */
+#define RATEPOOL_FRAME_MAX     65536    /* a Bedrock event is a few KB */
+
+
+typedef struct {
+    ngx_http_request_t        *request;
+    ngx_http_ratepool_ctx_t   *ctx;
+    ngx_chain_t              **ll;
+} ngx_http_ratepool_sse_out_t;
 
 
 static ngx_int_t ngx_http_ratepool_bedrock_body(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len);
 static ngx_int_t ngx_http_ratepool_body_copy(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
+static ngx_int_t ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len);
+static ngx_int_t ngx_http_ratepool_invoke_path(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path, ngx_str_t *canonical);
+static u_char *ngx_http_ratepool_aws_escape(u_char *dst, u_char *src,
+    size_t len);
 static ngx_int_t ngx_http_ratepool_sign(ngx_http_request_t *r,
-    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *body, const char *path);
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *body, ngx_str_t *path);
 static ngx_int_t ngx_http_ratepool_request_line(ngx_http_request_t *r,
-    const char *path);
+    ngx_str_t *path);
 static ngx_int_t ngx_http_ratepool_piece(ngx_pool_t *pool, u_char *from,
     u_char *to, ngx_chain_t ***ll);
+static int ngx_http_ratepool_frame(void *data, int kind, const u_char *type,
+    size_t type_len, const u_char *payload, size_t len);
+static ngx_buf_t *ngx_http_ratepool_sse_buf(ngx_http_ratepool_sse_out_t *o,
+    size_t size);
 
 
 ngx_int_t
@@ -45,6 +66,8 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx)
 {
     off_t                     len;
+    ngx_int_t                 rc;
+    ngx_str_t                 path, canonical;
     ngx_chain_t              *body;
     ngx_http_upstream_t      *u;
     ngx_http_ratepool_key_t  *key;
@@ -65,7 +88,20 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
         return u->create_request(r);
     }
 
-    if (ngx_http_ratepool_bedrock_body(r, ctx, &body, &len) != NGX_OK) {
+    if (key->provider->service == RATEPOOL_SERVICE_INVOKE) {
+        rc = ngx_http_ratepool_invoke_body(r, ctx, &body, &len);
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_ratepool_invoke_path(r, ctx, &path, &canonical);
+        }
+
+    } else {
+        rc = ngx_http_ratepool_bedrock_body(r, ctx, &body, &len);
+        ngx_str_set(&path, RATEPOOL_BEDROCK_PATH);
+        canonical = path;
+    }
+
+    if (rc != NGX_OK) {
         return NGX_ERROR;
     }
 
@@ -73,8 +109,7 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
     r->headers_in.content_length_n = len;
 
     if (key->credential == RATEPOOL_CREDENTIAL_SIGV4
-        && ngx_http_ratepool_sign(r, ctx, body, RATEPOOL_BEDROCK_PATH)
-           != NGX_OK)
+        && ngx_http_ratepool_sign(r, ctx, body, &canonical) != NGX_OK)
     {
         return NGX_ERROR;
     }
@@ -83,7 +118,173 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
         return NGX_ERROR;
     }
 
-    return ngx_http_ratepool_request_line(r, RATEPOOL_BEDROCK_PATH);
+    return ngx_http_ratepool_request_line(r, &path);
+}
+
+
+/*
+ * InvokeModel's body: the client's members but "model" and "stream"
+ * (the path says both), after Bedrock's "anthropic_version".
+ */
+
+static ngx_int_t
+ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len)
+{
+    int                 n, i;
+    u_char             *start;
+    off_t               total;
+    ngx_chain_t        *out, **ll;
+    ratepool_member_t   members[RATEPOOL_MEMBERS_MAX], *m;
+
+    static u_char  head[] = "{\"anthropic_version\":\"bedrock-2023-05-31\"";
+    static u_char  comma[] = ",";
+    static u_char  tail[] = "}";
+
+    if (ngx_http_ratepool_body_copy(r, ctx) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    start = ctx->body_copy->pos;
+
+    n = ratepool_json_members(start, ctx->body_copy->last - start, members,
+                              RATEPOOL_MEMBERS_MAX);
+
+    if (n < 0) {
+        ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                      "ratepool: a request body with more than %d members "
+                      "cannot go to bedrock's invokemodel",
+                      RATEPOOL_MEMBERS_MAX);
+        return NGX_ERROR;
+    }
+
+    out = NULL;
+    ll = &out;
+
+    if (ngx_http_ratepool_piece(r->pool, head, head + sizeof(head) - 1, &ll)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    total = sizeof(head) - 1 + 1;
+
+    for (i = 0; i < n; i++) {
+        m = &members[i];
+
+        if ((m->key_len == 5
+             && ngx_strncmp(start + m->start + 1, "model", 5) == 0)
+            || (m->key_len == 6
+                && ngx_strncmp(start + m->start + 1, "stream", 6) == 0))
+        {
+            continue;
+        }
+
+        if (ngx_http_ratepool_piece(r->pool, comma, comma + 1, &ll)
+                != NGX_OK
+            || ngx_http_ratepool_piece(r->pool, start + m->start,
+                                       start + m->end, &ll)
+               != NGX_OK)
+        {
+            return NGX_ERROR;
+        }
+
+        total += 1 + (off_t) (m->end - m->start);
+    }
+
+    if (ngx_http_ratepool_piece(r->pool, tail, tail + 1, &ll) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    *body = out;
+    *len = total;
+
+    return NGX_OK;
+}
+
+
+/*
+ * "/model/{id}/invoke" or "/invoke-with-response-stream": the model id
+ * escaped in the path sent, and escaped again in the path signed, as
+ * SigV4 wants of every service but S3 (a ":" is "%3A", then "%253A").
+ */
+
+static ngx_int_t
+ngx_http_ratepool_invoke_path(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path, ngx_str_t *canonical)
+{
+    size_t      len;
+    u_char     *p;
+    ngx_str_t  *id, action;
+
+    id = &ctx->cloud_model->bedrock;
+
+    if (ctx->stream) {
+        ngx_str_set(&action, "/invoke-with-response-stream");
+
+    } else {
+        ngx_str_set(&action, "/invoke");
+    }
+
+    len = sizeof("/model/") - 1 + 3 * id->len + action.len;
+
+    path->data = ngx_pnalloc(r->pool, len);
+    canonical->data = ngx_pnalloc(r->pool, 3 * len);
+
+    if (path->data == NULL || canonical->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(path->data, "/model/", sizeof("/model/") - 1);
+    p = ngx_http_ratepool_aws_escape(p, id->data, id->len);
+    p = ngx_cpymem(p, action.data, action.len);
+    path->len = p - path->data;
+
+    /* the path as sent, escaped once more, its slashes kept */
+
+    p = canonical->data;
+
+    for (len = 0; len < path->len; len++) {
+        if (path->data[len] == '/') {
+            *p++ = '/';
+
+        } else {
+            p = ngx_http_ratepool_aws_escape(p, &path->data[len], 1);
+        }
+    }
+
+    canonical->len = p - canonical->data;
+
+    return NGX_OK;
+}
+
+
+/* every byte but RFC 3986's unreserved ones as %XX, as AWS escapes */
+
+static u_char *
+ngx_http_ratepool_aws_escape(u_char *dst, u_char *src, size_t len)
+{
+    u_char  c;
+
+    static u_char  hex[] = "0123456789ABCDEF";
+
+    while (len--) {
+        c = *src++;
+
+        if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z')
+            || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'
+            || c == '~')
+        {
+            *dst++ = c;
+            continue;
+        }
+
+        *dst++ = '%';
+        *dst++ = hex[c >> 4];
+        *dst++ = hex[c & 0xf];
+    }
+
+    return dst;
 }
 
 
@@ -263,7 +464,7 @@ ngx_http_ratepool_body_copy(ngx_http_request_t *r,
 
 static ngx_int_t
 ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
-    ngx_chain_t *body, const char *path)
+    ngx_chain_t *body, ngx_str_t *path)
 {
     u_char                          digest[EVP_MAX_MD_SIZE];
     char                            hash[RATEPOOL_SIGV4_HEX_LEN + 1];
@@ -321,8 +522,8 @@ ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 
     ngx_memzero(&s, sizeof(ratepool_sigv4_t));
     s.method = "POST";
-    s.path = path;
-    s.path_len = ngx_strlen(path);
+    s.path = (char *) path->data;
+    s.path_len = path->len;
     s.query = "";
     s.headers = h;
     s.nheaders = key->aws_token.len ? 3 : 2;
@@ -360,7 +561,7 @@ ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 /* the request line the proxy module built, with the service's path */
 
 static ngx_int_t
-ngx_http_ratepool_request_line(ngx_http_request_t *r, const char *path)
+ngx_http_ratepool_request_line(ngx_http_request_t *r, ngx_str_t *path)
 {
     size_t                len;
     u_char               *eol, *sp;
@@ -382,7 +583,7 @@ ngx_http_ratepool_request_line(ngx_http_request_t *r, const char *path)
         return NGX_ERROR;
     }
 
-    len = (sp - b->pos) + 1 + ngx_strlen(path)
+    len = (sp - b->pos) + 1 + path->len
           + sizeof(" HTTP/1.1" CRLF) - 1 + (b->last - (eol + 1));
 
     line = ngx_create_temp_buf(r->pool, len);
@@ -391,7 +592,7 @@ ngx_http_ratepool_request_line(ngx_http_request_t *r, const char *path)
     }
 
     line->last = ngx_cpymem(line->last, b->pos, sp - b->pos + 1);
-    line->last = ngx_cpymem(line->last, path, ngx_strlen(path));
+    line->last = ngx_cpymem(line->last, path->data, path->len);
     line->last = ngx_cpymem(line->last, " HTTP/1.1" CRLF,
                             sizeof(" HTTP/1.1" CRLF) - 1);
     line->last = ngx_cpymem(line->last, eol + 1, b->last - (eol + 1));
@@ -437,4 +638,178 @@ ngx_http_ratepool_cloud_message(ngx_http_request_t *r,
     ctx->cloud_message.len = n;
 
     return NGX_OK;
+}
+
+
+/*
+ * Bedrock's InvokeModelWithResponseStream answers an event stream: the
+ * client, which asked Anthropic's API for SSE, gets SSE.
+ */
+
+ngx_int_t
+ngx_http_ratepool_cloud_stream(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    u_char                  *buf;
+    ratepool_eventstream_t  *es;
+
+    static ngx_str_t  vnd = ngx_string("application/vnd.amazon.eventstream");
+
+    if (ctx->key->provider->service != RATEPOOL_SERVICE_INVOKE
+        || r->headers_out.content_type.len < vnd.len
+        || ngx_strncasecmp(r->headers_out.content_type.data, vnd.data,
+                           vnd.len) != 0)
+    {
+        return NGX_OK;
+    }
+
+    es = ngx_palloc(r->pool, sizeof(ratepool_eventstream_t));
+    buf = ngx_palloc(r->pool, RATEPOOL_FRAME_MAX);
+
+    if (es == NULL || buf == NULL) {
+        return NGX_ERROR;
+    }
+
+    ratepool_es_init(es, buf, RATEPOOL_FRAME_MAX);
+    ctx->eventstream = es;
+
+    ngx_str_set(&r->headers_out.content_type, "text/event-stream");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+    r->headers_out.charset.len = 0;
+
+    ngx_http_clear_content_length(r);
+
+    return NGX_OK;
+}
+
+
+/*
+ * The event stream's bytes, as they come, into SSE events: the input is
+ * consumed; *out gets an event's buffer for each whole frame (from
+ * ctx->free where one is), and a broken stream ends with an error event.
+ */
+
+ngx_int_t
+ngx_http_ratepool_cloud_sse(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in, ngx_chain_t **out)
+{
+    ngx_buf_t                    *b;
+    ngx_chain_t                  *cl;
+    ratepool_eventstream_t       *es;
+    ngx_http_ratepool_sse_out_t   o;
+
+    static u_char  broken[] = "event: error\ndata: {\"type\":\"error\","
+                              "\"error\":{\"type\":\"api_error\","
+                              "\"message\":\"the provider's event stream "
+                              "broke off\"}}\n\n";
+
+    es = ctx->eventstream;
+
+    *out = NULL;
+    o.request = r;
+    o.ctx = ctx;
+    o.ll = out;
+
+    for (cl = in; cl; cl = cl->next) {
+        if (ngx_buf_in_memory(cl->buf) && !es->broken) {
+            if (ratepool_es_feed(es, cl->buf->pos,
+                                 cl->buf->last - cl->buf->pos,
+                                 ngx_http_ratepool_frame, &o)
+                != 0)
+            {
+                ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                              "ratepool: key \"%V\" sent an event stream "
+                              "that does not parse, the stream ends there",
+                              &ctx->key->name);
+
+                b = ngx_http_ratepool_sse_buf(&o, sizeof(broken) - 1);
+                if (b == NULL) {
+                    return NGX_ERROR;
+                }
+
+                b->last = ngx_cpymem(b->last, broken, sizeof(broken) - 1);
+            }
+        }
+
+        cl->buf->pos = cl->buf->last;
+
+        if (cl->buf->last_buf || cl->buf->flush) {
+            b = ngx_http_ratepool_sse_buf(&o, 0);
+            if (b == NULL) {
+                return NGX_ERROR;
+            }
+
+            b->last_buf = cl->buf->last_buf;
+            b->flush = 1;
+        }
+    }
+
+    return NGX_OK;
+}
+
+
+static int
+ngx_http_ratepool_frame(void *data, int kind, const u_char *type,
+    size_t type_len, const u_char *payload, size_t len)
+{
+    ngx_http_ratepool_sse_out_t *o = data;
+
+    long        n;
+    ngx_buf_t  *b;
+
+    b = ngx_http_ratepool_sse_buf(o, len + RATEPOOL_ES_SSE_EXTRA);
+    if (b == NULL) {
+        return -1;
+    }
+
+    n = ratepool_es_sse(kind, type, type_len, payload, len, b->last,
+                        len + RATEPOOL_ES_SSE_EXTRA);
+
+    if (n < 0) {
+        return -1;
+    }
+
+    b->last += n;
+
+    return 0;
+}
+
+
+/* an output buffer of at least size bytes, at the chain's end */
+
+static ngx_buf_t *
+ngx_http_ratepool_sse_buf(ngx_http_ratepool_sse_out_t *o, size_t size)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    cl = ngx_chain_get_free_buf(o->request->pool, &o->ctx->free);
+    if (cl == NULL) {
+        return NULL;
+    }
+
+    b = cl->buf;
+
+    if (size && (b->start == NULL || (size_t) (b->end - b->start) < size)) {
+        b->start = ngx_palloc(o->request->pool, ngx_max(size, 1024));
+        if (b->start == NULL) {
+            return NULL;
+        }
+
+        b->end = b->start + ngx_max(size, 1024);
+    }
+
+    b->pos = b->start;
+    b->last = b->start;
+    b->temporary = (size != 0);
+    b->memory = 0;
+    b->last_buf = 0;
+    b->flush = 0;
+    b->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
+
+    *o->ll = cl;
+    o->ll = &cl->next;
+
+    return b;
 }

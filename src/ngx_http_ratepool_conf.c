@@ -63,6 +63,8 @@ static ngx_http_ratepool_provider_t  ngx_http_ratepool_providers[] = {
     /* a Bedrock API key, or AWS credentials (aws_key_file=) */
     { ngx_string("bedrock"), RATEPOOL_DIALECT_ANTHROPIC,
       RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_BEDROCK },
+    { ngx_string("bedrock-invoke"), RATEPOOL_DIALECT_ANTHROPIC,
+      RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_INVOKE },
     { ngx_null_string, 0, 0, 0 }
 };
 
@@ -1049,8 +1051,10 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                    "invalid provider \"%V\", use "
                                    "\"provider=anthropic\", "
                                    "\"provider=openai\", "
-                                   "\"provider=azure\" or "
-                                   "\"provider=bedrock\"", &value[n]);
+                                   "\"provider=azure\", "
+                                   "\"provider=bedrock\" or "
+                                   "\"provider=bedrock-invoke\"",
+                                   &value[n]);
                 return NGX_CONF_ERROR;
             }
 
@@ -1143,7 +1147,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                           : key->provider->credential;
 
     if (key->aws_secret.len
-        && key->provider->service != RATEPOOL_SERVICE_BEDROCK)
+        && key->provider->service == RATEPOOL_SERVICE_DIRECT)
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "key \"%V\" has \"aws_key_file=\", which only "
@@ -1151,7 +1155,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (key->provider->service == RATEPOOL_SERVICE_BEDROCK) {
+    if (key->provider->service != RATEPOOL_SERVICE_DIRECT) {
         if (key->region.len == 0) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "key \"%V\" of provider bedrock has no "

@@ -11,6 +11,7 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_access.h"
 #include "ngx_http_ratepool_admission.h"
+#include "ngx_http_ratepool_cloud.h"
 #include "ngx_http_ratepool_filter.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_reply.h"
@@ -27,6 +28,8 @@
 static ngx_int_t ngx_http_ratepool_header_filter(ngx_http_request_t *r);
 static ngx_int_t ngx_http_ratepool_body_filter(ngx_http_request_t *r,
     ngx_chain_t *in);
+static ngx_int_t ngx_http_ratepool_event_stream(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in);
 static ngx_int_t ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in);
 static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
@@ -116,6 +119,15 @@ ngx_http_ratepool_header_filter(ngx_http_request_t *r)
         }
 
         return ngx_http_next_header_filter(r);
+    }
+
+    /* Bedrock's event stream goes to the client as SSE */
+
+    if (ctx && ctx->answered && ctx->key
+        && r->headers_out.status == NGX_HTTP_OK
+        && ngx_http_ratepool_cloud_stream(r, ctx) != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     /* a count of tokens is no use of them */
@@ -210,6 +222,10 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
         return ngx_http_next_body_filter(r, in);
     }
 
+    if (ctx->eventstream) {
+        return ngx_http_ratepool_event_stream(r, ctx, in);
+    }
+
     if (ctx->usage && ctx->usage_added && ctx->usage->sse) {
         return ngx_http_ratepool_drop_usage(r, ctx, in);
     }
@@ -263,6 +279,48 @@ ngx_http_ratepool_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     out.next = NULL;
 
     return ngx_http_next_body_filter(r, &out);
+}
+
+
+/*
+ * Bedrock's event stream, as SSE: converted, read for usage as any
+ * stream is, and sent on, its buffers used again once the client has
+ * them.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_event_stream(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_chain_t *in)
+{
+    ngx_int_t     rc;
+    ngx_chain_t  *out, *cl;
+
+    if (ngx_http_ratepool_cloud_sse(r, ctx, in, &out) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    for (cl = out; cl; cl = cl->next) {
+        if (ctx->usage && ngx_buf_in_memory(cl->buf)) {
+            ratepool_usage_feed(ctx->usage, cl->buf->pos,
+                                cl->buf->last - cl->buf->pos);
+        }
+
+        if (cl->buf->last_buf && ctx->usage) {
+            ctx->answer_whole = 1;
+            ngx_http_ratepool_commit_usage(ctx);
+        }
+    }
+
+    if (out == NULL && ctx->busy == NULL) {
+        return NGX_OK;
+    }
+
+    rc = ngx_http_next_body_filter(r, out);
+
+    ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &out,
+                            (ngx_buf_tag_t) &ngx_http_ratepool_module);
+
+    return rc;
 }
 
 

@@ -239,8 +239,8 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         }
 
         /* a cloud takes a request only for a model it is told the name of */
-        if (keys[i].provider->service == RATEPOOL_SERVICE_BEDROCK
-            && (ctx->count_only || ctx->cloud_model == NULL
+        if (keys[i].provider->service != RATEPOOL_SERVICE_DIRECT
+            && (ctx->count_only || !ctx->body_whole || ctx->cloud_model == NULL
                 || ctx->cloud_model->bedrock.len == 0 || ctx->model_at < 0
                 || ctx->model_end <= ctx->model_at))
         {

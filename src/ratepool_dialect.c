@@ -181,21 +181,20 @@ ratepool_openai_error(const char *type, const char *error_code,
 
 
 /*
- * Only the document's own members are looked at: a "message" nested in
- * another object is not the error's.  Escapes are decoded; \\u escapes
- * of non-ASCII characters become "?", which is all an error text needs.
+ * Only the document's own members are looked at: a member nested in
+ * another object is not the document's.
  */
 
-size_t
-ratepool_error_message(const unsigned char *body, size_t len,
-    unsigned char *out, size_t size)
+int
+ratepool_json_top_string(const unsigned char *body, size_t len,
+    const char *name, size_t name_len, const unsigned char **from,
+    const unsigned char **to)
 {
     int                   depth, in_string, escape, is_key, want;
-    size_t                n, i, key_start;
+    size_t                key_start;
     unsigned char         c;
     const unsigned char  *p, *end;
 
-    p = body;
     end = body + len;
     depth = 0;
     in_string = 0;
@@ -204,7 +203,7 @@ ratepool_error_message(const unsigned char *body, size_t len,
     want = 0;
     key_start = 0;
 
-    for ( /* void */ ; p < end; p++) {
+    for (p = body; p < end; p++) {
         c = *p;
 
         if (in_string) {
@@ -218,11 +217,9 @@ ratepool_error_message(const unsigned char *body, size_t len,
                 in_string = 0;
 
                 if (is_key) {
-                    n = (size_t) (p - body) - key_start;
-                    want = (depth == 1 && n == 7
-                            && (memcmp(body + key_start, "message", 7) == 0
-                                || memcmp(body + key_start, "Message", 7)
-                                   == 0));
+                    want = (depth == 1
+                            && (size_t) (p - body) - key_start == name_len
+                            && memcmp(body + key_start, name, name_len) == 0);
                 }
             }
 
@@ -260,15 +257,56 @@ ratepool_error_message(const unsigned char *body, size_t len,
         }
     }
 
-    if (p == end || !want) {
+    if (p == end) {
         return 0;
     }
 
-    /* p is at the value's opening quote */
+    /* p is at the value's opening quote: its end is the closing one */
+
+    *from = ++p;
+    escape = 0;
+
+    for ( /* void */ ; p < end; p++) {
+        if (escape) {
+            escape = 0;
+
+        } else if (*p == '\\') {
+            escape = 1;
+
+        } else if (*p == '"') {
+            break;
+        }
+    }
+
+    /* a body cut short: what of the value came */
+    *to = p;
+
+    return 1;
+}
+
+
+/*
+ * Escapes are decoded; \\u escapes of non-ASCII characters become "?",
+ * which is all an error text needs.
+ */
+
+size_t
+ratepool_error_message(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size)
+{
+    size_t                n, i;
+    unsigned char         c;
+    const unsigned char  *p, *end;
+
+    if (!ratepool_json_top_string(body, len, "message", 7, &p, &end)
+        && !ratepool_json_top_string(body, len, "Message", 7, &p, &end))
+    {
+        return 0;
+    }
 
     n = 0;
 
-    for (p++; p < end && *p != '"' && n < size; p++) {
+    for ( /* void */ ; p < end && n < size; p++) {
         c = *p;
 
         if (c == '\\' && p + 1 < end) {

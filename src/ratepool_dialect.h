@@ -30,6 +30,15 @@ int ratepool_openai_path(const unsigned char *uri, size_t len);
 size_t ratepool_error_message(const unsigned char *body, size_t len,
     unsigned char *out, size_t size);
 
+/*
+ * Where a JSON document's own member "name" has a string value: [*from,
+ * *to) between its quotes (or to the end of a document cut short),
+ * escapes as they are.  Returns 1, or 0.
+ */
+int ratepool_json_top_string(const unsigned char *body, size_t len,
+    const char *name, size_t name_len, const unsigned char **from,
+    const unsigned char **to);
+
 /* Anthropic's error type for a status */
 const char *ratepool_error_type(int status);
 

@@ -726,3 +726,128 @@ ratepool_estimate_output_learn(uint64_t avg, uint64_t produced)
 
     return avg - (avg - produced) / 8;
 }
+
+
+int
+ratepool_json_members(const unsigned char *body, size_t len,
+    ratepool_member_t *members, int max)
+{
+    int                   n, depth, in_string, escape;
+    size_t                i;
+    unsigned char         c;
+    ratepool_member_t    *m;
+
+    i = 0;
+
+    while (i < len && ratepool_request_space(body[i])) {
+        i++;
+    }
+
+    if (i == len || body[i] != '{') {
+        return -1;
+    }
+
+    n = 0;
+    i++;
+
+    for ( ;; ) {
+        while (i < len && (ratepool_request_space(body[i]) || body[i] == ','))
+        {
+            i++;
+        }
+
+        if (i == len) {
+            return -1;
+        }
+
+        if (body[i] == '}') {
+            break;
+        }
+
+        if (body[i] != '"' || n == max) {
+            return -1;
+        }
+
+        m = &members[n++];
+        m->start = i;
+
+        /* the key */
+        for (i++, escape = 0; i < len; i++) {
+            if (escape) {
+                escape = 0;
+
+            } else if (body[i] == '\\') {
+                escape = 1;
+
+            } else if (body[i] == '"') {
+                break;
+            }
+        }
+
+        if (i == len) {
+            return -1;
+        }
+
+        m->key_len = i - m->start - 1;
+
+        for (i++; i < len && ratepool_request_space(body[i]); i++) {
+            /* void */
+        }
+
+        if (i == len || body[i] != ':') {
+            return -1;
+        }
+
+        for (i++; i < len && ratepool_request_space(body[i]); i++) {
+            /* void */
+        }
+
+        /* the value: up to a "," or "}" outside strings and containers */
+        depth = 0;
+        in_string = 0;
+        escape = 0;
+
+        for ( /* void */ ; i < len; i++) {
+            c = body[i];
+
+            if (in_string) {
+                if (escape) {
+                    escape = 0;
+
+                } else if (c == '\\') {
+                    escape = 1;
+
+                } else if (c == '"') {
+                    in_string = 0;
+                }
+
+                continue;
+            }
+
+            if (c == '"') {
+                in_string = 1;
+
+            } else if (c == '{' || c == '[') {
+                depth++;
+
+            } else if ((c == '}' || c == ']') && depth > 0) {
+                depth--;
+
+            } else if ((c == ',' || c == '}') && depth == 0) {
+                break;
+            }
+        }
+
+        if (i == len) {
+            return -1;
+        }
+
+        m->end = i;
+
+        while (m->end > m->start && ratepool_request_space(body[m->end - 1])) {
+            m->end--;
+        }
+    }
+
+    return n;
+}

@@ -76,6 +76,21 @@ int ratepool_request_whole(const ratepool_request_t *rq);
 void ratepool_request_feed(ratepool_request_t *rq, const unsigned char *p,
     size_t len);
 
+/*
+ * A JSON object's own members, whole: for each, where its key's opening
+ * quote is and where its value ends, into at most max ranges.  Returns
+ * their number, or -1 if the body is not one JSON object or has more.
+ */
+
+typedef struct {
+    size_t                   start;
+    size_t                   end;
+    size_t                   key_len;   /* the key, without its quotes */
+} ratepool_member_t;
+
+int ratepool_json_members(const unsigned char *body, size_t len,
+    ratepool_member_t *members, int max);
+
 /* does a model name match a pattern where "*" stands for any run */
 int ratepool_model_match(const unsigned char *pattern, size_t plen,
     const unsigned char *model, size_t mlen);

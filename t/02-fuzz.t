@@ -13,7 +13,8 @@ use Test::More;
 
 my $dir = $ENV{RATEPOOL_FUZZ_DIR} || "$FindBin::Bin/../build/fuzz";
 my $seconds = $ENV{RATEPOOL_FUZZ_SECONDS} || 5;
-my @targets = grep { -x "$dir/$_" } qw(fuzz_usage fuzz_parse fuzz_request fuzz_resp);
+my @targets = grep { -x "$dir/$_" }
+              qw(fuzz_usage fuzz_parse fuzz_request fuzz_resp fuzz_eventstream);
 
 plan skip_all => "fuzz targets not built, run 'make fuzz' (needs clang)"
     unless @targets;

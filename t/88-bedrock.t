@@ -102,6 +102,12 @@ http {
                      $server aws_key_file=%%TESTDIR%%/temp.aws;
     }
 
+    upstream invoke {
+        ratepool zone=llm;
+        ratepool_key inv provider=bedrock-invoke region=us-west-2
+                     org=aws-invoke $server aws_key_file=%%TESTDIR%%/west.aws;
+    }
+
     upstream wrong {
         ratepool zone=llm;
         ratepool_key bad provider=bedrock region=us-west-2 org=aws-bad
@@ -127,6 +133,11 @@ http {
         location /temporary/ {
             rewrite ^/temporary(/.*)\$ \$1 break;
             ratepool_pass http://temporary;
+        }
+
+        location /invoke/ {
+            rewrite ^/invoke(/.*)\$ \$1 break;
+            ratepool_pass http://invoke;
         }
 
         location /wrong/ {
@@ -229,8 +240,49 @@ $err = eval { decode_json($r->{body}) } || {};
 is($err->{error}{type}, 'permission_error', 'as a permission_error');
 like($err->{error}{message}, qr/^The request signature we calculated does not match/,
      'saying why');
-my $keys = Ratepool::Test::by_name($t->status->{pools}[3]{keys});
+my $keys = Ratepool::Test::by_name($t->status->{pools}[4]{keys});
 is($keys->{bad}{state}, 'refused', 'and the key is taken out');
+
+# --- InvokeModel --------------------------------------------------------------
+
+(my $escaped = $BEDROCK_ID) =~ s/:/%3A/g;
+my $team = sub { Ratepool::Test::by_name($t->status->{workspaces})->{team} };
+
+my $before = $team->()->{tokens};
+$r = ask('/invoke/v1/messages');
+$sent = last_sent();
+is($r->{status}, 200, 'a request through InvokeModel');
+is($sent->{path}, "/model/$escaped/invoke",
+   'at the model\'s path, its id escaped (and signed escaped again)');
+is_deeply([ sent_body($sent)->{anthropic_version},
+            exists sent_body($sent)->{model},
+            exists sent_body($sent)->{stream} ],
+          [ 'bedrock-2023-05-31', '', '' ],
+          'with Bedrock\'s version in the body and no model or stream');
+is(decode_json($r->{body})->{usage}{output_tokens}, 30, 'answered');
+
+$r = ask('/invoke/v1/messages', body => { stream => JSON::PP::true });
+$sent = last_sent();
+is($r->{status}, 200, 'a stream through InvokeModel');
+is($sent->{path}, "/model/$escaped/invoke-with-response-stream",
+   'asked of invoke-with-response-stream');
+like($r->{headers}{'content-type'}, qr{^text/event-stream},
+     'the client gets SSE, not Amazon\'s event stream');
+my @events = $r->{body} =~ /^event: (\S+)$/mg;
+is_deeply([ @events[0, 1], @events[-2, -1] ],
+          [ qw(message_start content_block_start message_delta
+               message_stop) ],
+          'event by event, whatever the split of the frames');
+like($r->{body}, qr/"text_delta"/, 'with the text');
+my $after = $team->()->{tokens};
+is_deeply([ $after->{input} - $before->{input},
+            $after->{output} - $before->{output} ], [ 240, 60 ],
+          'and both answers\' usage is counted');
+
+$mock->script($AKID, [ { stream_error => 'overloaded_error' } ]);
+$r = ask('/invoke/v1/messages', body => { stream => JSON::PP::true });
+like($r->{body}, qr/event: error\ndata: \{"type":"error","error":\{"type":"api_error","message":"Overloaded"\}\}/,
+     'an exception frame mid-stream is an error event');
 
 # --- one pool, three ways in ------------------------------------------------
 

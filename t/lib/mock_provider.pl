@@ -35,6 +35,13 @@
 # Bedrock's: {"message": ...} with x-amzn-errortype (a 429 is a
 # ThrottlingException with no retry-after).
 #
+# Bedrock's InvokeModel (POST /model/{id}/invoke and /invoke-with-response-
+# stream), authenticated the same way: the body must have anthropic_version
+# "bedrock-2023-05-31" and no "model" or "stream"; a stream answers
+# application/vnd.amazon.eventstream frames (CRC32s, {"bytes": base64 of
+# one Anthropic event}, invocation metrics in the last), split at awkward
+# places; a scripted stream_error is an exception frame.
+#
 # Prompt caches ("prompt_cache": true), with the provider's rules: one
 # cache per org (keys of an org share it) and model.  Messages API: the
 # prefix runs tools -> system -> messages, one block per tool, system
@@ -81,7 +88,9 @@ use Digest::SHA qw(hmac_sha256 hmac_sha256_hex sha256_hex);
 use Encode ();
 use Errno qw(EAGAIN EINTR EWOULDBLOCK);
 use Getopt::Long qw(GetOptions);
+use Compress::Raw::Zlib ();
 use IO::Compress::Gzip qw(gzip $GzipError);
+use MIME::Base64 qw(encode_base64);
 use IO::Select;
 use IO::Socket::INET;
 use JSON::PP;
@@ -569,41 +578,31 @@ sub bedrock_error {
     };
 }
 
-sub bedrock {
+# Bedrock's authentication: (the SigV4 access key id, undef), or (undef,
+# the error answer); a Bedrock API key is (undef, undef)
+sub bedrock_auth {
     my ($req) = @_;
-    my $h = $req->{headers};
-    my $auth = $h->{authorization} // '';
-    my $signed;
+    my $auth = $req->{headers}{authorization} // '';
 
     if ($auth =~ /^AWS4-HMAC-SHA256 /) {
         my $error = sigv4_error($req);
-        return bedrock_error(403, @$error) if $error;
-        ($signed) = $auth =~ m{Credential=([^/]+)/};
-
-    } elsif (!($auth =~ /^Bearer\s+(\S+)/i
-               && ref $config->{keys}{$1} eq 'HASH'))
-    {
-        return bedrock_error(403, 'UnrecognizedClientException',
-                             'The security token included in the request '
-                             . 'is invalid.');
+        return (undef, bedrock_error(403, @$error)) if $error;
+        return ($auth =~ m{Credential=([^/]+)/}, undef);
     }
 
-    return bedrock_error(405, 'ValidationException', 'Method not allowed')
-        unless $req->{method} eq 'POST';
+    return (undef, undef)
+        if $auth =~ /^Bearer\s+(\S+)/i && ref $config->{keys}{$1} eq 'HASH';
 
-    my $payload = eval { $JSON->decode($req->{body}) };
-    return bedrock_error(400, 'ValidationException',
-                         'Malformed input request, please reformat your '
-                         . 'input and try again.')
-        unless ref $payload eq 'HASH';
-    return bedrock_error(400, 'ValidationException',
-                         'The provided model identifier is invalid.')
-        unless ($payload->{model} // '')
-               =~ /^(?:(?:us|eu|apac|global)\.)?anthropic\.claude-/;
+    return (undef, bedrock_error(403, 'UnrecognizedClientException',
+                                 'The security token included in the '
+                                 . 'request is invalid.'));
+}
 
-    my $res = provider({ %$req, path => '/v1/messages' }, $signed);
+# An answer of provider() as Bedrock's: no Anthropic rate-limit headers,
+# no org, no retry-after; errors in Bedrock's shape
+sub as_bedrock {
+    my ($res) = @_;
 
-    # no Anthropic rate-limit headers, no org, no retry-after
     my @headers = grep { $_->[0] !~ /^(?:anthropic-|retry-after$)/i }
                   @{ $res->{headers} || [] };
     push @headers, ['x-amzn-requestid', random_id(36)];
@@ -622,6 +621,134 @@ sub bedrock {
 
     $res->{headers} = \@headers;
     return $res;
+}
+
+sub bedrock_model_ok {
+    return ($_[0] // '') =~ /^(?:(?:us|eu|apac|global)\.)?anthropic\.claude-/;
+}
+
+sub bedrock {
+    my ($req) = @_;
+
+    my ($signed, $refused) = bedrock_auth($req);
+    return $refused if $refused;
+
+    return bedrock_error(405, 'ValidationException', 'Method not allowed')
+        unless $req->{method} eq 'POST';
+
+    my $payload = eval { $JSON->decode($req->{body}) };
+    return bedrock_error(400, 'ValidationException',
+                         'Malformed input request, please reformat your '
+                         . 'input and try again.')
+        unless ref $payload eq 'HASH';
+    return bedrock_error(400, 'ValidationException',
+                         'The provided model identifier is invalid.')
+        unless bedrock_model_ok($payload->{model});
+
+    return as_bedrock(provider({ %$req, path => '/v1/messages' }, $signed));
+}
+
+# InvokeModel: the model in the path, Bedrock's version in the body
+sub bedrock_invoke {
+    my ($req, $escaped, $stream) = @_;
+
+    my ($signed, $refused) = bedrock_auth($req);
+    return $refused if $refused;
+
+    (my $model = $escaped) =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge;
+    return bedrock_error(400, 'ValidationException',
+                         'The provided model identifier is invalid.')
+        unless bedrock_model_ok($model);
+
+    my $payload = eval { $JSON->decode($req->{body}) };
+    return bedrock_error(400, 'ValidationException',
+                         'Malformed input request, please reformat your '
+                         . 'input and try again.')
+        unless ref $payload eq 'HASH';
+
+    for my $extra (grep { exists $payload->{$_} } qw(model stream)) {
+        return bedrock_error(400, 'ValidationException',
+                             "Malformed input request: #: extraneous key "
+                             . "[$extra] is not permitted, please reformat "
+                             . 'your input and try again.');
+    }
+
+    return bedrock_error(400, 'ValidationException',
+                         'Malformed input request: #: required key '
+                         . '[anthropic_version] not found')
+        unless ($payload->{anthropic_version} // '') eq 'bedrock-2023-05-31';
+
+    # answered as the Messages API would, then framed as Bedrock frames it
+    my %as_messages = %$payload;
+    delete $as_messages{anthropic_version};
+    $as_messages{model} = $model;
+    $as_messages{stream} = JSON::PP::true if $stream;
+
+    my $res = as_bedrock(provider({ %$req, path => '/v1/messages',
+                                    body => $JSON->encode(\%as_messages),
+                                    wire_body => $req->{body} }, $signed));
+
+    return $res unless $res->{status} == 200 && $res->{stream};
+
+    my (@frames, $input, $output);
+    for my $event (split /\n\n/, join '', @{ $res->{stream} }) {
+        my ($type) = $event =~ /^event: (\S+)/m;
+        my ($data) = $event =~ /^data: (.*)$/m;
+        next unless defined $data;
+
+        my $json = $JSON->decode($data);
+        $input //= $json->{message}{usage}{input_tokens};
+        $output = $json->{usage}{output_tokens} // $output;
+
+        if ($type eq 'error') {
+            my $e = $json;
+            push @frames, es_frame([ [':message-type', 'exception'],
+                                     [':exception-type',
+                                      'modelStreamErrorException'],
+                                     [':content-type', 'application/json'] ],
+                                   $JSON->encode({ message =>
+                                                   $e->{error}{message} }));
+            next;
+        }
+
+        if ($type eq 'message_stop') {
+            my $stop = $json;
+            $stop->{'amazon-bedrock-invocationMetrics'} = {
+                inputTokenCount  => $input // 0,
+                outputTokenCount => $output // 0,
+            };
+            $data = $JSON->encode($stop);
+        }
+
+        push @frames, es_frame([ [':event-type', 'chunk'],
+                                 [':content-type', 'application/json'],
+                                 [':message-type', 'event'] ],
+                               $JSON->encode({ bytes =>
+                                   encode_base64($data, '') }));
+    }
+
+    $res->{headers} = [ grep { $_->[0] ne 'content-type' }
+                        @{ $res->{headers} } ];
+    push @{ $res->{headers} },
+        ['content-type', 'application/vnd.amazon.eventstream'];
+    $res->{stream} = [ awkward_pieces(join '', @frames) ];
+
+    return $res;
+}
+
+# one frame of Amazon's event stream, its headers strings
+sub es_frame {
+    my ($headers, $payload) = @_;
+
+    my $h = join '', map { pack('C', length $_->[0]) . $_->[0]
+                           . pack('Cn', 7, length $_->[1]) . $_->[1] }
+                     @$headers;
+    my $prelude = pack('NN', 12 + length($h) + length($payload) + 4,
+                       length $h);
+    $prelude .= pack('N', Compress::Raw::Zlib::crc32($prelude));
+    my $message = $prelude . $h . $payload;
+
+    return $message . pack('N', Compress::Raw::Zlib::crc32($message));
 }
 
 # AWS's SigV4, computed again from the request as it came; undef if the
@@ -701,6 +828,12 @@ sub dispatch {
 
     if ($path =~ m{^/_mock/}) {
         return reply($c, $req, control($req));
+    }
+
+    if ($path =~ m{^/model/([^/]+)/(invoke|invoke-with-response-stream)$}) {
+        my $res = bedrock_invoke($req, $1, $2 ne 'invoke');
+        $res->{delay_ms} //= $config->{latency_ms};
+        return reply($c, $req, $res);
     }
 
     if ($path eq '/anthropic/v1/messages') {
@@ -1614,7 +1747,8 @@ sub log_request {
     };
 
     # a bench's bodies run to megabytes a minute: it may do without them
-    $record->{body} = Encode::decode('UTF-8', $req->{body})
+    $record->{body} = Encode::decode('UTF-8',
+                                     $req->{wire_body} // $req->{body})
         if !defined $config->{log_body} || $config->{log_body};
     $record->{usage} = { %{ $ctx->{usage} } }
         if $ctx->{usage} && $status == 200;

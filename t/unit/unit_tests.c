@@ -19,6 +19,7 @@
 #include "ratepool_conversation.h"
 #include "ratepool_resp.h"
 #include "ratepool_sigv4.h"
+#include "ratepool_eventstream.h"
 
 
 static int  tests, failures;
@@ -720,6 +721,28 @@ test_request(void)
 
     check(request_scan("{\"max_tokens\":99999999999999999999999}", &rq)
           && !rq.has_max_tokens, "an absurd max_tokens is not taken");
+
+    {
+        int                 n;
+        ratepool_member_t   m[8];
+        const char         *b = "{ \"model\" : \"x,}\" , \"messages\":[{\"a\":"
+                                "\"}\"},2], \"stream\":true }";
+
+        n = ratepool_json_members((const unsigned char *) b, strlen(b), m,
+                                  8);
+        check(n == 3 && m[0].start == 2 && m[0].end == 17
+              && m[0].key_len == 5 && memcmp(b + m[1].start,
+                                             "\"messages\":[{\"a\":\"}\"},2]",
+                                             m[1].end - m[1].start) == 0
+              && memcmp(b + m[2].start, "\"stream\":true",
+                        m[2].end - m[2].start) == 0,
+              "a body's own members, whole, strings and nesting skipped");
+        check(ratepool_json_members((const unsigned char *) b, strlen(b), m,
+                                    2) == -1
+              && ratepool_json_members(S("[1]"), m, 8) == -1
+              && ratepool_json_members(S("{\"a\":1"), m, 8) == -1,
+              "too many, or no object, or one cut short: none");
+    }
 
     check(ratepool_model_match(S("claude-opus-*"), S("claude-opus-4-6")),
           "a pattern matches a model name");
@@ -1628,6 +1651,165 @@ test_sigv4(void)
 }
 
 
+/* one event-stream frame: string headers, then the payload */
+
+static size_t
+es_frame(unsigned char *out, const char *message_type, const char *type,
+    const char *payload)
+{
+    size_t          n, h, len;
+    uint32_t        crc;
+    const char     *names[3], *values[3];
+    unsigned char  *p;
+    size_t          i;
+
+    names[0] = ":message-type";
+    values[0] = message_type;
+    names[1] = strcmp(message_type, "event") == 0 ? ":event-type"
+                                                  : ":exception-type";
+    values[1] = type;
+    names[2] = ":content-type";
+    values[2] = "application/json";
+
+    p = out + 12;
+
+    for (i = 0; i < 3; i++) {
+        *p++ = (unsigned char) strlen(names[i]);
+        memcpy(p, names[i], strlen(names[i]));
+        p += strlen(names[i]);
+        *p++ = 7;
+        *p++ = (unsigned char) (strlen(values[i]) >> 8);
+        *p++ = (unsigned char) strlen(values[i]);
+        memcpy(p, values[i], strlen(values[i]));
+        p += strlen(values[i]);
+    }
+
+    h = (size_t) (p - out) - 12;
+    len = strlen(payload);
+    memcpy(p, payload, len);
+    p += len;
+    n = (size_t) (p - out) + 4;
+
+    for (i = 0; i < 4; i++) {
+        out[i] = (unsigned char) (n >> (24 - 8 * i));
+        out[4 + i] = (unsigned char) (h >> (24 - 8 * i));
+    }
+
+    crc = ratepool_crc32(0, out, 8);
+
+    for (i = 0; i < 4; i++) {
+        out[8 + i] = (unsigned char) (crc >> (24 - 8 * i));
+    }
+
+    crc = ratepool_crc32(0, out, n - 4);
+
+    for (i = 0; i < 4; i++) {
+        p[i] = (unsigned char) (crc >> (24 - 8 * i));
+    }
+
+    return n;
+}
+
+
+typedef struct {
+    unsigned char  sse[4096];
+    size_t         len;
+    int            frames;
+} es_out_t;
+
+
+static int
+es_collect(void *data, int kind, const unsigned char *type, size_t type_len,
+    const unsigned char *payload, size_t len)
+{
+    long       n;
+    es_out_t  *o = data;
+
+    o->frames++;
+    n = ratepool_es_sse(kind, type, type_len, payload, len,
+                        o->sse + o->len, sizeof(o->sse) - o->len);
+
+    if (n < 0) {
+        return -1;
+    }
+
+    o->len += (size_t) n;
+
+    return 0;
+}
+
+
+static void
+test_eventstream(void)
+{
+    int                     ok;
+    size_t                  n, i;
+    es_out_t                whole, part;
+    unsigned char           stream[2048], buf[4096];
+    ratepool_eventstream_t  es;
+
+    /* base64 of {"type":"message_start","message":{"usage":{"input_tokens":5}}} */
+    static const char  start[] = "{\"bytes\":\"eyJ0eXBlIjoibWVzc2FnZV9zdGFydC"
+        "IsIm1lc3NhZ2UiOnsidXNhZ2UiOnsiaW5wdXRfdG9rZW5zIjo1fX19\"}";
+    /* base64 of {"type":"content_block_delta","delta":{"text":"hi"}} */
+    static const char  delta[] = "{\"bytes\":\"eyJ0eXBlIjoiY29udGVudF9ibG9ja19k"
+        "ZWx0YSIsImRlbHRhIjp7InRleHQiOiJoaSJ9fQ==\"}";
+
+    check(ratepool_crc32(0, (const unsigned char *) "123456789", 9)
+          == 0xcbf43926, "CRC-32's check value");
+
+    n = es_frame(stream, "event", "chunk", start);
+    n += es_frame(stream + n, "event", "chunk", delta);
+    n += es_frame(stream + n, "exception", "throttlingException",
+                  "{\"message\":\"Too many \\\"tokens\\\"\"}");
+
+    memset(&whole, 0, sizeof(whole));
+    ratepool_es_init(&es, buf, sizeof(buf));
+    check(ratepool_es_feed(&es, stream, n, es_collect, &whole) == 0
+          && whole.frames == 3,
+          "an event stream's frames are read");
+
+    whole.sse[whole.len] = '\0';
+    check(strcmp((char *) whole.sse,
+                 "event: message_start\ndata: {\"type\":\"message_start\","
+                 "\"message\":{\"usage\":{\"input_tokens\":5}}}\n\n"
+                 "event: content_block_delta\ndata: {\"type\":"
+                 "\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n"
+                 "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":"
+                 "\"rate_limit_error\",\"message\":\"Too many \\\"tokens\\\"\"}}"
+                 "\n\n") == 0,
+          "as the SSE events an Anthropic client reads, an exception as an "
+          "error event");
+
+    ok = 1;
+
+    for (i = 1; i < n; i++) {
+        memset(&part, 0, sizeof(part));
+        ratepool_es_init(&es, buf, sizeof(buf));
+        ok &= (ratepool_es_feed(&es, stream, i, es_collect, &part) == 0
+               && ratepool_es_feed(&es, stream + i, n - i, es_collect, &part)
+                  == 0
+               && part.len == whole.len
+               && memcmp(part.sse, whole.sse, whole.len) == 0);
+    }
+
+    check(ok, "the same, split at any byte");
+
+    stream[20] ^= 1;
+    memset(&part, 0, sizeof(part));
+    ratepool_es_init(&es, buf, sizeof(buf));
+    check(ratepool_es_feed(&es, stream, n, es_collect, &part) == -1
+          && part.frames == 0,
+          "a frame whose CRC does not hold breaks the stream");
+
+    stream[20] ^= 1;
+    memset(&part, 0, sizeof(part));
+    ratepool_es_init(&es, buf, 64);
+    check(ratepool_es_feed(&es, stream, n, es_collect, &part) == -1,
+          "so does one larger than the buffer");
+}
+
+
 static void
 test_error_message(void)
 {
@@ -2027,6 +2209,7 @@ main(void)
     test_fallback();
     test_sigv4();
     test_error_message();
+    test_eventstream();
 
     printf("1..%d\n", tests);
 
