@@ -514,6 +514,8 @@ typedef struct {
     ngx_array_t                     clients;     /* ..._client_t */
     ngx_array_t                     passes;      /* ..._loc_conf_t * */
     ngx_array_t                     models;      /* ..._model_t */
+    ngx_array_t                     bedrock_betas;  /* ngx_str_t: flags
+                                                   InvokeModel takes */
     ngx_int_t                       request_id_index;
     const EVP_MD                   *sha256;     /* looked up once */
     EVP_MD_CTX                     *sha256_ctx; /* reused by each worker */

@@ -23,8 +23,6 @@ static void ngx_http_ratepool_find_object(ngx_http_ratepool_ctx_t *ctx,
     u_char *data, size_t len);
 static void ngx_http_ratepool_conversation(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ratepool_request_t *rq);
-static ngx_str_t *ngx_http_ratepool_header_in(ngx_http_request_t *r,
-    ngx_str_t *name);
 static ngx_http_ratepool_model_t *ngx_http_ratepool_find_model(
     ngx_http_request_t *r, u_char *name, size_t len);
 static void ngx_http_ratepool_usage_edit(ngx_http_ratepool_ctx_t *ctx,
@@ -225,7 +223,7 @@ ngx_http_ratepool_conversation(ngx_http_request_t *r,
 
 /* a request header's value, NULL if absent or empty */
 
-static ngx_str_t *
+ngx_str_t *
 ngx_http_ratepool_header_in(ngx_http_request_t *r, ngx_str_t *name)
 {
     ngx_uint_t        i;

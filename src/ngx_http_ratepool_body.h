@@ -24,4 +24,9 @@ ngx_int_t ngx_http_ratepool_add_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 
 
+/* a request header's value, the first of that name with one */
+ngx_str_t *ngx_http_ratepool_header_in(ngx_http_request_t *r,
+    ngx_str_t *name);
+
+
 #endif /* _NGX_HTTP_RATEPOOL_BODY_H_INCLUDED_ */

@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_body.h"
 #include "ngx_http_ratepool_cloud.h"
 #include "ratepool_dialect.h"
 #include "ratepool_eventstream.h"
@@ -45,6 +46,8 @@ static ngx_int_t ngx_http_ratepool_body_copy(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static ngx_int_t ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_chain_t **body, off_t *len);
+static ngx_int_t ngx_http_ratepool_invoke_betas(ngx_http_request_t *r,
+    ngx_chain_t ***ll, off_t *total);
 static ngx_int_t ngx_http_ratepool_invoke_path(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path, ngx_str_t *canonical);
 static u_char *ngx_http_ratepool_aws_escape(u_char *dst, u_char *src,
@@ -162,12 +165,13 @@ ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
     ll = &out;
 
     if (ngx_http_ratepool_piece(r->pool, head, head + sizeof(head) - 1, &ll)
-        != NGX_OK)
+        != NGX_OK
+        || ngx_http_ratepool_invoke_betas(r, &ll, &total) != NGX_OK)
     {
         return NGX_ERROR;
     }
 
-    total = sizeof(head) - 1 + 1;
+    total += sizeof(head) - 1 + 1;
 
     for (i = 0; i < n; i++) {
         m = &members[i];
@@ -200,6 +204,85 @@ ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
     *len = total;
 
     return NGX_OK;
+}
+
+
+/*
+ * The client's anthropic-beta flags that ratepool_bedrock_betas lets
+ * through, as InvokeModel's "anthropic_beta" member; the others are left
+ * out, as Bedrock would refuse the request for them.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_invoke_betas(ngx_http_request_t *r, ngx_chain_t ***ll,
+    off_t *total)
+{
+    u_char                         *p, *start, *end, *next, *list, *o;
+    ngx_str_t                      *header, *flags;
+    ngx_uint_t                      i, n;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    static ngx_str_t  name = ngx_string("anthropic-beta");
+
+    *total = 0;
+
+    rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
+    header = ngx_http_ratepool_header_in(r, &name);
+
+    if (header == NULL || rmcf->bedrock_betas.nelts == 0) {
+        return NGX_OK;
+    }
+
+    flags = rmcf->bedrock_betas.elts;
+
+    list = ngx_pnalloc(r->pool, sizeof(",\"anthropic_beta\":[]") - 1
+                                + 3 * header->len);
+    if (list == NULL) {
+        return NGX_ERROR;
+    }
+
+    o = ngx_cpymem(list, ",\"anthropic_beta\":[",
+                   sizeof(",\"anthropic_beta\":[") - 1);
+    n = 0;
+
+    end = header->data + header->len;
+
+    for (p = header->data; p < end; p = next + 1) {
+        next = ngx_strlchr(p, end, ',');
+        if (next == NULL) {
+            next = end;
+        }
+
+        start = p;
+
+        while (start < next && *start == ' ') {
+            start++;
+        }
+
+        for (i = 0; i < rmcf->bedrock_betas.nelts; i++) {
+            if (flags[i].len == (size_t) (next - start)
+                && ngx_strncmp(flags[i].data, start, flags[i].len) == 0)
+            {
+                if (n++) {
+                    *o++ = ',';
+                }
+
+                *o++ = '"';
+                o = ngx_cpymem(o, flags[i].data, flags[i].len);
+                *o++ = '"';
+                break;
+            }
+        }
+    }
+
+    if (n == 0) {
+        return NGX_OK;
+    }
+
+    *o++ = ']';
+    *total = o - list;
+
+    return ngx_http_ratepool_piece(r->pool, list, o, ll);
 }
 
 

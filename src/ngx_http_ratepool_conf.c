@@ -936,6 +936,55 @@ ngx_http_ratepool_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/*
+ * ratepool_bedrock_betas FLAG ...: the anthropic-beta flags a client may
+ * have passed to InvokeModel, which refuses a request with one it does
+ * not know.
+ */
+
+char *
+ngx_http_ratepool_bedrock_betas(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    size_t      j;
+    ngx_str_t  *value, *flag;
+    ngx_uint_t  i;
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        for (j = 0; j < value[i].len; j++) {
+            if (!((value[i].data[j] >= 'a' && value[i].data[j] <= 'z')
+                  || (value[i].data[j] >= '0' && value[i].data[j] <= '9')
+                  || value[i].data[j] == '-'))
+            {
+                break;
+            }
+        }
+
+        if (value[i].len == 0 || value[i].len > 64 || j < value[i].len) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid beta flag \"%V\", use one such as "
+                               "\"interleaved-thinking-2025-05-14\"",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        flag = ngx_array_push(&rmcf->bedrock_betas);
+        if (flag == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        *flag = value[i];
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 static void
 ngx_http_ratepool_sha256(u_char *data, size_t len, u_char digest[32])
 {

@@ -111,6 +111,13 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       0,
       NULL },
 
+    { ngx_string("ratepool_bedrock_betas"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_1MORE,
+      ngx_http_ratepool_bedrock_betas,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("ratepool_pass"),
       NGX_HTTP_LOC_CONF|NGX_CONF_TAKE12,
       ngx_http_ratepool_pass,
@@ -201,6 +208,9 @@ ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
            != NGX_OK
         || ngx_array_init(&rmcf->models, cf->pool, 4,
                           sizeof(ngx_http_ratepool_model_t))
+           != NGX_OK
+        || ngx_array_init(&rmcf->bedrock_betas, cf->pool, 4,
+                          sizeof(ngx_str_t))
            != NGX_OK)
     {
         return NULL;

@@ -184,6 +184,10 @@ my @cases = (
       'ratepool_model claude-sonnet-4-6 bedrock=us.anthropic."x";',
       qr/invalid model id in "bedrock=us.anthropic."x"", use one such as "bedrock=us.anthropic.claude-sonnet-4-6-v1:0"/ ],
 
+    [ 'a beta flag that is no flag',
+      'ratepool_bedrock_betas interleaved-thinking-2025-05-14 "a b";',
+      qr/invalid beta flag "a b", use one such as "interleaved-thinking-2025-05-14"/ ],
+
     [ 'a model named twice',
       'ratepool_model m bedrock=a.b; ratepool_model m bedrock=c.d;',
       qr/model "m" is declared twice/ ],

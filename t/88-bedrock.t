@@ -43,6 +43,7 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
         $AKID        => { org => 'aws-west', name => 'west' },
         $TEMP_AKID   => { org => 'aws-temp', name => 'temp' },
     },
+    bedrock_betas => [ 'interleaved-thinking-2025-05-14' ],
     aws => {
         $AKID      => { secret => $SECRET },
         $TEMP_AKID => { secret => $TEMP_SECRET, token => $TOKEN },
@@ -80,6 +81,8 @@ http {
 
     ratepool_model claude-sonnet-4-6 bedrock=$BEDROCK_ID;
     ratepool_model claude-llama bedrock=meta.llama3-70b-instruct-v1:0;
+    ratepool_bedrock_betas interleaved-thinking-2025-05-14
+                           context-1m-2025-08-07;
 
     upstream mixed {
         ratepool zone=llm;
@@ -278,6 +281,16 @@ my $after = $team->()->{tokens};
 is_deeply([ $after->{input} - $before->{input},
             $after->{output} - $before->{output} ], [ 240, 60 ],
           'and both answers\' usage is counted');
+
+# the client's beta flags that InvokeModel takes go in its body
+$r = ask('/invoke/v1/messages',
+         headers => [ 'anthropic-beta' => 'claude-code-20250219, '
+                      . 'interleaved-thinking-2025-05-14' ]);
+is($r->{status}, 200, 'a request with beta flags through InvokeModel');
+is_deeply(sent_body(last_sent())->{anthropic_beta},
+          [ 'interleaved-thinking-2025-05-14' ],
+          'carries those ratepool_bedrock_betas names as anthropic_beta, '
+          . 'not the others (which Bedrock would refuse)');
 
 $mock->script($AKID, [ { stream_error => 'overloaded_error' } ]);
 $r = ask('/invoke/v1/messages', body => { stream => JSON::PP::true });

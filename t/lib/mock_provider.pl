@@ -678,6 +678,15 @@ sub bedrock_invoke {
                          . '[anthropic_version] not found')
         unless ($payload->{anthropic_version} // '') eq 'bedrock-2023-05-31';
 
+    # a beta flag this model does not take refuses the whole request
+    my %takes = map { $_ => 1 } @{ $config->{bedrock_betas} || [] };
+    for my $flag (@{ $payload->{anthropic_beta} || [] }) {
+        return bedrock_error(400, 'ValidationException',
+                             "invalid beta flag: $flag")
+            unless $takes{$flag};
+    }
+    delete $payload->{anthropic_beta};
+
     # answered as the Messages API would, then framed as Bedrock frames it
     my %as_messages = %$payload;
     delete $as_messages{anthropic_version};
