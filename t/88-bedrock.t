@@ -22,8 +22,12 @@ use Test::More;
 use Time::HiRes qw(sleep);
 
 use Ratepool::Test;
+use Ratepool::Tls;
 
 my $t = Ratepool::Test->new;
+
+# certificates for a TLS front to the mock (Bedrock is reached over TLS)
+my $tls = Ratepool::Tls->new($t, mock => 0);
 
 my $rand = \&Ratepool::Test::random_hex;
 my $ANTHROPIC = 'sk-ant-mock-a1-' . $rand->(8);
@@ -111,6 +115,13 @@ http {
                      org=aws-invoke $server aws_key_file=%%TESTDIR%%/west.aws;
     }
 
+    upstream overtls {
+        ratepool zone=llm;
+        ratepool_key tls1 provider=bedrock-invoke region=us-west-2
+                     org=aws-tls server=localhost:%%PORT_2%%
+                     aws_key_file=%%TESTDIR%%/west.aws;
+    }
+
     upstream wrong {
         ratepool zone=llm;
         ratepool_key bad provider=bedrock region=us-west-2 org=aws-bad
@@ -143,6 +154,12 @@ http {
             ratepool_pass http://invoke;
         }
 
+        location /tls/ {
+            rewrite ^/tls(/.*)\$ \$1 break;
+            ratepool_pass https://overtls
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
+        }
+
         location /wrong/ {
             rewrite ^/wrong(/.*)\$ \$1 break;
             ratepool_pass http://wrong;
@@ -150,6 +167,22 @@ http {
 
         location = /ratepool/status {
             ratepool_status;
+        }
+    }
+
+    # "Bedrock" over TLS: a front to the mock that keeps the Host the
+    # signature covers
+    server {
+        listen 127.0.0.1:%%PORT_2%% ssl;
+        ssl_certificate %%TESTDIR%%/good.crt;
+        ssl_certificate_key %%TESTDIR%%/good.key;
+
+        location / {
+            proxy_pass http://127.0.0.1:%%PORT_1%%;
+            proxy_http_version 1.1;
+            proxy_set_header Host \$http_host;
+            proxy_set_header X-Seen-TLS "[\$ssl_protocol]";
+            proxy_buffering off;
         }
     }
 }
@@ -243,7 +276,7 @@ $err = eval { decode_json($r->{body}) } || {};
 is($err->{error}{type}, 'permission_error', 'as a permission_error');
 like($err->{error}{message}, qr/^The request signature we calculated does not match/,
      'saying why');
-my $keys = Ratepool::Test::by_name($t->status->{pools}[4]{keys});
+my $keys = Ratepool::Test::by_name($t->status->{pools}[5]{keys});
 is($keys->{bad}{state}, 'refused', 'and the key is taken out');
 
 # --- InvokeModel --------------------------------------------------------------
@@ -281,6 +314,13 @@ my $after = $team->()->{tokens};
 is_deeply([ $after->{input} - $before->{input},
             $after->{output} - $before->{output} ], [ 240, 60 ],
           'and both answers\' usage is counted');
+
+# the same over TLS, streamed
+$r = ask('/tls/v1/messages', body => { stream => JSON::PP::true });
+is($r->{status}, 200, 'InvokeModel over TLS, its certificate verified');
+like(last_sent()->{headers}{'x-seen-tls'}, qr/^\[TLSv1\.[23]\]$/,
+     'reached the provider over TLS, signed for its host and port');
+like($r->{body}, qr/event: message_stop/, 'the stream arrives whole');
 
 # the client's beta flags that InvokeModel takes go in its body
 $r = ask('/invoke/v1/messages',

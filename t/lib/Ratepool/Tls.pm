@@ -40,7 +40,8 @@ use Ratepool::Test;
 
 # Skips the test without the openssl command line or nginx without TLS;
 # else makes the certificates, a secret for each key of keys => [...]
-# (in NAME.key.secret) and starts the mock provider on port 1, logging.
+# (in NAME.key.secret) and starts the mock provider on port 1, logging
+# (not with mock => 0: the test starts its own).
 sub new {
     my ($class, $t, %opt) = @_;
 
@@ -71,6 +72,8 @@ sub new {
     $self->{secret} = { map {
         $_ => 'sk-ant-mock-' . Ratepool::Test::random_hex(16) } @names };
     $t->write_file("$_.key.secret", "$self->{secret}{$_}\n") for @names;
+
+    return $self if defined $opt{mock} && !$opt{mock};
 
     $self->{mock} = $t->start_mock(port => 1, log => 1, config => {
         keys => { map { $self->{secret}{$_} => { org => "org-$_",
