@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "ratepool_dialect.h"
+#include "ratepool_request.h"
 
 
 /*
@@ -285,50 +286,51 @@ ratepool_json_top_string(const unsigned char *body, size_t len,
 }
 
 
-/*
- * Escapes are decoded; \\u escapes of non-ASCII characters become "?",
- * which is all an error text needs.
- */
-
 size_t
-ratepool_error_message(const unsigned char *body, size_t len,
+ratepool_json_unescape(const unsigned char *from, const unsigned char *to,
     unsigned char *out, size_t size)
 {
     size_t                n, i;
+    unsigned              v;
     unsigned char         c;
-    const unsigned char  *p, *end;
-
-    if (!ratepool_json_top_string(body, len, "message", 7, &p, &end)
-        && !ratepool_json_top_string(body, len, "Message", 7, &p, &end))
-    {
-        return 0;
-    }
+    const unsigned char  *p;
 
     n = 0;
 
-    for ( /* void */ ; p < end && n < size; p++) {
+    for (p = from; p < to && n < size; p++) {
         c = *p;
 
-        if (c == '\\' && p + 1 < end) {
+        if (c == '\\' && p + 1 < to) {
             c = *++p;
 
             switch (c) {
             case 'n':
+                c = '\n';
+                break;
             case 'r':
+                c = '\r';
+                break;
             case 't':
-                c = ' ';
+                c = '\t';
+                break;
+            case 'b':
+                c = '\b';
+                break;
+            case 'f':
+                c = '\f';
                 break;
 
-            case 'b':
-            case 'f':
-                continue;
-
             case 'u':
-                for (i = 0; i < 4 && p + 1 < end; i++) {
-                    p++;
+                v = 0;
+
+                for (i = 0; i < 4 && p + 1 < to; i++) {
+                    c = *++p;
+                    v = v * 16 + (unsigned) (c >= 'a' ? c - 'a' + 10
+                                             : c >= 'A' ? c - 'A' + 10
+                                             : c - '0');
                 }
 
-                c = '?';
+                c = (v < 0x80) ? (unsigned char) v : '?';
                 break;
 
             default:
@@ -349,6 +351,57 @@ ratepool_error_message(const unsigned char *body, size_t len,
     }
 
     return n;
+}
+
+
+/*
+ * An error's text: the document's own "message" (Bedrock's), or that of
+ * its "error" object (Google's {"error": {"code", "message", "status"}}),
+ * its control characters as spaces.
+ */
+
+size_t
+ratepool_error_message(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size)
+{
+    int                   n, i;
+    size_t                k, got;
+    ratepool_member_t     members[32];
+    const unsigned char  *p, *end;
+
+    if (!ratepool_json_top_string(body, len, "message", 7, &p, &end)
+        && !ratepool_json_top_string(body, len, "Message", 7, &p, &end))
+    {
+        n = ratepool_json_members(body, len, members, 32);
+
+        for (i = 0; i < n; i++) {
+            if (members[i].key_len == 5
+                && memcmp(body + members[i].start + 1, "error", 5) == 0)
+            {
+                /* the value, from past its key's quote and colon */
+                k = members[i].start + 7;
+
+                while (k < members[i].end && body[k] != '{') {
+                    k++;
+                }
+
+                return ratepool_error_message(body + k, members[i].end - k,
+                                              out, size);
+            }
+        }
+
+        return 0;
+    }
+
+    got = ratepool_json_unescape(p, end, out, size);
+
+    for (k = 0; k < got; k++) {
+        if (out[k] < 0x20) {
+            out[k] = ' ';
+        }
+    }
+
+    return got;
 }
 
 

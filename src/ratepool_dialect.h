@@ -23,7 +23,8 @@ int ratepool_openai_path(const unsigned char *uri, size_t len);
 
 /*
  * The text of a cloud's error answer: the top-level "message" (or
- * "Message") string of a JSON body such as Bedrock's, decoded into out
+ * "Message") string of a JSON body such as Bedrock's, or its "error"
+ * object's (Google's), decoded into out
  * (at most size bytes, cut at a character); returns its length, 0 if
  * there is none.
  */
@@ -38,6 +39,14 @@ size_t ratepool_error_message(const unsigned char *body, size_t len,
 int ratepool_json_top_string(const unsigned char *body, size_t len,
     const char *name, size_t name_len, const unsigned char **from,
     const unsigned char **to);
+
+/*
+ * A JSON string's content, [from, to) between its quotes, decoded into
+ * out (at most size bytes, cut at a character); \\u escapes beyond ASCII
+ * become "?".  Returns the length.
+ */
+size_t ratepool_json_unescape(const unsigned char *from,
+    const unsigned char *to, unsigned char *out, size_t size);
 
 /* Anthropic's error type for a status */
 const char *ratepool_error_type(int status);

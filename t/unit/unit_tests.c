@@ -20,6 +20,9 @@
 #include "ratepool_resp.h"
 #include "ratepool_sigv4.h"
 #include "ratepool_eventstream.h"
+#include "ratepool_jwt.h"
+
+#include <openssl/rsa.h>
 
 
 static int  tests, failures;
@@ -1810,6 +1813,119 @@ test_eventstream(void)
 }
 
 
+static size_t
+b64url_decode(const unsigned char *in, size_t len, unsigned char *out)
+{
+    size_t    i, n;
+    uint32_t  acc;
+    unsigned  bits;
+    int       v;
+
+    acc = 0;
+    bits = 0;
+    n = 0;
+
+    for (i = 0; i < len; i++) {
+        v = in[i] >= 'A' && in[i] <= 'Z' ? in[i] - 'A'
+            : in[i] >= 'a' && in[i] <= 'z' ? in[i] - 'a' + 26
+            : in[i] >= '0' && in[i] <= '9' ? in[i] - '0' + 52
+            : in[i] == '-' ? 62 : 63;
+        acc = (acc << 6) | (uint32_t) v;
+        bits += 6;
+
+        if (bits >= 8) {
+            bits -= 8;
+            out[n++] = (unsigned char) (acc >> bits);
+        }
+    }
+
+    return n;
+}
+
+
+static void
+test_jwt(void)
+{
+    size_t           len, n, dot1, dot2;
+    EVP_PKEY        *key;
+    EVP_MD_CTX      *md;
+    unsigned char    out[4096], part[1024];
+    ratepool_jwt_t   jwt;
+
+    check(ratepool_base64url((const unsigned char *) "foo", 3, out) == 4
+          && memcmp(out, "Zm9v", 4) == 0
+          && ratepool_base64url((const unsigned char *) "fo", 2, out) == 3
+          && memcmp(out, "Zm8", 3) == 0
+          && ratepool_base64url((const unsigned char *) "\xfb\xff", 2, out)
+             == 3
+          && memcmp(out, "-_8", 3) == 0,
+          "base64url, unpadded, with its own two digits");
+
+    key = EVP_RSA_gen(2048);
+    check(key != NULL, "an RSA key for the test");
+
+    if (key == NULL) {
+        return;
+    }
+
+    memset(&jwt, 0, sizeof(jwt));
+    jwt.key = key;
+    jwt.kid = "k1";
+    jwt.kid_len = 2;
+    jwt.email = "gw@p.iam.gserviceaccount.com";
+    jwt.email_len = strlen(jwt.email);
+    jwt.aud = "https://oauth2.googleapis.com/token";
+    jwt.aud_len = strlen(jwt.aud);
+    jwt.scope = "https://www.googleapis.com/auth/cloud-platform";
+    jwt.now = 1796083200;
+
+    len = ratepool_jwt_sign(&jwt, out, sizeof(out));
+    check(len > 0 && ratepool_jwt_sign(&jwt, out, 600) == 0,
+          "a JWT is signed, or not at all where it does not fit");
+
+    if (len == 0) {
+        EVP_PKEY_free(key);
+        return;
+    }
+
+    len = ratepool_jwt_sign(&jwt, out, sizeof(out));
+
+    for (dot1 = 0; dot1 < len && out[dot1] != '.'; dot1++) { /* void */ }
+    for (dot2 = dot1 + 1; dot2 < len && out[dot2] != '.'; dot2++) {
+        /* void */
+    }
+
+    n = b64url_decode(out, dot1, part);
+    check(len > 0 && n == 38
+          && memcmp(part, "{\"alg\":\"RS256\",\"typ\":\"JWT\",\"kid\":"
+                          "\"k1\"}", 38) == 0,
+          "a JWT's header says RS256 and the key's id");
+
+    n = b64url_decode(out + dot1 + 1, dot2 - dot1 - 1, part);
+    part[n] = '\0';
+    check(strstr((char *) part, "\"iss\":\"gw@p.iam.gserviceaccount.com\"")
+          && strstr((char *) part, "\"aud\":\"https://oauth2.googleapis.com/"
+                                   "token\"")
+          && strstr((char *) part, "\"iat\":1796083200,\"exp\":1796086800"),
+          "its claims: the account, the token endpoint, an hour");
+
+    n = b64url_decode(out + dot2 + 1, len - dot2 - 1, part);
+    md = EVP_MD_CTX_new();
+    check(md && n == 256
+          && EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL, key) == 1
+          && EVP_DigestVerify(md, part, n, out, dot2) == 1,
+          "and its signature verifies with the account's key");
+
+    out[dot1 + 3] ^= 1;
+    check(EVP_DigestVerifyInit(md, NULL, EVP_sha256(), NULL, key) == 1
+          && EVP_DigestVerify(md, part, n, out, dot2) != 1,
+          "but not over other claims");
+
+    EVP_MD_CTX_free(md);
+    EVP_PKEY_free(key);
+}
+
+
 static void
 test_error_message(void)
 {
@@ -1835,6 +1951,12 @@ test_error_message(void)
                                     sizeof(out)) == 0
           && ratepool_error_message(S("{\"message\":\"cut"), out, 2) == 2,
           "a message that is no string is none; a long one is cut");
+
+    n = ratepool_error_message(S("{\"error\":{\"code\":429,\"message\":"
+                                 "\"Quota exceeded\",\"status\":"
+                                 "\"RESOURCE_EXHAUSTED\"}}"), out, sizeof(out));
+    check(n == 14 && memcmp(out, "Quota exceeded", 14) == 0,
+          "and Google's, in its error object");
 
     check(strcmp(ratepool_error_type(429), "rate_limit_error") == 0
           && strcmp(ratepool_error_type(403), "permission_error") == 0
@@ -2210,6 +2332,7 @@ main(void)
     test_sigv4();
     test_error_message();
     test_eventstream();
+    test_jwt();
 
     printf("1..%d\n", tests);
 
