@@ -43,12 +43,15 @@
 #define RATEPOOL_CREDENTIAL_BEARER     1
 #define RATEPOOL_CREDENTIAL_API_KEY    2   /* Azure's */
 #define RATEPOOL_CREDENTIAL_SIGV4      3   /* AWS's signature */
+#define RATEPOOL_CREDENTIAL_GOOGLE     4   /* an access token, fetched */
+#define RATEPOOL_TOKEN_MAX             2048
 #define RATEPOOL_AMZ_DATE_LEN          16  /* 20261207T120000Z */
 
 /* where a key's requests go, and in which form */
 #define RATEPOOL_SERVICE_DIRECT        0   /* as the client sent them */
 #define RATEPOOL_SERVICE_BEDROCK       1   /* Bedrock's Messages API */
 #define RATEPOOL_SERVICE_INVOKE        2   /* Bedrock's InvokeModel */
+#define RATEPOOL_SERVICE_VERTEX        3   /* Google's Vertex AI */
 
 #define RATEPOOL_ENTRY_ORG          1
 #define RATEPOOL_ENTRY_KEY          2
@@ -196,6 +199,14 @@ typedef struct {
     uint64_t                        failed;             /* no response */
     uint64_t                        estimated;  /* answers that did not
                                                    say all they used */
+
+    /* a Google access token, fetched by one worker for all */
+    time_t                          token_expires;
+    time_t                          token_lifetime;
+    time_t                          token_next;     /* fetch no sooner */
+    ngx_uint_t                      token_failures;
+    size_t                          token_len;
+    u_char                          token[RATEPOOL_TOKEN_MAX];
 
     ngx_http_ratepool_tokens_t      used;
 } ngx_http_ratepool_key_sh_t;
@@ -372,7 +383,24 @@ typedef struct {
 typedef struct {
     ngx_str_t                       name;       /* as clients name it */
     ngx_str_t                       bedrock;    /* Bedrock's model id */
+    ngx_str_t                       vertex;     /* Vertex AI's */
 } ngx_http_ratepool_model_t;
+
+
+/* a Google service account, and where it gets its access tokens */
+
+typedef struct {
+    ngx_str_t                       email;
+    ngx_str_t                       kid;        /* its key's id */
+    EVP_PKEY                       *pkey;
+    ngx_str_t                       token_url;  /* the JWT's audience */
+    ngx_str_t                       token_host;     /* Host and SNI */
+    ngx_str_t                       token_path;
+    ngx_addr_t                     *token_addrs;
+#if (NGX_HTTP_SSL)
+    ngx_ssl_t                      *ssl;        /* NULL: plain http */
+#endif
+} ngx_http_ratepool_google_t;
 
 
 typedef struct {
@@ -395,6 +423,8 @@ typedef struct {
     ngx_str_t                       aws_token;      /* temporary ones' */
     ngx_uint_t                      credential;     /* RATEPOOL_
                                                        CREDENTIAL_* */
+    ngx_str_t                       project;        /* Vertex AI's */
+    ngx_http_ratepool_google_t     *google;
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_http_ratepool_key_sh_t     *sh;
 #if (NGX_HTTP_SSL)
@@ -516,6 +546,9 @@ typedef struct {
     ngx_array_t                     models;      /* ..._model_t */
     ngx_array_t                     bedrock_betas;  /* ngx_str_t: flags
                                                    InvokeModel takes */
+    ngx_event_t                     tokens;     /* this worker's look at
+                                                   Google tokens */
+    ngx_uint_t                      google_keys;
     ngx_int_t                       request_id_index;
     const EVP_MD                   *sha256;     /* looked up once */
     EVP_MD_CTX                     *sha256_ctx; /* reused by each worker */

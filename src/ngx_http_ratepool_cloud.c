@@ -11,6 +11,7 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_body.h"
 #include "ngx_http_ratepool_cloud.h"
+#include "ngx_http_ratepool_token.h"
 #include "ratepool_dialect.h"
 #include "ratepool_eventstream.h"
 #include "ratepool_request.h"
@@ -50,6 +51,8 @@ static ngx_int_t ngx_http_ratepool_invoke_betas(ngx_http_request_t *r,
     ngx_chain_t ***ll, off_t *total);
 static ngx_int_t ngx_http_ratepool_invoke_path(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path, ngx_str_t *canonical);
+static ngx_int_t ngx_http_ratepool_vertex_path(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path);
 static u_char *ngx_http_ratepool_aws_escape(u_char *dst, u_char *src,
     size_t len);
 static ngx_int_t ngx_http_ratepool_sign(ngx_http_request_t *r,
@@ -98,6 +101,19 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
             rc = ngx_http_ratepool_invoke_path(r, ctx, &path, &canonical);
         }
 
+    } else if (key->provider->service == RATEPOOL_SERVICE_VERTEX) {
+        rc = ngx_http_ratepool_invoke_body(r, ctx, &body, &len);
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_ratepool_vertex_path(r, ctx, &path);
+        }
+
+        if (rc == NGX_OK) {
+            rc = ngx_http_ratepool_token_header(r, ctx);
+        }
+
+        canonical = path;
+
     } else {
         rc = ngx_http_ratepool_bedrock_body(r, ctx, &body, &len);
         ngx_str_set(&path, RATEPOOL_BEDROCK_PATH);
@@ -127,7 +143,8 @@ ngx_http_ratepool_build_request(ngx_http_request_t *r,
 
 /*
  * InvokeModel's body: the client's members but "model" and "stream"
- * (the path says both), after Bedrock's "anthropic_version".
+ * (the path says both), after Bedrock's "anthropic_version"; Vertex AI's
+ * the same with "stream" kept and its own "anthropic_version".
  */
 
 static ngx_int_t
@@ -140,9 +157,18 @@ ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
     ngx_chain_t        *out, **ll;
     ratepool_member_t   members[RATEPOOL_MEMBERS_MAX], *m;
 
-    static u_char  head[] = "{\"anthropic_version\":\"bedrock-2023-05-31\"";
+    ngx_uint_t  vertex;
+    u_char     *head;
+    size_t      head_len;
+
+    static u_char  bedrock[] = "{\"anthropic_version\":\"bedrock-2023-05-31\"";
+    static u_char  google[] = "{\"anthropic_version\":\"vertex-2023-10-16\"";
     static u_char  comma[] = ",";
     static u_char  tail[] = "}";
+
+    vertex = (ctx->key->provider->service == RATEPOOL_SERVICE_VERTEX);
+    head = vertex ? google : bedrock;
+    head_len = vertex ? sizeof(google) - 1 : sizeof(bedrock) - 1;
 
     if (ngx_http_ratepool_body_copy(r, ctx) != NGX_OK) {
         return NGX_ERROR;
@@ -164,21 +190,24 @@ ngx_http_ratepool_invoke_body(ngx_http_request_t *r,
     out = NULL;
     ll = &out;
 
-    if (ngx_http_ratepool_piece(r->pool, head, head + sizeof(head) - 1, &ll)
+    total = 0;
+
+    if (ngx_http_ratepool_piece(r->pool, head, head + head_len, &ll)
         != NGX_OK
-        || ngx_http_ratepool_invoke_betas(r, &ll, &total) != NGX_OK)
+        || (!vertex
+            && ngx_http_ratepool_invoke_betas(r, &ll, &total) != NGX_OK))
     {
         return NGX_ERROR;
     }
 
-    total += sizeof(head) - 1 + 1;
+    total += head_len + 1;
 
     for (i = 0; i < n; i++) {
         m = &members[i];
 
         if ((m->key_len == 5
              && ngx_strncmp(start + m->start + 1, "model", 5) == 0)
-            || (m->key_len == 6
+            || (!vertex && m->key_len == 6
                 && ngx_strncmp(start + m->start + 1, "stream", 6) == 0))
         {
             continue;
@@ -337,6 +366,48 @@ ngx_http_ratepool_invoke_path(ngx_http_request_t *r,
     }
 
     canonical->len = p - canonical->data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Vertex AI's ".../projects/P/locations/R/publishers/anthropic/models/M"
+ * and ":rawPredict", or ":streamRawPredict" for a stream.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_vertex_path(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, ngx_str_t *path)
+{
+    size_t                    len;
+    ngx_str_t                *id;
+    ngx_http_ratepool_key_t  *key;
+
+    key = ctx->key;
+    id = &ctx->cloud_model->vertex;
+
+    len = sizeof("/v1/projects//locations//publishers/anthropic/models/"
+                 ":streamRawPredict") - 1
+          + key->project.len + key->region.len + 3 * id->len;
+
+    path->data = ngx_pnalloc(r->pool, len);
+    if (path->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    path->len = ngx_sprintf(path->data, "/v1/projects/%V/locations/%V/"
+                            "publishers/anthropic/models/", &key->project,
+                            &key->region)
+                - path->data;
+
+    path->len = ngx_http_ratepool_aws_escape(path->data + path->len,
+                                             id->data, id->len)
+                - path->data;
+
+    path->len = ngx_sprintf(path->data + path->len, "%s",
+                            ctx->stream ? ":streamRawPredict" : ":rawPredict")
+                - path->data;
 
     return NGX_OK;
 }

@@ -10,6 +10,8 @@
 
 #include <openssl/evp.h>
 
+#include <openssl/pem.h>
+
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_conf.h"
 #include "ngx_http_ratepool_pool.h"
@@ -43,6 +45,14 @@ static ngx_int_t ngx_http_ratepool_read_secret(ngx_conf_t *cf,
 static void ngx_http_ratepool_sha256(u_char *data, size_t len,
     u_char digest[32]);
 static ngx_int_t ngx_http_ratepool_header_safe(ngx_str_t *s);
+static ngx_int_t ngx_http_ratepool_read_small(ngx_conf_t *cf,
+    ngx_str_t *path, size_t max, const char *what, ngx_str_t *secret);
+static ngx_int_t ngx_http_ratepool_google(ngx_conf_t *cf,
+    ngx_http_ratepool_key_t *key, ngx_str_t *account, ngx_str_t *url,
+    ngx_str_t *ca);
+static ngx_int_t ngx_http_ratepool_json_field(ngx_conf_t *cf,
+    ngx_str_t *json, const char *name, ngx_str_t *value);
+static void ngx_http_ratepool_free_pkey(void *data);
 static ngx_int_t ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf,
     ngx_http_ratepool_key_t *key, ngx_str_t *path);
 
@@ -65,6 +75,9 @@ static ngx_http_ratepool_provider_t  ngx_http_ratepool_providers[] = {
       RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_BEDROCK },
     { ngx_string("bedrock-invoke"), RATEPOOL_DIALECT_ANTHROPIC,
       RATEPOOL_CREDENTIAL_BEARER, RATEPOOL_SERVICE_INVOKE },
+    /* a service account's JSON key (service_account_file=) */
+    { ngx_string("vertex"), RATEPOOL_DIALECT_ANTHROPIC,
+      RATEPOOL_CREDENTIAL_GOOGLE, RATEPOOL_SERVICE_VERTEX },
     { ngx_null_string, 0, 0, 0 }
 };
 
@@ -683,6 +696,17 @@ static ngx_int_t
 ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
     ngx_str_t *secret)
 {
+    return ngx_http_ratepool_read_small(cf, path, RATEPOOL_SECRET_MAX,
+                                        "key_file", secret);
+}
+
+
+/* a file of at most max bytes, whole, its trailing white space left out */
+
+static ngx_int_t
+ngx_http_ratepool_read_small(ngx_conf_t *cf, ngx_str_t *path, size_t max,
+    const char *what, ngx_str_t *secret)
+{
     u_char           *buf;
     ssize_t           n;
     ngx_fd_t          fd;
@@ -701,22 +725,22 @@ ngx_http_ratepool_read_secret(ngx_conf_t *cf, ngx_str_t *path,
     }
 
     if (ngx_fd_info(fd, &fi) == NGX_FILE_ERROR
-        || ngx_file_size(&fi) > RATEPOOL_SECRET_MAX)
+        || ngx_file_size(&fi) > (off_t) max)
     {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                           "key_file \"%V\" is not a key file of at most "
-                           "%d bytes", path, RATEPOOL_SECRET_MAX);
+                           "%s \"%V\" is not a file of at most %uz bytes",
+                           what, path, max);
         (void) ngx_close_file(fd);
         return NGX_ERROR;
     }
 
-    buf = ngx_pnalloc(cf->pool, RATEPOOL_SECRET_MAX);
+    buf = ngx_pnalloc(cf->pool, max);
     if (buf == NULL) {
         (void) ngx_close_file(fd);
         return NGX_ERROR;
     }
 
-    n = ngx_read_fd(fd, buf, RATEPOOL_SECRET_MAX);
+    n = ngx_read_fd(fd, buf, max);
 
     (void) ngx_close_file(fd);
 
@@ -862,6 +886,210 @@ ngx_http_ratepool_read_aws_keys(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
 }
 
 
+/*
+ * provider=vertex: a service account's JSON key (the file Google's console
+ * gives), whose private key signs the assertions traded at token_url for
+ * access tokens (ngx_http_ratepool_token.c), over TLS verified against
+ * token_ca or the system's CAs.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_google(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
+    ngx_str_t *account, ngx_str_t *url, ngx_str_t *ca)
+{
+    BIO                         *bio;
+    ngx_url_t                    u;
+    ngx_str_t                    json, pem, trusted;
+    ngx_uint_t                   https;
+    ngx_pool_cleanup_t          *cln;
+    ngx_http_ratepool_google_t  *g;
+
+    g = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_google_t));
+    if (g == NULL) {
+        return NGX_ERROR;
+    }
+
+    key->google = g;
+
+    if (ngx_http_ratepool_read_small(cf, account, 16384,
+                                     "service_account_file", &json)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_ratepool_json_field(cf, &json, "client_email", &g->email)
+            != NGX_OK
+        || ngx_http_ratepool_json_field(cf, &json, "private_key_id", &g->kid)
+           != NGX_OK
+        || ngx_http_ratepool_json_field(cf, &json, "private_key", &pem)
+           != NGX_OK
+        || ngx_http_ratepool_header_safe(&g->email) != NGX_OK
+        || ngx_http_ratepool_header_safe(&g->kid) != NGX_OK
+        || g->email.len > 256 || g->kid.len > 128)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "service_account_file \"%V\" of key \"%V\" is "
+                           "not a service account's JSON key (it needs "
+                           "\"client_email\", \"private_key_id\" and "
+                           "\"private_key\")", account, &key->name);
+        return NGX_ERROR;
+    }
+
+    bio = BIO_new_mem_buf(pem.data, (int) pem.len);
+    if (bio == NULL) {
+        return NGX_ERROR;
+    }
+
+    g->pkey = PEM_read_bio_PrivateKey(bio, NULL, NULL, NULL);
+    BIO_free(bio);
+
+    if (g->pkey == NULL || EVP_PKEY_base_id(g->pkey) != EVP_PKEY_RSA) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "the private_key of service_account_file \"%V\" "
+                           "of key \"%V\" is not an RSA key in PEM",
+                           account, &key->name);
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_http_ratepool_free_pkey;
+    cln->data = g->pkey;
+
+    /* where tokens come from */
+
+    g->token_url = *url;
+
+    if (url->len > 8 && ngx_strncmp(url->data, "https://", 8) == 0) {
+        https = 1;
+
+    } else if (url->len > 7 && ngx_strncmp(url->data, "http://", 7) == 0) {
+        https = 0;
+
+    } else {
+        goto bad_url;
+    }
+
+    ngx_memzero(&u, sizeof(ngx_url_t));
+
+    u.url.data = url->data + (https ? 8 : 7);
+    u.url.len = url->len - (https ? 8 : 7);
+    u.default_port = https ? 443 : 80;
+    u.uri_part = 1;
+
+    if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0
+        || u.uri.len == 0)
+    {
+        goto bad_url;
+    }
+
+    g->token_addrs = u.addrs;
+    g->token_path = u.uri;
+    g->token_host = u.host;
+
+    if (!u.no_port && u.port != u.default_port) {
+        /* Host: "host:port" */
+        g->token_host.len = u.url.len - u.uri.len;
+        g->token_host.data = u.url.data;
+    }
+
+    if (!https) {
+        return NGX_OK;
+    }
+
+#if (NGX_HTTP_SSL)
+
+    g->ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
+    if (g->ssl == NULL) {
+        return NGX_ERROR;
+    }
+
+    g->ssl->log = cf->log;
+
+    if (ngx_ssl_create(g->ssl, NGX_SSL_TLSv1_2|NGX_SSL_TLSv1_3, NULL)
+        != NGX_OK)
+    {
+        return NGX_ERROR;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        ngx_ssl_cleanup_ctx(g->ssl);
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_ssl_cleanup_ctx;
+    cln->data = g->ssl;
+
+    if (ca->len) {
+        trusted = *ca;
+
+    } else {
+        ngx_str_set(&trusted, RATEPOOL_CA_FILE);
+    }
+
+    if (ngx_ssl_trusted_certificate(cf, g->ssl, &trusted, 4) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+
+#else
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "\"token_url=%V\" of key \"%V\" needs nginx with "
+                       "TLS", url, &key->name);
+    return NGX_ERROR;
+
+#endif
+
+bad_url:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid \"token_url=%V\" of key \"%V\", use "
+                       "\"token_url=https://oauth2.googleapis.com/token\"",
+                       url, &key->name);
+    return NGX_ERROR;
+}
+
+
+/* a string member of a JSON document, decoded */
+
+static ngx_int_t
+ngx_http_ratepool_json_field(ngx_conf_t *cf, ngx_str_t *json,
+    const char *name, ngx_str_t *value)
+{
+    const u_char  *from, *to;
+
+    if (!ratepool_json_top_string(json->data, json->len, name,
+                                  ngx_strlen(name), &from, &to)
+        || to == from)
+    {
+        return NGX_ERROR;
+    }
+
+    value->data = ngx_pnalloc(cf->pool, to - from);
+    if (value->data == NULL) {
+        return NGX_ERROR;
+    }
+
+    value->len = ratepool_json_unescape(from, to, value->data, to - from);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_free_pkey(void *data)
+{
+    EVP_PKEY_free(data);
+}
+
+
 /* ratepool_model NAME bedrock=ID */
 
 char *
@@ -900,10 +1128,16 @@ ngx_http_ratepool_model(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             id->data = value[n].data + 8;
             id->len = value[n].len - 8;
 
+        } else if (ngx_strncmp(value[n].data, "vertex=", 7) == 0) {
+            id = &model->vertex;
+            id->data = value[n].data + 7;
+            id->len = value[n].len - 7;
+
         } else {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid parameter \"%V\", use "
-                               "\"bedrock=MODEL_ID\"", &value[n]);
+                               "\"bedrock=MODEL_ID\" or "
+                               "\"vertex=MODEL_ID\"", &value[n]);
             return NGX_CONF_ERROR;
         }
 
@@ -1011,7 +1245,8 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     u_char                        digest[32], *p;
     size_t                        i;
-    ngx_str_t                    *value, secret, org_name, path, no_model;
+    ngx_str_t                    *value, secret, org_name, path, no_model,
+                                  account, token_url, token_ca;
     ngx_url_t                     u;
     ngx_int_t                     rc;
     ngx_uint_t                    n, index;
@@ -1019,6 +1254,7 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     ngx_http_upstream_server_t   *us;
     ngx_http_upstream_srv_conf_t *uscf;
     ngx_http_ratepool_provider_t *provider;
+    ngx_http_ratepool_main_conf_t *rmcf;
 
     value = cf->args->elts;
 
@@ -1065,6 +1301,9 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
     ngx_str_null(&org_name);
     ngx_str_null(&secret);
+    ngx_str_null(&account);
+    ngx_str_null(&token_url);
+    ngx_str_null(&token_ca);
 
     for (n = 2; n < cf->args->nelts; n++) {
 
@@ -1101,9 +1340,9 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                    "\"provider=anthropic\", "
                                    "\"provider=openai\", "
                                    "\"provider=azure\", "
-                                   "\"provider=bedrock\" or "
-                                   "\"provider=bedrock-invoke\"",
-                                   &value[n]);
+                                   "\"provider=bedrock\", "
+                                   "\"provider=bedrock-invoke\" or "
+                                   "\"provider=vertex\"", &value[n]);
                 return NGX_CONF_ERROR;
             }
 
@@ -1152,6 +1391,39 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
             continue;
         }
 
+        if (ngx_strncmp(value[n].data, "project=", 8) == 0) {
+            key->project.data = value[n].data + 8;
+            key->project.len = value[n].len - 8;
+
+            if (ngx_http_ratepool_valid_name(&key->project) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\" of key \"%V\", use "
+                                   "\"project=my-project\"", &value[n],
+                                   &key->name);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "service_account_file=", 21) == 0) {
+            account.data = value[n].data + 21;
+            account.len = value[n].len - 21;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "token_url=", 10) == 0) {
+            token_url.data = value[n].data + 10;
+            token_url.len = value[n].len - 10;
+            continue;
+        }
+
+        if (ngx_strncmp(value[n].data, "token_ca=", 9) == 0) {
+            token_ca.data = value[n].data + 9;
+            token_ca.len = value[n].len - 9;
+            continue;
+        }
+
         if (ngx_strncmp(value[n].data, "aws_key_file=", 13) == 0) {
             path.data = value[n].data + 13;
             path.len = value[n].len - 13;
@@ -1180,8 +1452,66 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                            "invalid parameter %ui of key \"%V\", use "
                            "\"org=\", \"provider=\", \"fallback=\", "
                            "\"server=\", \"key=\", \"key_file=\", "
-                           "\"region=\" or \"aws_key_file=\"",
-                           n, &key->name);
+                           "\"region=\", \"aws_key_file=\", \"project=\", "
+                           "\"service_account_file=\", \"token_url=\" or "
+                           "\"token_ca=\"", n, &key->name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (key->provider->service == RATEPOOL_SERVICE_VERTEX) {
+        if (key->region.len == 0 || key->project.len == 0
+            || account.len == 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "key \"%V\" of provider vertex needs "
+                               "\"region=\", \"project=\" and "
+                               "\"service_account_file=\"", &key->name);
+            return NGX_CONF_ERROR;
+        }
+
+        if (token_url.len == 0) {
+            ngx_str_set(&token_url, "https://oauth2.googleapis.com/token");
+        }
+
+        if (ngx_http_ratepool_google(cf, key, &account, &token_url,
+                                     &token_ca)
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+
+        secret = key->google->email;
+
+        rmcf = ngx_http_conf_get_module_main_conf(cf,
+                                                  ngx_http_ratepool_module);
+        rmcf->google_keys++;
+
+        if (key->server.len == 0) {
+            if (key->region.len == 6
+                && ngx_strncmp(key->region.data, "global", 6) == 0)
+            {
+                ngx_str_set(&key->server, "aiplatform.googleapis.com");
+
+            } else {
+                key->server.len = sizeof("-aiplatform.googleapis.com") - 1
+                                  + key->region.len;
+                key->server.data = ngx_pnalloc(cf->pool, key->server.len);
+                if (key->server.data == NULL) {
+                    return NGX_CONF_ERROR;
+                }
+
+                ngx_sprintf(key->server.data, "%V-aiplatform.googleapis.com",
+                            &key->region);
+            }
+        }
+
+    } else if (account.len || token_url.len || token_ca.len
+               || key->project.len)
+    {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "key \"%V\" has \"project=\" or a service "
+                           "account, which only \"provider=vertex\" takes",
+                           &key->name);
         return NGX_CONF_ERROR;
     }
 
@@ -1204,7 +1534,9 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         return NGX_CONF_ERROR;
     }
 
-    if (key->provider->service != RATEPOOL_SERVICE_DIRECT) {
+    if (key->provider->service == RATEPOOL_SERVICE_BEDROCK
+        || key->provider->service == RATEPOOL_SERVICE_INVOKE)
+    {
         if (key->region.len == 0) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "key \"%V\" of provider bedrock has no "
@@ -1306,8 +1638,10 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     } else if (key->credential == RATEPOOL_CREDENTIAL_API_KEY) {
         key->api_key = secret;
 
-    } else if (key->credential == RATEPOOL_CREDENTIAL_SIGV4) {
-        /* signed for each try: see ngx_http_ratepool_sign() */
+    } else if (key->credential == RATEPOOL_CREDENTIAL_SIGV4
+               || key->credential == RATEPOOL_CREDENTIAL_GOOGLE)
+    {
+        /* for each try: its signature, or the token of the moment */
 
     } else {
         key->authorization.len = sizeof("Bearer ") - 1 + secret.len;

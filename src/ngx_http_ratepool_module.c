@@ -13,6 +13,7 @@
 #include "ngx_http_ratepool_admission.h"
 #include "ngx_http_ratepool_balancer.h"
 #include "ngx_http_ratepool_conf.h"
+#include "ngx_http_ratepool_token.h"
 #include "ngx_http_ratepool_filter.h"
 #include "ngx_http_ratepool_redis.h"
 #include "ngx_http_ratepool_shm.h"
@@ -616,6 +617,10 @@ ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
     }
 
     zone = rmcf->shm_zone->data;
+
+    if (ngx_http_ratepool_tokens_init(cycle, rmcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
 
     return zone->store->init_process(cycle, rmcf);
 }

@@ -12,6 +12,7 @@
 #include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_org.h"
 #include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_token.h"
 #include "ngx_http_ratepool_store.h"
 #include "ngx_http_ratepool_wait.h"
 
@@ -241,8 +242,17 @@ ngx_http_ratepool_candidates(ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms,
         /* a cloud takes a request only for a model it is told the name of */
         if (keys[i].provider->service != RATEPOOL_SERVICE_DIRECT
             && (ctx->count_only || !ctx->body_whole || ctx->cloud_model == NULL
-                || ctx->cloud_model->bedrock.len == 0 || ctx->model_at < 0
-                || ctx->model_end <= ctx->model_at))
+                || (keys[i].provider->service == RATEPOOL_SERVICE_VERTEX
+                    ? ctx->cloud_model->vertex.len == 0
+                    : ctx->cloud_model->bedrock.len == 0)
+                || ctx->model_at < 0 || ctx->model_end <= ctx->model_at))
+        {
+            c[i].usable = 0;
+        }
+
+        /* nor a key that has no access token */
+        if (keys[i].credential == RATEPOOL_CREDENTIAL_GOOGLE
+            && !ngx_http_ratepool_token_valid(&keys[i], ngx_time()))
         {
             c[i].usable = 0;
         }

@@ -159,8 +159,10 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
                 s = &ctx->key->x_api_key;
 
             } else if (data == RATEPOOL_VAR_AUTHORIZATION) {
-                s = signed_key ? &ctx->signed_auth
-                               : &ctx->key->authorization;
+                /* what the try was signed with, or the token it carries */
+                s = (signed_key
+                     || ctx->key->credential == RATEPOOL_CREDENTIAL_GOOGLE)
+                    ? &ctx->signed_auth : &ctx->key->authorization;
 
             } else if (data == RATEPOOL_VAR_AMZ_DATE) {
                 amz_date.data = ctx->amz_date;

@@ -184,6 +184,23 @@ my @cases = (
       'ratepool_model claude-sonnet-4-6 bedrock=us.anthropic."x";',
       qr/invalid model id in "bedrock=us.anthropic."x"", use one such as "bedrock=us.anthropic.claude-sonnet-4-6-v1:0"/ ],
 
+    [ 'a Vertex key without a project',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k provider=vertex region=us-east5 '
+      . 'service_account_file=%%TESTDIR%%/good.key; }',
+      qr/key "k" of provider vertex needs "region=", "project=" and "service_account_file="/ ],
+
+    [ 'a service account file that is no service account',
+      'ratepool_zone llm:1m; upstream p { ratepool zone=llm; '
+      . 'ratepool_key k provider=vertex region=us-east5 project=p '
+      . 'service_account_file=%%TESTDIR%%/good.key; }',
+      qr/service_account_file ".*good.key" of key "k" is not a service account's JSON key \(it needs "client_email", "private_key_id" and "private_key"\)/ ],
+
+    [ 'a project for a key that is not Vertex\'s',
+      "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "
+      . "ratepool_key k server=127.0.0.1:1 key=$SECRET project=p; }",
+      qr/key "k" has "project=" or a service account, which only "provider=vertex" takes/ ],
+
     [ 'a beta flag that is no flag',
       'ratepool_bedrock_betas interleaved-thinking-2025-05-14 "a b";',
       qr/invalid beta flag "a b", use one such as "interleaved-thinking-2025-05-14"/ ],
@@ -194,7 +211,7 @@ my @cases = (
 
     [ 'a model mapped to an unknown cloud',
       'ratepool_model m azure=x;',
-      qr/invalid parameter "azure=x", use "bedrock=MODEL_ID"/ ],
+      qr/invalid parameter "azure=x", use "bedrock=MODEL_ID" or "vertex=MODEL_ID"/ ],
 
     [ 'a fallback rank out of range',
       "ratepool_zone llm:1m; upstream p { ratepool zone=llm; "

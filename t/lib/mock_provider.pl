@@ -87,6 +87,8 @@ use warnings;
 use Digest::SHA qw(hmac_sha256 hmac_sha256_hex sha256_hex);
 use Encode ();
 use Errno qw(EAGAIN EINTR EWOULDBLOCK);
+use File::Path ();
+use File::Temp ();
 use Getopt::Long qw(GetOptions);
 use Compress::Raw::Zlib ();
 use IO::Compress::Gzip qw(gzip $GzipError);
@@ -745,6 +747,130 @@ sub bedrock_invoke {
     return $res;
 }
 
+# --- Google -----------------------------------------------------------------
+
+my %google_token;      # access token => { email, expires }
+
+sub b64url_decode {
+    (my $s = shift // '') =~ tr{-_}{+/};
+    $s .= '=' x ((4 - length($s) % 4) % 4);
+    return MIME::Base64::decode_base64($s);
+}
+
+sub google_error {
+    my ($status, $message) = @_;
+    my %name = (400 => 'INVALID_ARGUMENT', 401 => 'UNAUTHENTICATED',
+                403 => 'PERMISSION_DENIED', 429 => 'RESOURCE_EXHAUSTED',
+                500 => 'INTERNAL', 503 => 'UNAVAILABLE');
+
+    return json_res($status, { error => { code => $status + 0,
+                                          message => $message,
+                                          status => $name{$status}
+                                                    // 'UNKNOWN' } });
+}
+
+sub google_token {
+    my ($req) = @_;
+    my %form = map { my ($k, $v) = split /=/, $_, 2;
+                     $v //= '';
+                     $v =~ s/%([0-9A-Fa-f]{2})/chr hex $1/ge;
+                     ($k => $v) } split /&/, $req->{body} // '';
+    my $refuse = sub {
+        log_request({ req => $req, credential => $_[1] }, 400);
+        return json_res(400, { error => 'invalid_grant',
+                               error_description => $_[0] });
+    };
+
+    return $refuse->('Invalid grant_type') unless ($form{grant_type} // '')
+        eq 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+
+    my ($h, $c, $sig) = split /\./, $form{assertion} // '';
+    my $header = eval { $JSON->decode(b64url_decode($h)) } || {};
+    my $claims = eval { $JSON->decode(b64url_decode($c)) } || {};
+    my $email = $claims->{iss} // '';
+    my $account = $config->{google}{$email}
+        or return $refuse->('Invalid JWT: no such account', $email);
+
+    return $refuse->('Invalid JWT: not RS256', $email)
+        unless ($header->{alg} // '') eq 'RS256';
+    return $refuse->('Invalid JWT: Token must be a short-lived token (60 '
+                     . 'minutes) and in a reasonable timeframe', $email)
+        unless abs(($claims->{iat} // 0) - time) <= 300
+               && ($claims->{exp} // 0) - ($claims->{iat} // 0) <= 3600
+               && ($claims->{exp} // 0) > time;
+    return $refuse->('Invalid JWT: no cloud-platform scope', $email)
+        unless ($claims->{scope} // '') =~ m{auth/cloud-platform};
+
+    # the signature, by the account's public key
+    my $dir = File::Temp::tempdir(CLEANUP => 1);
+    open my $d, '>', "$dir/data" or die; print {$d} "$h.$c"; close $d;
+    open my $s, '>', "$dir/sig" or die; binmode $s;
+    print {$s} b64url_decode($sig); close $s;
+    my $ok = system('openssl', 'dgst', '-sha256', '-verify',
+                    $account->{public_key_file}, '-signature', "$dir/sig",
+                    "$dir/data") == 0;
+    File::Path::remove_tree($dir);
+    return $refuse->('Invalid JWT Signature.', $email) unless $ok;
+
+    my $ttl = $config->{token_ttl} // 3599;
+    my $token = 'ya29.mock-' . random_id(40);
+    $google_token{$token} = { email => $email, expires => time + $ttl };
+    log_request({ req => $req, credential => $email, key_name => 'token' },
+                200);
+
+    return json_res(200, { access_token => $token, expires_in => $ttl + 0,
+                           token_type => 'Bearer' });
+}
+
+# Vertex AI: a token, then Anthropic's API with the model in the path
+sub vertex {
+    my ($req, $model, $stream) = @_;
+
+    my ($token) = ($req->{headers}{authorization} // '') =~ /^Bearer (\S+)$/;
+    my $grant = defined $token ? $google_token{$token} : undef;
+
+    return google_error(401, 'Request had invalid authentication '
+                        . 'credentials. Expected OAuth 2 access token, login '
+                        . 'cookie or other valid authentication credential.')
+        unless $grant && $grant->{expires} > time;
+
+    my $payload = eval { $JSON->decode($req->{body}) };
+    return google_error(400, 'Invalid JSON payload received.')
+        unless ref $payload eq 'HASH';
+    return google_error(400, 'model: Extra inputs are not permitted')
+        if exists $payload->{model};
+    return google_error(400, 'anthropic_version: Input should be '
+                        . "'vertex-2023-10-16'")
+        unless ($payload->{anthropic_version} // '') eq 'vertex-2023-10-16';
+    return google_error(400, 'stream: streamRawPredict streams, rawPredict '
+                        . 'does not')
+        unless !!$payload->{stream} == !!$stream;
+
+    my %as_messages = %$payload;
+    delete $as_messages{anthropic_version};
+    $as_messages{model} = $model;
+
+    my $res = provider({ %$req, path => '/v1/messages',
+                         body => $JSON->encode(\%as_messages),
+                         wire_body => $req->{body} }, $grant->{email});
+
+    my @headers = grep { $_->[0] !~ /^(?:anthropic-|retry-after$)/i }
+                  @{ $res->{headers} || [] };
+
+    if ($res->{status} != 200) {
+        my $error = eval { $JSON->decode($res->{body}) } || {};
+        my $status = $res->{status} == 529 ? 503 : $res->{status};
+        return { %{ google_error($status, $res->{status} == 429
+                        ? 'Quota exceeded for aiplatform.googleapis.com/'
+                          . 'online_prediction_requests_per_base_model'
+                        : $error->{error}{message} // 'error') },
+                 delay_ms => $res->{delay_ms} };
+    }
+
+    $res->{headers} = \@headers;
+    return $res;
+}
+
 # one frame of Amazon's event stream, its headers strings
 sub es_frame {
     my ($headers, $payload) = @_;
@@ -837,6 +963,18 @@ sub dispatch {
 
     if ($path =~ m{^/_mock/}) {
         return reply($c, $req, control($req));
+    }
+
+    if ($path eq '/token') {
+        return reply($c, $req, google_token($req));
+    }
+
+    if ($path =~ m{^/v1/projects/([^/]+)/locations/([^/]+)/publishers/
+                   anthropic/models/([^/:]+):(rawPredict|streamRawPredict)$}x)
+    {
+        my $res = vertex($req, $3, $4 eq 'streamRawPredict');
+        $res->{delay_ms} //= $config->{latency_ms};
+        return reply($c, $req, $res);
     }
 
     if ($path =~ m{^/model/([^/]+)/(invoke|invoke-with-response-stream)$}) {
