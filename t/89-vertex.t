@@ -88,6 +88,15 @@ http {
                      service_account_file=%%TESTDIR%%/sa.json;
     }
 
+    upstream overtls {
+        ratepool zone=llm;
+        ratepool_key v4 provider=vertex org=gcp-tls region=us-east5
+                     project=proj-1 server=localhost:%%PORT_2%%
+                     token_url=https://localhost:%%PORT_2%%/token
+                     token_ca=%%TESTDIR%%/ca.crt
+                     service_account_file=%%TESTDIR%%/sa.json;
+    }
+
     upstream refused {
         ratepool zone=llm;
         ratepool_key v2 provider=vertex org=gcp-other $vertex
@@ -115,6 +124,12 @@ http {
             ratepool_pass http://google;
         }
 
+        location /tls/ {
+            rewrite ^/tls(/.*)\$ \$1 break;
+            ratepool_pass https://overtls
+                          ssl_trusted_certificate=%%TESTDIR%%/ca.crt;
+        }
+
         location /refused/ {
             rewrite ^/refused(/.*)\$ \$1 break;
             ratepool_pass http://refused;
@@ -138,7 +153,10 @@ http {
 
         location / {
             proxy_pass http://127.0.0.1:%%PORT_1%%;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
             proxy_set_header X-Seen-TLS "[\$ssl_protocol]";
+            proxy_buffering off;
         }
     }
 }
@@ -193,6 +211,13 @@ like($mock->log->[-1]{path}, qr/:streamRawPredict$/,
      'a stream goes to streamRawPredict');
 like($r->{body}, qr/event: message_stop/, 'and arrives whole');
 
+# the same over TLS, its certificate verified
+$r = ask('/tls/v1/messages', body => { stream => JSON::PP::true });
+is($r->{status}, 200, 'Vertex AI over TLS');
+like($mock->log->[-1]{headers}{'x-seen-tls'} // '', qr/^\[TLSv1\.[23]\]$/,
+     'reached over TLS');
+like($r->{body}, qr/event: message_stop/, 'streamed whole');
+
 # --- tokens that live 4 s, refreshed under load ---------------------------
 
 my $before = scalar tokens_issued();
@@ -232,17 +257,26 @@ ok(time - $t0 < 1, 'without waiting for a token');
 
 # --- one pool, three clouds ------------------------------------------------
 
-$mock->script($ANTHROPIC, [ { status => 429, retry_after => '5' } ]);
-$mock->script($BEDROCK_KEY, [ { status => 429 } ]);
-my $seen = @{ $mock->log };
-$r = ask('/mixed/v1/messages');
-my @tries = grep { $_->{path} ne '/token' }
-            @{ $mock->log }[ $seen .. $#{ $mock->log } ];
-is($r->{status}, 200, 'Anthropic and Bedrock throttled: one clean 200');
-is(join(' ', map { ($_->{key_name} // '?') . " $_->{status}" } @tries),
-   'a1 429 east 429 v1 200', 'from Vertex AI');
-is(sent_body($tries[-1])->{messages}[0]{content}, 'Hello',
-   'the same request, in Vertex\'s form');
+for my $stream (0, 1) {
+    my $how = $stream ? 'streamed' : 'not streamed';
+
+    sleep 6 if $stream;     # the first round's cooldowns are over
+    $mock->script($ANTHROPIC, [ { status => 429, retry_after => '5' } ]);
+    $mock->script($BEDROCK_KEY, [ { status => 429 } ]);
+    my $seen = @{ $mock->log };
+    $r = ask('/mixed/v1/messages',
+             body => { $stream ? (stream => JSON::PP::true) : () });
+    my @tries = grep { $_->{path} ne '/token' }
+                @{ $mock->log }[ $seen .. $#{ $mock->log } ];
+    is($r->{status}, 200,
+       "Anthropic and Bedrock throttled, $how: one clean 200");
+    is(join(' ', map { ($_->{key_name} // '?') . " $_->{status}" } @tries),
+       'a1 429 east 429 v1 200', 'from Vertex AI');
+    is(sent_body($tries[-1])->{messages}[0]{content}, 'Hello',
+       'the same request, in Vertex\'s form');
+    like($r->{body}, $stream ? qr/event: message_stop/ : qr/"usage"/,
+         'whole');
+}
 
 # --- nothing secret anywhere -----------------------------------------------
 
