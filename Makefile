@@ -33,12 +33,20 @@ DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev libhiredis-dev \
                ca-certificates clang libclang-rt-14-dev
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# the clients t/90 runs unmodified, from the npm registry with the
+# machine's Node.js and npm; without them t/90 is skipped
+NPM_CLIENTS  = @anthropic-ai/sdk@1.17.0 @anthropic-ai/claude-code@2.1.337
+
 all: module unit
 
 deps:
 	$(SUDO) apt-get update -qq
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	    --no-install-recommends $(DEB_PACKAGES) > /dev/null
+	@mkdir -p build/npm
+	command -v npm > /dev/null && npm install --prefix build/npm \
+	    --no-audit --no-fund --loglevel=error $(NPM_CLIENTS) \
+	    || echo "deps: the npm clients are not installed, t/90 will skip"
 
 module: $(MODULE)
 
