@@ -394,7 +394,11 @@ typedef struct {
     ngx_str_t                       kid;        /* its key's id */
     EVP_PKEY                       *pkey;
     ngx_str_t                       token_url;  /* the JWT's audience */
-    ngx_str_t                       token_host;     /* Host and SNI */
+    ngx_str_t                       token_host;     /* Host */
+    ngx_str_t                       token_name;     /* the host alone,
+                                                   NUL-terminated: SNI and
+                                                   the certificate's */
+    unsigned                        token_sni:1;    /* not an address */
     ngx_str_t                       token_path;
     ngx_addr_t                     *token_addrs;
 #if (NGX_HTTP_SSL)

@@ -99,10 +99,14 @@ ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
             return NGX_ERROR;
         }
 
-    } else if (ctx->tries == 0
-               && ctx->key->provider->service != RATEPOOL_SERVICE_DIRECT)
+    } else if (ctx->key->provider->service != RATEPOOL_SERVICE_DIRECT
+               || ctx->body_length != -1)
     {
-        /* the proxy module built the client's request: this key's own */
+        /*
+         * The proxy module built the client's request (a round's first
+         * try, after a wait too): this key's own, and with the client's
+         * length, which a try to a cloud may have changed.
+         */
         if (ngx_http_ratepool_build_request(r, ctx) != NGX_OK) {
             return NGX_ERROR;
         }

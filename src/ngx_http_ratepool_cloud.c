@@ -888,6 +888,22 @@ ngx_http_ratepool_cloud_sse(ngx_http_request_t *r,
 
         cl->buf->pos = cl->buf->last;
 
+        if (cl->buf->last_buf && es->have && !es->broken) {
+            /* the stream ended inside a frame */
+            ngx_log_error(NGX_LOG_ERR, r->connection->log, 0,
+                          "ratepool: key \"%V\" ended its event stream "
+                          "inside a frame", &ctx->key->name);
+
+            es->broken = 1;
+
+            b = ngx_http_ratepool_sse_buf(&o, sizeof(broken) - 1);
+            if (b == NULL) {
+                return NGX_ERROR;
+            }
+
+            b->last = ngx_cpymem(b->last, broken, sizeof(broken) - 1);
+        }
+
         if (cl->buf->last_buf || cl->buf->flush) {
             b = ngx_http_ratepool_sse_buf(&o, 0);
             if (b == NULL) {
@@ -909,8 +925,11 @@ ngx_http_ratepool_frame(void *data, int kind, const u_char *type,
 {
     ngx_http_ratepool_sse_out_t *o = data;
 
-    long        n;
-    ngx_buf_t  *b;
+    long          n;
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl, **ll;
+
+    ll = o->ll;
 
     b = ngx_http_ratepool_sse_buf(o, len + RATEPOOL_ES_SSE_EXTRA);
     if (b == NULL) {
@@ -920,8 +939,15 @@ ngx_http_ratepool_frame(void *data, int kind, const u_char *type,
     n = ratepool_es_sse(kind, type, type_len, payload, len, b->last,
                         len + RATEPOOL_ES_SSE_EXTRA);
 
-    if (n < 0) {
-        return -1;
+    if (n <= 0) {
+        /* nothing for the client: the buffer goes back, unsent */
+        cl = *ll;
+        *ll = NULL;
+        o->ll = ll;
+        cl->next = o->ctx->free;
+        o->ctx->free = cl;
+
+        return n < 0 ? -1 : 0;
     }
 
     b->last += n;

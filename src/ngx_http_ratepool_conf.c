@@ -991,6 +991,19 @@ ngx_http_ratepool_google(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
     g->token_path = u.uri;
     g->token_host = u.host;
 
+    /* the name alone, NUL-terminated for OpenSSL; an address sends no SNI */
+    g->token_name.len = u.host.len;
+    g->token_name.data = ngx_pnalloc(cf->pool, u.host.len + 1);
+    if (g->token_name.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(g->token_name.data, u.host.data, u.host.len);
+    g->token_name.data[u.host.len] = '\0';
+
+    g->token_sni = (u.host.len && u.host.data[0] != '['
+                    && ngx_inet_addr(u.host.data, u.host.len) == INADDR_NONE);
+
     if (!u.no_port && u.port != u.default_port) {
         /* Host: "host:port" */
         g->token_host.len = u.url.len - u.uri.len;

@@ -311,10 +311,7 @@ ngx_http_ratepool_event_stream(ngx_http_request_t *r,
         }
     }
 
-    if (out == NULL && ctx->busy == NULL) {
-        return NGX_OK;
-    }
-
+    /* an empty call too: the writer's way to send what it holds */
     rc = ngx_http_next_body_filter(r, out);
 
     ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &out,
@@ -426,10 +423,7 @@ ngx_http_ratepool_drop_usage(ngx_http_request_t *r,
         }
     }
 
-    if (out == NULL && ctx->busy == NULL) {
-        return NGX_OK;
-    }
-
+    /* an empty call too: the writer's way to send what it holds */
     rc = ngx_http_next_body_filter(r, out);
 
     ngx_chain_update_chains(r->pool, &ctx->free, &ctx->busy, &out,

@@ -198,6 +198,12 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
                 return NGX_ERROR;
             }
 
+            /* a reload may change a key's account: its token is fetched
+               again */
+            key[j].sh->token_len = 0;
+            key[j].sh->token_next = 0;
+            key[j].sh->token_failures = 0;
+
             /* a reload puts a refused key back to the test */
             if (key[j].sh->dead_status) {
                 ngx_log_error(NGX_LOG_NOTICE, log, 0,

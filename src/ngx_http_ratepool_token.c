@@ -343,9 +343,11 @@ ngx_http_ratepool_fetch_connected(ngx_event_t *ev)
             return;
         }
 
-        if (SSL_set_tlsext_host_name(c->ssl->connection,
-                                     (char *) f->key->google->token_host.data)
-            != 1)
+        /* SNI: the host's name, never an address (RFC 6066) */
+        if (f->key->google->token_sni
+            && SSL_set_tlsext_host_name(c->ssl->connection,
+                                      (char *) f->key->google->token_name.data)
+               != 1)
         {
             ERR_clear_error();
         }
@@ -386,13 +388,7 @@ ngx_http_ratepool_fetch_handshake(ngx_connection_t *c)
 
     rc = SSL_get_verify_result(c->ssl->connection);
 
-    host = f->key->google->token_host;
-
-    /* the name, without a port */
-    host.len = ngx_strlchr(host.data, host.data + host.len, ':')
-               ? (size_t) (ngx_strlchr(host.data, host.data + host.len, ':')
-                           - host.data)
-               : host.len;
+    host = f->key->google->token_name;
 
     if (rc != X509_V_OK || ngx_ssl_check_host(c, &host) != NGX_OK) {
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
@@ -522,7 +518,7 @@ static void
 ngx_http_ratepool_fetch_done(ngx_http_ratepool_fetch_t *f, const char *error)
 {
     time_t                       now;
-    size_t                       len;
+    size_t                       len, i;
     u_char                       token[RATEPOOL_TOKEN_MAX], status[4], *p,
                                 *body;
     uint64_t                     lifetime;
@@ -586,6 +582,14 @@ ngx_http_ratepool_fetch_done(ngx_http_ratepool_fetch_t *f, const char *error)
                 error = "its answer has no access token";
             }
 
+            /* it goes into a header: printable, no spaces */
+            for (i = 0; i < len; i++) {
+                if (token[i] <= ' ' || token[i] >= 0x7f) {
+                    error = "its access token cannot be sent in a header";
+                    break;
+                }
+            }
+
         } else {
             error = "its answer has no access token";
         }
@@ -633,7 +637,9 @@ ngx_http_ratepool_fetch_done(ngx_http_ratepool_fetch_t *f, const char *error)
     if (f->peer.connection) {
 #if (NGX_HTTP_SSL)
         if (f->peer.connection->ssl) {
+            /* at once: nothing to wait for, nothing left behind */
             f->peer.connection->ssl->no_wait_shutdown = 1;
+            f->peer.connection->ssl->no_send_shutdown = 1;
             (void) ngx_ssl_shutdown(f->peer.connection);
         }
 #endif

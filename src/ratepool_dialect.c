@@ -18,6 +18,11 @@
 #include "ratepool_request.h"
 
 
+static size_t ratepool_utf8_whole(const unsigned char *s, size_t n);
+static size_t ratepool_error_text(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size, int depth);
+
+
 /*
  * Whether an error answer says its key's money is spent (a spend cap, a
  * quota, no credit left) rather than that it is busy: such a key is of
@@ -341,16 +346,34 @@ ratepool_json_unescape(const unsigned char *from, const unsigned char *to,
         out[n++] = c;
     }
 
-    /* a UTF-8 character cut short is left out */
-    while (n && n == size && (out[n - 1] & 0xc0) == 0x80) {
-        n--;
-    }
-
-    if (n && n == size && (out[n - 1] & 0x80)) {
-        n--;
+    if (p < to) {
+        n = ratepool_utf8_whole(out, n);
     }
 
     return n;
+}
+
+
+/* the length of what is left once a UTF-8 character cut short is out */
+
+static size_t
+ratepool_utf8_whole(const unsigned char *s, size_t n)
+{
+    size_t  lead, need;
+
+    lead = n;
+
+    while (lead > 0 && n - lead < 4 && (s[lead - 1] & 0xc0) == 0x80) {
+        lead--;
+    }
+
+    if (lead == 0 || !(s[lead - 1] & 0x80)) {
+        return n;       /* ASCII last, or no lead byte in reach */
+    }
+
+    need = (s[lead - 1] >= 0xf0) ? 4 : (s[lead - 1] >= 0xe0) ? 3 : 2;
+
+    return (n - (lead - 1) < need) ? lead - 1 : n;
 }
 
 
@@ -364,6 +387,14 @@ size_t
 ratepool_error_message(const unsigned char *body, size_t len,
     unsigned char *out, size_t size)
 {
+    return ratepool_error_text(body, len, out, size, 0);
+}
+
+
+static size_t
+ratepool_error_text(const unsigned char *body, size_t len,
+    unsigned char *out, size_t size, int depth)
+{
     int                   n, i;
     size_t                k, got;
     ratepool_member_t     members[32];
@@ -372,7 +403,8 @@ ratepool_error_message(const unsigned char *body, size_t len,
     if (!ratepool_json_top_string(body, len, "message", 7, &p, &end)
         && !ratepool_json_top_string(body, len, "Message", 7, &p, &end))
     {
-        n = ratepool_json_members(body, len, members, 32);
+        /* {"error": {...}} one level down, no deeper */
+        n = depth ? -1 : ratepool_json_members(body, len, members, 32);
 
         for (i = 0; i < n; i++) {
             if (members[i].key_len == 5
@@ -385,8 +417,8 @@ ratepool_error_message(const unsigned char *body, size_t len,
                     k++;
                 }
 
-                return ratepool_error_message(body + k, members[i].end - k,
-                                              out, size);
+                return ratepool_error_text(body + k, members[i].end - k,
+                                           out, size, depth + 1);
             }
         }
 

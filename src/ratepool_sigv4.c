@@ -12,13 +12,14 @@
 
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/crypto.h>
 #include <openssl/sha.h>
 
 #include "ratepool_sigv4.h"
 
 
 /* a canonical request is a few headers and hashes: this is plenty */
-#define RATEPOOL_SIGV4_CANONICAL_MAX  4096
+#define RATEPOOL_SIGV4_CANONICAL_MAX  8192     /* STS tokens run to 2 KB+ */
 
 
 static void ratepool_sigv4_hex(const unsigned char *digest, size_t len,
@@ -203,7 +204,8 @@ ratepool_sigv4_sign(const ratepool_sigv4_t *s, char *out)
     ratepool_sigv4_hex(sig, sizeof(sig), out);
 
     /* no copy of the secret outlives the call */
-    memset(secret, 0, sizeof(secret));
+    OPENSSL_cleanse(secret, sizeof(secret));
+    OPENSSL_cleanse(key, sizeof(key));
 
     return 0;
 }

@@ -149,6 +149,13 @@ http {
             ratepool_pass http://temporary;
         }
 
+        location /waiting/ {
+            rewrite ^/waiting(/.*)\$ \$1 break;
+            ratepool_pass http://mixed;
+            ratepool_wait 10s;
+            proxy_read_timeout 3s;
+        }
+
         location /invoke/ {
             rewrite ^/invoke(/.*)\$ \$1 break;
             ratepool_pass http://invoke;
@@ -332,6 +339,13 @@ is_deeply(sent_body(last_sent())->{anthropic_beta},
           'carries those ratepool_bedrock_betas names as anthropic_beta, '
           . 'not the others (which Bedrock would refuse)');
 
+# an event no client reads is left out of the stream, the rest goes on
+$r = ask('/invoke/v1/messages', body => { stream => JSON::PP::true },
+         headers => [ 'x-mock-es-metadata' => 1 ]);
+like($r->{body}, qr/event: message_start.*event: message_stop/s,
+     'an event stream with an event of another type arrives whole');
+unlike($r->{body}, qr/metadata/, 'without that event');
+
 $mock->script($AKID, [ { stream_error => 'overloaded_error' } ]);
 $r = ask('/invoke/v1/messages', body => { stream => JSON::PP::true });
 like($r->{body}, qr/event: error\ndata: \{"type":"error","error":\{"type":"api_error","message":"Overloaded"\}\}/,
@@ -378,6 +392,23 @@ is($r->{status}, 200, 'Anthropic and one Bedrock region throttled: a 200');
 is(join(' ', map { "$_->{key_name} $_->{status}" } @tries),
    'a1 429 east 429 west 200', 'from the other region, signed (the mock '
    . 'checked it)');
+
+# every key refuses a waiting request: it waits, and goes again with the
+# client's own body and length, whichever service the last try rewrote it
+# for
+sleep 2.5;
+$mock->script($_, [ { status => 429, retry_after => '1' } ])
+    for $ANTHROPIC, $BEDROCK_KEY, $AKID;
+$seen = @{ $mock->log };
+$r = ask('/waiting/v1/messages');
+@tries = @{ $mock->log }[ $seen .. $#{ $mock->log } ];
+is($r->{status}, 200, 'a request every cloud refused waits, then is '
+   . 'answered');
+is(join(' ', map { "$_->{key_name} $_->{status}" } @tries),
+   'a1 429 east 429 west 429 a1 200', 'by the Anthropic key, once it is '
+   . 'free');
+is(sent_body($tries[-1])->{model}, 'claude-sonnet-4-6',
+   'with the client\'s body, whole, after Bedrock\'s tries');
 
 # --- nothing secret anywhere ------------------------------------------------
 

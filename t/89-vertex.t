@@ -156,6 +156,7 @@ http {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header X-Seen-TLS "[\$ssl_protocol]";
+            proxy_set_header X-Seen-SNI "[\$ssl_server_name]";
             proxy_buffering off;
         }
     }
@@ -191,6 +192,8 @@ my ($issued) = tokens_issued();
 ok($issued, 'a worker fetched an access token at start');
 like($issued->{headers}{'x-seen-tls'} // '', qr/^\[TLSv1\.[23]\]$/,
      'over TLS');
+is($issued->{headers}{'x-seen-sni'}, '[localhost]',
+   'naming the host alone in SNI');
 
 my $r = ask('/v1/messages');
 my $sent = $mock->log->[-1];

@@ -736,6 +736,11 @@ sub bedrock_invoke {
                                  [':message-type', 'event'] ],
                                $JSON->encode({ bytes =>
                                    encode_base64($data, '') }));
+
+        # x-mock-es-metadata: an event of a type clients never see
+        push @frames, es_frame([ [':event-type', 'metadata'],
+                                 [':message-type', 'event'] ], '{}')
+            if $req->{headers}{'x-mock-es-metadata'} && @frames == 1;
     }
 
     $res->{headers} = [ grep { $_->[0] ne 'content-type' }
@@ -871,7 +876,9 @@ sub vertex {
     return $res;
 }
 
-# one frame of Amazon's event stream, its headers strings
+# one frame of Amazon's event stream, its headers strings (x-mock-es-
+# metadata asks for a "metadata" event after the first, which a gateway
+# must leave out)
 sub es_frame {
     my ($headers, $payload) = @_;
 

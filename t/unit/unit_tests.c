@@ -1958,6 +1958,16 @@ test_error_message(void)
     check(n == 14 && memcmp(out, "Quota exceeded", 14) == 0,
           "and Google's, in its error object");
 
+    check(ratepool_error_message(S("{\"message\":\"ab\xc3\xa9\xc3\xa9\"}"),
+                                 out, 4) == 4
+          && ratepool_error_message(S("{\"message\":\"ab\xc3\xa9\xc3\xa9\"}"),
+                                    out, 3) == 2,
+          "a text cut at its room keeps whole UTF-8 characters only");
+
+    check(ratepool_error_message(S("{\"error\":{\"error\":{\"message\":"
+                                   "\"deep\"}}}"), out, sizeof(out)) == 0,
+          "an error object is looked into one level deep, no deeper");
+
     check(strcmp(ratepool_error_type(429), "rate_limit_error") == 0
           && strcmp(ratepool_error_type(403), "permission_error") == 0
           && strcmp(ratepool_error_type(503), "overloaded_error") == 0,
