@@ -25,12 +25,12 @@ MODULE       = $(BUILD)/ngx_http_ratepool_module.so
 PURE_SRCS   := $(patsubst %,src/%.c,$(shell . ./sources; echo $$RATEPOOL_PURE))
 MODULE_SRCS  = $(wildcard src/*.c src/*.h) config sources
 
-.PHONY: all deps module unit fuzz test demo bench capacity clean
+.PHONY: all deps module unit fuzz test demo bench capacity deb clean
 
 # the Debian 12 packages ratepool builds and tests with
 DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev libhiredis-dev \
                redis-server perl wrk \
-               ca-certificates clang libclang-rt-14-dev
+               ca-certificates clang libclang-rt-14-dev debhelper
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # the clients t/90 runs unmodified, from the npm registry with the
@@ -103,6 +103,27 @@ bench: module
 capacity: module
 	./bench/capacity
 	./bench/agents
+
+# a Debian package, as Debian's own nginx modules are built: debhelper,
+# nginx-dev's tree and dh_nginx (the module enabled on install, the
+# nginx-abi dependency); its version is VERSION's
+VERSION     := $(shell cat VERSION)
+DEB          = build/deb/libnginx-mod-http-ratepool_$(VERSION)_$(shell dpkg --print-architecture 2>/dev/null).deb
+
+deb: $(DEB)
+
+$(DEB): $(MODULE_SRCS) VERSION $(wildcard debian/* debian/*/*)
+	rm -rf build/deb && mkdir -p build/deb/src
+	tar --exclude=./build --exclude='./build-*' --exclude=./.git -cf - . \
+	    | tar -xf - -C build/deb/src
+	printf '%s (%s) unstable; urgency=medium\n\n  * %s\n\n -- %s  %s\n' \
+	    libnginx-mod-http-ratepool $(VERSION) \
+	    'Built from the ratepool source tree.' \
+	    'ratepool authors <ratepool@localhost>' "$$(date -R)" \
+	    > build/deb/src/debian/changelog
+	cd build/deb/src && dpkg-buildpackage -b -us -uc > ../build.log 2>&1 \
+	    || { tail -30 ../build.log; exit 1; }
+	@ls build/deb/*.deb
 
 clean:
 	rm -rf $(BUILD)

@@ -132,7 +132,8 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
         return ngx_http_ratepool_send_buf(r, b);
     }
 
-    p = ngx_sprintf(p, "{\"zone\":\"%V\",\"uptime_sec\":%T,"
+    p = ngx_sprintf(p, "{\"version\":\"" RATEPOOL_VERSION "\",\"zone\":\"%V\","
+                    "\"uptime_sec\":%T,"
                     "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
                     "\"rejected_auth\":%uL,\"rejected_workspace\":%uL,"
                     "\"rejected_pool\":%uL,\"rerouted\":%uL},",

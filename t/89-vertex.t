@@ -7,7 +7,7 @@
 # and sends requests to rawPredict / streamRawPredict with the model in
 # the path and Vertex's anthropic_version in the body.  The mock checks
 # the assertion's signature against the account's public key and every
-# request's token.  Tokens that live 4 s are refreshed under load without
+# request's token.  Tokens that live 8 s are refreshed under load without
 # a failed request; a key whose assertion is refused is out of rotation,
 # logged, and never hangs a request; a 429 on Anthropic and on Bedrock is
 # served by Vertex.
@@ -61,7 +61,7 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
         $EMAIL       => { org => 'gcp-east', name => 'v1' },
     },
     google => { $EMAIL => { public_key_file => "$dir/sa.pub" } },
-    token_ttl => 4,
+    token_ttl => 8,
 });
 
 my $vertex = "region=us-east5 project=proj-1 server=127.0.0.1:%%PORT_1%%"
@@ -221,12 +221,12 @@ like($mock->log->[-1]{headers}{'x-seen-tls'} // '', qr/^\[TLSv1\.[23]\]$/,
      'reached over TLS');
 like($r->{body}, qr/event: message_stop/, 'streamed whole');
 
-# --- tokens that live 4 s, refreshed under load ---------------------------
+# --- tokens that live 8 s, refreshed under load ---------------------------
 
 my $before = scalar tokens_issued();
 my $got = $t->parallel(4, sub {
     my @statuses;
-    my $until = time + 6;
+    my $until = time + 10;
     while (time < $until) {
         push @statuses, ask('/v1/messages')->{status};
         sleep 0.05;
@@ -235,7 +235,7 @@ my $got = $t->parallel(4, sub {
 });
 my @all = map { @$_ } @$got;
 my $failed = grep { $_ != 200 } @all;
-ok(@all > 40, scalar(@all) . ' requests over 6 s while tokens live 4 s');
+ok(@all > 40, scalar(@all) . ' requests over 10 s while tokens live 8 s');
 is($failed, 0, 'none failed: a new token was there before the old one '
    . 'ended');
 cmp_ok(scalar tokens_issued() - $before, '>=', 2,
