@@ -119,7 +119,7 @@ $(DEB): $(MODULE_SRCS) VERSION $(wildcard debian/* debian/*/*)
 	printf '%s (%s) unstable; urgency=medium\n\n  * %s\n\n -- %s  %s\n' \
 	    libnginx-mod-http-ratepool $(VERSION) \
 	    'Built from the ratepool source tree.' \
-	    'ratepool authors <ratepool@localhost>' "$$(date -R)" \
+	    'ratepool authors <ratepool@users.noreply.github.com>' "$$(date -R)" \
 	    > build/deb/src/debian/changelog
 	cd build/deb/src && dpkg-buildpackage -b -us -uc > ../build.log 2>&1 \
 	    || { tail -30 ../build.log; exit 1; }

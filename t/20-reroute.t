@@ -211,8 +211,11 @@ my $err = eval { decode_json($r->{body}) } || {};
 is_deeply(names(), [ 'b1' ], 'the last key with headroom was tried');
 is($r->{status}, 429, 'its 429 reaches the client, no key can do better');
 is($err->{error}{type}, 'rate_limit_error', 'as a rate_limit_error');
-ok($r->{headers}{'retry-after'} >= 5 && $r->{headers}{'retry-after'} <= 6,
-    'retry-after is the soonest cooldown end (5 s) plus jitter');
+# the cooldown's jitter (up to 0.5 s) and the answer's own (up to a
+# tenth of the wait) may add up past a second: 7 at most
+ok($r->{headers}{'retry-after'} >= 5 && $r->{headers}{'retry-after'} <= 7,
+    'retry-after is the soonest cooldown end (5 s) plus jitter')
+    or diag "retry-after: " . ($r->{headers}{'retry-after'} // 'none');
 is($r->{headers}{'x-should-retry'}, 'true', 'and the client should retry');
 
 $r = $t->messages(token => $TOKEN);
