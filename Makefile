@@ -30,7 +30,7 @@ MODULE_SRCS  = $(wildcard src/*.c src/*.h) config sources
 # the Debian 12 packages ratepool builds and tests with
 DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev libhiredis-dev \
                redis-server perl wrk \
-               ca-certificates clang libclang-rt-14-dev debhelper
+               ca-certificates clang libclang-rt-14-dev debhelper prometheus
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # the clients t/90 runs unmodified, from the npm registry with the
