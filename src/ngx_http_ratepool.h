@@ -796,6 +796,24 @@ ngx_http_ratepool_share(ngx_http_ratepool_zone_t *zone, uint64_t limit)
 }
 
 
+/*
+ * Where the first byte that cannot go into a header value is (a control
+ * character, a space, anything beyond ASCII): len if there is none.
+ */
+
+static ngx_inline size_t
+ngx_http_ratepool_header_bad(u_char *p, size_t len)
+{
+    size_t  i;
+
+    for (i = 0; i < len && p[i] > ' ' && p[i] < 0x7f; i++) {
+        /* void */
+    }
+
+    return i;
+}
+
+
 /* an empty ngx_str_t may have no data, which strncmp must not be given */
 
 static ngx_inline ngx_uint_t

@@ -11,6 +11,7 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_body.h"
 #include "ngx_http_ratepool_cloud.h"
+#include "ngx_http_ratepool_filter.h"
 #include "ngx_http_ratepool_token.h"
 #include "ratepool_dialect.h"
 #include "ratepool_eventstream.h"
@@ -622,15 +623,13 @@ ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
 {
     u_char                          digest[EVP_MAX_MD_SIZE];
     char                            hash[RATEPOOL_SIGV4_HEX_LEN + 1];
-    size_t                          i, len;
+    size_t                          len;
     unsigned int                    n;
     ngx_chain_t                    *cl;
     ratepool_sigv4_t                s;
     ngx_http_ratepool_key_t        *key;
     ratepool_sigv4_header_t         h[3];
     ngx_http_ratepool_main_conf_t  *rmcf;
-
-    static u_char  hex[] = "0123456789abcdef";
 
     key = ctx->key;
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
@@ -652,12 +651,7 @@ ngx_http_ratepool_sign(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
         return NGX_ERROR;
     }
 
-    for (i = 0; i < 32; i++) {
-        hash[2 * i] = hex[digest[i] >> 4];
-        hash[2 * i + 1] = hex[digest[i] & 0xf];
-    }
-
-    hash[64] = '\0';
+    *ngx_hex_dump((u_char *) hash, digest, 32) = '\0';
 
     ratepool_sigv4_date(ngx_time(), (char *) ctx->amz_date);
 
@@ -961,35 +955,15 @@ ngx_http_ratepool_frame(void *data, int kind, const u_char *type,
 static ngx_buf_t *
 ngx_http_ratepool_sse_buf(ngx_http_ratepool_sse_out_t *o, size_t size)
 {
-    ngx_buf_t    *b;
     ngx_chain_t  *cl;
 
-    cl = ngx_chain_get_free_buf(o->request->pool, &o->ctx->free);
+    cl = ngx_http_ratepool_out_buf(o->request, o->ctx, size);
     if (cl == NULL) {
         return NULL;
     }
 
-    b = cl->buf;
-
-    if (size && (b->start == NULL || (size_t) (b->end - b->start) < size)) {
-        b->start = ngx_palloc(o->request->pool, ngx_max(size, 1024));
-        if (b->start == NULL) {
-            return NULL;
-        }
-
-        b->end = b->start + ngx_max(size, 1024);
-    }
-
-    b->pos = b->start;
-    b->last = b->start;
-    b->temporary = (size != 0);
-    b->memory = 0;
-    b->last_buf = 0;
-    b->flush = 0;
-    b->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
-
     *o->ll = cl;
     o->ll = &cl->next;
 
-    return b;
+    return cl->buf;
 }

@@ -767,15 +767,8 @@ ngx_http_ratepool_read_small(ngx_conf_t *cf, ngx_str_t *path, size_t max,
 static ngx_int_t
 ngx_http_ratepool_header_safe(ngx_str_t *s)
 {
-    size_t  i;
-
-    for (i = 0; i < s->len; i++) {
-        if (s->data[i] <= ' ' || s->data[i] >= 0x7f) {
-            return NGX_ERROR;
-        }
-    }
-
-    return NGX_OK;
+    return ngx_http_ratepool_header_bad(s->data, s->len) == s->len
+           ? NGX_OK : NGX_ERROR;
 }
 
 
@@ -1571,14 +1564,14 @@ ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
     }
 
-    for (i = 0; i < secret.len; i++) {
-        if (secret.data[i] <= ' ' || secret.data[i] >= 0x7f) {
-            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "the secret of key \"%V\" has a character "
-                               "that cannot be sent in a header, at "
-                               "offset %uz", &key->name, i);
-            return NGX_CONF_ERROR;
-        }
+    i = ngx_http_ratepool_header_bad(secret.data, secret.len);
+
+    if (i < secret.len) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "the secret of key \"%V\" has a character "
+                           "that cannot be sent in a header, at "
+                           "offset %uz", &key->name, i);
+        return NGX_CONF_ERROR;
     }
 
     if (key->server.len == 0) {

@@ -455,29 +455,13 @@ ngx_http_ratepool_send_event(ngx_http_request_t *r,
         return NGX_OK;
     }
 
-    cl = ngx_chain_get_free_buf(r->pool, &ctx->free);
+    cl = ngx_http_ratepool_out_buf(r, ctx, len);
     if (cl == NULL) {
         return NGX_ERROR;
     }
 
     b = cl->buf;
-
-    if (b->start == NULL || (size_t) (b->end - b->start) < len) {
-        b->start = ngx_palloc(r->pool, ngx_max(len, 1024));
-        if (b->start == NULL) {
-            return NGX_ERROR;
-        }
-
-        b->end = b->start + ngx_max(len, 1024);
-    }
-
-    b->pos = b->start;
     b->last = ngx_cpymem(b->start, ev->pos, len);
-    b->temporary = 1;
-    b->memory = 0;
-    b->last_buf = 0;
-    b->flush = 0;
-    b->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
 
     **ll = cl;
     *ll = &cl->next;
@@ -485,6 +469,47 @@ ngx_http_ratepool_send_event(ngx_http_request_t *r,
     ev->last = ev->pos;
 
     return NGX_OK;
+}
+
+
+/*
+ * A buffer of the module's own for what goes to the client, from those
+ * the client has had (ctx->free) where one is big enough: empty, with
+ * room for size bytes; of size 0, for a flush or the last buffer alone.
+ */
+
+ngx_chain_t *
+ngx_http_ratepool_out_buf(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx, size_t size)
+{
+    ngx_buf_t    *b;
+    ngx_chain_t  *cl;
+
+    cl = ngx_chain_get_free_buf(r->pool, &ctx->free);
+    if (cl == NULL) {
+        return NULL;
+    }
+
+    b = cl->buf;
+
+    if (size && (b->start == NULL || (size_t) (b->end - b->start) < size)) {
+        b->start = ngx_palloc(r->pool, ngx_max(size, 1024));
+        if (b->start == NULL) {
+            return NULL;
+        }
+
+        b->end = b->start + ngx_max(size, 1024);
+    }
+
+    b->pos = b->start;
+    b->last = b->start;
+    b->temporary = (size != 0);
+    b->memory = 0;
+    b->last_buf = 0;
+    b->flush = 0;
+    b->tag = (ngx_buf_tag_t) &ngx_http_ratepool_module;
+
+    return cl;
 }
 
 

@@ -518,7 +518,7 @@ static void
 ngx_http_ratepool_fetch_done(ngx_http_ratepool_fetch_t *f, const char *error)
 {
     time_t                       now;
-    size_t                       len, i;
+    size_t                       len;
     u_char                       token[RATEPOOL_TOKEN_MAX], status[4], *p,
                                 *body;
     uint64_t                     lifetime;
@@ -582,12 +582,8 @@ ngx_http_ratepool_fetch_done(ngx_http_ratepool_fetch_t *f, const char *error)
                 error = "its answer has no access token";
             }
 
-            /* it goes into a header: printable, no spaces */
-            for (i = 0; i < len; i++) {
-                if (token[i] <= ' ' || token[i] >= 0x7f) {
-                    error = "its access token cannot be sent in a header";
-                    break;
-                }
+            if (ngx_http_ratepool_header_bad(token, len) < len) {
+                error = "its access token cannot be sent in a header";
             }
 
         } else {
