@@ -30,7 +30,8 @@ MODULE_SRCS  = $(wildcard src/*.c src/*.h) config sources
 # the Debian 12 packages ratepool builds and tests with
 DEB_PACKAGES = build-essential nginx nginx-dev libssl-dev libhiredis-dev \
                redis-server perl wrk \
-               ca-certificates clang libclang-rt-14-dev debhelper prometheus
+               ca-certificates clang libclang-rt-14-dev debhelper prometheus \
+               chromium
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # the clients t/90 runs unmodified, from the npm registry with the
@@ -50,7 +51,7 @@ deps:
 
 module: $(MODULE)
 
-$(BUILD)/nginx/objs/Makefile: config sources
+$(BUILD)/nginx/objs/Makefile: config sources src/ratepool_status.html
 	@echo "configuring against $(NGINX_SRC) (log: $(BUILD)/nginx/configure.log)"
 	@rm -rf $(BUILD)/nginx
 	@mkdir -p $(BUILD)

@@ -58,6 +58,8 @@
 #define RATEPOOL_ENTRY_WORKSPACE    3
 #define RATEPOOL_ENTRY_POOL         4
 #define RATEPOOL_ENTRY_QUEUE        5
+#define RATEPOOL_ENTRY_CLIENT       6
+#define RATEPOOL_ENTRY_SPEND        7
 
 #define RATEPOOL_REDIS_FAIL_LOCAL   0     /* redis_fail=: while Redis is */
 #define RATEPOOL_REDIS_FAIL_OPEN    1     /* down, this gateway's share, */
@@ -91,6 +93,31 @@
 #define RATEPOOL_PLACED_HOME        2       /* where its cache is */
 #define RATEPOOL_PLACED_MOVED       3       /* away from it */
 #define RATEPOOL_WORKER_SLOTS       64      /* of the oldest wait */
+
+/* what a pool's clients were answered: the status's classes */
+#define RATEPOOL_ANSWER_2XX         0
+#define RATEPOOL_ANSWER_429         1
+#define RATEPOOL_ANSWER_4XX         2       /* other than 429 */
+#define RATEPOOL_ANSWER_5XX         3
+#define RATEPOOL_ANSWER_CLASSES     4
+
+/* the last ten minutes, by ten seconds, of what the status page draws */
+#define RATEPOOL_HISTORY            60
+#define RATEPOOL_HISTORY_STEP       10
+#define RATEPOOL_HISTORY_REQUESTS   0       /* reached a pool */
+#define RATEPOOL_HISTORY_REROUTED   1       /* sent again, elsewhere */
+#define RATEPOOL_HISTORY_UPSTREAM_429  2    /* the provider's 429s */
+#define RATEPOOL_HISTORY_GIVEN_429  3       /* the clients' */
+#define RATEPOOL_HISTORY_ERRORS     4       /* 5xx, given to clients */
+#define RATEPOOL_HISTORY_KINDS      5
+
+/* Prometheus's histograms: the bounds of their buckets, in ms */
+#define RATEPOOL_HISTOGRAM_BUCKETS  10      /* and +Inf */
+
+typedef struct {
+    ngx_atomic_t                    bucket[RATEPOOL_HISTOGRAM_BUCKETS + 1];
+    ngx_atomic_t                    sum_ms;
+} ngx_http_ratepool_histogram_t;
 
 
 typedef struct ngx_http_ratepool_ctx_s  ngx_http_ratepool_ctx_t;
@@ -177,6 +204,7 @@ typedef struct {
     ngx_http_ratepool_learned_t     output_tokens;
 
     ngx_http_ratepool_tokens_t      used;
+    uint64_t                        cost;       /* nano-dollars */
 } ngx_http_ratepool_org_sh_t;
 
 
@@ -185,6 +213,7 @@ typedef struct {
 
     u_char                          fingerprint[RATEPOOL_FINGERPRINT_LEN];
     ngx_uint_t                      dead_status;        /* 0: alive */
+    time_t                          dead_since;         /* wall clock */
     uint64_t                        refused_until_ms;   /* after a 403 */
     uint64_t                        overloaded_until_ms;    /* its server
                                                        answered 529 */
@@ -195,6 +224,8 @@ typedef struct {
     uint64_t                        status_2xx;
     uint64_t                        status_429;
     uint64_t                        status_529;
+    uint64_t                        status_401;
+    uint64_t                        status_403;
     uint64_t                        status_other;
     uint64_t                        failed;             /* no response */
     uint64_t                        estimated;  /* answers that did not
@@ -209,6 +240,7 @@ typedef struct {
     u_char                          token[RATEPOOL_TOKEN_MAX];
 
     ngx_http_ratepool_tokens_t      used;
+    uint64_t                        cost;       /* nano-dollars */
 } ngx_http_ratepool_key_sh_t;
 
 
@@ -235,7 +267,32 @@ typedef struct {
     ratepool_budget_t               this_month;
     uint64_t                        budget_reserved;    /* by requests in
                                                    flight, against both */
+    uint64_t                        cost;       /* nano-dollars, all */
+    ratepool_budget_t               cost_today;     /* nano-dollars */
+    ratepool_budget_t               cost_this_month;
+    uint64_t                        cost_reserved;  /* by requests in
+                                                   flight, against both */
 } ngx_http_ratepool_workspace_sh_t;
+
+
+/* a client, by its name: what the tokens of that name asked and used */
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+    ngx_atomic_t                    requests;
+    ngx_atomic_t                    given_429;  /* answers it got */
+    ngx_http_ratepool_tokens_t      used;
+    uint64_t                        cost;       /* nano-dollars */
+} ngx_http_ratepool_client_sh_t;
+
+
+/* a workspace's use of one priced model (ratepool_price's pattern) */
+
+typedef struct {
+    ngx_http_ratepool_entry_t       entry;
+    ngx_http_ratepool_tokens_t      used;
+    uint64_t                        cost;       /* nano-dollars */
+} ngx_http_ratepool_spend_sh_t;
 
 
 /* requests waiting for a pool, in all workers */
@@ -254,6 +311,11 @@ typedef struct {
                                                    sent */
     uint64_t                        oldest_ms[RATEPOOL_WORKER_SLOTS];
                                                 /* per worker, 0: none */
+
+    /* what its clients were answered, and how long they took */
+    ngx_atomic_t                    answers[RATEPOOL_ANSWER_CLASSES];
+    ngx_http_ratepool_histogram_t   wait_time;  /* in the queue */
+    ngx_http_ratepool_histogram_t   added_time; /* by the gateway */
 } ngx_http_ratepool_pool_sh_t;
 
 
@@ -287,6 +349,17 @@ typedef struct {
     unsigned                        prefix:1;   /* a prompt's tools and
                                                    system, warm there */
 } ngx_http_ratepool_home_t;
+
+
+/*
+ * The last minutes, step by step, for the status page: a ring of
+ * RATEPOOL_HISTORY steps, each of RATEPOOL_HISTORY_STEP seconds.
+ */
+
+typedef struct {
+    ngx_atomic_t                    step;       /* time / the step's length */
+    ngx_atomic_t                    count[RATEPOOL_HISTORY_KINDS];
+} ngx_http_ratepool_step_t;
 
 
 /* the zone's counters are atomics, counted without the lock */
@@ -329,6 +402,8 @@ typedef struct {
     ngx_uint_t                      conversations;
     uint64_t                        homes_evicted;  /* still live */
     uint64_t                        turns[4];   /* by RATEPOOL_PLACED_* */
+
+    ngx_http_ratepool_step_t        history[RATEPOOL_HISTORY];
 } ngx_http_ratepool_shctx_t;
 
 
@@ -376,6 +451,15 @@ typedef struct {
     ngx_uint_t                      credential;
     ngx_uint_t                      service;    /* RATEPOOL_SERVICE_* */
 } ngx_http_ratepool_provider_t;
+
+
+/* ratepool_price: a model pattern's list prices */
+
+typedef struct {
+    ngx_str_t                       pattern;
+    ratepool_price_t                price;      /* nano-dollars a token */
+    ngx_uint_t                      index;      /* in the main conf's */
+} ngx_http_ratepool_price_t;
 
 
 /* ratepool_model: what a model is called by each cloud that serves it */
@@ -487,8 +571,11 @@ typedef struct {
     ngx_uint_t                         otpm;
     ngx_uint_t                         daily_tokens;     /* 0: none */
     ngx_uint_t                         monthly_tokens;
+    uint64_t                           daily_cost;  /* nano-dollars, */
+    uint64_t                           monthly_cost;    /* 0: none */
     ngx_uint_t                         weight;      /* of its turns */
     ngx_http_ratepool_workspace_sh_t  *sh;
+    ngx_http_ratepool_spend_sh_t     **spend;   /* by price, in order */
 } ngx_http_ratepool_workspace_t;
 
 
@@ -496,6 +583,9 @@ typedef struct {
     u_char                          digest[32];  /* sha256 of the token */
     ngx_uint_t                      workspace;   /* index */
     ngx_str_t                       workspace_name;
+    ngx_str_t                       name;       /* name=, or its hash's
+                                                   first digits */
+    ngx_http_ratepool_client_sh_t  *sh;         /* shared by its name */
 } ngx_http_ratepool_client_t;
 
 
@@ -548,6 +638,7 @@ typedef struct {
     ngx_array_t                     clients;     /* ..._client_t */
     ngx_array_t                     passes;      /* ..._loc_conf_t * */
     ngx_array_t                     models;      /* ..._model_t */
+    ngx_array_t                     prices;      /* ..._price_t */
     ngx_array_t                     bedrock_betas;  /* ngx_str_t: flags
                                                    InvokeModel takes */
     ngx_event_t                     tokens;     /* this worker's look at
@@ -587,7 +678,7 @@ struct ngx_http_ratepool_store_s {
     void                          (*move)(ngx_http_ratepool_ctx_t *ctx);
     void                          (*usage)(ngx_http_ratepool_ctx_t *ctx,
                                            uint64_t input, uint64_t output,
-                                           uint64_t total);
+                                           uint64_t total, uint64_t cost);
     void                          (*end)(ngx_http_ratepool_ctx_t *ctx);
     /* back to waiting: its tries' requests stay charged to their orgs */
     void                          (*requeue)(ngx_http_ratepool_ctx_t *ctx);
@@ -645,6 +736,7 @@ struct ngx_http_ratepool_ctx_s {
     ngx_http_request_t             *request;
     ngx_http_ratepool_pool_t       *pool;
     ngx_http_ratepool_workspace_t  *workspace;
+    ngx_http_ratepool_client_t     *client;
     ngx_uint_t                      dialect;    /* the client's API */
     ngx_http_ratepool_key_t        *key;        /* of the current try */
     ngx_http_ratepool_key_t        *held;       /* counted in flight */
@@ -696,9 +788,15 @@ struct ngx_http_ratepool_ctx_s {
     uint64_t                        output_cost;    /* reserved */
     uint64_t                        budget_cost;    /* reserved against
                                                    the workspace's budgets */
+    uint64_t                        money_cost;     /* the same, in
+                                                   nano-dollars */
+    ngx_http_ratepool_price_t      *price;      /* of its model, or NULL */
+    unsigned                        price_found:1;
     uint64_t                        output_cap;     /* max_tokens, or
                                                    ratepool_output_reserve */
     ngx_int_t                       phase_rc;   /* once the body is read */
+    ngx_uint_t                      moved_status;   /* of a try moved on
+                                                   as if it were a 429 */
     unsigned                        stream:1;   /* the body asks for SSE */
     unsigned                        cache_long:1;   /* "ttl":"1h" */
     unsigned                        redirected:1;   /* to another pool */
@@ -721,10 +819,13 @@ struct ngx_http_ratepool_ctx_s {
     /* why the request could not go now, and when it might */
     const char                     *limited_what;
     ngx_uint_t                      limited_limit;
+    uint64_t                        budget_limit;   /* in tokens, or */
+    unsigned                        limited_money:1;    /* nano-dollars */
 
     ngx_queue_t                     queue;      /* while waiting */
     ngx_event_t                     wait_timer;
     uint64_t                        arrived_ms;
+    uint64_t                        body_read_ms;   /* 0: not yet */
     uint64_t                        wait_start_ms;
     uint64_t                        wait_until_ms;
     uint64_t                        waited_ms;
@@ -768,6 +869,11 @@ struct ngx_http_ratepool_ctx_s {
 
 extern ngx_module_t  ngx_http_ratepool_module;
 
+
+/* a workspace with a budget for the day or month, in tokens or money */
+#define ngx_http_ratepool_has_budget(ws)                                      \
+    ((ws)->daily_tokens || (ws)->monthly_tokens || (ws)->daily_cost          \
+     || (ws)->monthly_cost)
 
 /* a key's org, in its default class */
 #define ngx_http_ratepool_key_org(pool, key)                                  \

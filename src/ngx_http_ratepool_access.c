@@ -15,6 +15,7 @@
 #include "ngx_http_ratepool_admission.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_reply.h"
+#include "ngx_http_ratepool_shm.h"
 #include "ngx_http_ratepool_store.h"
 #include "ngx_http_ratepool_wait.h"
 
@@ -26,11 +27,11 @@
  */
 
 
-static ngx_http_ratepool_workspace_t *ngx_http_ratepool_identify(
+static ngx_http_ratepool_client_t *ngx_http_ratepool_identify(
     ngx_http_request_t *r, ngx_http_ratepool_main_conf_t *rmcf);
 static ngx_int_t ngx_http_ratepool_token_matches(
     ngx_http_ratepool_main_conf_t *rmcf, u_char *token, size_t len,
-    ngx_uint_t *workspace);
+    ngx_uint_t *index);
 static void ngx_http_ratepool_body_read(ngx_http_request_t *r);
 static void ngx_http_ratepool_cleanup(void *data);
 
@@ -42,6 +43,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     ngx_pool_cleanup_t             *cln;
     ngx_http_ratepool_ctx_t        *ctx;
     ngx_http_ratepool_pool_t       *pool;
+    ngx_http_ratepool_client_t     *client;
     ngx_http_ratepool_loc_conf_t   *rlcf;
     ngx_http_ratepool_main_conf_t  *rmcf;
     ngx_http_ratepool_workspace_t  *ws;
@@ -106,13 +108,18 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     rmcf = ngx_http_get_module_main_conf(r, ngx_http_ratepool_module);
 
     (void) ngx_atomic_fetch_add(&pool->zone->sh->requests, 1);
+    ngx_http_ratepool_history_count(pool->zone->sh, RATEPOOL_HISTORY_REQUESTS);
 
-    ws = ngx_http_ratepool_identify(r, rmcf);
+    client = ngx_http_ratepool_identify(r, rmcf);
 
-    if (ws == NULL) {
+    if (client == NULL) {
         (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_auth, 1);
         return ngx_http_ratepool_reply_bad_token(r);
     }
+
+    (void) ngx_atomic_fetch_add(&client->sh->requests, 1);
+    ws = &((ngx_http_ratepool_workspace_t *) rmcf->workspaces.elts)
+                                                          [client->workspace];
 
     ctx = ngx_pcalloc(r->pool, sizeof(ngx_http_ratepool_ctx_t));
     if (ctx == NULL) {
@@ -123,6 +130,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
     ctx->dialect = ngx_http_ratepool_dialect(r);
     ctx->pool = pool;
     ctx->workspace = ws;
+    ctx->client = client;
     ctx->phase_rc = NGX_DONE;
     ctx->arrived_ms = ngx_http_ratepool_now_ms();
 
@@ -137,7 +145,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
 
     ngx_http_set_ctx(r, ctx, ngx_http_ratepool_module);
 
-    if (ws->daily_tokens || ws->monthly_tokens) {
+    if (ngx_http_ratepool_has_budget(ws)) {
         rc = ngx_http_ratepool_check_budgets(r, pool, ws);
 
         if (rc != NGX_OK) {
@@ -169,6 +177,7 @@ ngx_http_ratepool_body_read(ngx_http_request_t *r)
     ngx_http_ratepool_ctx_t  *ctx;
 
     ctx = ngx_http_ratepool_get_ctx(r);
+    ctx->body_read_ms = ngx_http_ratepool_now_ms();
 
     ngx_http_ratepool_proceed(r, ctx, ngx_http_ratepool_admit(r, ctx));
 }
@@ -206,7 +215,7 @@ ngx_http_ratepool_get_ctx(ngx_http_request_t *r)
 
 static ngx_int_t
 ngx_http_ratepool_token_matches(ngx_http_ratepool_main_conf_t *rmcf,
-    u_char *token, size_t len, ngx_uint_t *workspace)
+    u_char *token, size_t len, ngx_uint_t *index)
 {
     u_char                       digest[32];
     ngx_uint_t                   i, found;
@@ -230,7 +239,7 @@ ngx_http_ratepool_token_matches(ngx_http_ratepool_main_conf_t *rmcf,
     /* every entry is compared, in constant time, whatever matches */
     for (i = 0; i < rmcf->clients.nelts; i++) {
         if (CRYPTO_memcmp(digest, client[i].digest, 32) == 0 && !found) {
-            *workspace = client[i].workspace;
+            *index = i;
             found = 1;
         }
     }
@@ -239,7 +248,7 @@ ngx_http_ratepool_token_matches(ngx_http_ratepool_main_conf_t *rmcf,
 }
 
 
-static ngx_http_ratepool_workspace_t *
+static ngx_http_ratepool_client_t *
 ngx_http_ratepool_identify(ngx_http_request_t *r,
     ngx_http_ratepool_main_conf_t *rmcf)
 {
@@ -247,9 +256,9 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
     ngx_uint_t                       i, index;
     ngx_list_part_t                 *part;
     ngx_table_elt_t                 *h;
-    ngx_http_ratepool_workspace_t   *ws;
+    ngx_http_ratepool_client_t      *client;
 
-    ws = rmcf->workspaces.elts;
+    client = rmcf->clients.elts;
 
     part = &r->headers_in.headers.part;
     h = part->elts;
@@ -277,7 +286,7 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
             && ngx_http_ratepool_token_matches(rmcf, h[i].value.data,
                                                h[i].value.len, &index))
         {
-            return &ws[index];
+            return &client[index];
         }
     }
 
@@ -295,7 +304,7 @@ ngx_http_ratepool_identify(ngx_http_request_t *r,
                                            auth->len - (sizeof("Bearer ") - 1),
                                            &index))
     {
-        return &ws[index];
+        return &client[index];
     }
 
     return NULL;

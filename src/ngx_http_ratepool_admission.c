@@ -49,6 +49,8 @@ static ngx_int_t ngx_http_ratepool_refuse(ngx_http_request_t *r,
 static uint64_t ngx_http_ratepool_workspace_wait(
     ngx_http_ratepool_ctx_t *ctx, uint64_t now_ms);
 static ngx_int_t ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_limited_budget(ngx_http_ratepool_ctx_t *ctx,
+    ngx_uint_t i, uint64_t budget);
 static ngx_int_t ngx_http_ratepool_admit_workspace(
     ngx_http_ratepool_ctx_t *ctx, uint64_t *wait_ms);
 static void ngx_http_ratepool_conversation_cost(ngx_http_ratepool_ctx_t *ctx,
@@ -551,6 +553,7 @@ static ngx_int_t
 ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
     ngx_int_t rc, uint64_t wait_ms)
 {
+    u_char                         *amount, buf[64];
     time_t                          until;
     ngx_slab_pool_t                *shpool;
     ngx_http_ratepool_pool_t       *pool;
@@ -581,14 +584,19 @@ ngx_http_ratepool_refuse(ngx_http_request_t *r, ngx_http_ratepool_ctx_t *ctx,
         ws->sh->rejected++;
         ngx_shmtx_unlock(&shpool->mutex);
 
+        amount = ngx_http_ratepool_amount(buf, buf + sizeof(buf),
+                                          ctx->budget_limit,
+                                          ctx->limited_money);
+
         ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
                       "ratepool: workspace \"%V\" is too near its %s "
-                      "budget of %ui tokens for a request while others are "
-                      "in flight", &ws->name, ctx->limited_what,
-                      ctx->limited_limit);
+                      "budget of %*s for a request while others are in "
+                      "flight", &ws->name, ctx->limited_what,
+                      (size_t) (amount - buf), buf);
 
         return ngx_http_ratepool_reply_budget_busy(r, ws, ctx->limited_what,
-                                                   ctx->limited_limit,
+                                                   ctx->budget_limit,
+                                                   ctx->limited_money,
                                                    wait_ms);
     }
 
@@ -702,8 +710,10 @@ static ngx_int_t
 ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx)
 {
     time_t                             now;
-    uint64_t                           used[2], budget[2];
+    uint64_t                           used[4], budget[4], reserved[4],
+                                       cost[4], output;
     ngx_uint_t                         i;
+    ngx_http_ratepool_price_t         *price;
     ngx_http_ratepool_workspace_t     *ws;
     ngx_http_ratepool_workspace_sh_t  *sh;
 
@@ -711,36 +721,62 @@ ngx_http_ratepool_budget_room(ngx_http_ratepool_ctx_t *ctx)
     sh = ws->sh;
     now = ngx_time();
 
-    ctx->budget_cost = ctx->input_full
-                       + (ctx->output_cap ? ctx->output_cap
-                                          : ctx->output_cost);
+    output = ctx->output_cap ? ctx->output_cap : ctx->output_cost;
+    ctx->budget_cost = ctx->input_full + output;
 
+    /* in money, at the model's prices, all its input as if uncached */
+    price = ngx_http_ratepool_price_of(ctx);
+    ctx->money_cost = price ? ratepool_price_cost(&price->price,
+                                                  ctx->input_full, output,
+                                                  0, 0)
+                            : 0;
+
+    /* tokens a day and a month, then dollars */
     budget[0] = ws->daily_tokens;
     budget[1] = ws->monthly_tokens;
+    budget[2] = ws->daily_cost;
+    budget[3] = ws->monthly_cost;
     used[0] = ratepool_budget_used(&sh->today, RATEPOOL_BUDGET_DAY, now);
     used[1] = ratepool_budget_used(&sh->this_month, RATEPOOL_BUDGET_MONTH,
                                    now);
+    used[2] = ratepool_budget_used(&sh->cost_today, RATEPOOL_BUDGET_DAY, now);
+    used[3] = ratepool_budget_used(&sh->cost_this_month,
+                                   RATEPOOL_BUDGET_MONTH, now);
+    reserved[0] = reserved[1] = sh->budget_reserved;
+    reserved[2] = reserved[3] = sh->cost_reserved;
+    cost[0] = cost[1] = ctx->budget_cost;
+    cost[2] = cost[3] = ctx->money_cost;
 
-    for (i = 0; i < 2; i++) {
+    for (i = 0; i < 4; i++) {
         if (budget[i] && used[i] >= budget[i]) {
-            ctx->limited_what = i ? "monthly" : "daily";
-            ctx->limited_limit = budget[i];
+            ngx_http_ratepool_limited_budget(ctx, i, budget[i]);
             return NGX_DONE;
         }
     }
 
-    for (i = 0; i < 2; i++) {
-        if (budget[i] && sh->budget_reserved
-            && used[i] + sh->budget_reserved + ctx->budget_cost > budget[i])
+    for (i = 0; i < 4; i++) {
+        if (budget[i] && reserved[i]
+            && used[i] + reserved[i] + cost[i] > budget[i])
         {
             ctx->limited_budget = 1;
-            ctx->limited_what = i ? "monthly" : "daily";
-            ctx->limited_limit = budget[i];
+            ngx_http_ratepool_limited_budget(ctx, i, budget[i]);
             return NGX_AGAIN;
         }
     }
 
     return NGX_OK;
+}
+
+
+/* budget i of ngx_http_ratepool_budget_room(): which, and how much */
+
+static void
+ngx_http_ratepool_limited_budget(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t i,
+    uint64_t budget)
+{
+    ctx->limited_what = (i & 1) ? "monthly" : "daily";
+    ctx->limited_money = (i >= 2);
+    ctx->budget_limit = budget;
 }
 
 
@@ -797,7 +833,7 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     *wait_ms = 0;
     ctx->limited_budget = 0;
 
-    if (ws->daily_tokens || ws->monthly_tokens) {
+    if (ngx_http_ratepool_has_budget(ws)) {
         rc = ngx_http_ratepool_budget_room(ctx);
 
         if (rc != NGX_OK) {
@@ -832,6 +868,7 @@ ngx_http_ratepool_admit_workspace(ngx_http_ratepool_ctx_t *ctx,
     sh->lim.reserved_input += ctx->input_cost;
     sh->lim.reserved_output += ctx->output_cost;
     sh->budget_reserved += ctx->budget_cost;
+    sh->cost_reserved += ctx->money_cost;
     ctx->ws_reserved = 1;
 
 done:
@@ -902,20 +939,35 @@ ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, ngx_http_ratepool_workspace_t *ws)
 {
     int          kind;
-    time_t       now, reset;
-    uint64_t     day, month, budget;
-    ngx_uint_t   over;
+    time_t       now;
+    uint64_t     used[4], budget[4];
+    ngx_uint_t   i, over;
 
     now = ngx_time();
 
+    /* a month's budget first: it is the one that lasts */
+    budget[0] = ws->monthly_tokens;
+    budget[1] = ws->daily_tokens;
+    budget[2] = ws->monthly_cost;
+    budget[3] = ws->daily_cost;
+
     ngx_shmtx_lock(&pool->zone->shpool->mutex);
 
-    day = ratepool_budget_used(&ws->sh->today, RATEPOOL_BUDGET_DAY, now);
-    month = ratepool_budget_used(&ws->sh->this_month, RATEPOOL_BUDGET_MONTH,
-                                 now);
+    used[0] = ratepool_budget_used(&ws->sh->this_month, RATEPOOL_BUDGET_MONTH,
+                                   now);
+    used[1] = ratepool_budget_used(&ws->sh->today, RATEPOOL_BUDGET_DAY, now);
+    used[2] = ratepool_budget_used(&ws->sh->cost_this_month,
+                                   RATEPOOL_BUDGET_MONTH, now);
+    used[3] = ratepool_budget_used(&ws->sh->cost_today, RATEPOOL_BUDGET_DAY,
+                                   now);
 
-    over = (ws->daily_tokens && day >= ws->daily_tokens)
-           || (ws->monthly_tokens && month >= ws->monthly_tokens);
+    for (i = 0; i < 4; i++) {
+        if (budget[i] && used[i] >= budget[i]) {
+            break;
+        }
+    }
+
+    over = (i < 4);
 
     if (over) {
         ws->sh->rejected++;
@@ -929,25 +981,18 @@ ngx_http_ratepool_check_budgets(ngx_http_request_t *r,
 
     (void) ngx_atomic_fetch_add(&pool->zone->sh->rejected_workspace, 1);
 
-    if (ws->monthly_tokens && month >= ws->monthly_tokens) {
-        kind = RATEPOOL_BUDGET_MONTH;
-        budget = ws->monthly_tokens;
-
-    } else {
-        kind = RATEPOOL_BUDGET_DAY;
-        budget = ws->daily_tokens;
-    }
-
-    reset = ratepool_budget_reset(kind, now);
+    kind = (i & 1) ? RATEPOOL_BUDGET_DAY : RATEPOOL_BUDGET_MONTH;
 
     ngx_log_error(NGX_LOG_INFO, r->connection->log, 0,
-                  "ratepool: workspace \"%V\" is over its %s token budget",
-                  &ws->name, kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly");
+                  "ratepool: workspace \"%V\" is over its %s %s budget",
+                  &ws->name, kind == RATEPOOL_BUDGET_DAY ? "daily" : "monthly",
+                  i >= 2 ? "spending" : "token");
 
     return ngx_http_ratepool_reply_over_budget(r, ws,
                                  kind == RATEPOOL_BUDGET_DAY ? "daily"
                                                              : "monthly",
-                                 budget, reset);
+                                 budget[i], i >= 2,
+                                 ratepool_budget_reset(kind, now));
 }
 
 
@@ -981,6 +1026,7 @@ ngx_http_ratepool_refund_workspace(ngx_http_ratepool_ctx_t *ctx,
                                            sh->lim.reserved_output);
         sh->budget_reserved -= ngx_min(ctx->budget_cost,
                                        sh->budget_reserved);
+        sh->cost_reserved -= ngx_min(ctx->money_cost, sh->cost_reserved);
     }
 
     if (request) {

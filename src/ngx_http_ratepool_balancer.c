@@ -14,6 +14,7 @@
 #include "ngx_http_ratepool_balancer.h"
 #include "ngx_http_ratepool_cloud.h"
 #include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_shm.h"
 #include "ngx_http_ratepool_store.h"
 
 
@@ -56,15 +57,30 @@ static void ngx_http_ratepool_save_session(ngx_peer_connection_t *pc,
 static ngx_int_t
 ngx_http_ratepool_get_peer(ngx_peer_connection_t *pc, void *data)
 {
-    ngx_http_ratepool_ctx_t  *ctx = data;
+    ngx_http_ratepool_ctx_t    *ctx = data;
 
-    uint64_t                  soonest_ms;
-    ngx_addr_t               *addr;
-    ngx_uint_t                index;
-    ngx_http_request_t       *r;
-    ngx_http_ratepool_key_t  *key;
+    uint64_t                    soonest_ms;
+    ngx_addr_t                 *addr;
+    ngx_uint_t                  index;
+    ngx_http_request_t         *r;
+    ngx_http_upstream_state_t  *state;
+    ngx_http_ratepool_key_t    *key;
 
     r = ctx->request;
+
+    /*
+     * The try before was logged with the 429 that moved it on: its
+     * $upstream_status is made what the provider sent (nginx has pushed
+     * this try's state already).
+     */
+    if (ctx->moved_status && r->upstream_states
+        && r->upstream_states->nelts >= 2)
+    {
+        state = r->upstream_states->elts;
+        state[r->upstream_states->nelts - 2].status = ctx->moved_status;
+    }
+
+    ctx->moved_status = 0;
 
     if (ctx->retry_same) {
         /* the same key again, on a fresh connection */
@@ -268,9 +284,12 @@ ngx_http_ratepool_process_header(ngx_http_request_t *r)
     if (ctx->next) {
         /* nginx re-sends on 429, not on 401 or 400; this answer reaches
            no one */
+        ctx->moved_status = status;
         u->headers_in.status_n = NGX_HTTP_TOO_MANY_REQUESTS;
 
         (void) ngx_atomic_fetch_add(&ctx->pool->zone->sh->rerouted, 1);
+        ngx_http_ratepool_history_count(ctx->pool->zone->sh,
+                                        RATEPOOL_HISTORY_REROUTED);
 
         return NGX_OK;
     }

@@ -35,6 +35,8 @@ static char *ngx_http_ratepool_check_name(ngx_conf_t *cf, ngx_str_t *name);
 static ngx_int_t ngx_http_ratepool_parse_limit(ngx_str_t *arg,
     const char *name, ngx_uint_t *limit);
 static ngx_int_t ngx_http_ratepool_valid_model(ngx_str_t *model);
+static ngx_int_t ngx_http_ratepool_parse_money(ngx_str_t *value,
+    const char *name, uint64_t *nano);
 static ngx_http_ratepool_org_t *ngx_http_ratepool_find_org(ngx_conf_t *cf,
     ngx_http_ratepool_pool_t *pool, ngx_str_t *name, ngx_str_t *model,
     ngx_uint_t *index);
@@ -1096,6 +1098,140 @@ ngx_http_ratepool_free_pkey(void *data)
 }
 
 
+/*
+ * ratepool_price PATTERN input=USD output=USD [cache_write=USD]
+ *                [cache_read=USD]
+ *
+ * Dollars per million tokens.  A request is priced by the first pattern
+ * its model matches; without cache prices, Anthropic's multiples of the
+ * input price are used: 1.25 for a write (5 minutes), 0.1 for a read.
+ */
+
+char *
+ngx_http_ratepool_price(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_http_ratepool_main_conf_t *rmcf = conf;
+
+    size_t                      len;
+    uint64_t                   *field;
+    ngx_str_t                  *value;
+    ngx_uint_t                  n, i, seen;
+    ngx_http_ratepool_price_t  *price, *prices;
+
+    static const char  *names[] = { "input=", "output=", "cache_write=",
+                                    "cache_read=" };
+
+    value = cf->args->elts;
+    prices = rmcf->prices.elts;
+
+    if (ngx_http_ratepool_valid_model(&value[1]) != NGX_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid model pattern \"%V\", use up to %d "
+                           "characters of model names and \"*\", such as "
+                           "\"claude-sonnet-4*\"", &value[1],
+                           RATEPOOL_NAME_MAX);
+        return NGX_CONF_ERROR;
+    }
+
+    for (n = 0; n < rmcf->prices.nelts; n++) {
+        if (ngx_http_ratepool_str_eq(&prices[n].pattern, &value[1])) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "model pattern \"%V\" is priced twice",
+                               &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    price = ngx_array_push(&rmcf->prices);
+    if (price == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(price, sizeof(ngx_http_ratepool_price_t));
+    price->pattern = value[1];
+    price->index = rmcf->prices.nelts - 1;
+    seen = 0;
+
+    for (n = 2; n < cf->args->nelts; n++) {
+
+        for (i = 0; i < 4; i++) {
+            len = ngx_strlen(names[i]);
+
+            if (value[n].len > len
+                && ngx_strncmp(value[n].data, names[i], len) == 0)
+            {
+                break;
+            }
+        }
+
+        field = i == 0 ? &price->price.input : i == 1 ? &price->price.output
+                : i == 2 ? &price->price.cache_write
+                : &price->price.cache_read;
+
+        if (i == 4
+            || !ratepool_decimal_parse(value[n].data + len,
+                                       value[n].len - len, 3,
+                                       RATEPOOL_PRICE_MAX, field))
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid price \"%V\" of \"%V\", use "
+                               "\"input=\", \"output=\", \"cache_write=\" "
+                               "or \"cache_read=\" and dollars per million "
+                               "tokens, such as \"input=3 output=15\"",
+                               &value[n], &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        seen |= 1 << i;
+    }
+
+    if ((seen & 3) != 3) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "model pattern \"%V\" needs an input and an "
+                           "output price, such as \"input=3 output=15\"",
+                           &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    if (!(seen & 4)) {
+        price->price.cache_write = price->price.input * 5 / 4;
+    }
+
+    if (!(seen & 8)) {
+        price->price.cache_read = price->price.input / 10;
+    }
+
+    return NGX_CONF_OK;
+}
+
+
+/* NAME=DOLLARS, with cents: NGX_DECLINED if it is another parameter */
+
+static ngx_int_t
+ngx_http_ratepool_parse_money(ngx_str_t *value, const char *name,
+    uint64_t *nano)
+{
+    size_t  len;
+
+    len = ngx_strlen(name);
+
+    if (value->len < len || ngx_strncmp(value->data, name, len) != 0) {
+        return NGX_DECLINED;
+    }
+
+    /* up to a billion dollars, counted in nano-dollars */
+    if (!ratepool_decimal_parse(value->data + len, value->len - len, 9,
+                                (uint64_t) 1000000000 * RATEPOOL_NANO_PER_USD,
+                                nano)
+        || *nano == 0)
+    {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
 /* ratepool_model NAME bedrock=ID */
 
 char *
@@ -1742,6 +1878,16 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
                                                &ws->monthly_tokens);
         }
 
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_money(&value[i], "daily_usd=",
+                                               &ws->daily_cost);
+        }
+
+        if (rc == NGX_DECLINED) {
+            rc = ngx_http_ratepool_parse_money(&value[i], "monthly_usd=",
+                                               &ws->monthly_cost);
+        }
+
         if (rc == NGX_OK) {
             continue;
         }
@@ -1749,8 +1895,9 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         if (rc == NGX_ERROR) {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                "invalid limit \"%V\", use a positive number, "
-                               "for example \"rpm=200\" or "
-                               "\"daily_tokens=5000000\", and a weight of "
+                               "for example \"rpm=200\", "
+                               "\"daily_tokens=5000000\" or "
+                               "\"daily_usd=25.50\", and a weight of "
                                "1 to 100", &value[i]);
             return NGX_CONF_ERROR;
         }
@@ -1758,7 +1905,8 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "invalid parameter \"%V\", use \"rpm=\", "
                            "\"itpm=\", \"otpm=\", \"daily_tokens=\", "
-                           "\"monthly_tokens=\" or \"weight=\"",
+                           "\"monthly_tokens=\", \"daily_usd=\", "
+                           "\"monthly_usd=\" or \"weight=\"",
                            &value[i]);
         return NGX_CONF_ERROR;
     }
@@ -1767,7 +1915,7 @@ ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
-/* ratepool_client WORKSPACE sha256:HEX */
+/* ratepool_client WORKSPACE sha256:HEX [name=NAME] */
 
 char *
 ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
@@ -1799,6 +1947,29 @@ ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     client->workspace_name = value[1];
     hex = value[2].data + 7;
 
+    /* unnamed, it is known by its hash's first digits, as in nginx.conf */
+    client->name.data = value[2].data;
+    client->name.len = 7 + RATEPOOL_FINGERPRINT_LEN;
+
+    if (cf->args->nelts == 4) {
+        if (value[3].len <= 5 || ngx_strncmp(value[3].data, "name=", 5) != 0)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid parameter \"%V\" of a client of "
+                               "workspace \"%V\", use \"name=NAME\" to "
+                               "name the person or job it is",
+                               &value[3], &value[1]);
+            return NGX_CONF_ERROR;
+        }
+
+        client->name.data = value[3].data + 5;
+        client->name.len = value[3].len - 5;
+
+        if (ngx_http_ratepool_check_name(cf, &client->name) != NGX_CONF_OK) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
     for (i = 0; i < 32; i++) {
         hi = ngx_hextoi(&hex[i * 2], 1);
         lo = ngx_hextoi(&hex[i * 2 + 1], 1);
@@ -1811,6 +1982,18 @@ ngx_http_ratepool_client(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
         }
 
         client->digest[i] = (u_char) (hi * 16 + lo);
+    }
+
+    /* an example's placeholder, left in: no token has such a hash */
+    for (i = 1; i < 64 && hex[i] == hex[0]; i++) { /* void */ }
+
+    if (i == 64) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "the client token hash for workspace \"%V\" is "
+                           "a placeholder, one digit repeated; put in the "
+                           "hash of a real token: printf %%s TOKEN | "
+                           "sha256sum", &value[1]);
+        return NGX_CONF_ERROR;
     }
 
     return NGX_CONF_OK;

@@ -22,6 +22,8 @@ char *ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_ratepool_model(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+char *ngx_http_ratepool_price(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
 char *ngx_http_ratepool_bedrock_betas(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 char *ngx_http_ratepool_workspace(ngx_conf_t *cf, ngx_command_t *cmd,

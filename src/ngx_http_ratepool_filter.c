@@ -15,6 +15,7 @@
 #include "ngx_http_ratepool_filter.h"
 #include "ngx_http_ratepool_pool.h"
 #include "ngx_http_ratepool_reply.h"
+#include "ngx_http_ratepool_shm.h"
 
 
 /*
@@ -37,6 +38,8 @@ static ngx_int_t ngx_http_ratepool_send_event(ngx_http_request_t *r,
 static ngx_int_t ngx_http_ratepool_read_usage(ngx_http_request_t *r,
     ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_commit_usage(ngx_http_ratepool_ctx_t *ctx);
+static void ngx_http_ratepool_count_answer(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -526,11 +529,93 @@ ngx_http_ratepool_log_handler(ngx_http_request_t *r)
 
     ctx = ngx_http_get_module_ctx(r, ngx_http_ratepool_module);
 
-    if (ctx && (ctx->usage || ctx->usage_unread)) {
+    if (ctx == NULL) {
+        return NGX_OK;
+    }
+
+    if (ctx->usage || ctx->usage_unread) {
         ngx_http_ratepool_commit_usage(ctx);
     }
 
+    /* not of a pool: an error page's context only */
+    if (ctx->pool) {
+        ngx_http_ratepool_count_answer(r, ctx);
+    }
+
     return NGX_OK;
+}
+
+
+/*
+ * What the client was answered, and the time the gateway added: all of
+ * the request's time from its body's last byte, but its waits and its
+ * tries' time with the provider.
+ */
+
+static void
+ngx_http_ratepool_count_answer(ngx_http_request_t *r,
+    ngx_http_ratepool_ctx_t *ctx)
+{
+    uint64_t                      spent_ms, upstream_ms;
+    ngx_uint_t                    i, status, answer;
+    ngx_http_ratepool_shctx_t    *sh;
+    ngx_http_upstream_state_t    *state;
+    ngx_http_ratepool_pool_sh_t  *psh;
+
+    sh = ctx->pool->zone->sh;
+    psh = ctx->pool->sh;
+    status = r->headers_out.status;
+
+    if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
+        answer = RATEPOOL_ANSWER_429;
+        ngx_http_ratepool_history_count(sh, RATEPOOL_HISTORY_GIVEN_429);
+
+        if (ctx->client) {
+            (void) ngx_atomic_fetch_add(&ctx->client->sh->given_429, 1);
+        }
+
+    } else if (status >= NGX_HTTP_INTERNAL_SERVER_ERROR || status == 0) {
+        /* 0: nothing was sent, as nginx closed the connection */
+        answer = RATEPOOL_ANSWER_5XX;
+        ngx_http_ratepool_history_count(sh, RATEPOOL_HISTORY_ERRORS);
+
+    } else if (status >= NGX_HTTP_BAD_REQUEST) {
+        answer = RATEPOOL_ANSWER_4XX;
+
+    } else {
+        answer = RATEPOOL_ANSWER_2XX;
+    }
+
+    (void) ngx_atomic_fetch_add(&psh->answers[answer], 1);
+
+    if (ctx->waited_ms) {
+        ngx_http_ratepool_observe(&psh->wait_time,
+                                  ngx_http_ratepool_wait_bounds,
+                                  (ngx_msec_t) ctx->waited_ms);
+    }
+
+    if (ctx->body_read_ms == 0) {
+        return;
+    }
+
+    upstream_ms = 0;
+
+    if (r->upstream_states) {
+        state = r->upstream_states->elts;
+
+        for (i = 0; i < r->upstream_states->nelts; i++) {
+            if (state[i].peer && state[i].response_time != (ngx_msec_t) -1) {
+                upstream_ms += state[i].response_time;
+            }
+        }
+    }
+
+    spent_ms = ngx_http_ratepool_now_ms() - ctx->body_read_ms;
+    spent_ms -= ngx_min(spent_ms, ctx->waited_ms + upstream_ms);
+
+    ngx_http_ratepool_observe(&psh->added_time,
+                              ngx_http_ratepool_added_bounds,
+                              (ngx_msec_t) spent_ms);
 }
 
 

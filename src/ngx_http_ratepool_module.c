@@ -48,6 +48,8 @@ static void *ngx_http_ratepool_create_loc_conf(ngx_conf_t *cf);
 static char *ngx_http_ratepool_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static ngx_int_t ngx_http_ratepool_init_process(ngx_cycle_t *cycle);
+static void ngx_http_ratepool_log_summary(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf);
 static void ngx_http_ratepool_exit_process(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_ratepool_check_cleartext(ngx_conf_t *cf,
     ngx_http_ratepool_loc_conf_t *pass, ngx_http_ratepool_pool_t *pool);
@@ -99,7 +101,7 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
       NULL },
 
     { ngx_string("ratepool_client"),
-      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE2,
+      NGX_HTTP_MAIN_CONF|NGX_CONF_TAKE23,
       ngx_http_ratepool_client,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
@@ -108,6 +110,13 @@ static ngx_command_t  ngx_http_ratepool_commands[] = {
     { ngx_string("ratepool_model"),
       NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
       ngx_http_ratepool_model,
+      NGX_HTTP_MAIN_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("ratepool_price"),
+      NGX_HTTP_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_http_ratepool_price,
       NGX_HTTP_MAIN_CONF_OFFSET,
       0,
       NULL },
@@ -209,6 +218,9 @@ ngx_http_ratepool_create_main_conf(ngx_conf_t *cf)
            != NGX_OK
         || ngx_array_init(&rmcf->models, cf->pool, 4,
                           sizeof(ngx_http_ratepool_model_t))
+           != NGX_OK
+        || ngx_array_init(&rmcf->prices, cf->pool, 8,
+                          sizeof(ngx_http_ratepool_price_t))
            != NGX_OK
         || ngx_array_init(&rmcf->bedrock_betas, cf->pool, 4,
                           sizeof(ngx_str_t))
@@ -442,6 +454,15 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
     client = rmcf->clients.elts;
     ws = rmcf->workspaces.elts;
 
+    /* where each workspace counts its use of each priced model */
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        ws[i].spend = ngx_pcalloc(cf->pool, (rmcf->prices.nelts + 1)
+                                  * sizeof(ngx_http_ratepool_spend_sh_t *));
+        if (ws[i].spend == NULL) {
+            return NGX_CONF_ERROR;
+        }
+    }
+
     for (i = 0; i < rmcf->clients.nelts; i++) {
 
         for (j = 0; j < rmcf->workspaces.nelts; j++) {
@@ -471,6 +492,21 @@ ngx_http_ratepool_init_main_conf(ngx_conf_t *cf, void *conf)
                               "one client token is given to workspaces "
                               "\"%V\" and \"%V\", a token names one "
                               "workspace", &client[j].workspace_name,
+                              &client[i].workspace_name);
+                return NGX_CONF_ERROR;
+            }
+
+            if (client[i].workspace != client[j].workspace
+                && client[i].name.len == client[j].name.len
+                && ngx_strncmp(client[i].name.data, client[j].name.data,
+                               client[i].name.len)
+                   == 0)
+            {
+                ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                              "client name \"%V\" is given in workspaces "
+                              "\"%V\" and \"%V\", a client's tokens are of "
+                              "one workspace: name them apart",
+                              &client[i].name, &client[j].workspace_name,
                               &client[i].workspace_name);
                 return NGX_CONF_ERROR;
             }
@@ -618,11 +654,74 @@ ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
 
     zone = rmcf->shm_zone->data;
 
+    /* the first worker of each start or reload says what it serves */
+    if (ngx_worker == 0) {
+        ngx_http_ratepool_log_summary(cycle, rmcf);
+    }
+
     if (ngx_http_ratepool_tokens_init(cycle, rmcf) != NGX_OK) {
         return NGX_ERROR;
     }
 
     return zone->store->init_process(cycle, rmcf);
+}
+
+
+/*
+ * What an operator checks after a start or a reload: the store, and
+ * each pool's keys with their orgs and fingerprints (never a secret).
+ */
+
+static void
+ngx_http_ratepool_log_summary(ngx_cycle_t *cycle,
+    ngx_http_ratepool_main_conf_t *rmcf)
+{
+    u_char                     *p, *last, line[NGX_MAX_ERROR_STR];
+    ngx_uint_t                  i, j;
+    ngx_http_ratepool_key_t    *keys;
+    ngx_http_ratepool_org_t    *orgs;
+    ngx_http_ratepool_pool_t  **pools;
+
+    pools = rmcf->pools.elts;
+
+    if (rmcf->redis) {
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "ratepool: zone \"%V\" serves %ui pools, %ui "
+                      "workspaces and %ui client tokens, its limits shared "
+                      "in redis at %V", &rmcf->shm_zone->shm.name,
+                      rmcf->pools.nelts, rmcf->workspaces.nelts,
+                      rmcf->clients.nelts, &rmcf->redis->server);
+
+    } else {
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "ratepool: zone \"%V\" serves %ui pools, %ui "
+                      "workspaces and %ui client tokens, its limits in "
+                      "this gateway's shared memory",
+                      &rmcf->shm_zone->shm.name, rmcf->pools.nelts,
+                      rmcf->workspaces.nelts, rmcf->clients.nelts);
+    }
+
+    /* the line is cut where the error log's would be */
+    last = line + NGX_MAX_ERROR_STR - 256;
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+        orgs = pools[i]->orgs->elts;
+        p = line;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            p = ngx_slprintf(p, last, "%s%V (%V, %V, %*s)", j ? ", " : "",
+                             &keys[j].name, &orgs[keys[j].org].name,
+                             &keys[j].provider->name,
+                             (size_t) RATEPOOL_FINGERPRINT_LEN,
+                             keys[j].fingerprint);
+        }
+
+        ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0,
+                      "ratepool: pool \"%V\" has %ui keys: %*s",
+                      &pools[i]->upstream->host, pools[i]->keys->nelts,
+                      (size_t) (p - line), line);
+    }
 }
 
 

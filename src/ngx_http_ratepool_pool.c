@@ -12,6 +12,7 @@
 #include "ngx_http_ratepool_home.h"
 #include "ngx_http_ratepool_org.h"
 #include "ngx_http_ratepool_pool.h"
+#include "ngx_http_ratepool_shm.h"
 #include "ngx_http_ratepool_token.h"
 #include "ngx_http_ratepool_store.h"
 #include "ngx_http_ratepool_wait.h"
@@ -1064,9 +1065,13 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     {
         /* the org is not busy with messages: no cooldown */
         ksh->status_429++;
+        ngx_http_ratepool_history_count(ctx->pool->zone->sh,
+                                        RATEPOOL_HISTORY_UPSTREAM_429);
 
     } else if (status == NGX_HTTP_TOO_MANY_REQUESTS) {
         ksh->status_429++;
+        ngx_http_ratepool_history_count(ctx->pool->zone->sh,
+                                        RATEPOOL_HISTORY_UPSTREAM_429);
 
         if (a.has_retry_after) {
             /* an hour at most: cooldowns survive reloads, typos should not */
@@ -1113,16 +1118,22 @@ ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
 
         ngx_http_ratepool_overloaded(ctx, key, now_ms + demoted_ms);
 
+    } else if (status == NGX_HTTP_UNAUTHORIZED) {
+        ksh->status_401++;
+
+        if (ksh->dead_status == 0) {
+            ksh->dead_since = ngx_time();
+        }
+
+        ksh->dead_status = status;
+
+    } else if (status == NGX_HTTP_FORBIDDEN) {
+        ksh->status_403++;
+        ksh->refused_until_ms = ngx_max(ksh->refused_until_ms,
+                                        now_ms + RATEPOOL_REFUSED_MS);
+
     } else {
         ksh->status_other++;
-
-        if (status == NGX_HTTP_UNAUTHORIZED) {
-            ksh->dead_status = status;
-
-        } else if (status == NGX_HTTP_FORBIDDEN) {
-            ksh->refused_until_ms = ngx_max(ksh->refused_until_ms,
-                                            now_ms + RATEPOOL_REFUSED_MS);
-        }
     }
 
     if (ctx->spent) {
@@ -1256,7 +1267,39 @@ ngx_http_ratepool_charge(ngx_http_ratepool_ctx_t *ctx,
 }
 
 
-/* adds one answer's usage to its key, org and workspace */
+/* the list prices of the request's model: the first pattern it matches */
+
+ngx_http_ratepool_price_t *
+ngx_http_ratepool_price_of(ngx_http_ratepool_ctx_t *ctx)
+{
+    ngx_uint_t                      i;
+    ngx_http_ratepool_price_t      *prices;
+    ngx_http_ratepool_main_conf_t  *rmcf;
+
+    if (ctx->price_found) {
+        return ctx->price;
+    }
+
+    ctx->price_found = 1;
+    ctx->price = NULL;
+
+    rmcf = ctx->pool->zone->conf;
+    prices = rmcf->prices.elts;
+
+    for (i = 0; i < rmcf->prices.nelts && ctx->model.len; i++) {
+        if (ratepool_model_match(prices[i].pattern.data, prices[i].pattern.len,
+                                 ctx->model.data, ctx->model.len))
+        {
+            ctx->price = &prices[i];
+            break;
+        }
+    }
+
+    return ctx->price;
+}
+
+
+/* adds one answer's usage to its key, org, workspace and client */
 
 void
 ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
@@ -1272,7 +1315,10 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_bucket_t              *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t        *org;
     uint64_t                        counted;
-    ngx_http_ratepool_tokens_t     *used[3], add;
+    uint64_t                        cost;
+    ngx_http_ratepool_tokens_t     *used[4], add;
+    ngx_http_ratepool_price_t      *price;
+    ngx_http_ratepool_spend_sh_t   *spend;
     ngx_http_ratepool_workspace_t  *ws;
 
     if (usage->seen == 0) {
@@ -1300,6 +1346,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     used[0] = &ctx->key->sh->used;
     used[1] = &org->sh->used;
     used[2] = ctx->workspace ? &ctx->workspace->sh->used : NULL;
+    used[3] = ctx->client ? &ctx->client->sh->used : NULL;
 
     shpool = ctx->pool->zone->shpool;
 
@@ -1309,11 +1356,44 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
         ctx->key->sh->estimated++;
     }
 
-    for (i = 0; i < 3 && used[i]; i++) {
+    for (i = 0; i < 4 && used[i]; i++) {
         used[i]->input += add.input;
         used[i]->output += add.output;
         used[i]->cache_read += add.cache_read;
         used[i]->cache_creation += add.cache_creation;
+    }
+
+    /* money, at the list prices of the request's model */
+    price = ngx_http_ratepool_price_of(ctx);
+    cost = 0;
+
+    if (price) {
+        cost = ratepool_price_cost(&price->price, add.input, add.output,
+                                   add.cache_creation, add.cache_read);
+
+        ctx->key->sh->cost += cost;
+        org->sh->cost += cost;
+
+        if (ctx->client) {
+            ctx->client->sh->cost += cost;
+        }
+
+        if (ctx->workspace) {
+            ws = ctx->workspace;
+            spend = ws->spend[price->index];
+
+            spend->used.input += add.input;
+            spend->used.output += add.output;
+            spend->used.cache_read += add.cache_read;
+            spend->used.cache_creation += add.cache_creation;
+            spend->cost += cost;
+
+            ws->sh->cost += cost;
+            ratepool_budget_add(&ws->sh->cost_today, RATEPOOL_BUDGET_DAY,
+                                now, cost);
+            ratepool_budget_add(&ws->sh->cost_this_month,
+                                RATEPOOL_BUDGET_MONTH, now, cost);
+        }
     }
 
     /*
@@ -1380,7 +1460,7 @@ ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ngx_shmtx_unlock(&shpool->mutex);
 
     total = add.input + add.output + add.cache_read + add.cache_creation;
-    ctx->pool->zone->store->usage(ctx, counted, add.output, total);
+    ctx->pool->zone->store->usage(ctx, counted, add.output, total, cost);
 
     if (homed) {
         ctx->pool->zone->store->homed(ctx,

@@ -33,6 +33,8 @@ void ngx_http_ratepool_learn(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_upstream_headers_in_t *h);
 void ngx_http_ratepool_charge(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage, int answer, int sse);
+ngx_http_ratepool_price_t *ngx_http_ratepool_price_of(
+    ngx_http_ratepool_ctx_t *ctx);
 void ngx_http_ratepool_count_usage(ngx_http_ratepool_ctx_t *ctx,
     ratepool_usage_t *usage);
 ngx_uint_t ngx_http_ratepool_pool_spent(ngx_http_ratepool_pool_t *pool,

@@ -171,15 +171,33 @@ ngx_http_ratepool_reply_spent(ngx_http_request_t *r,
 ngx_int_t
 ngx_http_ratepool_reply_over_budget(ngx_http_request_t *r,
     ngx_http_ratepool_workspace_t *ws, const char *period, uint64_t budget,
-    time_t reset)
+    ngx_uint_t money, time_t reset)
 {
     u_char  *p, buf[320];
 
     p = ngx_snprintf(buf, sizeof(buf),
-                     "workspace \"%V\" has used its %s budget of %uL "
-                     "tokens; it resets at ", &ws->name, period, budget);
+                     "workspace \"%V\" has used its %s budget of ",
+                     &ws->name, period);
+    p = ngx_http_ratepool_amount(p, buf + sizeof(buf), budget, money);
+    p = ngx_slprintf(p, buf + sizeof(buf), "; it resets at ");
 
     return ngx_http_ratepool_reply_until(r, buf, p, sizeof(buf), reset);
+}
+
+
+/* a budget: tokens, or dollars and cents of its nano-dollars */
+
+u_char *
+ngx_http_ratepool_amount(u_char *p, u_char *last, uint64_t amount,
+    ngx_uint_t money)
+{
+    if (money) {
+        return ngx_slprintf(p, last, "$%uL.%02uL",
+                            amount / RATEPOOL_NANO_PER_USD,
+                            amount % RATEPOOL_NANO_PER_USD / 10000000);
+    }
+
+    return ngx_slprintf(p, last, "%uL tokens", amount);
 }
 
 
@@ -276,18 +294,21 @@ ngx_http_ratepool_reply_workspace_full(ngx_http_request_t *r,
 
 ngx_int_t
 ngx_http_ratepool_reply_budget_busy(ngx_http_request_t *r,
-    ngx_http_ratepool_workspace_t *ws, const char *kind, ngx_uint_t budget,
-    uint64_t wait_ms)
+    ngx_http_ratepool_workspace_t *ws, const char *kind, uint64_t budget,
+    ngx_uint_t money, uint64_t wait_ms)
 {
-    ngx_str_t  msg;
-    u_char     buf[320];
+    u_char     *p, buf[320];
+    ngx_str_t   msg;
+
+    p = ngx_snprintf(buf, sizeof(buf),
+                     "workspace \"%V\" is near its %s budget of ",
+                     &ws->name, kind);
+    p = ngx_http_ratepool_amount(p, buf + sizeof(buf), budget, money);
+    p = ngx_slprintf(p, buf + sizeof(buf),
+                     ": its requests in flight may use the rest");
 
     msg.data = buf;
-    msg.len = ngx_snprintf(buf, sizeof(buf),
-                           "workspace \"%V\" is near its %s budget of %ui "
-                           "tokens: its requests in flight may use the rest",
-                           &ws->name, kind, budget)
-              - buf;
+    msg.len = p - buf;
 
     return ngx_http_ratepool_reply_limited(r, &msg, wait_ms);
 }

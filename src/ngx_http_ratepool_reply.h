@@ -31,16 +31,18 @@ ngx_int_t ngx_http_ratepool_reply_too_big(ngx_http_request_t *r,
     ngx_uint_t limit);
 ngx_int_t ngx_http_ratepool_reply_spent(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, time_t until);
+u_char *ngx_http_ratepool_amount(u_char *p, u_char *last, uint64_t amount,
+    ngx_uint_t money);
 ngx_int_t ngx_http_ratepool_reply_over_budget(ngx_http_request_t *r,
     ngx_http_ratepool_workspace_t *ws, const char *period, uint64_t budget,
-    time_t reset);
+    ngx_uint_t money, time_t reset);
 ngx_int_t ngx_http_ratepool_reply_no_key(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool);
 ngx_int_t ngx_http_ratepool_reply_pool_full(ngx_http_request_t *r,
     ngx_http_ratepool_pool_t *pool, uint64_t wait_ms);
 ngx_int_t ngx_http_ratepool_reply_budget_busy(ngx_http_request_t *r,
-    ngx_http_ratepool_workspace_t *ws, const char *kind, ngx_uint_t budget,
-    uint64_t wait_ms);
+    ngx_http_ratepool_workspace_t *ws, const char *kind, uint64_t budget,
+    ngx_uint_t money, uint64_t wait_ms);
 ngx_int_t ngx_http_ratepool_reply_workspace_full(ngx_http_request_t *r,
     ngx_http_ratepool_workspace_t *ws, const char *what, ngx_uint_t limit,
     uint64_t wait_ms);

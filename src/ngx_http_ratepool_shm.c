@@ -21,7 +21,7 @@
 
 /* changes whenever a shared structure does, so a reload cannot mix them */
 #define RATEPOOL_SHM_LAYOUT                                                   \
-    (2 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
+    (3 + (sizeof(ngx_http_ratepool_shctx_t) << 4)                             \
      + (sizeof(ngx_http_ratepool_org_sh_t) << 12)                             \
      + (sizeof(ngx_http_ratepool_key_sh_t) << 20)                             \
      + (sizeof(ngx_http_ratepool_workspace_sh_t) << 28)                       \
@@ -32,6 +32,7 @@
 
 static void *ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone,
     ngx_uint_t kind, ngx_str_t *name, size_t size);
+static void ngx_http_ratepool_zone_resized(ngx_shm_zone_t *shm_zone);
 static ngx_int_t ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone,
     ngx_log_t *log);
 
@@ -69,6 +70,8 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
         zone->sh->redis_uncool = (ngx_atomic_uint_t) ngx_time();
 
     } else {
+        ngx_http_ratepool_zone_resized(shm_zone);
+
         zone->sh = ngx_slab_calloc(zone->shpool,
                                    sizeof(ngx_http_ratepool_shctx_t));
         if (zone->sh == NULL) {
@@ -112,6 +115,51 @@ ngx_http_ratepool_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 }
 
 
+/*
+ * A zone made anew while the running configuration has one of its name:
+ * a reload with another size, which nginx cannot carry state over.
+ */
+
+static void
+ngx_http_ratepool_zone_resized(ngx_shm_zone_t *shm_zone)
+{
+    ngx_uint_t        i;
+    ngx_list_part_t  *part;
+    ngx_shm_zone_t   *old;
+
+    part = &((ngx_cycle_t *) ngx_cycle)->shared_memory.part;
+    old = part->elts;
+
+    for (i = 0; /* void */; i++) {
+
+        if (i >= part->nelts) {
+            if (part->next == NULL) {
+                return;
+            }
+
+            part = part->next;
+            old = part->elts;
+            i = 0;
+        }
+
+        if (old[i].tag == shm_zone->tag
+            && old[i].shm.name.len == shm_zone->shm.name.len
+            && ngx_strncmp(old[i].shm.name.data, shm_zone->shm.name.data,
+                           shm_zone->shm.name.len)
+               == 0)
+        {
+            ngx_log_error(NGX_LOG_WARN, shm_zone->shm.log, 0,
+                          "ratepool zone \"%V\" is made anew, as its size "
+                          "changed from %uz to %uz: its counts, cooldowns, "
+                          "learned limits and budgets used today start "
+                          "from nothing", &shm_zone->shm.name,
+                          old[i].shm.size, shm_zone->shm.size);
+            return;
+        }
+    }
+}
+
+
 static ngx_int_t
 ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
 {
@@ -123,6 +171,8 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
     ngx_http_ratepool_key_t         *key;
     ngx_http_ratepool_pool_t       **pools;
     ngx_http_ratepool_workspace_t   *ws;
+    ngx_http_ratepool_client_t      *client;
+    ngx_http_ratepool_price_t       *price;
     ngx_http_ratepool_main_conf_t   *rmcf;
     u_char                           name[RATEPOOL_ENTRY_NAME_MAX];
 
@@ -218,12 +268,42 @@ ngx_http_ratepool_attach(ngx_http_ratepool_zone_t *zone, ngx_log_t *log)
     }
 
     ws = rmcf->workspaces.elts;
+    price = rmcf->prices.elts;
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
         ws[i].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_WORKSPACE,
                                       &ws[i].name,
                                       sizeof(ngx_http_ratepool_workspace_sh_t));
         if (ws[i].sh == NULL) {
+            return NGX_ERROR;
+        }
+
+        /* its use of each priced model, as "workspace/pattern" */
+        for (j = 0; j < rmcf->prices.nelts; j++) {
+            p = ngx_cpymem(name, ws[i].name.data, ws[i].name.len);
+            *p++ = '/';
+            p = ngx_cpymem(p, price[j].pattern.data, price[j].pattern.len);
+
+            entry.data = name;
+            entry.len = p - name;
+
+            ws[i].spend[j] = ngx_http_ratepool_entry(zone,
+                                         RATEPOOL_ENTRY_SPEND, &entry,
+                                         sizeof(ngx_http_ratepool_spend_sh_t));
+            if (ws[i].spend[j] == NULL) {
+                return NGX_ERROR;
+            }
+        }
+    }
+
+    /* tokens of one name are counted as one client */
+    client = rmcf->clients.elts;
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        client[i].sh = ngx_http_ratepool_entry(zone, RATEPOOL_ENTRY_CLIENT,
+                                         &client[i].name,
+                                         sizeof(ngx_http_ratepool_client_sh_t));
+        if (client[i].sh == NULL) {
             return NGX_ERROR;
         }
     }
@@ -266,4 +346,75 @@ ngx_http_ratepool_entry(ngx_http_ratepool_zone_t *zone, ngx_uint_t kind,
     ngx_queue_insert_tail(&zone->sh->entries, &e->queue);
 
     return e;
+}
+
+
+/* the histograms' buckets: a queue's waits, and the gateway's own time */
+
+const ngx_msec_t  ngx_http_ratepool_wait_bounds[RATEPOOL_HISTOGRAM_BUCKETS] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000
+};
+
+const ngx_msec_t  ngx_http_ratepool_added_bounds[RATEPOOL_HISTOGRAM_BUCKETS] =
+{
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1000
+};
+
+
+void
+ngx_http_ratepool_observe(ngx_http_ratepool_histogram_t *h,
+    const ngx_msec_t *bounds, ngx_msec_t ms)
+{
+    ngx_uint_t  i;
+
+    for (i = 0; i < RATEPOOL_HISTOGRAM_BUCKETS; i++) {
+        if (ms <= bounds[i]) {
+            break;
+        }
+    }
+
+    (void) ngx_atomic_fetch_add(&h->bucket[i], 1);
+    (void) ngx_atomic_fetch_add(&h->sum_ms, ms);
+}
+
+
+/*
+ * A step's slot is taken over by the first worker to count in a new
+ * step; counts made in the instant between its taking and its clearing
+ * may be lost, which a chart of the last minutes can afford.
+ */
+
+void
+ngx_http_ratepool_history_count(ngx_http_ratepool_shctx_t *sh,
+    ngx_uint_t what)
+{
+    ngx_uint_t                 i;
+    ngx_atomic_uint_t          step, seen;
+    ngx_http_ratepool_step_t  *slot;
+
+    step = (ngx_atomic_uint_t) ngx_time() / RATEPOOL_HISTORY_STEP;
+    slot = &sh->history[step % RATEPOOL_HISTORY];
+    seen = slot->step;
+
+    if (seen != step && ngx_atomic_cmp_set(&slot->step, seen, step)) {
+        for (i = 0; i < RATEPOOL_HISTORY_KINDS; i++) {
+            slot->count[i] = 0;
+        }
+    }
+
+    (void) ngx_atomic_fetch_add(&slot->count[what], 1);
+}
+
+
+/* what was counted in a step (ngx_time() / RATEPOOL_HISTORY_STEP) */
+
+uint64_t
+ngx_http_ratepool_history_get(ngx_http_ratepool_shctx_t *sh, ngx_uint_t what,
+    time_t step)
+{
+    ngx_http_ratepool_step_t  *slot;
+
+    slot = &sh->history[step % RATEPOOL_HISTORY];
+
+    return slot->step == (ngx_atomic_uint_t) step ? slot->count[what] : 0;
 }

@@ -11,28 +11,72 @@
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_org.h"
 #include "ngx_http_ratepool_reply.h"
+#include "ngx_http_ratepool_shm.h"
 #include "ngx_http_ratepool_status.h"
 
 
 /*
  * ratepool_status: the zone's state as JSON (pools, orgs, keys,
- * workspaces, the store) or in Prometheus's text format.  No secret is
- * ever part of it: keys are named, and shown by fingerprint.
+ * workspaces, the store), in Prometheus's text format, or as a page for
+ * a browser that shows the JSON as it changes.  No secret is ever part
+ * of it: keys are named, and shown by fingerprint.
  */
 
 
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
+#define RATEPOOL_STATUS_HISTORY  (RATEPOOL_HISTORY_KINDS                      \
+                                  * (32 + RATEPOOL_HISTORY * NGX_INT64_LEN))
 #define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */
-#define RATEPOOL_STATUS_POOL     416
+#define RATEPOOL_STATUS_POOL     544
 #define RATEPOOL_STATUS_TOKENS   256
-#define RATEPOOL_PROM_HEAD       6400   /* the totals and HELP/TYPE lines */
+#define RATEPOOL_PROM_HEAD       12800  /* the totals and HELP/TYPE lines */
 #define RATEPOOL_PROM_LINE       128    /* one sample, names excluded */
-#define RATEPOOL_STATUS_ORG      (1024 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_KEY      (832 + RATEPOOL_STATUS_TOKENS)
-#define RATEPOOL_STATUS_WS       (768 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_PROM_LABELS     512    /* a sample's labels, names in */
+#define RATEPOOL_STATUS_ORG      (1056 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_KEY      (992 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_WS       (1024 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_CLIENT   (160 + RATEPOOL_STATUS_TOKENS)
+#define RATEPOOL_STATUS_MODEL    (64 + RATEPOOL_STATUS_TOKENS)
+
+#define RATEPOOL_FORMAT_JSON        0
+#define RATEPOOL_FORMAT_PROMETHEUS  1
+#define RATEPOOL_FORMAT_HTML        2
+
+/* a key's state, most telling first */
+#define RATEPOOL_KEY_DEAD           0
+#define RATEPOOL_KEY_SPENT          1
+#define RATEPOOL_KEY_REFUSED        2
+#define RATEPOOL_KEY_COOLING        3
+#define RATEPOOL_KEY_LIMITED        4
+#define RATEPOOL_KEY_OK             5
+#define RATEPOOL_KEY_STATES         6
 
 
+static const char  *ngx_http_ratepool_key_states[] = {
+    "dead", "spent", "refused", "cooling", "limited", "ok"
+};
+
+
+/* the page, src/ratepool_status.html, as configure made it a C string */
+static const u_char  ngx_http_ratepool_page[] =
+#include "ngx_http_ratepool_page.h"
+    ;
+
+
+static ngx_uint_t ngx_http_ratepool_status_format(ngx_http_request_t *r);
+static ngx_int_t ngx_http_ratepool_status_page(ngx_http_request_t *r);
+static ngx_uint_t ngx_http_ratepool_key_state(ngx_http_ratepool_pool_t *pool,
+    ngx_http_ratepool_key_t *key, uint64_t now_ms);
+static u_char *ngx_http_ratepool_status_history(u_char *p,
+    ngx_http_ratepool_shctx_t *sh);
+static u_char *ngx_http_ratepool_usd(u_char *p, uint64_t nano);
+static uint64_t ngx_http_ratepool_oldest_wait_ms(
+    ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
+static u_char *ngx_http_ratepool_status_money(u_char *p,
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_workspace_t *ws);
+static ngx_uint_t ngx_http_ratepool_client_first(
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_uint_t i);
 static uint64_t ngx_http_ratepool_remaining_ms(uint64_t until_ms,
     uint64_t now_ms);
 static size_t ngx_http_ratepool_status_size(
@@ -47,6 +91,11 @@ static u_char *ngx_http_ratepool_status_tokens(u_char *p,
     ngx_http_ratepool_tokens_t *used);
 static u_char *ngx_http_ratepool_status_buckets(u_char *p,
     ratepool_bucket_t **bucket, uint64_t *limits, uint64_t now_ms);
+static u_char *ngx_http_ratepool_prom_tokens(u_char *p, const char *name,
+    u_char *labels, u_char *last, ngx_http_ratepool_tokens_t *used);
+static u_char *ngx_http_ratepool_prom_histogram(u_char *p, const char *name,
+    ngx_str_t *pool, ngx_http_ratepool_histogram_t *h,
+    const ngx_msec_t *bounds);
 static u_char *ngx_http_ratepool_prom_head(u_char *p, const char *name,
     const char *help, const char *type);
 static u_char *ngx_http_ratepool_prometheus(u_char *p,
@@ -73,13 +122,13 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     size_t                               size;
     uint64_t                             now_ms, limits[RATEPOOL_DIMS];
     ngx_int_t                            rc;
-    ngx_str_t                            format;
     ratepool_bucket_t                   *bucket[RATEPOOL_DIMS];
     ngx_buf_t                           *b;
-    ngx_uint_t                           i, d, prometheus;
+    ngx_uint_t                           i, d, format, prometheus;
     ngx_http_ratepool_zone_t            *zone;
     ngx_http_ratepool_pool_t           **pools;
     ngx_http_ratepool_workspace_t       *ws;
+    ngx_http_ratepool_client_t          *client;
     ngx_http_ratepool_main_conf_t       *rmcf;
 
     if (!(r->method & (NGX_HTTP_GET|NGX_HTTP_HEAD))) {
@@ -98,13 +147,16 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
         return NGX_HTTP_NOT_FOUND;
     }
 
+    format = ngx_http_ratepool_status_format(r);
+
+    if (format == RATEPOOL_FORMAT_HTML) {
+        return ngx_http_ratepool_status_page(r);
+    }
+
     zone = rmcf->shm_zone->data;
     pools = rmcf->pools.elts;
     ws = rmcf->workspaces.elts;
-
-    prometheus = (ngx_http_arg(r, (u_char *) "format", 6, &format) == NGX_OK
-                  && format.len == 10
-                  && ngx_strncmp(format.data, "prometheus", 10) == 0);
+    prometheus = (format == RATEPOOL_FORMAT_PROMETHEUS);
 
     size = ngx_http_ratepool_status_size(rmcf, prometheus);
 
@@ -133,11 +185,12 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     }
 
     p = ngx_sprintf(p, "{\"version\":\"" RATEPOOL_VERSION "\",\"zone\":\"%V\","
-                    "\"uptime_sec\":%T,"
+                    "\"now\":%T,\"uptime_sec\":%T,"
                     "\"totals\":{\"requests\":%uL,\"in_flight\":%uL,"
                     "\"rejected_auth\":%uL,\"rejected_workspace\":%uL,"
                     "\"rejected_pool\":%uL,\"rerouted\":%uL},",
-                    &rmcf->shm_zone->shm.name, ngx_time() - zone->sh->started,
+                    &rmcf->shm_zone->shm.name, ngx_time(),
+                    ngx_time() - zone->sh->started,
                     (uint64_t) zone->sh->requests,
                     (uint64_t) zone->sh->in_flight,
                     (uint64_t) zone->sh->rejected_auth,
@@ -152,6 +205,7 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                     zone->sh->turns[RATEPOOL_PLACED_HOME],
                     zone->sh->turns[RATEPOOL_PLACED_MOVED]);
 
+    p = ngx_http_ratepool_status_history(p, zone->sh);
     p = ngx_http_ratepool_status_store(p, rmcf, zone);
     p = ngx_cpymem(p, ",\"pools\":[", sizeof(",\"pools\":[") - 1);
 
@@ -202,7 +256,27 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
                                              ngx_time()),
                         ws[i].sh->budget_reserved);
         p = ngx_http_ratepool_status_tokens(p, &ws[i].sh->used);
+        p = ngx_http_ratepool_status_money(p, rmcf, &ws[i]);
         *p++ = '}';
+    }
+
+    p = ngx_cpymem(p, "],\"clients\":[", sizeof("],\"clients\":[") - 1);
+
+    client = rmcf->clients.elts;
+
+    for (i = 0, d = 0; i < rmcf->clients.nelts; i++) {
+        if (ngx_http_ratepool_client_first(rmcf, i)) {
+            p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"workspace\":\"%V\","
+                            "\"requests\":%uA,\"given_429\":%uA,",
+                            d++ ? "," : "", &client[i].name,
+                            &client[i].workspace_name,
+                            client[i].sh->requests, client[i].sh->given_429);
+            p = ngx_http_ratepool_status_tokens(p, &client[i].sh->used);
+            p = ngx_cpymem(p, ",\"cost_usd\":",
+                           sizeof(",\"cost_usd\":") - 1);
+            p = ngx_http_ratepool_usd(p, client[i].sh->cost);
+            *p++ = '}';
+        }
     }
 
     ngx_shmtx_unlock(&zone->shpool->mutex);
@@ -212,6 +286,265 @@ ngx_http_ratepool_status_handler(ngx_http_request_t *r)
     b->last = p;
 
     return ngx_http_ratepool_send_json(r, NGX_HTTP_OK, b);
+}
+
+
+/*
+ * ?format=json|prometheus|html; without it a browser (Accept: text/html)
+ * gets the page, and anything else the JSON.
+ */
+
+static ngx_uint_t
+ngx_http_ratepool_status_format(ngx_http_request_t *r)
+{
+    ngx_str_t  format;
+
+    if (ngx_http_arg(r, (u_char *) "format", 6, &format) == NGX_OK) {
+        if (format.len == 10
+            && ngx_strncmp(format.data, "prometheus", 10) == 0)
+        {
+            return RATEPOOL_FORMAT_PROMETHEUS;
+        }
+
+        if (format.len == 4 && ngx_strncmp(format.data, "html", 4) == 0) {
+            return RATEPOOL_FORMAT_HTML;
+        }
+
+        return RATEPOOL_FORMAT_JSON;
+    }
+
+#if (NGX_HTTP_HEADERS)
+    if (r->headers_in.accept
+        && ngx_strlcasestrn(r->headers_in.accept->value.data,
+                            r->headers_in.accept->value.data
+                            + r->headers_in.accept->value.len,
+                            (u_char *) "text/html", 9 - 1)
+           != NULL)
+    {
+        return RATEPOOL_FORMAT_HTML;
+    }
+#endif
+
+    return RATEPOOL_FORMAT_JSON;
+}
+
+
+/*
+ * The page is static: it asks this location for the JSON, so that the
+ * same allow/deny guard both, and it may load nothing from elsewhere.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_status_page(ngx_http_request_t *r)
+{
+    ngx_buf_t        *b;
+    ngx_table_elt_t  *h;
+
+    b = ngx_calloc_buf(r->pool);
+    if (b == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    b->pos = (u_char *) ngx_http_ratepool_page;
+    b->last = b->pos + sizeof(ngx_http_ratepool_page) - 1;
+    b->memory = 1;
+
+    h = ngx_list_push(&r->headers_out.headers);
+    if (h == NULL) {
+        return NGX_HTTP_INTERNAL_SERVER_ERROR;
+    }
+
+    h->hash = 1;
+    ngx_str_set(&h->key, "Content-Security-Policy");
+    ngx_str_set(&h->value, "default-src 'none'; script-src 'unsafe-inline'; "
+                           "style-src 'unsafe-inline'; connect-src 'self'; "
+                           "img-src data:");
+
+    r->headers_out.status = NGX_HTTP_OK;
+    ngx_str_set(&r->headers_out.content_type, "text/html; charset=utf-8");
+    r->headers_out.content_type_len = r->headers_out.content_type.len;
+    r->headers_out.content_type_lowcase = NULL;
+
+    return ngx_http_ratepool_send_buf(r, b);
+}
+
+
+/* the last minutes, oldest first: the current step is still counting */
+
+static u_char *
+ngx_http_ratepool_status_history(u_char *p, ngx_http_ratepool_shctx_t *sh)
+{
+    time_t       now, step;
+    ngx_uint_t   what;
+
+    static const char  *names[] = { "requests", "rerouted", "upstream_429",
+                                    "given_429", "errors" };
+
+    now = ngx_time() / RATEPOOL_HISTORY_STEP;
+
+    p = ngx_sprintf(p, "\"history\":{\"step_sec\":%d",
+                    RATEPOOL_HISTORY_STEP);
+
+    for (what = 0; what < RATEPOOL_HISTORY_KINDS; what++) {
+        p = ngx_sprintf(p, ",\"%s\":[", names[what]);
+
+        for (step = now - RATEPOOL_HISTORY + 1; step <= now; step++) {
+            p = ngx_sprintf(p, "%s%uL", step > now - RATEPOOL_HISTORY + 1
+                                        ? "," : "",
+                            ngx_http_ratepool_history_get(sh, what, step));
+        }
+
+        *p++ = ']';
+    }
+
+    return ngx_cpymem(p, "},", 2);
+}
+
+
+/* a workspace's money: spent, its budgets, and by priced model */
+
+static u_char *
+ngx_http_ratepool_status_money(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_workspace_t *ws)
+{
+    time_t                          now;
+    ngx_uint_t                      j;
+    ngx_http_ratepool_price_t      *price;
+    ngx_http_ratepool_spend_sh_t   *spend;
+
+    now = ngx_time();
+    price = rmcf->prices.elts;
+
+    p = ngx_cpymem(p, ",\"cost_usd\":", sizeof(",\"cost_usd\":") - 1);
+    p = ngx_http_ratepool_usd(p, ws->sh->cost);
+    p = ngx_cpymem(p, ",\"daily_usd\":", sizeof(",\"daily_usd\":") - 1);
+    p = ngx_http_ratepool_usd(p, ws->daily_cost);
+    p = ngx_cpymem(p, ",\"usd_today\":", sizeof(",\"usd_today\":") - 1);
+    p = ngx_http_ratepool_usd(p, ratepool_budget_used(&ws->sh->cost_today,
+                                                      RATEPOOL_BUDGET_DAY,
+                                                      now));
+    p = ngx_cpymem(p, ",\"monthly_usd\":", sizeof(",\"monthly_usd\":") - 1);
+    p = ngx_http_ratepool_usd(p, ws->monthly_cost);
+    p = ngx_cpymem(p, ",\"usd_this_month\":",
+                   sizeof(",\"usd_this_month\":") - 1);
+    p = ngx_http_ratepool_usd(p, ratepool_budget_used(
+                                     &ws->sh->cost_this_month,
+                                     RATEPOOL_BUDGET_MONTH, now));
+    p = ngx_cpymem(p, ",\"budget_reserved_usd\":",
+                   sizeof(",\"budget_reserved_usd\":") - 1);
+    p = ngx_http_ratepool_usd(p, ws->sh->cost_reserved);
+    p = ngx_cpymem(p, ",\"models\":[", sizeof(",\"models\":[") - 1);
+
+    for (j = 0; j < rmcf->prices.nelts; j++) {
+        spend = ws->spend[j];
+
+        p = ngx_sprintf(p, "%s{\"model\":\"%V\",", j ? "," : "",
+                        &price[j].pattern);
+        p = ngx_http_ratepool_status_tokens(p, &spend->used);
+        p = ngx_cpymem(p, ",\"cost_usd\":", sizeof(",\"cost_usd\":") - 1);
+        p = ngx_http_ratepool_usd(p, spend->cost);
+        *p++ = '}';
+    }
+
+    *p++ = ']';
+
+    return p;
+}
+
+
+/* dollars of nano-dollars, to the millionth */
+
+static u_char *
+ngx_http_ratepool_usd(u_char *p, uint64_t nano)
+{
+    return ngx_sprintf(p, "%uL.%06uL", nano / RATEPOOL_NANO_PER_USD,
+                       nano % RATEPOOL_NANO_PER_USD / 1000);
+}
+
+
+/* how long the pool's oldest waiting request has waited, in all workers */
+
+static uint64_t
+ngx_http_ratepool_oldest_wait_ms(ngx_http_ratepool_pool_t *pool,
+    uint64_t now_ms)
+{
+    uint64_t    oldest_ms;
+    ngx_uint_t  j;
+
+    oldest_ms = 0;
+
+    for (j = 0; j < RATEPOOL_WORKER_SLOTS; j++) {
+        if (pool->sh->oldest_ms[j]
+            && (oldest_ms == 0 || pool->sh->oldest_ms[j] < oldest_ms))
+        {
+            oldest_ms = pool->sh->oldest_ms[j];
+        }
+    }
+
+    return (oldest_ms && now_ms > oldest_ms) ? now_ms - oldest_ms : 0;
+}
+
+
+/* tokens of one name are one client, shown once */
+
+static ngx_uint_t
+ngx_http_ratepool_client_first(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_uint_t i)
+{
+    ngx_uint_t                   j;
+    ngx_http_ratepool_client_t  *client;
+
+    client = rmcf->clients.elts;
+
+    for (j = 0; j < i; j++) {
+        if (client[j].sh == client[i].sh) {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+/* under the zone's lock */
+
+static ngx_uint_t
+ngx_http_ratepool_key_state(ngx_http_ratepool_pool_t *pool,
+    ngx_http_ratepool_key_t *key, uint64_t now_ms)
+{
+    uint64_t                     limits[RATEPOOL_DIMS];
+    ngx_uint_t                   d;
+    ratepool_bucket_t           *bucket[RATEPOOL_DIMS];
+    ngx_http_ratepool_org_t     *org;
+
+    org = ngx_http_ratepool_key_org(pool, key);
+
+    if (key->sh->dead_status) {
+        return RATEPOOL_KEY_DEAD;
+    }
+
+    if (org->sh->spent_until_ms > now_ms) {
+        return RATEPOOL_KEY_SPENT;
+    }
+
+    if (key->sh->refused_until_ms > now_ms) {
+        return RATEPOOL_KEY_REFUSED;
+    }
+
+    if (org->sh->cooldown_until_ms > now_ms) {
+        return RATEPOOL_KEY_COOLING;
+    }
+
+    ngx_http_ratepool_org_buckets(org, bucket, limits);
+
+    for (d = 0; d < RATEPOOL_DIMS; d++) {
+        /* an unknown limit (0) never waits */
+        if (ratepool_bucket_wait_ms(bucket[d], limits[d], 1, now_ms)) {
+            return RATEPOOL_KEY_LIMITED;
+        }
+    }
+
+    return RATEPOOL_KEY_OK;
 }
 
 
@@ -229,16 +562,20 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
     if (prometheus) {
         /* lines per key, org and workspace, each naming them in labels */
 
-        size = RATEPOOL_PROM_HEAD + rmcf->workspaces.nelts * 6
-                                    * (RATEPOOL_PROM_LINE + RATEPOOL_NAME_MAX);
+        size = RATEPOOL_PROM_HEAD + rmcf->workspaces.nelts
+                                    * (15 + 5 * rmcf->prices.nelts)
+                                    * (RATEPOOL_PROM_LINE
+                                       + 2 * RATEPOOL_NAME_MAX)
+               + rmcf->clients.nelts * 8
+                 * (RATEPOOL_PROM_LINE + 2 * RATEPOOL_NAME_MAX);
 
         for (i = 0; i < rmcf->pools.nelts; i++) {
             host = pools[i]->upstream->host.len;
 
-            size += 5 * (RATEPOOL_PROM_LINE + host)
-                    + pools[i]->keys->nelts * 10
-                    * (RATEPOOL_PROM_LINE + host + 2 * RATEPOOL_NAME_MAX)
-                    + pools[i]->orgs->nelts * 13
+            size += 36 * (RATEPOOL_PROM_LINE + host)
+                    + pools[i]->keys->nelts * 23
+                    * (RATEPOOL_PROM_LINE + host + 3 * RATEPOOL_NAME_MAX)
+                    + pools[i]->orgs->nelts * 14
                       * (RATEPOOL_PROM_LINE + host + RATEPOOL_ENTRY_NAME_MAX);
         }
 
@@ -246,10 +583,16 @@ ngx_http_ratepool_status_size(ngx_http_ratepool_main_conf_t *rmcf,
                + (rmcf->redis ? rmcf->redis->server.len : 0);
     }
 
-    size = RATEPOOL_STATUS_HEAD + RATEPOOL_STATUS_STORE
+    size = RATEPOOL_STATUS_HEAD + RATEPOOL_STATUS_HISTORY
+           + RATEPOOL_STATUS_STORE
            + (rmcf->redis ? rmcf->redis->server.len : 0)
            + rmcf->shm_zone->shm.name.len
-           + rmcf->workspaces.nelts * (RATEPOOL_STATUS_WS + RATEPOOL_NAME_MAX);
+           + rmcf->workspaces.nelts * (RATEPOOL_STATUS_WS + RATEPOOL_NAME_MAX
+                                       + rmcf->prices.nelts
+                                         * (RATEPOOL_STATUS_MODEL
+                                            + RATEPOOL_NAME_MAX))
+           + rmcf->clients.nelts * (RATEPOOL_STATUS_CLIENT
+                                    + 2 * RATEPOOL_NAME_MAX);
 
     for (i = 0; i < rmcf->pools.nelts; i++) {
         size += RATEPOOL_STATUS_POOL + pools[i]->upstream->host.len;
@@ -316,7 +659,7 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     uint64_t now_ms)
 {
     uint64_t                     limits[RATEPOOL_DIMS], cooldown_ms, refused_ms,
-                                 oldest_ms, tpm;
+                                 tpm;
     ratepool_bucket_t           *bucket[RATEPOOL_DIMS];
     ngx_uint_t                   j;
     const char                  *state;
@@ -328,24 +671,23 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
     orgs = pool->orgs->elts;
     keys = pool->keys->elts;
 
-    oldest_ms = 0;
-
-    for (j = 0; j < RATEPOOL_WORKER_SLOTS; j++) {
-        if (pool->sh->oldest_ms[j]
-            && (oldest_ms == 0 || pool->sh->oldest_ms[j] < oldest_ms))
-        {
-            oldest_ms = pool->sh->oldest_ms[j];
-        }
-    }
-
     p = ngx_sprintf(p, "{\"name\":\"%V\",\"queue\":{\"limit\":%ui,"
                     "\"waiting\":%ui,\"oldest_wait_ms\":%uL,\"waited\":%uL,"
                     "\"served\":%uL,\"timed_out\":%uL,\"evicted\":%uL,"
-                    "\"requeued\":%uL},\"orgs\":[",
+                    "\"requeued\":%uL},",
                     &pool->upstream->host, pool->queue_max, pool->sh->waiting,
-                    oldest_ms ? now_ms - oldest_ms : 0, pool->sh->waited,
+                    ngx_http_ratepool_oldest_wait_ms(pool, now_ms),
+                    pool->sh->waited,
                     pool->sh->served, pool->sh->timed_out, pool->sh->evicted,
                     pool->sh->requeued);
+
+    /* what its clients got, the gateway's answers among them */
+    p = ngx_sprintf(p, "\"answers\":{\"2xx\":%uA,\"429\":%uA,\"4xx\":%uA,"
+                    "\"5xx\":%uA},\"orgs\":[",
+                    pool->sh->answers[RATEPOOL_ANSWER_2XX],
+                    pool->sh->answers[RATEPOOL_ANSWER_429],
+                    pool->sh->answers[RATEPOOL_ANSWER_4XX],
+                    pool->sh->answers[RATEPOOL_ANSWER_5XX]);
 
     for (j = 0; j < pool->orgs->nelts; j++) {
         org = &orgs[j];
@@ -395,6 +737,8 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
                                              &osh->output_tokens, ngx_time());
         p = ngx_cpymem(p, "},", 2);
         p = ngx_http_ratepool_status_tokens(p, &osh->used);
+        p = ngx_cpymem(p, ",\"cost_usd\":", sizeof(",\"cost_usd\":") - 1);
+        p = ngx_http_ratepool_usd(p, osh->cost);
         *p++ = '}';
     }
 
@@ -404,59 +748,39 @@ ngx_http_ratepool_status_pool(u_char *p, ngx_http_ratepool_pool_t *pool,
         ksh = keys[j].sh;
         org = &orgs[keys[j].org];
         osh = org->sh;
-        ngx_http_ratepool_org_buckets(org, bucket, limits);
         cooldown_ms = ngx_http_ratepool_remaining_ms(osh->cooldown_until_ms,
                                                      now_ms);
 
         refused_ms = ngx_http_ratepool_remaining_ms(ksh->refused_until_ms,
                                                     now_ms);
-
-        if (ksh->dead_status) {
-            state = "dead";
-
-        } else if (osh->spent_until_ms > now_ms) {
-            state = "spent";
-
-        } else if (refused_ms) {
-            state = "refused";
-
-        } else if (cooldown_ms) {
-            state = "cooling";
-
-        } else if (ratepool_bucket_wait_ms(bucket[RATEPOOL_RPM],
-                                           limits[RATEPOOL_RPM], 1, now_ms)
-                   || ratepool_bucket_wait_ms(bucket[RATEPOOL_ITPM],
-                                              limits[RATEPOOL_ITPM], 1, now_ms)
-                   || ratepool_bucket_wait_ms(bucket[RATEPOOL_OTPM],
-                                              limits[RATEPOOL_OTPM], 1, now_ms))
-        {
-            /* an unknown limit (0) never waits */
-            state = "limited";
-
-        } else {
-            state = "ok";
-        }
+        state = ngx_http_ratepool_key_states[
+                    ngx_http_ratepool_key_state(pool, &keys[j], now_ms)];
 
         p = ngx_sprintf(p, "%s{\"name\":\"%V\",\"org\":\"%V\","
                         "\"provider\":\"%V\",\"fingerprint\":\"%*s\","
                         "\"state\":\"%s\",\"dead_status\":%ui,"
+                        "\"dead_since\":%T,"
                         "\"refused_ms\":%uL,\"cooldown_ms\":%uL,"
                         "\"in_flight\":%ui,\"sent\":%uL,"
                         "\"usage_estimated\":%uL,\"responses\":{"
-                        "\"2xx\":%uL,\"429\":%uL,\"529\":%uL,\"other\":%uL,"
-                        "\"failed\":%uL},"
+                        "\"2xx\":%uL,\"401\":%uL,\"403\":%uL,\"429\":%uL,"
+                        "\"529\":%uL,\"other\":%uL,\"failed\":%uL},"
                         "\"learned_requests_limit\":%uL,"
                         "\"learned_requests_remaining\":%uL,",
                         j ? "," : "", &keys[j].name, &org->name,
                         &keys[j].provider->name,
                         (size_t) RATEPOOL_FINGERPRINT_LEN, ksh->fingerprint,
-                        state, ksh->dead_status, refused_ms, cooldown_ms,
-                        ksh->inflight,
+                        state, ksh->dead_status,
+                        ksh->dead_status ? ksh->dead_since : 0,
+                        refused_ms, cooldown_ms, ksh->inflight,
                         ksh->sent, ksh->estimated, ksh->status_2xx,
+                        ksh->status_401, ksh->status_403,
                         ksh->status_429, ksh->status_529, ksh->status_other,
                         ksh->failed,
                         osh->requests.limit, osh->requests.remaining);
         p = ngx_http_ratepool_status_tokens(p, &ksh->used);
+        p = ngx_cpymem(p, ",\"cost_usd\":", sizeof(",\"cost_usd\":") - 1);
+        p = ngx_http_ratepool_usd(p, ksh->cost);
         *p++ = '}';
     }
 
@@ -564,6 +888,53 @@ ngx_http_ratepool_prom_head(u_char *p, const char *name, const char *help,
 }
 
 
+/* one line a kind of token, after the labels that name whose they are */
+
+static u_char *
+ngx_http_ratepool_prom_tokens(u_char *p, const char *name, u_char *labels,
+    u_char *last, ngx_http_ratepool_tokens_t *used)
+{
+    p = ngx_sprintf(p, "%s{%*skind=\"input\"} %uL\n"
+                    "%s{%*skind=\"output\"} %uL\n"
+                    "%s{%*skind=\"cache_read\"} %uL\n"
+                    "%s{%*skind=\"cache_creation\"} %uL\n",
+                    name, last - labels, labels, used->input,
+                    name, last - labels, labels, used->output,
+                    name, last - labels, labels, used->cache_read,
+                    name, last - labels, labels, used->cache_creation);
+    return p;
+}
+
+
+/* Prometheus's histogram: cumulative buckets, in seconds */
+
+static u_char *
+ngx_http_ratepool_prom_histogram(u_char *p, const char *name,
+    ngx_str_t *pool, ngx_http_ratepool_histogram_t *h,
+    const ngx_msec_t *bounds)
+{
+    uint64_t    count;
+    ngx_uint_t  i;
+
+    count = 0;
+
+    for (i = 0; i < RATEPOOL_HISTOGRAM_BUCKETS; i++) {
+        count += h->bucket[i];
+        p = ngx_sprintf(p, "%s_bucket{pool=\"%V\",le=\"%M.%03M\"} %uL\n",
+                        name, pool, bounds[i] / 1000, bounds[i] % 1000,
+                        count);
+    }
+
+    count += h->bucket[RATEPOOL_HISTOGRAM_BUCKETS];
+
+    return ngx_sprintf(p, "%s_bucket{pool=\"%V\",le=\"+Inf\"} %uL\n"
+                       "%s_sum{pool=\"%V\"} %uA.%03uA\n"
+                       "%s_count{pool=\"%V\"} %uL\n",
+                       name, pool, count, name, pool, h->sum_ms / 1000,
+                       h->sum_ms % 1000, name, pool, count);
+}
+
+
 static u_char *
 ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     uint64_t now_ms)
@@ -578,12 +949,15 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_zone_t        *zone;
     ngx_http_ratepool_pool_t       **pools;
     ngx_http_ratepool_workspace_t   *ws;
+    ngx_http_ratepool_client_t      *client;
+    ngx_http_ratepool_price_t       *price;
     ngx_http_ratepool_prom_t        *m;
 
-    static const char  *classes[] = { "2xx", "429", "529", "other" };
+    u_char              *last, labels[RATEPOOL_PROM_LABELS];
+    static const char  *classes[] = { "2xx", "401", "403", "429", "529",
+                                      "other" };
+    static const char  *answers[] = { "2xx", "429", "4xx", "5xx" };
     static const char  *bucket_names[] = { "rpm", "itpm", "otpm" };
-    static const char  *token_kinds[] = { "input", "output", "cache_read",
-                                          "cache_creation" };
     static const char  *org_families[][2] = {
         { "ratepool_org_limit", "Per-minute limit in use (0: unknown)." },
         { "ratepool_org_available", "What is left of each limit now." },
@@ -719,15 +1093,76 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
         for (j = 0; j < pools[i]->keys->nelts; j++) {
             ksh = keys[j].sh;
 
-            for (k = 0; k < 4; k++) {
-                v = k == 0 ? ksh->status_2xx : k == 1 ? ksh->status_429
-                    : k == 2 ? ksh->status_529 : ksh->status_other;
+            for (k = 0; k < 6; k++) {
+                v = k == 0 ? ksh->status_2xx : k == 1 ? ksh->status_401
+                    : k == 2 ? ksh->status_403 : k == 3 ? ksh->status_429
+                    : k == 4 ? ksh->status_529 : ksh->status_other;
 
                 p = ngx_sprintf(p, "ratepool_key_responses_total{pool=\"%V\","
                                 "key=\"%V\",status=\"%s\"} %uL\n",
                                 &pools[i]->upstream->host, &keys[j].name,
                                 classes[k], v);
             }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_key_state",
+                                    "1 for the state the key is in: ok, "
+                                    "limited, cooling, spent, refused or "
+                                    "dead.", "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            f = ngx_http_ratepool_key_state(pools[i], &keys[j], now_ms);
+
+            for (k = 0; k < RATEPOOL_KEY_STATES; k++) {
+                p = ngx_sprintf(p, "ratepool_key_state{pool=\"%V\","
+                                "key=\"%V\",org=\"%V\",state=\"%s\"} %d\n",
+                                &pools[i]->upstream->host, &keys[j].name,
+                                &orgs[keys[j].org].name,
+                                ngx_http_ratepool_key_states[k], k == f);
+            }
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_key_tokens_total",
+                                    "Tokens the provider reported, by key "
+                                    "and kind.", "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            last = ngx_snprintf(labels, RATEPOOL_PROM_LABELS,
+                                "pool=\"%V\",key=\"%V\",org=\"%V\",",
+                                &pools[i]->upstream->host, &keys[j].name,
+                                &orgs[keys[j].org].name);
+            p = ngx_http_ratepool_prom_tokens(p, "ratepool_key_tokens_total",
+                                              labels, last,
+                                              &keys[j].sh->used);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_key_cost_usd_total",
+                                    "Dollars at list prices "
+                                    "(ratepool_price) of the tokens the "
+                                    "provider reported, by key.", "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        keys = pools[i]->keys->elts;
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->keys->nelts; j++) {
+            p = ngx_sprintf(p, "ratepool_key_cost_usd_total{pool=\"%V\","
+                            "key=\"%V\",org=\"%V\"} ",
+                            &pools[i]->upstream->host, &keys[j].name,
+                            &orgs[keys[j].org].name);
+            p = ngx_http_ratepool_usd(p, keys[j].sh->cost);
+            *p++ = '\n';
         }
     }
 
@@ -793,17 +1228,29 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
         orgs = pools[i]->orgs->elts;
 
         for (j = 0; j < pools[i]->orgs->nelts; j++) {
-            for (k = 0; k < 4; k++) {
-                v = k == 0 ? orgs[j].sh->used.input
-                    : k == 1 ? orgs[j].sh->used.output
-                    : k == 2 ? orgs[j].sh->used.cache_read
-                    : orgs[j].sh->used.cache_creation;
-
-                p = ngx_sprintf(p, "ratepool_org_tokens_total{pool=\"%V\","
-                                "org=\"%V\",model=\"%V\",kind=\"%s\"} %uL\n",
+            last = ngx_snprintf(labels, RATEPOOL_PROM_LABELS,
+                                "pool=\"%V\",org=\"%V\",model=\"%V\",",
                                 &pools[i]->upstream->host, &orgs[j].name,
-                                &orgs[j].model, token_kinds[k], v);
-            }
+                                &orgs[j].model);
+            p = ngx_http_ratepool_prom_tokens(p, "ratepool_org_tokens_total",
+                                              labels, last, &orgs[j].sh->used);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_org_cost_usd_total",
+                                    "Dollars at list prices, by org.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        orgs = pools[i]->orgs->elts;
+
+        for (j = 0; j < pools[i]->orgs->nelts; j++) {
+            p = ngx_sprintf(p, "ratepool_org_cost_usd_total{pool=\"%V\","
+                            "org=\"%V\",model=\"%V\"} ",
+                            &pools[i]->upstream->host, &orgs[j].name,
+                            &orgs[j].model);
+            p = ngx_http_ratepool_usd(p, orgs[j].sh->cost);
+            *p++ = '\n';
         }
     }
 
@@ -828,6 +1275,18 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     for (i = 0; i < rmcf->pools.nelts; i++) {
         p = ngx_sprintf(p, "ratepool_pool_waiting{pool=\"%V\"} %ui\n",
                         &pools[i]->upstream->host, pools[i]->sh->waiting);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_oldest_wait_seconds",
+                                    "How long the request that has waited "
+                                    "longest for the pool has waited (0: "
+                                    "none waits).", "gauge");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        v = ngx_http_ratepool_oldest_wait_ms(pools[i], now_ms);
+        p = ngx_sprintf(p, "ratepool_pool_oldest_wait_seconds{pool=\"%V\"} "
+                        "%uL.%03uL\n", &pools[i]->upstream->host, v / 1000,
+                        v % 1000);
     }
 
     p = ngx_http_ratepool_prom_head(p, "ratepool_pool_waited_total",
@@ -856,6 +1315,43 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         &pools[i]->upstream->host, pools[i]->sh->requeued);
     }
 
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_answers_total",
+                                    "What the pool's clients were answered, "
+                                    "by the provider or the gateway.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        for (k = 0; k < RATEPOOL_ANSWER_CLASSES; k++) {
+            p = ngx_sprintf(p, "ratepool_pool_answers_total{pool=\"%V\","
+                            "status=\"%s\"} %uA\n",
+                            &pools[i]->upstream->host, answers[k],
+                            pools[i]->sh->answers[k]);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_wait_seconds",
+                                    "How long requests waited for room "
+                                    "in the pool.", "histogram");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        p = ngx_http_ratepool_prom_histogram(p, "ratepool_pool_wait_seconds",
+                                             &pools[i]->upstream->host,
+                                             &pools[i]->sh->wait_time,
+                                             ngx_http_ratepool_wait_bounds);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_pool_added_seconds",
+                                    "Time the gateway added to a request: "
+                                    "all of it but its waits and the "
+                                    "provider's time.", "histogram");
+
+    for (i = 0; i < rmcf->pools.nelts; i++) {
+        p = ngx_http_ratepool_prom_histogram(p, "ratepool_pool_added_seconds",
+                                             &pools[i]->upstream->host,
+                                             &pools[i]->sh->added_time,
+                                             ngx_http_ratepool_added_bounds);
+    }
+
     p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_requests_total",
                                     "Requests admitted and rejected.",
                                     "counter");
@@ -874,15 +1370,178 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                     "counter");
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
-        for (k = 0; k < 4; k++) {
-            v = k == 0 ? ws[i].sh->used.input : k == 1 ? ws[i].sh->used.output
-                : k == 2 ? ws[i].sh->used.cache_read
-                : ws[i].sh->used.cache_creation;
+        last = ngx_snprintf(labels, RATEPOOL_PROM_LABELS,
+                            "workspace=\"%V\",", &ws[i].name);
+        p = ngx_http_ratepool_prom_tokens(p, "ratepool_workspace_tokens_total",
+                                          labels, last, &ws[i].sh->used);
+    }
 
-            p = ngx_sprintf(p, "ratepool_workspace_tokens_total{workspace="
-                            "\"%V\",kind=\"%s\"} %uL\n", &ws[i].name,
-                            token_kinds[k], v);
+    p = ngx_http_ratepool_prom_head(p, "ratepool_client_requests_total",
+                                    "Requests that reached a pool, by "
+                                    "client (ratepool_client name=).",
+                                    "counter");
+
+    client = rmcf->clients.elts;
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        if (ngx_http_ratepool_client_first(rmcf, i)) {
+            p = ngx_sprintf(p, "ratepool_client_requests_total{client=\"%V\","
+                            "workspace=\"%V\"} %uA\n", &client[i].name,
+                            &client[i].workspace_name,
+                            client[i].sh->requests);
         }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_client_given_429_total",
+                                    "429s the client was answered, by the "
+                                    "provider or the gateway.", "counter");
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        if (ngx_http_ratepool_client_first(rmcf, i)) {
+            p = ngx_sprintf(p, "ratepool_client_given_429_total{client="
+                            "\"%V\",workspace=\"%V\"} %uA\n",
+                            &client[i].name, &client[i].workspace_name,
+                            client[i].sh->given_429);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_client_tokens_total",
+                                    "Tokens the provider reported, by "
+                                    "client and kind.", "counter");
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        if (ngx_http_ratepool_client_first(rmcf, i)) {
+            last = ngx_snprintf(labels, RATEPOOL_PROM_LABELS,
+                                "client=\"%V\",workspace=\"%V\",",
+                                &client[i].name, &client[i].workspace_name);
+            p = ngx_http_ratepool_prom_tokens(p,
+                                              "ratepool_client_tokens_total",
+                                              labels, last,
+                                              &client[i].sh->used);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_client_cost_usd_total",
+                                    "Dollars at list prices, by client.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->clients.nelts; i++) {
+        if (ngx_http_ratepool_client_first(rmcf, i)) {
+            p = ngx_sprintf(p, "ratepool_client_cost_usd_total{client="
+                            "\"%V\",workspace=\"%V\"} ", &client[i].name,
+                            &client[i].workspace_name);
+            p = ngx_http_ratepool_usd(p, client[i].sh->cost);
+            *p++ = '\n';
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_cost_usd_total",
+                                    "Dollars at list prices, by workspace.",
+                                    "counter");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_workspace_cost_usd_total{workspace="
+                        "\"%V\"} ", &ws[i].name);
+        p = ngx_http_ratepool_usd(p, ws[i].sh->cost);
+        *p++ = '\n';
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_model_tokens_total",
+                                    "Tokens the provider reported, by "
+                                    "workspace, priced model (the pattern "
+                                    "of its ratepool_price) and kind.",
+                                    "counter");
+
+    price = rmcf->prices.elts;
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        for (j = 0; j < rmcf->prices.nelts; j++) {
+            last = ngx_snprintf(labels, RATEPOOL_PROM_LABELS,
+                                "workspace=\"%V\",model=\"%V\",",
+                                &ws[i].name, &price[j].pattern);
+            p = ngx_http_ratepool_prom_tokens(p,
+                                      "ratepool_workspace_model_tokens_total",
+                                      labels, last, &ws[i].spend[j]->used);
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p,
+                                    "ratepool_workspace_model_cost_usd_total",
+                                    "Dollars at list prices, by workspace "
+                                    "and priced model.", "counter");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        for (j = 0; j < rmcf->prices.nelts; j++) {
+            p = ngx_sprintf(p, "ratepool_workspace_model_cost_usd_total{"
+                            "workspace=\"%V\",model=\"%V\"} ", &ws[i].name,
+                            &price[j].pattern);
+            p = ngx_http_ratepool_usd(p, ws[i].spend[j]->cost);
+            *p++ = '\n';
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_budget_usd",
+                                    "The workspace's spending budget for the "
+                                    "day or month (0: none).", "gauge");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        for (k = 0; k < 2; k++) {
+            p = ngx_sprintf(p, "ratepool_workspace_budget_usd{workspace="
+                            "\"%V\",period=\"%s\"} ", &ws[i].name,
+                            k ? "month" : "day");
+            p = ngx_http_ratepool_usd(p, k ? ws[i].monthly_cost
+                                           : ws[i].daily_cost);
+            *p++ = '\n';
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_budget_used_usd",
+                                    "Dollars the workspace spent this UTC "
+                                    "day or month.", "gauge");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        for (k = 0; k < 2; k++) {
+            p = ngx_sprintf(p, "ratepool_workspace_budget_used_usd{workspace="
+                            "\"%V\",period=\"%s\"} ", &ws[i].name,
+                            k ? "month" : "day");
+            p = ngx_http_ratepool_usd(p, k
+                      ? ratepool_budget_used(&ws[i].sh->cost_this_month,
+                                             RATEPOOL_BUDGET_MONTH, ngx_time())
+                      : ratepool_budget_used(&ws[i].sh->cost_today,
+                                             RATEPOOL_BUDGET_DAY, ngx_time()));
+            *p++ = '\n';
+        }
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_budget_tokens",
+                                    "The workspace's token budget for the "
+                                    "day or month (0: none).", "gauge");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_workspace_budget_tokens{workspace="
+                        "\"%V\",period=\"day\"} %ui\n"
+                        "ratepool_workspace_budget_tokens{workspace="
+                        "\"%V\",period=\"month\"} %ui\n",
+                        &ws[i].name, ws[i].daily_tokens,
+                        &ws[i].name, ws[i].monthly_tokens);
+    }
+
+    p = ngx_http_ratepool_prom_head(p, "ratepool_workspace_budget_used_tokens",
+                                    "Tokens the workspace used this UTC day "
+                                    "or month.", "gauge");
+
+    for (i = 0; i < rmcf->workspaces.nelts; i++) {
+        p = ngx_sprintf(p, "ratepool_workspace_budget_used_tokens{workspace="
+                        "\"%V\",period=\"day\"} %uL\n"
+                        "ratepool_workspace_budget_used_tokens{workspace="
+                        "\"%V\",period=\"month\"} %uL\n",
+                        &ws[i].name,
+                        ratepool_budget_used(&ws[i].sh->today,
+                                             RATEPOOL_BUDGET_DAY, ngx_time()),
+                        &ws[i].name,
+                        ratepool_budget_used(&ws[i].sh->this_month,
+                                             RATEPOOL_BUDGET_MONTH,
+                                             ngx_time()));
     }
 
     return p;

@@ -24,7 +24,7 @@ static ngx_int_t ngx_http_ratepool_local_take(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_taken_pt handler, void *data);
 static void ngx_http_ratepool_local_request(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_local_usage(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t input, uint64_t output, uint64_t total);
+    uint64_t input, uint64_t output, uint64_t total, uint64_t cost);
 static void ngx_http_ratepool_local_cool(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t *org, uint64_t cooldown_ms);
 static void ngx_http_ratepool_local_learn(ngx_http_ratepool_ctx_t *ctx,
@@ -69,7 +69,7 @@ ngx_http_ratepool_local_request(ngx_http_ratepool_ctx_t *ctx)
 
 static void
 ngx_http_ratepool_local_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
-    uint64_t output, uint64_t total)
+    uint64_t output, uint64_t total, uint64_t cost)
 {
 }
 

@@ -56,7 +56,7 @@
  * integers of at most 20 characters, in the buffer.
  */
 
-#define RATEPOOL_CALL_ARGS          25
+#define RATEPOOL_CALL_ARGS          28
 
 typedef struct {
     ratepool_resp_arg_t     args[RATEPOOL_CALL_ARGS];
@@ -74,6 +74,7 @@ typedef struct {
     ngx_http_ratepool_org_t        *org;
     int64_t                         delta[RATEPOOL_DIMS];
     uint64_t                        tokens;     /* toward budgets */
+    uint64_t                        cost;       /* nano-dollars, too */
     unsigned                        dirty:1;
 } ngx_http_ratepool_entry_ledger_t;
 
@@ -101,7 +102,7 @@ static void ngx_http_ratepool_shared_done(ngx_http_ratepool_ctx_t *ctx,
     ngx_int_t rc, uint64_t wait_ms, ngx_uint_t mask);
 static void ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx,
-    uint64_t input, uint64_t output, uint64_t total);
+    uint64_t input, uint64_t output, uint64_t total, uint64_t cost);
 static void ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx);
 static void ngx_http_ratepool_shared_cool(ngx_http_ratepool_ctx_t *ctx,
@@ -143,7 +144,8 @@ static void ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
     void *reply);
 static void ngx_http_ratepool_shared_timeout(ngx_event_t *ev);
 static void ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
-    int64_t requests, uint64_t input, uint64_t output, uint64_t total);
+    int64_t requests, uint64_t input, uint64_t output, uint64_t total,
+    uint64_t cost);
 static void ngx_http_ratepool_lease_grant(ngx_http_ratepool_ctx_t *ctx);
 static ngx_uint_t ngx_http_ratepool_shared_expire(
     ngx_http_ratepool_main_conf_t *rmcf);
@@ -154,7 +156,8 @@ static void ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
     redisReply *reply);
 static void ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
-    int64_t requests, int64_t input, int64_t output, uint64_t tokens);
+    int64_t requests, int64_t input, int64_t output, uint64_t tokens,
+    uint64_t cost);
 static void ngx_http_ratepool_ledger_flush(ngx_event_t *ev);
 static void ngx_http_ratepool_shared_adjusted(
     ngx_http_ratepool_redis_cmd_t *cmd, void *reply);
@@ -481,7 +484,7 @@ ngx_http_ratepool_lease_expire(ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_ledger_add(rmcf, ws, org,
                                  -(int64_t) lease[RATEPOOL_RPM],
                                  -(int64_t) lease[RATEPOOL_ITPM],
-                                 -(int64_t) lease[RATEPOOL_OTPM], 0);
+                                 -(int64_t) lease[RATEPOOL_OTPM], 0, 0);
     ngx_memzero(lease, RATEPOOL_DIMS * sizeof(uint64_t));
 
     return 0;
@@ -550,7 +553,7 @@ ngx_http_ratepool_shared_fast(ngx_http_ratepool_ctx_t *ctx,
     }
 
     /* budgets are the fleet's: what Redis last said of them must be new */
-    if ((ws->daily_tokens || ws->monthly_tokens)
+    if (ngx_http_ratepool_has_budget(ws)
         && (wsh->lim.shared_seen_ms == 0
             || now_ms - wsh->lim.shared_seen_ms > RATEPOOL_SHARED_FRESH_MS))
     {
@@ -791,6 +794,7 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     ngx_http_ratepool_org_t        *org;
     ngx_http_ratepool_redis_t      *redis;
     ngx_http_ratepool_call_t        call;
+    ngx_http_ratepool_workspace_t  *ws;
     ngx_http_ratepool_main_conf_t  *rmcf;
 
     rmcf = ctx->pool->zone->conf;
@@ -844,6 +848,11 @@ ngx_http_ratepool_shared_take(ngx_http_ratepool_ctx_t *ctx,
     for (i = 0; i < 6; i++) {
         ngx_http_ratepool_call_int(&call, (int64_t) ctx->shared.block[i]);
     }
+
+    /* the budgets in money, which the fleet's spending is held to */
+    ws = ctx->workspace;
+    ngx_http_ratepool_call_int(&call, ws ? (int64_t) ws->daily_cost : 0);
+    ngx_http_ratepool_call_int(&call, ws ? (int64_t) ws->monthly_cost : 0);
 
     ctx->shared.cmd = ngx_http_ratepool_redis_script(redis, call.args,
                                               call.n, 3,
@@ -1006,7 +1015,7 @@ ngx_http_ratepool_shared_taken(ngx_http_ratepool_redis_cmd_t *cmd,
         ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
                                      ctx->shared.org, 1,
                                      (int64_t) ctx->shared.input,
-                                     (int64_t) ctx->shared.output, 0);
+                                     (int64_t) ctx->shared.output, 0, 0);
         ctx->shared.taken = 1;
         return;
     }
@@ -1120,7 +1129,7 @@ ngx_http_ratepool_shared_mirror(ngx_http_ratepool_zone_t *zone,
     redisReply *reply)
 {
     time_t                             now;
-    uint64_t                           now_ms, ms, mask, used, n,
+    uint64_t                           now_ms, ms, mask, n,
                                        limits[RATEPOOL_DIMS],
                                        ws_limits[RATEPOOL_DIMS];
     ngx_uint_t                         i;
@@ -1186,22 +1195,19 @@ workspace:
 
     wsh = ws->sh;
 
-    used = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_DAY_USED);
-
-    if (used > ratepool_budget_used(&wsh->today, RATEPOOL_BUDGET_DAY, now)) {
-        wsh->today.used = used;
-        wsh->today.period = ratepool_budget_period(RATEPOOL_BUDGET_DAY, now);
-    }
-
-    used = ngx_http_ratepool_reply_int(reply, RATEPOOL_SCRIPT_MONTH_USED);
-
-    if (used > ratepool_budget_used(&wsh->this_month, RATEPOOL_BUDGET_MONTH,
-                                    now))
-    {
-        wsh->this_month.used = used;
-        wsh->this_month.period = ratepool_budget_period(RATEPOOL_BUDGET_MONTH,
-                                                        now);
-    }
+    /* the fleet's tokens and spending, where Redis knows of more */
+    ratepool_budget_raise(&wsh->today, RATEPOOL_BUDGET_DAY, now,
+                          ngx_http_ratepool_reply_int(reply,
+                                                  RATEPOOL_SCRIPT_DAY_USED));
+    ratepool_budget_raise(&wsh->this_month, RATEPOOL_BUDGET_MONTH, now,
+                          ngx_http_ratepool_reply_int(reply,
+                                                  RATEPOOL_SCRIPT_MONTH_USED));
+    ratepool_budget_raise(&wsh->cost_today, RATEPOOL_BUDGET_DAY, now,
+                          ngx_http_ratepool_reply_int(reply,
+                                                  RATEPOOL_SCRIPT_DAY_COST));
+    ratepool_budget_raise(&wsh->cost_this_month, RATEPOOL_BUDGET_MONTH, now,
+                          ngx_http_ratepool_reply_int(reply,
+                                                  RATEPOOL_SCRIPT_MONTH_COST));
 
     ws_limits[RATEPOOL_RPM] = ws->rpm;
     ws_limits[RATEPOOL_ITPM] = ws->itpm;
@@ -1257,15 +1263,15 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
     if (!ctx->shared.kept) {
         ngx_http_ratepool_ledger_add(rmcf, NULL, ctx->shared.org, 0,
                                      -(int64_t) ctx->shared.input,
-                                     -(int64_t) ctx->shared.output, 0);
+                                     -(int64_t) ctx->shared.output, 0, 0);
     }
 
     ngx_http_ratepool_ledger_add(rmcf, NULL, org, 1,
                                  (int64_t) ctx->held_input,
-                                 (int64_t) ctx->shared.output, 0);
+                                 (int64_t) ctx->shared.output, 0, 0);
     ngx_http_ratepool_ledger_add(rmcf, ctx->workspace, NULL, 0,
                                  (int64_t) ctx->held_input
-                                 - (int64_t) ctx->shared.input, 0, 0);
+                                 - (int64_t) ctx->shared.input, 0, 0, 0);
 
     ctx->shared.org = org;
     ctx->shared.input = ctx->held_input;
@@ -1277,15 +1283,16 @@ ngx_http_ratepool_shared_move(ngx_http_ratepool_ctx_t *ctx)
 
 static void
 ngx_http_ratepool_shared_usage(ngx_http_ratepool_ctx_t *ctx, uint64_t input,
-    uint64_t output, uint64_t total)
+    uint64_t output, uint64_t total, uint64_t cost)
 {
-    ngx_http_ratepool_shared_settle(ctx, 0, input, output, total);
+    ngx_http_ratepool_shared_settle(ctx, 0, input, output, total, cost);
 }
 
 
 static void
 ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
-    int64_t requests, uint64_t input, uint64_t output, uint64_t total)
+    int64_t requests, uint64_t input, uint64_t output, uint64_t total,
+    uint64_t cost)
 {
     if (ctx->shared.cmd) {
         /* the take is still unanswered: it will be undone */
@@ -1302,14 +1309,14 @@ ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
     if (ctx->shared.kept) {
         /* the org's share stays: what the provider refused says so */
         ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, NULL,
-                                     ctx->shared.org, requests, 0, 0, 0);
+                                     ctx->shared.org, requests, 0, 0, 0, 0);
         ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
                                      NULL, requests,
                                      (int64_t) input
                                      - (int64_t) ctx->shared.input,
                                      (int64_t) output
                                      - (int64_t) ctx->shared.output,
-                                     total);
+                                     total, cost);
         ctx->shared.kept = 0;
         return;
     }
@@ -1319,7 +1326,7 @@ ngx_http_ratepool_shared_settle(ngx_http_ratepool_ctx_t *ctx,
                                  (int64_t) input - (int64_t) ctx->shared.input,
                                  (int64_t) output
                                  - (int64_t) ctx->shared.output,
-                                 total);
+                                 total, cost);
 }
 
 
@@ -1343,7 +1350,8 @@ ngx_http_ratepool_shared_end(ngx_http_ratepool_ctx_t *ctx)
     }
 
     /* a request not sent since it was taken gives its request back too */
-    ngx_http_ratepool_shared_settle(ctx, ctx->round_tries ? 0 : -1, 0, 0, 0);
+    ngx_http_ratepool_shared_settle(ctx, ctx->round_tries ? 0 : -1, 0, 0, 0,
+                                    0);
 }
 
 
@@ -1367,14 +1375,14 @@ ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx)
 
     taken = ctx->shared.taken;
 
-    ngx_http_ratepool_shared_settle(ctx, 0, 0, 0, 0);
+    ngx_http_ratepool_shared_settle(ctx, 0, 0, 0, 0, 0);
 
     ctx->shared.late = 0;
     ctx->shared.alone = 0;
 
     if (taken) {
         ngx_http_ratepool_ledger_add(ctx->pool->zone->conf, ctx->workspace,
-                                     NULL, -1, 0, 0, 0);
+                                     NULL, -1, 0, 0, 0, 0);
     }
 }
 
@@ -1387,7 +1395,8 @@ ngx_http_ratepool_shared_requeue(ngx_http_ratepool_ctx_t *ctx)
 static void
 ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_workspace_t *ws, ngx_http_ratepool_org_t *org,
-    int64_t requests, int64_t input, int64_t output, uint64_t tokens)
+    int64_t requests, int64_t input, int64_t output, uint64_t tokens,
+    uint64_t cost)
 {
     ngx_uint_t                         index;
     ngx_http_ratepool_ledger_t        *ledger;
@@ -1415,6 +1424,7 @@ ngx_http_ratepool_ledger_add(ngx_http_ratepool_main_conf_t *rmcf,
     e->delta[RATEPOOL_ITPM] += input;
     e->delta[RATEPOOL_OTPM] += output;
     e->tokens += tokens;
+    e->cost += cost;
 
     if (!e->dirty) {
         e->dirty = 1;
@@ -1448,7 +1458,8 @@ ngx_http_ratepool_ledger_flush(ngx_event_t *ev)
         e->dirty = 0;
 
         if (e->delta[RATEPOOL_RPM] == 0 && e->delta[RATEPOOL_ITPM] == 0
-            && e->delta[RATEPOOL_OTPM] == 0 && e->tokens == 0)
+            && e->delta[RATEPOOL_OTPM] == 0 && e->tokens == 0
+            && e->cost == 0)
         {
             continue;
         }
@@ -1462,7 +1473,9 @@ ngx_http_ratepool_ledger_flush(ngx_event_t *ev)
         }
 
         ngx_http_ratepool_call_int(&call, (int64_t) e->tokens);
+        ngx_http_ratepool_call_int(&call, (int64_t) e->cost);
         e->tokens = 0;
+        e->cost = 0;
 
         (void) ngx_http_ratepool_redis_script(rmcf->redis->conn, call.args,
                                       call.n,
@@ -1876,7 +1889,7 @@ ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
     ngx_http_ratepool_main_conf_t *rmcf)
 {
     time_t                          now;
-    uint64_t                        day, month;
+    uint64_t                        day, month, day_cost, month_cost;
     ngx_uint_t                      i;
     ngx_slab_pool_t                *shpool;
     ngx_http_ratepool_call_t        call;
@@ -1889,7 +1902,7 @@ ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
     now = ngx_time();
 
     for (i = 0; i < rmcf->workspaces.nelts; i++) {
-        if (ws[i].daily_tokens == 0 && ws[i].monthly_tokens == 0) {
+        if (!ngx_http_ratepool_has_budget(&ws[i])) {
             continue;
         }
 
@@ -1898,9 +1911,13 @@ ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
                                    now);
         month = ratepool_budget_used(&ws[i].sh->this_month,
                                      RATEPOOL_BUDGET_MONTH, now);
+        day_cost = ratepool_budget_used(&ws[i].sh->cost_today,
+                                        RATEPOOL_BUDGET_DAY, now);
+        month_cost = ratepool_budget_used(&ws[i].sh->cost_this_month,
+                                          RATEPOOL_BUDGET_MONTH, now);
         ngx_shmtx_unlock(&shpool->mutex);
 
-        if (day == 0 && month == 0) {
+        if (day == 0 && month == 0 && day_cost == 0 && month_cost == 0) {
             continue;
         }
 
@@ -1916,6 +1933,8 @@ ngx_http_ratepool_reseed_budgets(ngx_http_ratepool_redis_t *redis,
         ngx_http_ratepool_call_int(&call,
                           ratepool_budget_period(RATEPOOL_BUDGET_MONTH, now));
         ngx_http_ratepool_call_int(&call, (int64_t) month);
+        ngx_http_ratepool_call_int(&call, (int64_t) day_cost);
+        ngx_http_ratepool_call_int(&call, (int64_t) month_cost);
 
         (void) ngx_http_ratepool_redis_script(redis, call.args, call.n, 2,
                                               NULL, NULL);

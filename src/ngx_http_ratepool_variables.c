@@ -10,6 +10,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_access.h"
+#include "ngx_http_ratepool_body.h"
 #include "ngx_http_ratepool_variables.h"
 
 
@@ -26,6 +27,12 @@ static ngx_int_t ngx_http_ratepool_tries_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
 static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
     ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_ratepool_session_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+static ngx_int_t ngx_http_ratepool_left_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data);
+
+#define RATEPOOL_SESSION_MAX           64
 
 
 #define RATEPOOL_VAR_UPSTREAM_HOST     0
@@ -37,6 +44,7 @@ static ngx_int_t ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
 #define RATEPOOL_VAR_CONVERSATION      6
 #define RATEPOOL_VAR_AMZ_DATE          7
 #define RATEPOOL_VAR_AMZ_TOKEN         8
+#define RATEPOOL_VAR_CLIENT            9
 
 
 static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
@@ -77,6 +85,17 @@ static ngx_http_variable_t  ngx_http_ratepool_vars[] = {
 
     { ngx_string("ratepool_workspace"), NULL,
       ngx_http_ratepool_variable, RATEPOOL_VAR_WORKSPACE,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_client"), NULL,
+      ngx_http_ratepool_variable, RATEPOOL_VAR_CLIENT,
+      NGX_HTTP_VAR_NOCACHEABLE, 0 },
+
+    { ngx_string("ratepool_session"), NULL,
+      ngx_http_ratepool_session_variable, 0, 0, 0 },
+
+    { ngx_string("ratepool_client_left"), NULL,
+      ngx_http_ratepool_left_variable, 0,
       NGX_HTTP_VAR_NOCACHEABLE, 0 },
 
     { ngx_string("ratepool_conversation"), NULL,
@@ -138,6 +157,10 @@ ngx_http_ratepool_variable(ngx_http_request_t *r,
 
         case RATEPOOL_VAR_WORKSPACE:
             s = ctx->workspace ? &ctx->workspace->name : NULL;
+            break;
+
+        case RATEPOOL_VAR_CLIENT:
+            s = ctx->client ? &ctx->client->name : NULL;
             break;
 
         case RATEPOOL_VAR_CONVERSATION:
@@ -272,6 +295,78 @@ ngx_http_ratepool_usage_variable(ngx_http_request_t *r,
     v->no_cacheable = 1;
     v->not_found = 0;
     v->data = p;
+
+    return NGX_OK;
+}
+
+
+/*
+ * Claude Code's session id (x-claude-code-session-id), for access logs:
+ * only as a plain id, so that a client cannot write into the log.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_session_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    u_char      c;
+    size_t      i;
+    ngx_str_t  *id;
+
+    static ngx_str_t  name = ngx_string("x-claude-code-session-id");
+
+    v->not_found = 1;
+
+    id = ngx_http_ratepool_header_in(r, &name);
+
+    if (id == NULL || id->len > RATEPOOL_SESSION_MAX) {
+        return NGX_OK;
+    }
+
+    for (i = 0; i < id->len; i++) {
+        c = id->data[i];
+
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+              || (c >= '0' && c <= '9') || c == '-' || c == '_'))
+        {
+            return NGX_OK;
+        }
+    }
+
+    v->len = id->len;
+    v->valid = 1;
+    v->no_cacheable = 0;
+    v->not_found = 0;
+    v->data = id->data;
+
+    return NGX_OK;
+}
+
+
+/*
+ * "1" when the client went before the whole answer was sent to it (its
+ * $status may still be the 200 it was sent first), else "0".
+ */
+
+static ngx_int_t
+ngx_http_ratepool_left_variable(ngx_http_request_t *r,
+    ngx_http_variable_value_t *v, uintptr_t data)
+{
+    ngx_http_ratepool_ctx_t  *ctx;
+
+    ctx = ngx_http_ratepool_get_ctx(r);
+
+    if (ctx == NULL) {
+        v->not_found = 1;
+        return NGX_OK;
+    }
+
+    v->len = 1;
+    v->valid = 1;
+    v->no_cacheable = 1;
+    v->not_found = 0;
+    v->data = (u_char *) ((r->connection->error || r->connection->timedout)
+                          ? "1" : "0");
 
     return NGX_OK;
 }

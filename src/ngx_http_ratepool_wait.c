@@ -232,7 +232,7 @@ ngx_http_ratepool_leave(ngx_http_ratepool_ctx_t *ctx, ngx_uint_t served)
     ngx_queue_remove(&ctx->queue);
     pool->nwaiting--;
     ctx->waiting = 0;
-    ctx->waited_ms = ngx_http_ratepool_now_ms() - ctx->wait_start_ms;
+    ctx->waited_ms += ngx_http_ratepool_now_ms() - ctx->wait_start_ms;
 
     if (ctx->wait_timer.timer_set) {
         ngx_del_timer(&ctx->wait_timer);

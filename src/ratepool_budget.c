@@ -77,6 +77,96 @@ ratepool_budget_add(ratepool_budget_t *b, int kind, time_t now,
 }
 
 
+/* another count of the period that holds "now" (a fleet's): the larger */
+
+void
+ratepool_budget_raise(ratepool_budget_t *b, int kind, time_t now,
+    uint64_t used)
+{
+    if (used > ratepool_budget_used(b, kind, now)) {
+        b->used = used;
+        b->period = ratepool_budget_period(kind, now);
+    }
+}
+
+
+/*
+ * "12", "3.75", "0.3": a decimal with up to "decimals" digits after the
+ * point, as an integer of that many decimals (3.75, 3 decimals: 3750);
+ * 0 if it is not one, or more than max (at most UINT64_MAX / 10).
+ */
+
+int
+ratepool_decimal_parse(const unsigned char *s, size_t len,
+    unsigned decimals, uint64_t max, uint64_t *value)
+{
+    size_t    i;
+    unsigned  after;
+    uint64_t  v;
+    int       point, digits;
+
+    v = 0;
+    after = 0;
+    point = 0;
+    digits = 0;
+
+    for (i = 0; i < len; i++) {
+        if (s[i] == '.' && !point) {
+            point = 1;
+            continue;
+        }
+
+        if (s[i] < '0' || s[i] > '9' || (point && after == decimals)) {
+            return 0;
+        }
+
+        /* v is at most max, which is far below UINT64_MAX / 10 */
+        v = v * 10 + (uint64_t) (s[i] - '0');
+        after += point;
+        digits++;
+
+        if (v > max) {
+            return 0;
+        }
+    }
+
+    if (digits == 0 || (point && after == 0)) {
+        return 0;
+    }
+
+    for ( /* void */ ; after < decimals; after++) {
+        if (v > max / 10) {
+            return 0;
+        }
+
+        v *= 10;
+    }
+
+    if (v > max) {
+        return 0;
+    }
+
+    *value = v;
+
+    return 1;
+}
+
+
+/* what a request cost, in nano-dollars: each kind of token at its price */
+
+uint64_t
+ratepool_price_cost(const ratepool_price_t *price, uint64_t input,
+    uint64_t output, uint64_t cache_write, uint64_t cache_read)
+{
+    /* prices are at most RATEPOOL_PRICE_MAX and usage is clamped far
+       below 2^40 tokens of a kind: no product overflows */
+
+    return input * price->input + output * price->output
+           + cache_write * price->cache_write
+           + cache_read * price->cache_read;
+}
+
+
 /* the proleptic Gregorian calendar, days counted from 1970-01-01 */
 
 static void

@@ -23,7 +23,9 @@
 #define RATEPOOL_SCRIPT_WS_LEFT       9     /* 3: what is left in each */
 #define RATEPOOL_SCRIPT_ORG_LEFT      12    /* 3 */
 #define RATEPOOL_SCRIPT_LEASED        15    /* a take's lease was granted */
-#define RATEPOOL_SCRIPT_REPLY_LEN     16
+#define RATEPOOL_SCRIPT_DAY_COST      16    /* nano-dollars */
+#define RATEPOOL_SCRIPT_MONTH_COST    17
+#define RATEPOOL_SCRIPT_REPLY_LEN     18
 
 /* why a take was refused */
 #define RATEPOOL_DENY_WORKSPACE       0x07  /* its requests or tokens */

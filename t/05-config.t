@@ -141,7 +141,7 @@ my @cases = (
 
     [ 'a workspace weight over 100',
       'ratepool_workspace w weight=1000;',
-      qr/invalid limit "weight=1000", use a positive number, for example "rpm=200" or "daily_tokens=5000000", and a weight of 1 to 100/ ],
+      qr/invalid limit "weight=1000", use a positive number, for example "rpm=200", "daily_tokens=5000000" or "daily_usd=25.50", and a weight of 1 to 100/ ],
 
     [ 'a pool name too long to keep',
       "ratepool_zone llm:1m; upstream " . ('p' x 65) . " { ratepool zone=llm; "
@@ -306,6 +306,56 @@ my @cases = (
       'ratepool_zone llm:1m; ratepool_workspace w; '
       . 'ratepool_client w md5:abc;',
       qr/invalid client token hash for workspace "w", use "sha256:"/ ],
+
+    [ 'a price without an output price',
+      'ratepool_price claude-* input=3;',
+      qr/model pattern "claude-\*" needs an input and an output price, such as "input=3 output=15"/ ],
+
+    [ 'a price finer than a thousandth of a dollar',
+      'ratepool_price claude-* input=3 output=1.2345;',
+      qr/invalid price "output=1\.2345" of "claude-\*", use "input=", "output=", "cache_write=" or "cache_read=" and dollars per million tokens/ ],
+
+    [ 'an unknown price',
+      'ratepool_price claude-* input=3 output=15 batch=1;',
+      qr/invalid price "batch=1" of "claude-\*"/ ],
+
+    [ 'a pattern priced twice',
+      'ratepool_price claude-* input=3 output=15; '
+      . 'ratepool_price claude-* input=1 output=5;',
+      qr/model pattern "claude-\*" is priced twice/ ],
+
+    [ 'a price of a pattern with odd characters',
+      'ratepool_price "claude sonnet" input=3 output=15;',
+      qr/invalid model pattern "claude sonnet", use up to 64 characters of model names and "\*"/ ],
+
+    [ 'a budget in dollars that is not one',
+      'ratepool_zone llm:1m; ratepool_workspace w daily_usd=ten;',
+      qr/invalid limit "daily_usd=ten", use a positive number/ ],
+
+    [ 'a budget of no dollars',
+      'ratepool_zone llm:1m; ratepool_workspace w monthly_usd=0;',
+      qr/invalid limit "monthly_usd=0", use a positive number/ ],
+
+    [ 'the example\'s placeholder hash left in',
+      'ratepool_zone llm:1m; ratepool_workspace w; ratepool_client w sha256:'
+      . ('0' x 64) . ';',
+      qr/the client token hash for workspace "w" is a placeholder, one digit repeated; put in the hash of a real token: printf %s TOKEN \| sha256sum/ ],
+
+    [ 'a client with an unknown parameter',
+      "ratepool_zone llm:1m; ratepool_workspace w; "
+      . "ratepool_client w $HASH nick=al;",
+      qr/invalid parameter "nick=al" of a client of workspace "w", use "name=NAME"/ ],
+
+    [ 'a client name with odd characters',
+      "ratepool_zone llm:1m; ratepool_workspace w; "
+      . "ratepool_client w $HASH name=al/ice;",
+      qr/invalid name "al\/ice", use up to 64 letters/ ],
+
+    [ 'one client name in two workspaces',
+      "ratepool_zone llm:1m; ratepool_workspace w; ratepool_workspace v; "
+      . "ratepool_client w $HASH name=ci; ratepool_client v "
+      . $t->token_hash('gw-other') . " name=ci;",
+      qr/client name "ci" is given in workspaces "w" and "v", a client's tokens are of one workspace/ ],
 
     [ 'a client of an unknown workspace',
       "ratepool_zone llm:1m; ratepool_client nobody $HASH;",

@@ -235,7 +235,10 @@ for (split /\n/, $text) {
     if (/^# TYPE (\S+) /) {
         $grouped = 0 if $type{$1}++;
     } elsif (/^([a-z_]+)[{ ]/) {
-        $grouped = 0 unless $type{$1};
+        my $family = $1;
+        # a histogram's samples are its name with a suffix
+        $family =~ s/_(?:bucket|sum|count)$// unless $type{$family};
+        $grouped = 0 unless $type{$family};
     }
 }
 ok($grouped, 'every family is declared once, before its samples');

@@ -32,7 +32,7 @@ my $mock = $t->start_mock(port => 1, log => 1, config => {
 $t->write_file("$_.key", "$SECRET{$_}\n") for keys %SECRET;
 
 sub config {
-    my (@names) = @_;
+    my ($size, @names) = @_ && $_[0] =~ /^\d/ ? @_ : ('1m', @_);
     my $keys = join '', map {
         "        ratepool_key $_ org=org-$_ server=127.0.0.1:%%PORT_1%%\n"
       . "                     key_file=%%TESTDIR%%/$_.key;\n" } @names;
@@ -47,7 +47,7 @@ events {
 http {
     %%TEST_GLOBALS_HTTP%%
 
-    ratepool_zone llm:1m;
+    ratepool_zone llm:$size;
 
     upstream claude {
         ratepool zone=llm;
@@ -190,6 +190,25 @@ is(message()->{status}, 200, 'and requests are answered again');
 like($t->error_log,
      qr/org "org-b1" was to cool down for \d+ s more, the reload ends it/,
      'the log says so');
+
+# what the log says at each start and reload, and when state is lost
+my @summary = $t->error_log
+              =~ /ratepool: pool "claude" has 3 keys: ([^\n]*)/g;
+ok(@summary >= 2, 'each reload logs what each pool serves');
+my $fp = substr(sha256_hex($SECRET{c1}), 0, 12);
+like($summary[-1] // '', qr/^a1 \(org-a1, anthropic, \w{12}\), b1 .* c1 \(org-c1, anthropic, $fp\)/,
+     'its keys, with their orgs, providers and fingerprints');
+like($t->error_log,
+     qr/ratepool: zone "llm" serves 1 pools, 1 workspaces and 1 client tokens, its limits in this gateway's shared memory/,
+     'and the zone\'s summary');
+unlike($t->error_log, qr/made anew/, 'no state was lost so far');
+
+config('2m', qw(a1 b1 c1));
+ok($t->reload, 'nginx reloads with a larger zone');
+like($t->error_log,
+     qr/\[warn\].*ratepool zone "llm" is made anew, as its size changed from 1048576 to 2097152: its counts, cooldowns/,
+     'the log warns that the zone\'s state is lost');
+is(status()->{key}{a1}{state}, 'ok', 'as it is: a1 no longer cools');
 
 $t->stop;
 $t->check_log;

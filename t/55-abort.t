@@ -46,6 +46,7 @@ http {
     %%TEST_GLOBALS_HTTP%%
 
     log_format abort '\$status key=\$ratepool_key tries=\$ratepool_tries '
+                     'left=\$ratepool_client_left '
                      'rt=\$request_time "\$request"';
 
     ratepool_zone llm:1m;
@@ -248,6 +249,11 @@ ok(defined $took && $took < 1.0,
     or diag sprintf 'released after %s s: %s',
         defined $took ? sprintf('%.2f', $took) : 'never', in_flight(status());
 released_and_serving('(b)', 3);
+my @lines = grep { /"POST \/v1\/messages/ } access_lines();
+is(scalar(grep { /^200 key=\S+ tries=1 left=1 / } @lines), 1,
+    '(b) the log marks the client that left mid-stream, after its 200');
+like($lines[-1] // '', qr/^200 .* left=0 /,
+    '(b) and not the requests after it');
 
 # --- (c) the provider times out ---------------------------------------------
 

@@ -33,7 +33,7 @@ my $liar_port = $t->port(3);
 my $count_file = $t->testdir . '/liar.count';
 
 # the take's reply: not admitted, wait 0 ms, the org full, all else 0
-my $refusal = '*16\r\n:0\r\n:0\r\n:32\r\n' . (':0\r\n' x 13);
+my $refusal = '*18\r\n:0\r\n:0\r\n:32\r\n' . (':0\r\n' x 15);
 
 my @fakes = (
     Ratepool::Test::_spawn($t->testdir . '/fake_redis.log', $^X,

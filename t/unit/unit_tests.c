@@ -636,6 +636,74 @@ test_budget(void)
           == 20, "a month's usage adds up to its last second");
     check(ratepool_budget_used(&b, RATEPOOL_BUDGET_MONTH, 1796083200) == 0,
           "and is over at midnight of the first");
+
+    /* what the fleet counted, as Redis says: the larger count holds */
+    b.used = 0;
+    b.period = 0;
+    ratepool_budget_add(&b, RATEPOOL_BUDGET_DAY, t, 100);
+    ratepool_budget_raise(&b, RATEPOOL_BUDGET_DAY, t, 250);
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_DAY, t) == 250,
+          "a fleet's larger count of the day is taken");
+    ratepool_budget_raise(&b, RATEPOOL_BUDGET_DAY, t, 50);
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_DAY, t) == 250,
+          "a smaller one is not");
+    ratepool_budget_raise(&b, RATEPOOL_BUDGET_DAY, 1795478400 + 5, 7);
+    check(ratepool_budget_used(&b, RATEPOOL_BUDGET_DAY, 1795478400 + 5) == 7,
+          "and a new day's count replaces the old day's");
+}
+
+
+static int
+decimal(const char *s, unsigned decimals, uint64_t max, uint64_t *v)
+{
+    return ratepool_decimal_parse((const unsigned char *) s, strlen(s),
+                                  decimals, max, v);
+}
+
+
+static void
+test_price(void)
+{
+    uint64_t          v;
+    ratepool_price_t  sonnet;
+
+    check(decimal("3", 3, RATEPOOL_PRICE_MAX, &v) && v == 3000,
+          "$3 a million tokens is 3000 nano-dollars a token");
+    check(decimal("3.75", 3, RATEPOOL_PRICE_MAX, &v) && v == 3750,
+          "a price with cents");
+    check(decimal("0.3", 3, RATEPOOL_PRICE_MAX, &v) && v == 300,
+          "a price under a dollar");
+    check(decimal("0.075", 3, RATEPOOL_PRICE_MAX, &v) && v == 75,
+          "a price of a tenth of a cent");
+    check(!decimal("0.0755", 3, RATEPOOL_PRICE_MAX, &v),
+          "finer than a thousandth is refused, not rounded");
+    check(!decimal("1000.001", 3, RATEPOOL_PRICE_MAX, &v),
+          "as is a price over the most");
+    check(!decimal("", 3, 100, &v) && !decimal(".", 3, 100, &v)
+          && !decimal("3.", 3, 100, &v) && !decimal("1.2.3", 3, 100, &v)
+          && !decimal("-1", 3, 100, &v) && !decimal("1e3", 3, 100, &v),
+          "and what is not a plain decimal");
+    check(!decimal("99999999999999999999999", 0, UINT64_MAX / 10, &v),
+          "a number too large for 64 bits");
+    check(decimal("50.5", 9, 1000000000ULL * RATEPOOL_NANO_PER_USD, &v)
+          && v == 50500000000ULL, "a budget of $50.50 in nano-dollars");
+
+    sonnet.input = 3000;
+    sonnet.output = 15000;
+    sonnet.cache_write = 3750;
+    sonnet.cache_read = 300;
+
+    check(ratepool_price_cost(&sonnet, 1000000, 0, 0, 0)
+          == 3ULL * RATEPOOL_NANO_PER_USD, "a million input tokens: $3");
+    check(ratepool_price_cost(&sonnet, 100, 200, 1000, 10000)
+          == 100 * 3000 + 200 * 15000 + 1000 * 3750 + 10000 * 300,
+          "each kind at its price");
+    check(ratepool_price_cost(&sonnet, RATEPOOL_USAGE_TOKENS_MAX,
+                              RATEPOOL_USAGE_TOKENS_MAX,
+                              RATEPOOL_USAGE_TOKENS_MAX,
+                              RATEPOOL_USAGE_TOKENS_MAX)
+          == 100000000ULL * (3000 + 15000 + 3750 + 300),
+          "the largest usage there can be does not overflow");
 }
 
 /* feeds a body whole, then split at every byte, and checks both agree */
@@ -2325,6 +2393,7 @@ main(void)
     test_parse();
     test_usage();
     test_budget();
+    test_price();
     test_request();
     test_conversation();
     test_conversation_openai();
