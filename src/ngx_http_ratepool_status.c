@@ -408,7 +408,7 @@ ngx_http_ratepool_status_money(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_workspace_t *ws)
 {
     time_t                          now;
-    ngx_uint_t                      j;
+    ngx_uint_t                      j, n;
     ngx_http_ratepool_price_t      *price;
     ngx_http_ratepool_spend_sh_t   *spend;
 
@@ -435,10 +435,17 @@ ngx_http_ratepool_status_money(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     p = ngx_http_ratepool_usd(p, ws->sh->cost_reserved);
     p = ngx_cpymem(p, ",\"models\":[", sizeof(",\"models\":[") - 1);
 
-    for (j = 0; j < rmcf->prices.nelts; j++) {
+    /* the models it used: a price table lists many */
+    for (j = 0, n = 0; j < rmcf->prices.nelts; j++) {
         spend = ws->spend[j];
 
-        p = ngx_sprintf(p, "%s{\"model\":\"%V\",", j ? "," : "",
+        if (spend->used.input == 0 && spend->used.output == 0
+            && spend->used.cache_read == 0 && spend->used.cache_creation == 0)
+        {
+            continue;
+        }
+
+        p = ngx_sprintf(p, "%s{\"model\":\"%V\",", n++ ? "," : "",
                         &price[j].pattern);
         p = ngx_http_ratepool_status_tokens(p, &spend->used);
         p = ngx_cpymem(p, ",\"cost_usd\":", sizeof(",\"cost_usd\":") - 1);
