@@ -5,7 +5,8 @@
 # and unit tests (synthetic series: each alert fires when it should, and
 # not when it should not); then a real Prometheus (Debian's package)
 # scrapes gateways with a dead key, a pool whose keys all cool, a
-# workspace near its budget and clients that got 429s, evaluates every
+# workspace near its token budget, another near its budget in dollars
+# (at the shipped list prices) and clients that got 429s, evaluates every
 # query of every panel of the dashboard, and fires the alerts it should.
 
 use strict;
@@ -13,6 +14,7 @@ use warnings;
 
 use lib 't/lib';
 
+use Cwd ();
 use JSON::PP;
 use Test::More;
 use Time::HiRes qw(sleep time);
@@ -29,6 +31,7 @@ my $ALERTS = 'conf-examples/prometheus-alerts.yml';
 my $t = Ratepool::Test->new;
 my $dir = $t->testdir;
 my $t0 = time;
+my $ROOT = Cwd::getcwd();
 
 sub slurp {
     my ($file) = @_;
@@ -56,9 +59,9 @@ ok(scalar(grep { $_->{name} eq 'DS_PROMETHEUS' && $_->{type} eq 'datasource'
 
 is_deeply([ sort map { $_->{title} } @rows ],
           [ sort 'Overview', 'Keys', 'Orgs', 'Waiting & latency',
-                 'Workspaces & clients', 'Cache', 'Store' ],
+                 'Workspaces & clients', 'Money', 'Cache', 'Store' ],
           'its rows');
-cmp_ok(scalar @shown, '>=', 20, scalar(@shown) . ' panels');
+cmp_ok(scalar @shown, '>=', 30, scalar(@shown) . ' panels');
 
 my %ids;
 $ids{ $_->{id} // 'none' }++ for @panels;
@@ -144,7 +147,9 @@ my @alerts = $rules =~ /^\s*- alert: (\w+)/mg;
 is_deeply([ sort @alerts ],
           [ sort qw(RatepoolAllKeysCooling RatepoolKeyDead RatepoolStoreDown
                     RatepoolBudgetNearlySpent RatepoolClientsGet429s
-                    RatepoolGatewayErrors RatepoolQueueLong) ],
+                    RatepoolGatewayErrors RatepoolQueueLong
+                    RatepoolSpendingBudgetNearlySpent
+                    RatepoolRequestsWaitLong) ],
           'the alerts, in one group') or diag $rules;
 like($rules, qr/^  - name: ratepool$/m, 'which is "ratepool"');
 
@@ -169,6 +174,9 @@ my $bu = '{job="ratepool",instance="gw1:80",workspace';
 my $bt = 'ratepool_workspace_budget_tokens';
 my $bused = 'ratepool_workspace_budget_used_tokens';
 my $wa = 'ratepool_pool_waiting{job="ratepool",instance="gw1:80"';
+my $ow = 'ratepool_pool_oldest_wait_seconds{job="ratepool",instance="gw1:80"';
+my $bd = 'ratepool_workspace_budget_usd';
+my $bdused = 'ratepool_workspace_budget_used_usd';
 
 $t->write_file('alerts-test.yml', <<"EOF");
 rule_files: [alerts.yml]
@@ -238,6 +246,32 @@ tests:
         values: '0 20x10'
       - series: '$wa,pool="q"}'
         values: '5x10'
+      # ops passes 90% of its \$0.50 a day at 2m, and has no month
+      # budget; lab is at 85% of its \$100 a month; free has no budget
+      - series: '$bd$bu="ops",period="day"}'
+        values: '0.5x10'
+      - series: '$bdused$bu="ops",period="day"}'
+        values: '0 0.3 0.47x8'
+      - series: '$bd$bu="ops",period="month"}'
+        values: '0x10'
+      - series: '$bdused$bu="ops",period="month"}'
+        values: '0 0.3 0.47x8'
+      - series: '$bd$bu="lab",period="month"}'
+        values: '100x10'
+      - series: '$bdused$bu="lab",period="month"}'
+        values: '85x10'
+      - series: '$bd$bu="free",period="day"}'
+        values: '0x10'
+      - series: '$bdused$bu="free",period="day"}'
+        values: '0 7x9'
+      # in p a request has waited over 30 s from 2m on; in q 20 s at
+      # most; in r one waited 45 s at 2m only
+      - series: '$ow,pool="p"}'
+        values: '0 10 40+60x8'
+      - series: '$ow,pool="q"}'
+        values: '20x10'
+      - series: '$ow,pool="r"}'
+        values: '0 0 45 0x7'
     alert_rule_test:
       - eval_time: 4m
         alertname: RatepoolAllKeysCooling
@@ -299,6 +333,55 @@ tests:
                 day (UTC); past it, its requests are refused until the
                 next day. Raise daily_tokens or monthly_tokens, or tell
                 its people.
+      - eval_time: 2m
+        alertname: RatepoolSpendingBudgetNearlySpent
+        exp_alerts: []
+      - eval_time: 3m
+        alertname: RatepoolSpendingBudgetNearlySpent
+        exp_alerts:
+          - exp_labels: { severity: warning, $gw, workspace: ops,
+                          period: day }
+            exp_annotations:
+              summary: >-
+                Workspace ops has spent 94% of its day budget of \$0.50
+              description: >-
+                Workspace ops has spent 94% of its budget in dollars for
+                the day (UTC), at list prices; past it, its requests are
+                refused until the next day. Raise daily_usd or
+                monthly_usd, or see who and what spends it
+                (ratepool_client_cost_usd_total,
+                ratepool_workspace_model_cost_usd_total).
+      - eval_time: 8m
+        alertname: RatepoolSpendingBudgetNearlySpent
+        exp_alerts:
+          - exp_labels: { severity: warning, $gw, workspace: ops,
+                          period: day }
+            exp_annotations:
+              summary: >-
+                Workspace ops has spent 94% of its day budget of \$0.50
+              description: >-
+                Workspace ops has spent 94% of its budget in dollars for
+                the day (UTC), at list prices; past it, its requests are
+                refused until the next day. Raise daily_usd or
+                monthly_usd, or see who and what spends it
+                (ratepool_client_cost_usd_total,
+                ratepool_workspace_model_cost_usd_total).
+      - eval_time: 3m
+        alertname: RatepoolRequestsWaitLong
+        exp_alerts: []
+      - eval_time: 4m
+        alertname: RatepoolRequestsWaitLong
+        exp_alerts:
+          - exp_labels: { severity: warning, $gw, pool: p }
+            exp_annotations:
+              summary: 'A request has waited 2m 40s for pool p'
+              description: >-
+                The request that has waited longest for room in pool p on
+                gw1:80 has waited 2m 40s; the oldest wait has been over
+                30 s for two minutes: demand is over what its keys allow
+                (add keys or orgs), or a workspace's limits hold its
+                requests. See ratepool_pool_waiting and
+                ratepool_pool_waited_total{result="timed_out"}.
       - eval_time: 5m
         alertname: RatepoolClientsGet429s
         exp_alerts: []
@@ -357,7 +440,7 @@ is($?, 0, 'promtool test rules: each alert fires when it should, and '
 my %KEY = map { $_ => "sk-ant-mock-$_-" . Ratepool::Test::random_hex(4) }
           qw(a1 a2 a3 c1 c2 w1 s1);
 my %TOKEN = map { $_ => "gw-dash-$_-" . Ratepool::Test::random_hex(8) }
-            qw(alice bob carol);
+            qw(alice bob carol dave);
 
 # the provider keeps a prompt cache per org
 my $mock = $t->start_mock(port => 1, config => {
@@ -415,11 +498,16 @@ http {
         ${\ key_line('w1') }
     }
 
+    # the shipped list prices (dollars per million tokens)
+    include $ROOT/conf-examples/prices.conf;
+
     ratepool_workspace team daily_tokens=10000000;
     ratepool_workspace interns daily_tokens=1000;
+    ratepool_workspace ops daily_usd=0.10;
     ratepool_client team ${\ $t->token_hash($TOKEN{alice}) } name=alice;
     ratepool_client team ${\ $t->token_hash($TOKEN{bob}) } name=bob;
     ratepool_client interns ${\ $t->token_hash($TOKEN{carol}) } name=carol;
+    ratepool_client ops ${\ $t->token_hash($TOKEN{dave}) } name=dave;
 
     server {
         listen 127.0.0.1:%%PORT_0%%;
@@ -585,6 +673,11 @@ is(ask('carol', 'main', 'x-mock-usage' => '{"input_tokens":900,'
                                           . '"output_tokens":20}'),
    200, 'carol uses 92% of her workspace\'s budget');
 
+# 25,000 input and 1,200 output tokens of Sonnet: $0.093 of ops' $0.10
+is(ask('dave', 'main', 'x-mock-usage' => '{"input_tokens":25000,'
+                                         . '"output_tokens":1200}'),
+   200, 'dave spends 93% of his workspace\'s budget in dollars');
+
 # slow's one key cools for a second: the request waits, then is served
 $mock->script($KEY{w1}, [ { status => 429, retry_after => '1' } ]);
 is(ask('bob', 'slow'), 200, 'a request waits for slow\'s key');
@@ -602,6 +695,8 @@ my %EXPECT = (
     RatepoolBudgetNearlySpent => [ 'interns/day' ],
     RatepoolClientsGet429s => [ 'cool' ],
     RatepoolStoreDown => [],
+    RatepoolSpendingBudgetNearlySpent => [ 'ops/day' ],
+    RatepoolRequestsWaitLong => [],
 );
 
 sub firing {
@@ -615,9 +710,11 @@ sub firing {
     return { map { $_ => [ sort @{ $by{$_} || [] } ] } keys %EXPECT };
 }
 
+# the Money row's have more than zeros: something was spent
 sub has_data {
-    my ($result) = @_;
-    return scalar grep { $_->{value}[1] ne 'NaN' } @$result;
+    my ($result, $spent) = @_;
+    return scalar grep { $_->{value}[1] ne 'NaN'
+                         && (!$spent || $_->{value}[1] > 0) } @$result;
 }
 
 my $CANONICAL = JSON::PP->new->canonical;
@@ -634,7 +731,8 @@ while (1) {
         push @$empty, "$title ($row): $expr: "
                       . ($j->{error} // scalar(@$result) . ' series')
             if ($j->{status} // '') ne 'success'
-               || ($want ? !has_data($result) : @$result);
+               || ($want ? !has_data($result, $row eq 'Money')
+                         : @$result);
     }
     $firing = firing();
     last if (!@$empty && $CANONICAL->encode($firing)
@@ -653,12 +751,22 @@ for my $alert (sort keys %EXPECT) {
               . (join(', ', @{ $EXPECT{$alert} }) || 'nothing'));
 }
 
+# the spending alert says how much of how many dollars
+my ($spent) = grep { $_->{labels}{alertname}
+                     eq 'RatepoolSpendingBudgetNearlySpent' }
+              @{ api('alerts')->{data}{alerts} || [] };
+like($spent && $spent->{annotations}{summary},
+     qr/^Workspace ops has spent 93% of its day budget of \$0\.10$/,
+     'its summary: 93% of $0.10')
+    or diag explain $spent;
+
 # the variables' values come from the exposition
 for my $name (sort keys %var) {
     my $j = api("label/$name/values?match[]="
                 . uri_escape($var{$name}{metric}));
     my %values = map { $_ => 1 } @{ $j->{data} || [] };
-    my @want = $name eq 'pool' ? qw(main cool slow) : qw(team interns);
+    my @want = $name eq 'pool' ? qw(main cool slow)
+                               : qw(team interns ops);
     is_deeply([ grep { !$values{$_} } @want ], [],
               "\$$name lists " . join(', ', @want));
 }
