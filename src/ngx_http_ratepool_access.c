@@ -90,6 +90,7 @@ ngx_http_ratepool_access_handler(ngx_http_request_t *r)
         ctx->round_tries = 0;
         ctx->redirected = 1;
         ctx->retry_same = 0;
+        ctx->moved_status = 0;
         ctx->answered = 0;
         ctx->exhausted = 0;
         ctx->refused = 0;

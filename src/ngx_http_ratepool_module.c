@@ -655,7 +655,7 @@ ngx_http_ratepool_init_process(ngx_cycle_t *cycle)
     zone = rmcf->shm_zone->data;
 
     /* the first worker of each start or reload says what it serves */
-    if (ngx_worker == 0) {
+    if (ngx_process == NGX_PROCESS_WORKER && ngx_worker == 0) {
         ngx_http_ratepool_log_summary(cycle, rmcf);
     }
 

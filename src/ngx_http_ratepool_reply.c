@@ -191,10 +191,17 @@ u_char *
 ngx_http_ratepool_amount(u_char *p, u_char *last, uint64_t amount,
     ngx_uint_t money)
 {
-    if (money) {
+    if (money && amount % 10000000 == 0) {
         return ngx_slprintf(p, last, "$%uL.%02uL",
                             amount / RATEPOOL_NANO_PER_USD,
                             amount % RATEPOOL_NANO_PER_USD / 10000000);
+    }
+
+    if (money) {
+        /* less than a cent in it: to the millionth of a dollar */
+        return ngx_slprintf(p, last, "$%uL.%06uL",
+                            amount / RATEPOOL_NANO_PER_USD,
+                            amount % RATEPOOL_NANO_PER_USD / 1000);
     }
 
     return ngx_slprintf(p, last, "%uL tokens", amount);

@@ -51,9 +51,9 @@
 
 
 /*
- * One script call's arguments: a take has the most, 25: two keys of at
- * most 210 bytes ("ratepool:{zone}:o:org/model", names of 64) and 22
- * integers of at most 20 characters, in the buffer.
+ * One script call's arguments: a take has the most, 27: the number of
+ * keys, two keys of at most 210 bytes ("ratepool:{zone}:o:org/model",
+ * names of 64) and 24 integers of at most 20 characters, in the buffer.
  */
 
 #define RATEPOOL_CALL_ARGS          28
@@ -928,12 +928,19 @@ ngx_http_ratepool_take_reply(redisReply *reply)
         return NGX_ERROR;
     }
 
-    /* no count ratepool keeps comes near 10^15: a larger one is a lie */
+    /*
+     * No count ratepool keeps comes near 10^15: a larger one is a lie;
+     * but money, in nano-dollars, which budgets of up to a billion
+     * dollars may reach 10^18 in.
+     */
 
     for (i = 0; i < reply->elements; i++) {
         if (reply->element[i]->type != REDIS_REPLY_INTEGER
             || reply->element[i]->integer < 0
-            || reply->element[i]->integer > 1000000000000000LL)
+            || reply->element[i]->integer
+               > ((i == RATEPOOL_SCRIPT_DAY_COST
+                   || i == RATEPOOL_SCRIPT_MONTH_COST)
+                  ? 2000000000000000000LL : 1000000000000000LL))
         {
             return NGX_ERROR;
         }

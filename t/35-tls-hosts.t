@@ -112,8 +112,11 @@ $log = $mock->log;
 
 is(join(',', map { $_->{status} } @r), join(',', (200) x 12),
     'requests through a keepalive pool over TLS are answered');
-is_deeply([ sort map { $_->{key_name} } @$log ],
-    [ sort +('k2_name') x 6, ('k_name') x 6 ], 'spread over both keys');
+my %by_key;
+$by_key{ $_->{key_name} }++ for @$log;
+ok(($by_key{k_name} // 0) >= 3 && ($by_key{k2_name} // 0) >= 3
+   && keys %by_key == 2, 'spread over both keys')
+    or diag explain \%by_key;
 $tls->check_identity($log, 'each arrived with SNI and Host localhost');
 is($tls->wrong_secrets($log), 0, 'each under its own key\'s secret');
 cmp_ok(scalar(grep { Ratepool::Tls::seen($_)->{conn} > 1 } @$log), '>', 0,

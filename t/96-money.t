@@ -203,7 +203,7 @@ $t->check_log;
 # --- two gateways on one Redis share a budget in dollars --------------------
 
 SKIP: {
-    skip 'redis-server is not installed: apt-get install redis-server', 9
+    skip 'redis-server is not installed: apt-get install redis-server', 12
         unless grep { -x "$_/redis-server" } split /:/, $ENV{PATH};
 
     my @gw = map { Ratepool::Test->new } 1 .. 2;
@@ -233,6 +233,8 @@ http {
 
     ratepool_workspace fleet daily_usd=0.20;
     ratepool_client fleet ${\ $g->token_hash($TOKEN{alice})} name=alice;
+    ratepool_workspace rich monthly_usd=5000000;
+    ratepool_client rich ${\ $g->token_hash($TOKEN{bob})} name=bob;
 
     server {
         listen 127.0.0.1:%%PORT_0%%;
@@ -298,7 +300,24 @@ EOF
     is($r->{status}, 429, 'so the budget still holds');
     like($r->{body}, qr/daily budget of \$0\.20/, 'and says which');
 
+    # a fleet that spent a million and a half this month: Redis says so
+    # in nano-dollars, a number far larger than any count of tokens
+    my @now = gmtime;
+    my $month = ($now[5] + 1900) * 12 + $now[4];
+    $redis->cli('HSET', 'ratepool:{llm}:w:rich', 'mq', $month,
+                'mc', '1500000000000000');
+    my $before = store_of($gw[0])->{fallbacks};
+    is($gw[0]->messages(token => $TOKEN{bob},
+        body => { model => 'claude-sonnet-4-6', max_tokens => 100 })
+        ->{status}, 200, 'a workspace that spent $1.5M of $5M is served');
+    is(store_of($gw[0])->{fallbacks}, $before,
+        'decided by Redis, whose answer was believed');
+    ok(Ratepool::Test::by_name($gw[0]->status->{workspaces})->{rich}
+       {usd_this_month} >= 1500000, 'and the gateway knows what was spent');
+
     $_->check_log for @gw;
 }
+
+sub store_of { $_[0]->status->{store} }
 
 done_testing;
