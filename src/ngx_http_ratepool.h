@@ -616,6 +616,13 @@ struct ngx_http_ratepool_redis_cmd_s {
 typedef struct {
     ngx_str_t                       server;     /* as configured */
     ngx_addr_t                     *addrs;
+    ngx_str_t                       host;       /* of redis= */
+    ngx_str_t                       tls_name;   /* its certificate's */
+#if (NGX_HTTP_SSL)
+    ngx_ssl_t                      *ssl;        /* NULL: plain TCP */
+#endif
+    unsigned                        tls:1;
+    unsigned                        tls_sni:1;  /* a name, not an address */
     ngx_str_t                       user;
     ngx_str_t                       password;
     ngx_uint_t                      db;

@@ -49,6 +49,9 @@ static void ngx_http_ratepool_sha256(u_char *data, size_t len,
 static ngx_int_t ngx_http_ratepool_header_safe(ngx_str_t *s);
 static ngx_int_t ngx_http_ratepool_read_small(ngx_conf_t *cf,
     ngx_str_t *path, size_t max, const char *what, ngx_str_t *secret);
+static ngx_int_t ngx_http_ratepool_redis_tls(ngx_conf_t *cf,
+    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *ca, ngx_str_t *cert,
+    ngx_str_t *key, ngx_str_t *name);
 static ngx_int_t ngx_http_ratepool_google(ngx_conf_t *cf,
     ngx_http_ratepool_key_t *key, ngx_str_t *account, ngx_str_t *url,
     ngx_str_t *ca);
@@ -293,7 +296,8 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
     ngx_http_ratepool_main_conf_t *rmcf, ngx_str_t *zone_name)
 {
     u_char                          *p;
-    ngx_str_t                       *value, v, path;
+    ngx_str_t                       *value, v, path, tls_ca, tls_cert,
+                                     tls_key, tls_name;
     ngx_url_t                        u;
     ngx_int_t                        n;
     ngx_uint_t                       i;
@@ -302,6 +306,11 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
     unsigned int                     len;
 
     value = cf->args->elts;
+
+    ngx_str_null(&tls_ca);
+    ngx_str_null(&tls_cert);
+    ngx_str_null(&tls_key);
+    ngx_str_null(&tls_name);
 
     redis = ngx_pcalloc(cf->pool, sizeof(ngx_http_ratepool_redis_conf_t));
     if (redis == NULL) {
@@ -319,6 +328,22 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             redis->server.data = value[i].data + 6;
             redis->server.len = value[i].len - 6;
 
+            /* rediss://: TLS, as redis-cli and the client libraries say */
+            if (redis->server.len > 9
+                && ngx_strncmp(redis->server.data, "rediss://", 9) == 0)
+            {
+                redis->server.data += 9;
+                redis->server.len -= 9;
+                redis->tls = 1;
+
+            } else if (redis->server.len > 8
+                       && ngx_strncmp(redis->server.data, "redis://", 8)
+                          == 0)
+            {
+                redis->server.data += 8;
+                redis->server.len -= 8;
+            }
+
             ngx_memzero(&u, sizeof(ngx_url_t));
             u.url = redis->server;
             u.default_port = 6379;
@@ -327,7 +352,8 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             if (ngx_parse_url(cf->pool, &u) != NGX_OK || u.naddrs == 0) {
                 ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                                    "invalid \"%V\": %s; use "
-                                   "\"redis=HOST:PORT\" or "
+                                   "\"redis=HOST:PORT\", "
+                                   "\"redis=rediss://HOST:PORT\" (TLS) or "
                                    "\"redis=unix:/path/to/redis.sock\"",
                                    &value[i],
                                    u.err ? u.err : "no address");
@@ -335,6 +361,41 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             }
 
             redis->addrs = u.addrs;
+            redis->host = u.host;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_tls=on") == 0) {
+            redis->tls = 1;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "redis_tls=off") == 0) {
+            redis->tls = 0;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_ca=", 13) == 0) {
+            tls_ca.data = value[i].data + 13;
+            tls_ca.len = value[i].len - 13;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_cert=", 15) == 0) {
+            tls_cert.data = value[i].data + 15;
+            tls_cert.len = value[i].len - 15;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_key=", 14) == 0) {
+            tls_key.data = value[i].data + 14;
+            tls_key.len = value[i].len - 14;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_tls_name=", 15) == 0) {
+            tls_name.data = value[i].data + 15;
+            tls_name.len = value[i].len - 15;
             continue;
         }
 
@@ -418,9 +479,11 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                            "invalid parameter \"%V\", use \"redis=\", "
                            "\"redis_db=\", \"redis_user=\", "
                            "\"redis_password_file=\", \"redis_timeout=\", "
-                           "\"redis_lease=on|off\" or "
-                           "\"redis_fail=local|open|closed\"",
-                           &value[i]);
+                           "\"redis_lease=on|off\", "
+                           "\"redis_fail=local|open|closed\", "
+                           "\"redis_tls=on|off\", \"redis_tls_ca=\", "
+                           "\"redis_tls_cert=\", \"redis_tls_key=\" or "
+                           "\"redis_tls_name=\"", &value[i]);
         return NGX_CONF_ERROR;
     }
 
@@ -435,6 +498,13 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"redis_user=\" needs "
                            "\"redis_password_file=\"");
+        return NGX_CONF_ERROR;
+    }
+
+    if (ngx_http_ratepool_redis_tls(cf, redis, &tls_ca, &tls_cert, &tls_key,
+                                    &tls_name)
+        != NGX_OK)
+    {
         return NGX_CONF_ERROR;
     }
 
@@ -466,6 +536,76 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                                                 &ngx_http_ratepool_store_redis;
 
     return NGX_CONF_OK;
+}
+
+
+/*
+ * TLS to Redis: its certificate verified against redis_tls_ca= (or the
+ * system's CAs) for redis_tls_name= (or the host of redis=), a client
+ * certificate if Redis asks for one; never plain text instead.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_redis_tls(ngx_conf_t *cf,
+    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *ca, ngx_str_t *cert,
+    ngx_str_t *key, ngx_str_t *name)
+{
+    if (!redis->tls) {
+        if (ca->len || cert->len || key->len || name->len) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"redis_tls_*\" parameters need TLS: use "
+                               "\"redis=rediss://HOST:PORT\" or "
+                               "\"redis_tls=on\"");
+            return NGX_ERROR;
+        }
+
+        return NGX_OK;
+    }
+
+    if (redis->addrs[0].sockaddr->sa_family == AF_UNIX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "TLS to redis at a unix socket is not supported, "
+                           "use \"redis=rediss://HOST:PORT\"");
+        return NGX_ERROR;
+    }
+
+    if ((cert->len == 0) != (key->len == 0)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_tls_cert=\" and \"redis_tls_key=\" go "
+                           "together: give both, or neither");
+        return NGX_ERROR;
+    }
+
+#if (NGX_HTTP_SSL)
+
+    if (name->len == 0) {
+        name = &redis->host;
+    }
+
+    /* NUL-terminated for OpenSSL; an address is checked, never sent */
+    redis->tls_name.len = name->len;
+    redis->tls_name.data = ngx_pnalloc(cf->pool, name->len + 1);
+    if (redis->tls_name.data == NULL) {
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(redis->tls_name.data, name->data, name->len);
+    redis->tls_name.data[name->len] = '\0';
+
+    redis->tls_sni = (name->len && name->data[0] != '['
+                      && ngx_inet_addr(name->data, name->len) == INADDR_NONE);
+
+    redis->ssl = ngx_http_ratepool_tls_client(cf, ca, cert, key);
+
+    return redis->ssl ? NGX_OK : NGX_ERROR;
+
+#else
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "TLS to redis needs nginx with TLS");
+    return NGX_ERROR;
+
+#endif
 }
 
 
@@ -894,7 +1034,7 @@ ngx_http_ratepool_google(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
 {
     BIO                         *bio;
     ngx_url_t                    u;
-    ngx_str_t                    json, pem, trusted;
+    ngx_str_t                    json, pem;
     ngx_uint_t                   https;
     ngx_pool_cleanup_t          *cln;
     ngx_http_ratepool_google_t  *g;
@@ -1011,40 +1151,9 @@ ngx_http_ratepool_google(ngx_conf_t *cf, ngx_http_ratepool_key_t *key,
 
 #if (NGX_HTTP_SSL)
 
-    g->ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
-    if (g->ssl == NULL) {
-        return NGX_ERROR;
-    }
+    g->ssl = ngx_http_ratepool_tls_client(cf, ca, NULL, NULL);
 
-    g->ssl->log = cf->log;
-
-    if (ngx_ssl_create(g->ssl, NGX_SSL_TLSv1_2|NGX_SSL_TLSv1_3, NULL)
-        != NGX_OK)
-    {
-        return NGX_ERROR;
-    }
-
-    cln = ngx_pool_cleanup_add(cf->pool, 0);
-    if (cln == NULL) {
-        ngx_ssl_cleanup_ctx(g->ssl);
-        return NGX_ERROR;
-    }
-
-    cln->handler = ngx_ssl_cleanup_ctx;
-    cln->data = g->ssl;
-
-    if (ca->len) {
-        trusted = *ca;
-
-    } else {
-        ngx_str_set(&trusted, RATEPOOL_CA_FILE);
-    }
-
-    if (ngx_ssl_trusted_certificate(cf, g->ssl, &trusted, 4) != NGX_OK) {
-        return NGX_ERROR;
-    }
-
-    return NGX_OK;
+    return g->ssl ? NGX_OK : NGX_ERROR;
 
 #else
 
@@ -1063,6 +1172,64 @@ bad_url:
                        url, &key->name);
     return NGX_ERROR;
 }
+
+
+#if (NGX_HTTP_SSL)
+
+/*
+ * A TLS client's context: TLS 1.2 or 1.3, the peer verified against ca
+ * (the system's CAs if empty), and a certificate of its own if given.
+ */
+
+ngx_ssl_t *
+ngx_http_ratepool_tls_client(ngx_conf_t *cf, ngx_str_t *ca, ngx_str_t *cert,
+    ngx_str_t *key)
+{
+    ngx_str_t            trusted;
+    ngx_ssl_t           *ssl;
+    ngx_pool_cleanup_t  *cln;
+
+    ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
+    if (ssl == NULL) {
+        return NULL;
+    }
+
+    ssl->log = cf->log;
+
+    if (ngx_ssl_create(ssl, NGX_SSL_TLSv1_2|NGX_SSL_TLSv1_3, NULL) != NGX_OK) {
+        return NULL;
+    }
+
+    cln = ngx_pool_cleanup_add(cf->pool, 0);
+    if (cln == NULL) {
+        ngx_ssl_cleanup_ctx(ssl);
+        return NULL;
+    }
+
+    cln->handler = ngx_ssl_cleanup_ctx;
+    cln->data = ssl;
+
+    if (ca && ca->len) {
+        trusted = *ca;
+
+    } else {
+        ngx_str_set(&trusted, RATEPOOL_CA_FILE);
+    }
+
+    if (ngx_ssl_trusted_certificate(cf, ssl, &trusted, 4) != NGX_OK) {
+        return NULL;
+    }
+
+    if (cert && cert->len
+        && ngx_ssl_certificate(cf, ssl, cert, key, NULL) != NGX_OK)
+    {
+        return NULL;
+    }
+
+    return ssl;
+}
+
+#endif
 
 
 /* a string member of a JSON document, decoded */

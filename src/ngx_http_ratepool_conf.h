@@ -18,6 +18,10 @@
 /* the directives' parsers, for the module's table of commands */
 
 char *ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+#if (NGX_HTTP_SSL)
+ngx_ssl_t *ngx_http_ratepool_tls_client(ngx_conf_t *cf, ngx_str_t *ca,
+    ngx_str_t *cert, ngx_str_t *key);
+#endif
 char *ngx_http_ratepool_org(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_ratepool_key(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 char *ngx_http_ratepool_model(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -12,6 +12,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_redis.h"
+#include "ngx_http_ratepool_tls.h"
 #include "ratepool_resp.h"
 
 
@@ -40,6 +41,8 @@
 #define RATEPOOL_REDIS_DOWN         0
 #define RATEPOOL_REDIS_CONNECTING   1
 #define RATEPOOL_REDIS_READY        2
+#define RATEPOOL_REDIS_TLS          3       /* its TLS handshake: nothing
+                                               is sent before it is over */
 
 
 struct ngx_http_ratepool_redis_s {
@@ -68,6 +71,13 @@ struct ngx_http_ratepool_redis_s {
 
 
 static void ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis);
+static ngx_int_t ngx_http_ratepool_redis_connected(
+    ngx_http_ratepool_redis_t *redis, ngx_event_t *wev);
+static void ngx_http_ratepool_redis_close(ngx_http_ratepool_redis_t *redis);
+#if (NGX_HTTP_SSL)
+static void ngx_http_ratepool_redis_tls_start(ngx_event_t *ev);
+static void ngx_http_ratepool_redis_tls_done(ngx_connection_t *c);
+#endif
 static void ngx_http_ratepool_redis_down(ngx_http_ratepool_redis_t *redis,
     const char *why, ngx_str_t *detail);
 static void ngx_http_ratepool_redis_reconnect(ngx_event_t *ev);
@@ -149,13 +159,7 @@ ngx_http_ratepool_redis_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
         return;
     }
 
-    if (redis->c) {
-        ngx_close_connection(redis->c);
-        redis->c = NULL;
-
-        (void) ngx_atomic_fetch_add(&redis->sh->redis_connected,
-                                    (ngx_atomic_int_t) -1);
-    }
+    ngx_http_ratepool_redis_close(redis);
 
     if (redis->reader) {
         redisReaderFree(redis->reader);
@@ -231,6 +235,22 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
     redis->state = RATEPOOL_REDIS_CONNECTING;
     redis->out_len = 0;
 
+#if (NGX_HTTP_SSL)
+    if (conf->ssl) {
+        /* OpenSSL's state for the connection is allocated from its pool */
+        c->pool = ngx_create_pool(512, redis->log);
+        if (c->pool == NULL) {
+            ngx_http_ratepool_redis_down(redis, "out of memory", NULL);
+            return;
+        }
+
+        /* the handshake's commands wait in redis->out for TLS */
+        redis->state = RATEPOOL_REDIS_TLS;
+        c->read->handler = ngx_http_ratepool_redis_tls_start;
+        c->write->handler = ngx_http_ratepool_redis_tls_start;
+    }
+#endif
+
     ratepool_resp_check_init(&redis->check);
     redis->reader = redisReaderCreate();
     if (redis->reader == NULL) {
@@ -296,8 +316,156 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
         return;
     }
 
+    c->write->handler(c->write);
+}
+
+
+/* connect() is over: did it work? */
+
+static ngx_int_t
+ngx_http_ratepool_redis_connected(ngx_http_ratepool_redis_t *redis,
+    ngx_event_t *wev)
+{
+    int                err;
+    socklen_t          len;
+    ngx_connection_t  *c;
+
+    if (!wev->timer_set) {
+        return NGX_OK;
+    }
+
+    ngx_del_timer(wev);
+
+    c = wev->data;
+    err = 0;
+    len = sizeof(int);
+
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len) == -1) {
+        err = ngx_socket_errno;
+    }
+
+    if (err) {
+        ngx_log_error(NGX_LOG_INFO, redis->log, err,
+                      "ratepool: connect() to redis at \"%V\" failed",
+                      &redis->conf->server);
+        ngx_http_ratepool_redis_down(redis, "could not connect", NULL);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_http_ratepool_redis_close(ngx_http_ratepool_redis_t *redis)
+{
+    ngx_pool_t  *pool;
+
+    if (redis->c == NULL) {
+        return;
+    }
+
+#if (NGX_HTTP_SSL)
+    if (redis->c->ssl) {
+        /* nothing more is read from it: its close_notify is not awaited */
+        redis->c->ssl->no_wait_shutdown = 1;
+        redis->c->ssl->no_send_shutdown = 1;
+        (void) ngx_ssl_shutdown(redis->c);
+    }
+#endif
+
+    pool = redis->c->pool;
+
+    ngx_close_connection(redis->c);
+    redis->c = NULL;
+
+    if (pool) {
+        ngx_destroy_pool(pool);
+    }
+
+    (void) ngx_atomic_fetch_add(&redis->sh->redis_connected,
+                                (ngx_atomic_int_t) -1);
+}
+
+
+#if (NGX_HTTP_SSL)
+
+static void
+ngx_http_ratepool_redis_tls_start(ngx_event_t *ev)
+{
+    ngx_connection_t                *c;
+    ngx_http_ratepool_redis_t       *redis;
+    ngx_http_ratepool_redis_conf_t  *conf;
+
+    c = ev->data;
+    redis = c->data;
+    conf = redis->conf;
+
+    if (ev->timedout) {
+        ngx_http_ratepool_redis_down(redis, "connecting timed out", NULL);
+        return;
+    }
+
+    if (!ev->write || c->ssl) {
+        return;     /* a read before the connection is up: nothing yet */
+    }
+
+    if (ngx_http_ratepool_redis_connected(redis, ev) != NGX_OK) {
+        return;
+    }
+
+    if (ngx_http_ratepool_tls_connect(c, conf->ssl, &conf->tls_name,
+                                      conf->tls_sni,
+                                      ngx_http_ratepool_redis_tls_done)
+        != NGX_OK)
+    {
+        ngx_http_ratepool_redis_down(redis, "could not start TLS", NULL);
+    }
+}
+
+
+/* the handshake is over: a certificate that does not verify is a failure */
+
+static void
+ngx_http_ratepool_redis_tls_done(ngx_connection_t *c)
+{
+    const char                 *why;
+    ngx_str_t                   detail;
+    ngx_http_ratepool_redis_t  *redis;
+
+    redis = c->data;
+
+    if (!c->ssl->handshaked) {
+        ngx_http_ratepool_redis_down(redis, c->read->timedout
+                                     ? "the TLS handshake timed out"
+                                     : "the TLS handshake failed (is it a "
+                                       "TLS port? does it want a client "
+                                       "certificate: redis_tls_cert=?)",
+                                     NULL);
+        return;
+    }
+
+    why = ngx_http_ratepool_tls_verify(c, &redis->conf->tls_name,
+                                       redis->conf->tls_sni);
+
+    if (why) {
+        detail.data = (u_char *) why;
+        detail.len = ngx_strlen(why);
+        ngx_http_ratepool_redis_down(redis, "its certificate does not "
+                                     "verify: check redis_tls_ca= and "
+                                     "redis_tls_name=", &detail);
+        return;
+    }
+
+    redis->state = RATEPOOL_REDIS_CONNECTING;
+    c->read->handler = ngx_http_ratepool_redis_read;
+    c->write->handler = ngx_http_ratepool_redis_write;
+
     ngx_http_ratepool_redis_write(c->write);
 }
+
+
+#endif
 
 
 /* a handshake command failed: Redis is down for this gateway */
@@ -414,13 +582,7 @@ ngx_http_ratepool_redis_down(ngx_http_ratepool_redis_t *redis,
         "redis_fail=closed: requests get 503"
     };
 
-    if (redis->c) {
-        ngx_close_connection(redis->c);
-        redis->c = NULL;
-
-        (void) ngx_atomic_fetch_add(&redis->sh->redis_connected,
-                                    (ngx_atomic_int_t) -1);
-    }
+    ngx_http_ratepool_redis_close(redis);
 
     if (redis->reader) {
         redisReaderFree(redis->reader);
@@ -768,6 +930,7 @@ ngx_http_ratepool_redis_flush(ngx_event_t *ev)
     ngx_http_ratepool_redis_t  *redis = ev->data;
 
     if (redis->c && redis->state != RATEPOOL_REDIS_DOWN
+        && redis->state != RATEPOOL_REDIS_TLS
         && !redis->c->write->timer_set)
     {
         ngx_http_ratepool_redis_write(redis->c->write);
@@ -778,9 +941,7 @@ ngx_http_ratepool_redis_flush(ngx_event_t *ev)
 static void
 ngx_http_ratepool_redis_write(ngx_event_t *wev)
 {
-    int                         err;
     ssize_t                     n;
-    socklen_t                   len;
     ngx_connection_t           *c;
     ngx_http_ratepool_redis_t  *redis;
 
@@ -792,26 +953,12 @@ ngx_http_ratepool_redis_write(ngx_event_t *wev)
         return;
     }
 
-    if (wev->timer_set) {
-        /* connected: see whether it worked */
-        ngx_del_timer(wev);
+    if (redis->state == RATEPOOL_REDIS_TLS) {
+        return;     /* the commands wait for the TLS handshake */
+    }
 
-        err = 0;
-        len = sizeof(int);
-
-        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, (void *) &err, &len)
-            == -1)
-        {
-            err = ngx_socket_errno;
-        }
-
-        if (err) {
-            ngx_log_error(NGX_LOG_INFO, redis->log, err,
-                          "ratepool: connect() to redis at \"%V\" failed",
-                          &redis->conf->server);
-            ngx_http_ratepool_redis_down(redis, "could not connect", NULL);
-            return;
-        }
+    if (ngx_http_ratepool_redis_connected(redis, wev) != NGX_OK) {
+        return;
     }
 
     while (redis->out_len) {
@@ -873,8 +1020,15 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
         }
 
         if (n == NGX_ERROR || n == 0) {
-            ngx_http_ratepool_redis_down(redis, "it closed the connection",
-                                         NULL);
+            /* TLS 1.3 refuses a missing client certificate only now */
+            ngx_http_ratepool_redis_down(redis,
+                                     (c->ssl
+                                      && redis->state
+                                         == RATEPOOL_REDIS_CONNECTING)
+                                     ? "it ended the TLS connection before "
+                                       "answering (does it want a client "
+                                       "certificate: redis_tls_cert=?)"
+                                     : "it closed the connection", NULL);
             return;
         }
 

@@ -635,7 +635,7 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     sh = zone->sh;
 
     return ngx_sprintf(p, "\"store\":{\"kind\":\"redis\",\"server\":\"%V\","
-                       "\"state\":\"%s\",\"shared\":%s,"
+                       "\"tls\":%s,\"state\":\"%s\",\"shared\":%s,"
                        "\"redis_fail\":\"%s\",\"down_since\":%T,"
                        "\"connected_workers\":%uL,\"latency_us\":%uL,"
                        "\"calls\":%uL,\"fast\":%uL,\"errors\":%uL,"
@@ -643,6 +643,7 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                        "\"noscript\":%uL,\"fallbacks\":%uL,"
                        "\"gateways\":%uL,\"local_share\":%uL}",
                        &rmcf->redis->server,
+                       rmcf->redis->tls ? "true" : "false",
                        sh->redis_down ? "down" : "up",
                        sh->redis_down ? "false" : "true",
                        policy[rmcf->redis->fail],
@@ -1016,6 +1017,13 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                         "gauge");
         p = ngx_sprintf(p, "ratepool_redis_up %d\n",
                         zone->sh->redis_down ? 0 : 1);
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_info",
+                                        "The Redis the limits are shared "
+                                        "in, and whether over TLS.", "gauge");
+        p = ngx_sprintf(p, "ratepool_redis_info{server=\"%V\",tls=\"%s\"} 1\n",
+                        &rmcf->redis->server,
+                        rmcf->redis->tls ? "true" : "false");
 
         p = ngx_http_ratepool_prom_head(p, "ratepool_redis_calls_total",
                                         "Script calls to Redis, and how "

@@ -9,6 +9,7 @@
 #include <ngx_http.h>
 
 #include "ngx_http_ratepool.h"
+#include "ngx_http_ratepool_tls.h"
 #include "ngx_http_ratepool_token.h"
 #include "ratepool_jwt.h"
 
@@ -335,29 +336,15 @@ ngx_http_ratepool_fetch_connected(ngx_event_t *ev)
 #if (NGX_HTTP_SSL)
 
     if (f->key->google->ssl && c->ssl == NULL) {
-        if (ngx_ssl_create_connection(f->key->google->ssl, c,
-                                      NGX_SSL_BUFFER|NGX_SSL_CLIENT)
+        if (ngx_http_ratepool_tls_connect(c, f->key->google->ssl,
+                                          &f->key->google->token_name,
+                                          f->key->google->token_sni,
+                                          ngx_http_ratepool_fetch_handshake)
             != NGX_OK)
         {
             ngx_http_ratepool_fetch_done(f, "cannot start TLS");
-            return;
         }
 
-        /* SNI: the host's name, never an address (RFC 6066) */
-        if (f->key->google->token_sni
-            && SSL_set_tlsext_host_name(c->ssl->connection,
-                                      (char *) f->key->google->token_name.data)
-               != 1)
-        {
-            ERR_clear_error();
-        }
-
-        if (ngx_ssl_handshake(c) == NGX_AGAIN) {
-            c->ssl->handler = ngx_http_ratepool_fetch_handshake;
-            return;
-        }
-
-        ngx_http_ratepool_fetch_handshake(c);
         return;
     }
 
@@ -375,8 +362,7 @@ ngx_http_ratepool_fetch_connected(ngx_event_t *ev)
 static void
 ngx_http_ratepool_fetch_handshake(ngx_connection_t *c)
 {
-    long                        rc;
-    ngx_str_t                   host;
+    const char                 *why;
     ngx_http_ratepool_fetch_t  *f;
 
     f = c->data;
@@ -386,16 +372,13 @@ ngx_http_ratepool_fetch_handshake(ngx_connection_t *c)
         return;
     }
 
-    rc = SSL_get_verify_result(c->ssl->connection);
+    why = ngx_http_ratepool_tls_verify(c, &f->key->google->token_name,
+                                       f->key->google->token_sni);
 
-    host = f->key->google->token_name;
-
-    if (rc != X509_V_OK || ngx_ssl_check_host(c, &host) != NGX_OK) {
+    if (why) {
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
                       "ratepool: the certificate of \"%V\" does not verify: "
-                      "%s", &f->key->google->token_url,
-                      rc != X509_V_OK ? X509_verify_cert_error_string(rc)
-                                      : "it is not for that host");
+                      "%s", &f->key->google->token_url, why);
         ngx_http_ratepool_fetch_done(f, "its certificate does not verify");
         return;
     }

@@ -220,7 +220,7 @@ my @cases = (
 
     [ 'a Redis store with a bad address',
       'ratepool_zone llm:1m redis=127.0.0.1:notaport;',
-      qr/invalid "redis=127.0.0.1:notaport": invalid port; use "redis=HOST:PORT" or "redis=unix:\/path\/to\/redis.sock"/ ],
+      qr/invalid "redis=127.0.0.1:notaport": invalid port; use "redis=HOST:PORT", "redis=rediss:\/\/HOST:PORT" \(TLS\) or "redis=unix:\/path\/to\/redis.sock"/ ],
 
     [ 'a Redis store without a server',
       'ratepool_zone llm:1m redis_fail=closed;',
@@ -306,6 +306,15 @@ my @cases = (
       'ratepool_zone llm:1m; ratepool_workspace w; '
       . 'ratepool_client w md5:abc;',
       qr/invalid client token hash for workspace "w", use "sha256:"/ ],
+
+    [ 'a client certificate without its key, for Redis',
+      'ratepool_zone llm:1m redis=rediss://127.0.0.1:6379 '
+      . 'redis_tls_cert=/etc/ssl/x.pem;',
+      qr/"redis_tls_cert=" and "redis_tls_key=" go together: give both, or neither/ ],
+
+    [ 'TLS to a unix socket',
+      'ratepool_zone llm:1m redis=unix:/tmp/redis.sock redis_tls=on;',
+      qr/TLS to redis at a unix socket is not supported, use "redis=rediss:\/\/HOST:PORT"/ ],
 
     [ 'a price without an output price',
       'ratepool_price claude-* input=3;',

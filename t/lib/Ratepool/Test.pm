@@ -318,7 +318,7 @@ sub start_redis {
 
     my $redis = Ratepool::Test::Redis->new(server => $server, port => $port,
         password => $opt{password}, dir => $self->{testdir},
-        unix => $opt{unix},
+        unix => $opt{unix}, tls => $opt{tls},
         n => scalar @{ $self->{redis} ||= [] });
     push @{ $self->{redis} }, $redis;
 
@@ -822,6 +822,17 @@ sub start {
     my @args = ('--port', $self->{port}, '--bind', '127.0.0.1',
                 '--save', '', '--appendonly', 'no',
                 '--dir', $self->{dir}, '--daemonize', 'no');
+
+    # tls => { cert => FILE, key => FILE, ca => FILE, clients => 0|1 }:
+    # TLS only, on the port (the plain one is off), client certificates
+    # asked for with clients => 1
+    if (my $tls = $self->{tls}) {
+        @args[0, 1] = ('--port', 0);
+        push @args, '--tls-port', $self->{port},
+            '--tls-cert-file', $tls->{cert}, '--tls-key-file', $tls->{key},
+            '--tls-ca-cert-file', $tls->{ca},
+            '--tls-auth-clients', $tls->{clients} ? 'yes' : 'no';
+    }
     push @args, '--requirepass', $self->{password}
         if defined $self->{password};
     push @args, '--unixsocket', $self->socket, '--unixsocketperm', '777'
@@ -851,6 +862,11 @@ sub cli {
 
     my @auth = defined $self->{password}
              ? ('--no-auth-warning', '-a', $self->{password}) : ();
+    my $tls = $self->{tls};
+    push @auth, '--tls', '--cacert', $tls->{ca},
+        $tls->{client_cert} ? ('--cert', $tls->{client_cert},
+                               '--key', $tls->{client_key}) : ()
+        if $tls;
     open my $fh, '-|', 'redis-cli', '-p', $self->{port}, @auth, @cmd
         or die "redis-cli: $!\n";
     local $/;

@@ -119,10 +119,10 @@ sub make_ca {
 }
 
 sub make_cert {
-    my ($self, $name, $ca, $cn, $san) = @_;
+    my ($self, $name, $ca, $cn, $san, $usage) = @_;
     $self->{t}->write_file("$name.ext", "basicConstraints=CA:FALSE\n"
         . "keyUsage=critical,digitalSignature\n"
-        . "extendedKeyUsage=serverAuth\n"
+        . "extendedKeyUsage=" . ($usage // 'serverAuth') . "\n"
         . "subjectAltName=$san\n");
     $self->openssl('req', '-new', @EC, '-keyout', "$name.key",
                    '-out', "$name.csr", '-subj', "/CN=$cn");
