@@ -74,6 +74,8 @@ static void ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis);
 static ngx_int_t ngx_http_ratepool_redis_connected(
     ngx_http_ratepool_redis_t *redis, ngx_event_t *wev);
 static void ngx_http_ratepool_redis_close(ngx_http_ratepool_redis_t *redis);
+static const char *ngx_http_ratepool_redis_lost(
+    ngx_http_ratepool_redis_t *redis, const char *why);
 #if (NGX_HTTP_SSL)
 static void ngx_http_ratepool_redis_tls_start(ngx_event_t *ev);
 static void ngx_http_ratepool_redis_tls_done(ngx_connection_t *c);
@@ -353,6 +355,27 @@ ngx_http_ratepool_redis_connected(ngx_http_ratepool_redis_t *redis,
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * Why a connection was lost: TLS 1.3 refuses a client certificate it
+ * wanted only after the handshake, as the first command goes or its
+ * answer is read.
+ */
+
+static const char *
+ngx_http_ratepool_redis_lost(ngx_http_ratepool_redis_t *redis,
+    const char *why)
+{
+    if (redis->c && redis->c->ssl
+        && redis->state == RATEPOOL_REDIS_CONNECTING)
+    {
+        return "it ended the TLS connection before answering (does it "
+               "want a client certificate: redis_tls_cert=?)";
+    }
+
+    return why;
 }
 
 
@@ -969,8 +992,10 @@ ngx_http_ratepool_redis_write(ngx_event_t *wev)
         }
 
         if (n == NGX_ERROR || n == 0) {
-            ngx_http_ratepool_redis_down(redis, "the connection broke",
-                                         NULL);
+            ngx_http_ratepool_redis_down(redis,
+                                     ngx_http_ratepool_redis_lost(redis,
+                                                 "the connection broke"),
+                                     NULL);
             return;
         }
 
@@ -1020,15 +1045,10 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
         }
 
         if (n == NGX_ERROR || n == 0) {
-            /* TLS 1.3 refuses a missing client certificate only now */
             ngx_http_ratepool_redis_down(redis,
-                                     (c->ssl
-                                      && redis->state
-                                         == RATEPOOL_REDIS_CONNECTING)
-                                     ? "it ended the TLS connection before "
-                                       "answering (does it want a client "
-                                       "certificate: redis_tls_cert=?)"
-                                     : "it closed the connection", NULL);
+                                     ngx_http_ratepool_redis_lost(redis,
+                                                 "it closed the connection"),
+                                     NULL);
             return;
         }
 

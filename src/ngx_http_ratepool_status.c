@@ -26,7 +26,8 @@
 /* upper bounds of one rendered item, names excluded */
 #define RATEPOOL_STATUS_HEAD     512
 #define RATEPOOL_STATUS_HISTORY  (RATEPOOL_HISTORY_KINDS                      \
-                                  * (32 + RATEPOOL_HISTORY * NGX_INT64_LEN))
+                                  * (32 + RATEPOOL_HISTORY                    \
+                                          * (NGX_INT64_LEN + 1)))
 #define RATEPOOL_STATUS_STORE    1536    /* JSON or Prometheus */
 #define RATEPOOL_STATUS_POOL     544
 #define RATEPOOL_STATUS_TOKENS   256
