@@ -393,6 +393,11 @@ typedef struct {
     ngx_atomic_t                    redis_uncool;   /* a reload asks that
                                                        Redis end cooldowns
                                                        it ended here */
+    ngx_atomic_t                    redis_failovers;    /* masters the
+                                                       sentinels moved to */
+    size_t                          redis_master_len;   /* where it is, */
+    u_char                          redis_master[NGX_SOCKADDR_STRLEN];
+                                                    /* under the lock */
 
     /* conversations' homes, under the zone's lock */
     ngx_rbtree_t                    homes;
@@ -617,6 +622,9 @@ typedef struct {
     ngx_str_t                       server;     /* as configured */
     ngx_addr_t                     *addrs;
     ngx_str_t                       host;       /* of redis= */
+    ngx_addr_t                     *sentinels;  /* redis_sentinel=, or */
+    ngx_uint_t                      nsentinels; /* none */
+    ngx_str_t                       master;     /* redis_master= */
     ngx_str_t                       tls_name;   /* its certificate's */
 #if (NGX_HTTP_SSL)
     ngx_ssl_t                      *ssl;        /* NULL: plain TCP */

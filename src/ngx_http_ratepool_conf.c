@@ -49,6 +49,8 @@ static void ngx_http_ratepool_sha256(u_char *data, size_t len,
 static ngx_int_t ngx_http_ratepool_header_safe(ngx_str_t *s);
 static ngx_int_t ngx_http_ratepool_read_small(ngx_conf_t *cf,
     ngx_str_t *path, size_t max, const char *what, ngx_str_t *secret);
+static ngx_int_t ngx_http_ratepool_sentinels(ngx_conf_t *cf,
+    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *list);
 static ngx_int_t ngx_http_ratepool_redis_tls(ngx_conf_t *cf,
     ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *ca, ngx_str_t *cert,
     ngx_str_t *key, ngx_str_t *name);
@@ -365,6 +367,33 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             continue;
         }
 
+        if (ngx_strncmp(value[i].data, "redis_sentinel=", 15) == 0) {
+            v.data = value[i].data + 15;
+            v.len = value[i].len - 15;
+
+            if (ngx_http_ratepool_sentinels(cf, redis, &v) != NGX_OK) {
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_master=", 13) == 0) {
+            redis->master.data = value[i].data + 13;
+            redis->master.len = value[i].len - 13;
+
+            if (ngx_http_ratepool_valid_name(&redis->master) != NGX_OK) {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "invalid \"%V\", use the name the "
+                                   "sentinels monitor the master by, such "
+                                   "as \"redis_master=mymaster\"",
+                                   &value[i]);
+                return NGX_CONF_ERROR;
+            }
+
+            continue;
+        }
+
         if (ngx_strcmp(value[i].data, "redis_tls=on") == 0) {
             redis->tls = 1;
             continue;
@@ -482,15 +511,44 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                            "\"redis_lease=on|off\", "
                            "\"redis_fail=local|open|closed\", "
                            "\"redis_tls=on|off\", \"redis_tls_ca=\", "
-                           "\"redis_tls_cert=\", \"redis_tls_key=\" or "
-                           "\"redis_tls_name=\"", &value[i]);
+                           "\"redis_tls_cert=\", \"redis_tls_key=\", "
+                           "\"redis_tls_name=\", \"redis_sentinel=\" or "
+                           "\"redis_master=\"", &value[i]);
         return NGX_CONF_ERROR;
     }
 
-    if (redis->addrs == NULL) {
+    if ((redis->nsentinels == 0) != (redis->master.len == 0)) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"redis_sentinel=\" and \"redis_master=\" go "
+                           "together: the sentinels, and the name they "
+                           "know the master by");
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->nsentinels && redis->addrs) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" has both \"redis=\" and "
+                           "\"redis_sentinel=\": the sentinels say where "
+                           "the master is, leave \"redis=\" out", zone_name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->nsentinels) {
+        /* as the status and the log name it until it is found */
+        redis->server = redis->master;
+
+    } else if (redis->addrs == NULL) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "zone \"%V\" has Redis parameters but no server, "
                            "add \"redis=HOST:PORT\"", zone_name);
+        return NGX_CONF_ERROR;
+    }
+
+    if (redis->nsentinels && redis->tls) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "TLS to a master found by sentinels is not "
+                           "supported yet: use \"redis=rediss://HOST:PORT\" "
+                           "or leave TLS out");
         return NGX_CONF_ERROR;
     }
 
@@ -536,6 +594,68 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                                                 &ngx_http_ratepool_store_redis;
 
     return NGX_CONF_OK;
+}
+
+
+/* redis_sentinel=HOST:PORT[,HOST:PORT...]: addresses, 26379 by default */
+
+static ngx_int_t
+ngx_http_ratepool_sentinels(ngx_conf_t *cf,
+    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *list)
+{
+    u_char       *p, *last, *comma;
+    ngx_url_t     u;
+    ngx_uint_t    n;
+    ngx_array_t  *addrs;
+    ngx_addr_t   *a;
+
+    addrs = ngx_array_create(cf->pool, 3, sizeof(ngx_addr_t));
+    if (addrs == NULL) {
+        return NGX_ERROR;
+    }
+
+    p = list->data;
+    last = list->data + list->len;
+
+    while (p < last) {
+        comma = ngx_strlchr(p, last, ',');
+        if (comma == NULL) {
+            comma = last;
+        }
+
+        ngx_memzero(&u, sizeof(ngx_url_t));
+        u.url.data = p;
+        u.url.len = comma - p;
+        u.default_port = 26379;
+
+        if (u.url.len == 0 || ngx_parse_url(cf->pool, &u) != NGX_OK
+            || u.naddrs == 0 || u.family == AF_UNIX)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid sentinel \"%*s\" in "
+                               "\"redis_sentinel=%V\": %s; use "
+                               "\"redis_sentinel=HOST:PORT,HOST:PORT\"",
+                               comma - p, p, list,
+                               u.err ? u.err : "no address");
+            return NGX_ERROR;
+        }
+
+        for (n = 0; n < u.naddrs; n++) {
+            a = ngx_array_push(addrs);
+            if (a == NULL) {
+                return NGX_ERROR;
+            }
+
+            *a = u.addrs[n];
+        }
+
+        p = comma + 1;
+    }
+
+    redis->sentinels = addrs->elts;
+    redis->nsentinels = addrs->nelts;
+
+    return redis->nsentinels ? NGX_OK : NGX_ERROR;
 }
 
 

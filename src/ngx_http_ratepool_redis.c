@@ -12,6 +12,7 @@
 
 #include "ngx_http_ratepool.h"
 #include "ngx_http_ratepool_redis.h"
+#include "ngx_http_ratepool_sentinel.h"
 #include "ngx_http_ratepool_tls.h"
 #include "ratepool_resp.h"
 
@@ -66,11 +67,16 @@ struct ngx_http_ratepool_redis_s {
     ngx_event_t                     beat;
     ngx_http_ratepool_redis_beat_pt beat_handler;   /* the store's, when */
     void                           *beat_data;      /* ready and on beat */
+    ngx_addr_t                     *addr;       /* where it is now */
+    ngx_http_ratepool_sentinel_t   *sentinel;   /* who says where, or NULL */
     ngx_log_t                      *log;
 };
 
 
 static void ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis);
+static void ngx_http_ratepool_redis_find(ngx_http_ratepool_redis_t *redis);
+static void ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
+    const char *why);
 static ngx_int_t ngx_http_ratepool_redis_connected(
     ngx_http_ratepool_redis_t *redis, ngx_event_t *wev);
 static void ngx_http_ratepool_redis_close(ngx_http_ratepool_redis_t *redis);
@@ -144,9 +150,105 @@ ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
 
     rmcf->redis->conn = redis;
 
-    ngx_http_ratepool_redis_connect(redis);
+    if (rmcf->redis->nsentinels) {
+        redis->sentinel = ngx_http_ratepool_sentinel_create(cycle,
+                                                 rmcf->redis,
+                                                 ngx_http_ratepool_redis_found,
+                                                 redis);
+        if (redis->sentinel == NULL) {
+            return NGX_ERROR;
+        }
+
+    } else {
+        redis->addr = &rmcf->redis->addrs[0];
+    }
+
+    ngx_http_ratepool_redis_find(redis);
 
     return NGX_OK;
+}
+
+
+/* connects where Redis is: asked of its sentinels first, if it has them */
+
+static void
+ngx_http_ratepool_redis_find(ngx_http_ratepool_redis_t *redis)
+{
+    if (redis->sentinel) {
+        ngx_http_ratepool_sentinel_ask(redis->sentinel);
+        return;
+    }
+
+    ngx_http_ratepool_redis_connect(redis);
+}
+
+
+/*
+ * The sentinels' answer: the master, where the connection goes; a new
+ * one is a failover, counted once for the gateway and logged.
+ */
+
+static void
+ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
+    const char *why)
+{
+    ngx_http_ratepool_redis_t *redis = data;
+
+    ngx_str_t                   was;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_ratepool_zone_t   *zone;
+    ngx_http_ratepool_shctx_t  *sh;
+    u_char                      old[NGX_SOCKADDR_STRLEN];
+
+    if (master == NULL) {
+        ngx_http_ratepool_redis_down(redis, why, NULL);
+        return;
+    }
+
+    zone = redis->rmcf->shm_zone->data;
+    shpool = zone->shpool;
+    sh = redis->sh;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    was.len = sh->redis_master_len;
+    was.data = old;
+    ngx_memcpy(old, sh->redis_master, was.len);
+
+    if (was.len != master->name.len
+        || ngx_memcmp(old, master->name.data, was.len) != 0)
+    {
+        ngx_memcpy(sh->redis_master, master->name.data, master->name.len);
+        sh->redis_master_len = master->name.len;
+
+        if (was.len) {
+            (void) ngx_atomic_fetch_add(&sh->redis_failovers, 1);
+        }
+
+        ngx_shmtx_unlock(&shpool->mutex);
+
+        /* a new master is tried at once, not after the old one's pause */
+        redis->backoff = 0;
+
+        if (was.len) {
+            ngx_log_error(NGX_LOG_WARN, redis->log, 0,
+                          "ratepool: redis master \"%V\" moved from %V "
+                          "to %V, as its sentinels say", &redis->conf->master,
+                          &was, &master->name);
+        } else {
+            ngx_log_error(NGX_LOG_NOTICE, redis->log, 0,
+                          "ratepool: redis master \"%V\" is at %V, as its "
+                          "sentinels say", &redis->conf->master,
+                          &master->name);
+        }
+
+    } else {
+        ngx_shmtx_unlock(&shpool->mutex);
+    }
+
+    redis->addr = master;
+
+    ngx_http_ratepool_redis_connect(redis);
 }
 
 
@@ -162,6 +264,10 @@ ngx_http_ratepool_redis_exit_process(ngx_http_ratepool_main_conf_t *rmcf)
     }
 
     ngx_http_ratepool_redis_close(redis);
+
+    if (redis->sentinel) {
+        ngx_http_ratepool_sentinel_close(redis->sentinel);
+    }
 
     if (redis->reader) {
         redisReaderFree(redis->reader);
@@ -202,9 +308,9 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
 
     ngx_memzero(&redis->peer, sizeof(ngx_peer_connection_t));
 
-    redis->peer.sockaddr = conf->addrs[0].sockaddr;
-    redis->peer.socklen = conf->addrs[0].socklen;
-    redis->peer.name = &conf->addrs[0].name;
+    redis->peer.sockaddr = redis->addr->sockaddr;
+    redis->peer.socklen = redis->addr->socklen;
+    redis->peer.name = &redis->addr->name;
     redis->peer.get = ngx_event_get_peer;
     redis->peer.log = redis->log;
     redis->peer.log_error = NGX_ERROR_ERR;
@@ -569,7 +675,7 @@ ngx_http_ratepool_redis_reconnect(ngx_event_t *ev)
         return;
     }
 
-    ngx_http_ratepool_redis_connect(redis);
+    ngx_http_ratepool_redis_find(redis);
 }
 
 
@@ -1121,6 +1227,22 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
             us = ngx_http_ratepool_redis_usec() - cmd->sent;
             avg = redis->sh->redis_latency_us;
             redis->sh->redis_latency_us = avg - avg / 8 + us / 8;
+
+            if (reply->type == REDIS_REPLY_ERROR && redis->sentinel
+                && ngx_strncmp(reply->str, "READONLY", 8) == 0)
+            {
+                /* a failover made it a replica: find the new master */
+                if (cmd->handler) {
+                    cmd->handler(cmd, NULL);
+                }
+
+                freeReplyObject(reply);
+                ngx_http_ratepool_redis_free(redis, cmd);
+                ngx_http_ratepool_redis_down(redis, "it is a replica now, "
+                                             "its sentinels are asked for "
+                                             "the master", NULL);
+                return;
+            }
 
             if (reply->type == REDIS_REPLY_ERROR) {
                 (void) ngx_atomic_fetch_add(&redis->sh->redis_errors, 1);

@@ -72,6 +72,9 @@ static ngx_uint_t ngx_http_ratepool_key_state(ngx_http_ratepool_pool_t *pool,
 static u_char *ngx_http_ratepool_status_history(u_char *p,
     ngx_http_ratepool_shctx_t *sh);
 static u_char *ngx_http_ratepool_usd(u_char *p, uint64_t nano);
+static ngx_str_t *ngx_http_ratepool_redis_server(
+    ngx_http_ratepool_main_conf_t *rmcf, ngx_http_ratepool_shctx_t *sh,
+    ngx_str_t *master);
 static uint64_t ngx_http_ratepool_oldest_wait_ms(
     ngx_http_ratepool_pool_t *pool, uint64_t now_ms);
 static u_char *ngx_http_ratepool_status_money(u_char *p,
@@ -460,6 +463,23 @@ ngx_http_ratepool_status_money(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
 }
 
 
+/* the Redis in use: as configured, or where the sentinels said */
+
+static ngx_str_t *
+ngx_http_ratepool_redis_server(ngx_http_ratepool_main_conf_t *rmcf,
+    ngx_http_ratepool_shctx_t *sh, ngx_str_t *master)
+{
+    if (rmcf->redis->nsentinels == 0 || sh->redis_master_len == 0) {
+        return &rmcf->redis->server;
+    }
+
+    master->data = sh->redis_master;
+    master->len = sh->redis_master_len;
+
+    return master;
+}
+
+
 /* dollars of nano-dollars, to the millionth */
 
 static u_char *
@@ -625,6 +645,7 @@ static u_char *
 ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_zone_t *zone)
 {
+    ngx_str_t                   master;
     ngx_http_ratepool_shctx_t  *sh;
     static const char          *policy[] = { "local", "open", "closed" };
 
@@ -635,7 +656,20 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
 
     sh = zone->sh;
 
-    return ngx_sprintf(p, "\"store\":{\"kind\":\"redis\",\"server\":\"%V\","
+    if (rmcf->redis->nsentinels) {
+        /* where the sentinels said the master is, and how often it moved */
+        p = ngx_sprintf(p, "\"store\":{\"kind\":\"redis\","
+                        "\"master\":\"%V\",\"failovers\":%uA,"
+                        "\"sentinels\":%ui,",
+                        &rmcf->redis->master, sh->redis_failovers,
+                        rmcf->redis->nsentinels);
+
+    } else {
+        p = ngx_cpymem(p, "\"store\":{\"kind\":\"redis\",",
+                       sizeof("\"store\":{\"kind\":\"redis\",") - 1);
+    }
+
+    return ngx_sprintf(p, "\"server\":\"%V\","
                        "\"tls\":%s,\"state\":\"%s\",\"shared\":%s,"
                        "\"redis_fail\":\"%s\",\"down_since\":%T,"
                        "\"connected_workers\":%uL,\"latency_us\":%uL,"
@@ -643,7 +677,7 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                        "\"timeouts\":%uL,"
                        "\"noscript\":%uL,\"fallbacks\":%uL,"
                        "\"gateways\":%uL,\"local_share\":%uL}",
-                       &rmcf->redis->server,
+                       ngx_http_ratepool_redis_server(rmcf, sh, &master),
                        rmcf->redis->tls ? "true" : "false",
                        sh->redis_down ? "down" : "up",
                        sh->redis_down ? "false" : "true",
@@ -950,6 +984,7 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
 {
     uint64_t                         v, limits[RATEPOOL_DIMS],
                                      reserved[RATEPOOL_DIMS];
+    ngx_str_t                        master;
     ngx_uint_t                       i, j, k, f;
     ratepool_bucket_t               *bucket[RATEPOOL_DIMS];
     ngx_http_ratepool_org_t         *orgs;
@@ -1023,8 +1058,15 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                                         "The Redis the limits are shared "
                                         "in, and whether over TLS.", "gauge");
         p = ngx_sprintf(p, "ratepool_redis_info{server=\"%V\",tls=\"%s\"} 1\n",
-                        &rmcf->redis->server,
+                        ngx_http_ratepool_redis_server(rmcf, zone->sh,
+                                                       &master),
                         rmcf->redis->tls ? "true" : "false");
+
+        p = ngx_http_ratepool_prom_head(p, "ratepool_redis_failovers_total",
+                                        "Times the sentinels moved the "
+                                        "master elsewhere.", "counter");
+        p = ngx_sprintf(p, "ratepool_redis_failovers_total %uA\n",
+                        zone->sh->redis_failovers);
 
         p = ngx_http_ratepool_prom_head(p, "ratepool_redis_calls_total",
                                         "Script calls to Redis, and how "

@@ -307,6 +307,20 @@ my @cases = (
       . 'ratepool_client w md5:abc;',
       qr/invalid client token hash for workspace "w", use "sha256:"/ ],
 
+    [ 'sentinels without the master\'s name',
+      'ratepool_zone llm:1m redis_sentinel=127.0.0.1:26379;',
+      qr/"redis_sentinel=" and "redis_master=" go together: the sentinels, and the name they know the master by/ ],
+
+    [ 'sentinels and a Redis address both',
+      'ratepool_zone llm:1m redis=127.0.0.1:6379 '
+      . 'redis_sentinel=127.0.0.1:26379 redis_master=mymaster;',
+      qr/zone "llm" has both "redis=" and "redis_sentinel=": the sentinels say where the master is, leave "redis=" out/ ],
+
+    [ 'a sentinel that is not an address',
+      'ratepool_zone llm:1m redis_sentinel=127.0.0.1:26379,:x '
+      . 'redis_master=mymaster;',
+      qr/invalid sentinel ":x" in "redis_sentinel=127\.0\.0\.1:26379,:x": .*; use "redis_sentinel=HOST:PORT,HOST:PORT"/ ],
+
     [ 'a client certificate without its key, for Redis',
       'ratepool_zone llm:1m redis=rediss://127.0.0.1:6379 '
       . 'redis_tls_cert=/etc/ssl/x.pem;',
