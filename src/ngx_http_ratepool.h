@@ -620,7 +620,12 @@ struct ngx_http_ratepool_redis_cmd_s {
 
 typedef struct {
     ngx_str_t                       server;     /* as configured */
-    ngx_addr_t                     *addrs;
+    ngx_addr_t                     *addrs;      /* redis=, or a cluster's
+                                                   nodes */
+    ngx_uint_t                      naddrs;
+    unsigned                        cluster:1;  /* redis_cluster= */
+    ngx_addr_t                     *cluster_nodes;
+    ngx_uint_t                      ncluster;
     ngx_str_t                       host;       /* of redis= */
     ngx_addr_t                     *sentinels;  /* redis_sentinel=, or */
     ngx_uint_t                      nsentinels; /* none */

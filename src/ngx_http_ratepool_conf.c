@@ -49,8 +49,9 @@ static void ngx_http_ratepool_sha256(u_char *data, size_t len,
 static ngx_int_t ngx_http_ratepool_header_safe(ngx_str_t *s);
 static ngx_int_t ngx_http_ratepool_read_small(ngx_conf_t *cf,
     ngx_str_t *path, size_t max, const char *what, ngx_str_t *secret);
-static ngx_int_t ngx_http_ratepool_sentinels(ngx_conf_t *cf,
-    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *list);
+static ngx_int_t ngx_http_ratepool_redis_nodes(ngx_conf_t *cf,
+    ngx_str_t *list, in_port_t port, const char *name, ngx_addr_t **nodes,
+    ngx_uint_t *n);
 static ngx_int_t ngx_http_ratepool_redis_tls(ngx_conf_t *cf,
     ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *ca, ngx_str_t *cert,
     ngx_str_t *key, ngx_str_t *name);
@@ -371,10 +372,32 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
             v.data = value[i].data + 15;
             v.len = value[i].len - 15;
 
-            if (ngx_http_ratepool_sentinels(cf, redis, &v) != NGX_OK) {
+            if (ngx_http_ratepool_redis_nodes(cf, &v, 26379,
+                                              "redis_sentinel=",
+                                              &redis->sentinels,
+                                              &redis->nsentinels)
+                != NGX_OK)
+            {
                 return NGX_CONF_ERROR;
             }
 
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "redis_cluster=", 14) == 0) {
+            v.data = value[i].data + 14;
+            v.len = value[i].len - 14;
+
+            if (ngx_http_ratepool_redis_nodes(cf, &v, 6379,
+                                              "redis_cluster=",
+                                              &redis->cluster_nodes,
+                                              &redis->ncluster)
+                != NGX_OK)
+            {
+                return NGX_CONF_ERROR;
+            }
+
+            redis->server = v;
             continue;
         }
 
@@ -525,6 +548,24 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
         return NGX_CONF_ERROR;
     }
 
+    if (redis->ncluster) {
+        if (redis->addrs || redis->nsentinels || redis->tls) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"redis_cluster=\" names the cluster's "
+                               "nodes alone: leave \"redis=\" and "
+                               "\"redis_sentinel=\" out (TLS to a "
+                               "cluster is not supported yet)");
+            return NGX_CONF_ERROR;
+        }
+
+        redis->addrs = redis->cluster_nodes;
+        redis->naddrs = redis->ncluster;
+        redis->cluster = 1;
+
+    } else if (redis->addrs) {
+        redis->naddrs = 1;
+    }
+
     if (redis->nsentinels && redis->addrs) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "zone \"%V\" has both \"redis=\" and "
@@ -597,15 +638,15 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
 }
 
 
-/* redis_sentinel=HOST:PORT[,HOST:PORT...]: addresses, 26379 by default */
+/* redis_sentinel= and redis_cluster=: HOST:PORT[,HOST:PORT...] */
 
 static ngx_int_t
-ngx_http_ratepool_sentinels(ngx_conf_t *cf,
-    ngx_http_ratepool_redis_conf_t *redis, ngx_str_t *list)
+ngx_http_ratepool_redis_nodes(ngx_conf_t *cf, ngx_str_t *list,
+    in_port_t port, const char *name, ngx_addr_t **nodes, ngx_uint_t *n)
 {
     u_char       *p, *last, *comma;
     ngx_url_t     u;
-    ngx_uint_t    n;
+    ngx_uint_t    i;
     ngx_array_t  *addrs;
     ngx_addr_t   *a;
 
@@ -626,36 +667,35 @@ ngx_http_ratepool_sentinels(ngx_conf_t *cf,
         ngx_memzero(&u, sizeof(ngx_url_t));
         u.url.data = p;
         u.url.len = comma - p;
-        u.default_port = 26379;
+        u.default_port = port;
 
         if (u.url.len == 0 || ngx_parse_url(cf->pool, &u) != NGX_OK
             || u.naddrs == 0 || u.family == AF_UNIX)
         {
             ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-                               "invalid sentinel \"%*s\" in "
-                               "\"redis_sentinel=%V\": %s; use "
-                               "\"redis_sentinel=HOST:PORT,HOST:PORT\"",
-                               comma - p, p, list,
-                               u.err ? u.err : "no address");
+                               "invalid node \"%*s\" in \"%s%V\": %s; use "
+                               "\"%sHOST:PORT,HOST:PORT\"",
+                               comma - p, p, name, list,
+                               u.err ? u.err : "no address", name);
             return NGX_ERROR;
         }
 
-        for (n = 0; n < u.naddrs; n++) {
+        for (i = 0; i < u.naddrs; i++) {
             a = ngx_array_push(addrs);
             if (a == NULL) {
                 return NGX_ERROR;
             }
 
-            *a = u.addrs[n];
+            *a = u.addrs[i];
         }
 
         p = comma + 1;
     }
 
-    redis->sentinels = addrs->elts;
-    redis->nsentinels = addrs->nelts;
+    *nodes = addrs->elts;
+    *n = addrs->nelts;
 
-    return redis->nsentinels ? NGX_OK : NGX_ERROR;
+    return *n ? NGX_OK : NGX_ERROR;
 }
 
 

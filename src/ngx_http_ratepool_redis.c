@@ -69,6 +69,12 @@ struct ngx_http_ratepool_redis_s {
     void                           *beat_data;      /* ready and on beat */
     ngx_addr_t                     *addr;       /* where it is now */
     ngx_http_ratepool_sentinel_t   *sentinel;   /* who says where, or NULL */
+    ngx_uint_t                      seed_next;  /* a cluster's node to try */
+    ngx_addr_t                      owner;      /* the node that owns the */
+    ngx_sockaddr_t                  owner_sockaddr;     /* zone's slot, as */
+    u_char                          owner_name[NGX_SOCKADDR_STRLEN];
+                                                /* a MOVED said */
+    unsigned                        owner_known:1;
     ngx_log_t                      *log;
 };
 
@@ -77,6 +83,14 @@ static void ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis);
 static void ngx_http_ratepool_redis_find(ngx_http_ratepool_redis_t *redis);
 static void ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
     const char *why);
+static void ngx_http_ratepool_redis_master_is(
+    ngx_http_ratepool_redis_t *redis, ngx_addr_t *master, const char *who);
+static ngx_int_t ngx_http_ratepool_redis_moved(
+    ngx_http_ratepool_redis_t *redis, redisReply *reply);
+static void ngx_http_ratepool_redis_drop(ngx_http_ratepool_redis_t *redis);
+static void ngx_http_ratepool_redis_reset(ngx_http_ratepool_redis_t *redis);
+static void ngx_http_ratepool_redis_fail_sent(
+    ngx_http_ratepool_redis_t *redis);
 static ngx_int_t ngx_http_ratepool_redis_connected(
     ngx_http_ratepool_redis_t *redis, ngx_event_t *wev);
 static void ngx_http_ratepool_redis_close(ngx_http_ratepool_redis_t *redis);
@@ -159,8 +173,13 @@ ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
             return NGX_ERROR;
         }
 
-    } else {
+    } else if (!rmcf->redis->cluster) {
         redis->addr = &rmcf->redis->addrs[0];
+
+    } else {
+        /* each worker starts at another node */
+        redis->seed_next = ngx_random() % rmcf->redis->naddrs;
+        redis->addr = &rmcf->redis->addrs[redis->seed_next];
     }
 
     ngx_http_ratepool_redis_find(redis);
@@ -174,9 +193,20 @@ ngx_http_ratepool_redis_init_process(ngx_cycle_t *cycle,
 static void
 ngx_http_ratepool_redis_find(ngx_http_ratepool_redis_t *redis)
 {
+    ngx_http_ratepool_redis_conf_t  *conf;
+
+    conf = redis->conf;
+
     if (redis->sentinel) {
         ngx_http_ratepool_sentinel_ask(redis->sentinel);
         return;
+    }
+
+    if (conf->cluster) {
+        /* its nodes in turn; one that does not own the zone's slot
+           answers MOVED, which says which does */
+        redis->addr = &conf->addrs[redis->seed_next++ % conf->naddrs];
+        redis->owner_known = 0;
     }
 
     ngx_http_ratepool_redis_connect(redis);
@@ -194,16 +224,34 @@ ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
 {
     ngx_http_ratepool_redis_t *redis = data;
 
-    ngx_str_t                   was;
-    ngx_slab_pool_t            *shpool;
-    ngx_http_ratepool_zone_t   *zone;
-    ngx_http_ratepool_shctx_t  *sh;
-    u_char                      old[NGX_SOCKADDR_STRLEN];
-
     if (master == NULL) {
         ngx_http_ratepool_redis_down(redis, why, NULL);
         return;
     }
+
+    ngx_http_ratepool_redis_master_is(redis, master, "its sentinels say");
+
+    redis->addr = master;
+
+    ngx_http_ratepool_redis_connect(redis);
+}
+
+
+/*
+ * Where the master is now (a sentinel's answer, or the node a cluster
+ * said owns the zone's slot): a new one is a failover, counted once for
+ * the gateway and logged.
+ */
+
+static void
+ngx_http_ratepool_redis_master_is(ngx_http_ratepool_redis_t *redis,
+    ngx_addr_t *master, const char *who)
+{
+    ngx_str_t                   was, what;
+    ngx_slab_pool_t            *shpool;
+    ngx_http_ratepool_zone_t   *zone;
+    ngx_http_ratepool_shctx_t  *sh;
+    u_char                      old[NGX_SOCKADDR_STRLEN];
 
     zone = redis->rmcf->shm_zone->data;
     shpool = zone->shpool;
@@ -230,25 +278,26 @@ ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
         /* a new master is tried at once, not after the old one's pause */
         redis->backoff = 0;
 
+        /* a sentinel's master has a name; a cluster's, the zone's slot */
+        ngx_str_set(&what, "the zone's slot");
+
+        if (!redis->conf->cluster) {
+            what = redis->conf->master;
+        }
+
         if (was.len) {
             ngx_log_error(NGX_LOG_WARN, redis->log, 0,
                           "ratepool: redis master \"%V\" moved from %V "
-                          "to %V, as its sentinels say", &redis->conf->master,
-                          &was, &master->name);
+                          "to %V, as %s", &what, &was, &master->name, who);
         } else {
             ngx_log_error(NGX_LOG_NOTICE, redis->log, 0,
-                          "ratepool: redis master \"%V\" is at %V, as its "
-                          "sentinels say", &redis->conf->master,
-                          &master->name);
+                          "ratepool: redis master \"%V\" is at %V, as %s",
+                          &what, &master->name, who);
         }
 
     } else {
         ngx_shmtx_unlock(&shpool->mutex);
     }
-
-    redis->addr = master;
-
-    ngx_http_ratepool_redis_connect(redis);
 }
 
 
@@ -425,6 +474,76 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
     }
 
     c->write->handler(c->write);
+}
+
+
+/*
+ * "MOVED <slot> <ip>:<port>" (or "ASK ..."): every call waiting on this
+ * connection is answered as failed (redis_fail decides them), and the
+ * connection goes to that node at once, without the breaker.
+ */
+
+static ngx_int_t
+ngx_http_ratepool_redis_moved(ngx_http_ratepool_redis_t *redis,
+    redisReply *reply)
+{
+    u_char     *p, *last, *colon;
+    ngx_int_t   port;
+    in_addr_t   inaddr;
+
+    last = (u_char *) reply->str + reply->len;
+
+    /* the address, after the slot */
+    p = ngx_strlchr((u_char *) reply->str, last, ' ');
+    p = p ? ngx_strlchr(p + 1, last, ' ') : NULL;
+
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    p++;
+    colon = NULL;
+
+    for (last = p; last < (u_char *) reply->str + reply->len; last++) {
+        if (*last == ':') {
+            colon = last;
+        }
+    }
+
+    if (colon == NULL || colon == p) {
+        return NGX_ERROR;
+    }
+
+    port = ngx_atoi(colon + 1, last - colon - 1);
+    inaddr = ngx_inet_addr(p, colon - p);
+
+    if (port < 1 || port > 65535 || inaddr == INADDR_NONE) {
+        return NGX_ERROR;
+    }
+
+    ngx_memzero(&redis->owner_sockaddr, sizeof(ngx_sockaddr_t));
+    redis->owner_sockaddr.sockaddr_in.sin_family = AF_INET;
+    redis->owner_sockaddr.sockaddr_in.sin_addr.s_addr = inaddr;
+    redis->owner_sockaddr.sockaddr_in.sin_port = htons((in_port_t) port);
+
+    redis->owner.sockaddr = &redis->owner_sockaddr.sockaddr;
+    redis->owner.socklen = sizeof(struct sockaddr_in);
+    redis->owner.name.data = redis->owner_name;
+    redis->owner.name.len = ngx_sock_ntop(redis->owner.sockaddr,
+                                          redis->owner.socklen,
+                                          redis->owner_name,
+                                          NGX_SOCKADDR_STRLEN, 1);
+
+    ngx_http_ratepool_redis_drop(redis);
+
+    ngx_http_ratepool_redis_master_is(redis, &redis->owner,
+                                      "the cluster says");
+    redis->owner_known = 1;
+    redis->addr = &redis->owner;
+
+    ngx_http_ratepool_redis_connect(redis);
+
+    return NGX_OK;
 }
 
 
@@ -702,33 +821,14 @@ ngx_http_ratepool_redis_down(ngx_http_ratepool_redis_t *redis,
     const char *why, ngx_str_t *detail)
 {
     ngx_msec_t                      pause;
-    ngx_queue_t                     failed, *q;
     ngx_str_t                       none = ngx_null_string;
-    ngx_http_ratepool_redis_cmd_t  *cmd;
     static const char              *policy[] = {
         "redis_fail=local: each gateway keeps its share of every limit",
         "redis_fail=open: each gateway admits up to the whole of every limit",
         "redis_fail=closed: requests get 503"
     };
 
-    ngx_http_ratepool_redis_close(redis);
-
-    if (redis->reader) {
-        redisReaderFree(redis->reader);
-        redis->reader = NULL;
-    }
-
-    redis->state = RATEPOOL_REDIS_DOWN;
-    redis->out_len = 0;
-    redis->failures = 0;
-
-    if (redis->flush.posted) {
-        ngx_delete_posted_event(&redis->flush);
-    }
-
-    if (redis->beat.timer_set) {
-        ngx_del_timer(&redis->beat);
-    }
+    ngx_http_ratepool_redis_reset(redis);
 
     if (ngx_atomic_cmp_set(&redis->sh->redis_down, 0, 1)) {
         redis->sh->redis_since = ngx_time();
@@ -740,8 +840,9 @@ ngx_http_ratepool_redis_down(ngx_http_ratepool_redis_t *redis,
         ngx_log_error(NGX_LOG_ERR, redis->log, 0,
                       "ratepool: redis at \"%V\" is down: %s%s%V%s; "
                       "until it is back, %s",
-                      &redis->conf->server, why,
-                      detail ? " (" : "", detail ? detail : &none,
+                      (redis->addr && (redis->sentinel || redis->conf->cluster))
+                      ? &redis->addr->name : &redis->conf->server,
+                      why, detail ? " (" : "", detail ? detail : &none,
                       detail ? ")" : "", policy[redis->conf->fail]);
     }
 
@@ -760,6 +861,53 @@ ngx_http_ratepool_redis_down(ngx_http_ratepool_redis_t *redis,
     }
 
     /* answered last, as they may ask for more */
+    ngx_http_ratepool_redis_fail_sent(redis);
+}
+
+
+/* a cluster's MOVED: the connection goes elsewhere, the breaker stays */
+
+static void
+ngx_http_ratepool_redis_drop(ngx_http_ratepool_redis_t *redis)
+{
+    ngx_http_ratepool_redis_reset(redis);
+    ngx_http_ratepool_redis_fail_sent(redis);
+}
+
+
+/* the connection is closed, and what was on its way is forgotten */
+
+static void
+ngx_http_ratepool_redis_reset(ngx_http_ratepool_redis_t *redis)
+{
+    ngx_http_ratepool_redis_close(redis);
+
+    if (redis->reader) {
+        redisReaderFree(redis->reader);
+        redis->reader = NULL;
+    }
+
+    redis->state = RATEPOOL_REDIS_DOWN;
+    redis->out_len = 0;
+    redis->failures = 0;
+
+    if (redis->flush.posted) {
+        ngx_delete_posted_event(&redis->flush);
+    }
+
+    if (redis->beat.timer_set) {
+        ngx_del_timer(&redis->beat);
+    }
+}
+
+
+/* the calls sent and not answered: answered as failed */
+
+static void
+ngx_http_ratepool_redis_fail_sent(ngx_http_ratepool_redis_t *redis)
+{
+    ngx_queue_t                     failed, *q;
+    ngx_http_ratepool_redis_cmd_t  *cmd;
 
     ngx_queue_init(&failed);
 
@@ -1228,7 +1376,36 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
             avg = redis->sh->redis_latency_us;
             redis->sh->redis_latency_us = avg - avg / 8 + us / 8;
 
-            if (reply->type == REDIS_REPLY_ERROR && redis->sentinel
+            if (reply->type == REDIS_REPLY_ERROR && redis->conf->cluster
+                && (ngx_strncmp(reply->str, "MOVED ", 6) == 0
+                    || ngx_strncmp(reply->str, "ASK ", 4) == 0))
+            {
+                /*
+                 * The zone's slot is another node's: the connection goes
+                 * there, and this call is decided by redis_fail.  (ASK,
+                 * a slot being migrated, is answered the same way: the
+                 * whole slot is the zone's, so its owner soon says MOVED.)
+                 */
+                if (cmd->handler) {
+                    cmd->handler(cmd, NULL);
+                }
+
+                ngx_http_ratepool_redis_free(redis, cmd);
+
+                rc = ngx_http_ratepool_redis_moved(redis, reply);
+                freeReplyObject(reply);
+
+                if (rc != NGX_OK) {
+                    ngx_http_ratepool_redis_down(redis, "it sent a MOVED "
+                                                 "that could not be read",
+                                                 NULL);
+                }
+
+                return;
+            }
+
+            if (reply->type == REDIS_REPLY_ERROR
+                && (redis->sentinel || redis->conf->cluster)
                 && ngx_strncmp(reply->str, "READONLY", 8) == 0)
             {
                 /* a failover made it a replica: find the new master */
@@ -1258,6 +1435,15 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
 
             } else {
                 redis->failures = 0;
+
+                if (redis->conf->cluster && cmd->script
+                    && !redis->owner_known)
+                {
+                    /* this node answers for the zone's slot */
+                    redis->owner_known = 1;
+                    ngx_http_ratepool_redis_master_is(redis, redis->addr,
+                                                      "the cluster says");
+                }
             }
 
             if (cmd->handler) {

@@ -469,7 +469,9 @@ static ngx_str_t *
 ngx_http_ratepool_redis_server(ngx_http_ratepool_main_conf_t *rmcf,
     ngx_http_ratepool_shctx_t *sh, ngx_str_t *master)
 {
-    if (rmcf->redis->nsentinels == 0 || sh->redis_master_len == 0) {
+    if ((rmcf->redis->nsentinels == 0 && !rmcf->redis->cluster)
+        || sh->redis_master_len == 0)
+    {
         return &rmcf->redis->server;
     }
 
@@ -663,6 +665,13 @@ ngx_http_ratepool_status_store(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         "\"sentinels\":%ui,",
                         &rmcf->redis->master, sh->redis_failovers,
                         rmcf->redis->nsentinels);
+
+    } else if (rmcf->redis->cluster) {
+        /* the node that owns the zone's slot, and how often that moved */
+        p = ngx_sprintf(p, "\"store\":{\"kind\":\"redis\","
+                        "\"cluster\":true,\"nodes\":%ui,"
+                        "\"failovers\":%uA,", rmcf->redis->naddrs,
+                        sh->redis_failovers);
 
     } else {
         p = ngx_cpymem(p, "\"store\":{\"kind\":\"redis\",",

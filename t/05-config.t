@@ -319,7 +319,16 @@ my @cases = (
     [ 'a sentinel that is not an address',
       'ratepool_zone llm:1m redis_sentinel=127.0.0.1:26379,:x '
       . 'redis_master=mymaster;',
-      qr/invalid sentinel ":x" in "redis_sentinel=127\.0\.0\.1:26379,:x": .*; use "redis_sentinel=HOST:PORT,HOST:PORT"/ ],
+      qr/invalid node ":x" in "redis_sentinel=127\.0\.0\.1:26379,:x": .*; use "redis_sentinel=HOST:PORT,HOST:PORT"/ ],
+
+    [ 'a cluster and a Redis address both',
+      'ratepool_zone llm:1m redis=127.0.0.1:6379 '
+      . 'redis_cluster=127.0.0.1:7000,127.0.0.1:7001;',
+      qr/"redis_cluster=" names the cluster's nodes alone: leave "redis=" and "redis_sentinel=" out/ ],
+
+    [ 'a cluster node that is not an address',
+      'ratepool_zone llm:1m redis_cluster=127.0.0.1:7000,,;',
+      qr/invalid node "" in "redis_cluster=127\.0\.0\.1:7000,,": .*; use "redis_cluster=HOST:PORT,HOST:PORT"/ ],
 
     [ 'a client certificate without its key, for Redis',
       'ratepool_zone llm:1m redis=rediss://127.0.0.1:6379 '
