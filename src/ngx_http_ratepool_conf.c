@@ -288,7 +288,9 @@ ngx_http_ratepool_zone(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 /*
- * ratepool_zone NAME:SIZE redis=HOST:PORT|unix:PATH [redis_db=N]
+ * ratepool_zone NAME:SIZE redis=HOST:PORT|rediss://HOST:PORT|unix:PATH
+ *               | redis_sentinel=HOST:PORT,... redis_master=NAME
+ *               | redis_cluster=HOST:PORT,...  [redis_db=N]
  *               [redis_user=NAME] [redis_password_file=PATH]
  *               [redis_timeout=TIME] [redis_lease=on|off]
  *               [redis_fail=local|open|closed]
@@ -535,8 +537,9 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                            "\"redis_fail=local|open|closed\", "
                            "\"redis_tls=on|off\", \"redis_tls_ca=\", "
                            "\"redis_tls_cert=\", \"redis_tls_key=\", "
-                           "\"redis_tls_name=\", \"redis_sentinel=\" or "
-                           "\"redis_master=\"", &value[i]);
+                           "\"redis_tls_name=\", \"redis_sentinel=\", "
+                           "\"redis_master=\" or \"redis_cluster=\"",
+                           &value[i]);
         return NGX_CONF_ERROR;
     }
 
@@ -555,6 +558,13 @@ ngx_http_ratepool_zone_redis(ngx_conf_t *cf,
                                "nodes alone: leave \"redis=\" and "
                                "\"redis_sentinel=\" out (TLS to a "
                                "cluster is not supported yet)");
+            return NGX_CONF_ERROR;
+        }
+
+        if (redis->db) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "a Redis Cluster has database 0 alone: "
+                               "leave \"redis_db=\" out");
             return NGX_CONF_ERROR;
         }
 
@@ -695,7 +705,14 @@ ngx_http_ratepool_redis_nodes(ngx_conf_t *cf, ngx_str_t *list,
     *nodes = addrs->elts;
     *n = addrs->nelts;
 
-    return *n ? NGX_OK : NGX_ERROR;
+    if (*n == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%s\" needs at least one node, such as "
+                           "\"%sHOST:PORT,HOST:PORT\"", name, name);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
 }
 
 

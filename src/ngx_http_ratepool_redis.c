@@ -75,6 +75,8 @@ struct ngx_http_ratepool_redis_s {
     u_char                          owner_name[NGX_SOCKADDR_STRLEN];
                                                 /* a MOVED said */
     unsigned                        owner_known:1;
+    ngx_uint_t                      moves;      /* MOVEDs followed since a
+                                                   call was answered */
     ngx_log_t                      *log;
 };
 
@@ -223,6 +225,10 @@ ngx_http_ratepool_redis_found(void *data, ngx_addr_t *master,
     const char *why)
 {
     ngx_http_ratepool_redis_t *redis = data;
+
+    if (ngx_exiting || ngx_terminate || ngx_quit) {
+        return;
+    }
 
     if (master == NULL) {
         ngx_http_ratepool_redis_down(redis, why, NULL);
@@ -392,6 +398,9 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
     redis->state = RATEPOOL_REDIS_CONNECTING;
     redis->out_len = 0;
 
+    /* counted as it is, as closing it uncounts it */
+    (void) ngx_atomic_fetch_add(&redis->sh->redis_connected, 1);
+
 #if (NGX_HTTP_SSL)
     if (conf->ssl) {
         /* OpenSSL's state for the connection is allocated from its pool */
@@ -414,8 +423,6 @@ ngx_http_ratepool_redis_connect(ngx_http_ratepool_redis_t *redis)
         ngx_http_ratepool_redis_down(redis, "out of memory", NULL);
         return;
     }
-
-    (void) ngx_atomic_fetch_add(&redis->sh->redis_connected, 1);
 
     /* the handshake goes first; requests may follow it at once */
 
@@ -534,11 +541,18 @@ ngx_http_ratepool_redis_moved(ngx_http_ratepool_redis_t *redis,
                                           redis->owner_name,
                                           NGX_SOCKADDR_STRLEN, 1);
 
+    if (++redis->moves > redis->conf->naddrs) {
+        /* nodes that send each other's MOVED: the breaker, with its pause */
+        redis->moves = 0;
+        ngx_http_ratepool_redis_down(redis, "its nodes keep saying MOVED "
+                                     "to each other", NULL);
+        return NGX_OK;
+    }
+
     ngx_http_ratepool_redis_drop(redis);
 
-    ngx_http_ratepool_redis_master_is(redis, &redis->owner,
-                                      "the cluster says");
-    redis->owner_known = 1;
+    /* the owner is said so once it answers a call */
+    redis->owner_known = 0;
     redis->addr = &redis->owner;
 
     ngx_http_ratepool_redis_connect(redis);
@@ -1377,14 +1391,14 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
             redis->sh->redis_latency_us = avg - avg / 8 + us / 8;
 
             if (reply->type == REDIS_REPLY_ERROR && redis->conf->cluster
-                && (ngx_strncmp(reply->str, "MOVED ", 6) == 0
-                    || ngx_strncmp(reply->str, "ASK ", 4) == 0))
+                && ngx_strncmp(reply->str, "MOVED ", 6) == 0)
             {
                 /*
                  * The zone's slot is another node's: the connection goes
-                 * there, and this call is decided by redis_fail.  (ASK,
-                 * a slot being migrated, is answered the same way: the
-                 * whole slot is the zone's, so its owner soon says MOVED.)
+                 * there, and this call is decided by redis_fail.  (An
+                 * ASK, the slot being migrated, is an error answer like
+                 * any other: redis_fail decides until the migration is
+                 * over and the new owner is said by MOVED.)
                  */
                 if (cmd->handler) {
                     cmd->handler(cmd, NULL);
@@ -1416,8 +1430,8 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
                 freeReplyObject(reply);
                 ngx_http_ratepool_redis_free(redis, cmd);
                 ngx_http_ratepool_redis_down(redis, "it is a replica now, "
-                                             "its sentinels are asked for "
-                                             "the master", NULL);
+                                             "the master is looked for",
+                                             NULL);
                 return;
             }
 
@@ -1435,6 +1449,7 @@ ngx_http_ratepool_redis_read(ngx_event_t *rev)
 
             } else {
                 redis->failures = 0;
+                redis->moves = 0;
 
                 if (redis->conf->cluster && cmd->script
                     && !redis->owner_known)

@@ -1072,8 +1072,9 @@ ngx_http_ratepool_prometheus(u_char *p, ngx_http_ratepool_main_conf_t *rmcf,
                         rmcf->redis->tls ? "true" : "false");
 
         p = ngx_http_ratepool_prom_head(p, "ratepool_redis_failovers_total",
-                                        "Times the sentinels moved the "
-                                        "master elsewhere.", "counter");
+                                        "Times the master (of a sentinel's, "
+                                        "or a cluster's zone slot) moved.",
+                                        "counter");
         p = ngx_sprintf(p, "ratepool_redis_failovers_total %uA\n",
                         zone->sh->redis_failovers);
 

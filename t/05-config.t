@@ -326,6 +326,14 @@ my @cases = (
       . 'redis_cluster=127.0.0.1:7000,127.0.0.1:7001;',
       qr/"redis_cluster=" names the cluster's nodes alone: leave "redis=" and "redis_sentinel=" out/ ],
 
+    [ 'a cluster without nodes',
+      'ratepool_zone llm:1m redis_cluster=;',
+      qr/"redis_cluster=" needs at least one node, such as "redis_cluster=HOST:PORT,HOST:PORT"/ ],
+
+    [ 'a cluster with a database',
+      'ratepool_zone llm:1m redis_cluster=127.0.0.1:7000 redis_db=3;',
+      qr/a Redis Cluster has database 0 alone: leave "redis_db=" out/ ],
+
     [ 'a cluster node that is not an address',
       'ratepool_zone llm:1m redis_cluster=127.0.0.1:7000,,;',
       qr/invalid node "" in "redis_cluster=127\.0\.0\.1:7000,,": .*; use "redis_cluster=HOST:PORT,HOST:PORT"/ ],

@@ -234,6 +234,39 @@ for my $g (@gw) {
 like(cli($second, 'KEYS', '*'), qr/ratepool:\{llm\}:w:team/,
      'decided in the new owner');
 
+# --- the slot migrates to another master, as a reshard moves it ---------------
+
+my ($to) = map { $_->{port} }
+           grep { !$_->{dead} && $_->{port} != $second
+                  && cli($_->{port}, 'ROLE') =~ /^master/ } @node;
+my %id = map { $_ => (cli($_, 'CLUSTER', 'MYID') =~ /(\w+)/)[0] }
+         $second, $to;
+
+cli($to, 'CLUSTER', 'SETSLOT', $slot, 'IMPORTING', $id{$second});
+cli($second, 'CLUSTER', 'SETSLOT', $slot, 'MIGRATING', $id{$to});
+my @keys = grep { length } split /\n/,
+           cli($second, 'CLUSTER', 'GETKEYSINSLOT', $slot, 1000);
+cli($second, 'MIGRATE', '127.0.0.1', $to, '', 0, 5000, 'KEYS', @keys);
+
+my $conns = sub {
+    (cli($_[0], 'INFO', 'stats') =~ /total_connections_received:(\d+)/)[0]
+};
+my $before = $conns->($second) + $conns->($to);
+my @codes = map { $gw[$_ % 2]->messages(token => $TOKEN)->{status} } 1 .. 20;
+sleep 2;
+is(join(',', @codes), join(',', (200) x 20),
+   'while the slot migrates (ASK), requests are answered');
+cmp_ok($conns->($second) + $conns->($to) - $before, '<', 60,
+       'and the gateways do not bounce between the two nodes');
+is($_->status->{store}{failovers}, 1, 'nor count a failover for it') for @gw;
+
+# the migration ends: the new owner is said by MOVED, and followed
+cli($_->{port}, 'CLUSTER', 'SETSLOT', $slot, 'NODE', $id{$to})
+    for grep { !$_->{dead} && cli($_->{port}, 'ROLE') =~ /^master/ } @node;
+settle_on($to);
+is($_->status->{store}{server}, "127.0.0.1:$to",
+   'after the migration a gateway uses the slot\'s new owner') for @gw;
+
 $_->check_log for @gw;
 
 done_testing;
