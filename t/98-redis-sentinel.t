@@ -13,7 +13,6 @@ use warnings;
 
 use lib 't/lib';
 
-use POSIX ();
 use Test::More;
 use Time::HiRes qw(sleep time);
 
@@ -135,23 +134,7 @@ like($gw[0]->error_log,
 
 # --- load on both gateways; the master dies -----------------------------------
 
-my $until = time + 9;
-my @kids;
-for my $i (0 .. 3) {
-    my $g = $gw[$i % 2];
-    my $pid = fork // die "fork: $!\n";
-    if (!$pid) {
-        open my $out, '>', "$dir/load$i" or POSIX::_exit(1);
-        while (time < $until) {
-            my $t0 = time;
-            my $r = $g->messages(token => $TOKEN, timeout => 10);
-            printf $out "%d %.3f\n", $r->{status}, time - $t0;
-        }
-        close $out;
-        POSIX::_exit(0);
-    }
-    push @kids, $pid;
-}
+my $load = $t->load_start(\@gw, $TOKEN, 9);
 
 sleep 1.5;
 my $killed = time;
@@ -162,17 +145,8 @@ sleep 0.2 while master_port() != $replica->port && time < $deadline;
 is(master_port(), $replica->port, 'the sentinels promoted the replica');
 my $promoted = time - $killed;
 
-waitpid $_, 0 for @kids;
-
-my (@all, $longest);
-for my $i (0 .. 3) {
-    open my $fh, '<', "$dir/load$i" or next;
-    while (<$fh>) {
-        my ($status, $took) = split;
-        push @all, $status;
-        $longest = $took if !defined $longest || $took > $longest;
-    }
-}
+my ($all, $longest) = $t->load_end($load);
+my @all = @$all;
 
 my $failed = grep { $_ != 200 } @all;
 ok(@all > 50, scalar(@all) . ' requests were sent during the failover');

@@ -575,6 +575,55 @@ sub dechunk {
     return $out;
 }
 
+# Load during an event (a failover): 4 clients, one after another each,
+# Messages requests with $token through @$gateways in turn for $seconds.
+# load_end() waits for them and returns the statuses and the longest
+# request, in seconds.
+sub load_start {
+    my ($self, $gateways, $token, $seconds) = @_;
+    my $until = time + $seconds;
+    my @load;
+
+    for my $i (0 .. 3) {
+        my $g = $gateways->[$i % @$gateways];
+        my $file = "$self->{testdir}/load$i";
+        my $pid = fork // die "fork: $!\n";
+
+        if (!$pid) {
+            open my $out, '>', $file or POSIX::_exit(1);
+            while (time < $until) {
+                my $t0 = time;
+                my $r = $g->messages(token => $token, timeout => 10);
+                printf $out "%d %.3f\n", $r->{status}, time - $t0;
+            }
+            close $out;
+            POSIX::_exit(0);
+        }
+
+        push @load, [ $pid, $file ];
+    }
+
+    return \@load;
+}
+
+sub load_end {
+    my ($self, $load) = @_;
+    my (@statuses, $longest);
+
+    for (@$load) {
+        my ($pid, $file) = @$_;
+        waitpid $pid, 0;
+        open my $fh, '<', $file or next;
+        while (<$fh>) {
+            my ($status, $took) = split;
+            push @statuses, $status;
+            $longest = $took if !defined $longest || $took > $longest;
+        }
+    }
+
+    return (\@statuses, $longest // 0);
+}
+
 # Runs $code->($i) for i in 0..n-1 in forked children, released together,
 # and returns their (JSON-serializable) results in order; a child that
 # died yields undef.  Children must not run Test::More assertions.
